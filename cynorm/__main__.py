@@ -1,0 +1,36 @@
+"""`python -m cynorm`: show the build, then normalize a demo (5, 10) batch."""
+import argparse
+import sys
+
+import numpy as np
+
+
+def _demo():
+    import cynorm
+
+    cynorm.show_config()
+    rng = np.random.default_rng(0)
+    x = (1e4 + 3.0 * rng.standard_normal((5, 10))).astype(np.float32)
+    print("\nA (5, 10) float32 batch with mean 1e4 and std 3:")
+    ln = cynorm.LayerNorm(10)
+    y = ln(x)
+    print("LayerNorm(10): per-row mean", np.round(y.mean(axis=1), 6),
+          "std", np.round(y.std(axis=1), 4))
+    bn = cynorm.BatchNorm1d(10)
+    z = bn(x)
+    print("BatchNorm1d(10), training: per-feature mean", np.round(z.mean(axis=0), 6))
+    print("  running_mean after one step", np.round(bn.running_mean, 2))
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="cynorm", description=__doc__)
+    parser.add_subparsers(dest="command")
+    args = parser.parse_args(argv)
+    if args.command is None:
+        return _demo()
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""show_config(): what was built and how it will run."""
+import platform
+import sys
+
+import numpy as np
+
+from . import _kernels
+from ._threads import get_num_threads
+from ._version import __version__
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def config_info():
+    """The facts show_config prints, as a dict."""
+    return {
+        "cynorm": __version__,
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "openmp": _kernels.openmp_enabled(),
+        "threads": get_num_threads(),
+        "build_flags": _kernels.build_flags(),
+    }
+
+
+def show_config():
+    """Print versions, whether OpenMP is compiled in, the thread count and the build flags."""
+    info = config_info()
+    print(f"cynorm {info['cynorm']}")
+    print(f"  python       {info['python']}")
+    print(f"  numpy        {info['numpy']}")
+    print(f"  platform     {info['platform']}")
+    print(f"  cpu          {info['cpu']}")
+    print(f"  OpenMP       {'enabled' if info['openmp'] else 'disabled (built serially)'}")
+    print(f"  threads      {info['threads']}")
+    print(f"  build flags  {info['build_flags']}")

@@ -1,0 +1,125 @@
+"""Argument checks and the dtype policy, shared by every public function and layer.
+
+Dtype policy (NumPy's rule for ``mean``): float32 and float64 are computed natively; float16
+is computed in float32 and returned as float16; bool and integers are computed and returned
+in float64; anything else (complex, object, strings, datetimes, long double) is a TypeError.
+"""
+import operator
+
+import numpy as np
+
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+_F16 = np.dtype(np.float16)
+
+
+def as_array(x, name="input"):
+    if isinstance(x, np.ndarray):
+        return x
+    try:
+        return np.asarray(x)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"{name} must be array-like, got {type(x).__name__}: {exc}") from None
+
+
+def dtypes(dtype, op):
+    """(compute dtype, result dtype) for an input dtype, or TypeError naming it."""
+    if dtype == _F32 or dtype == _F64:
+        native = dtype.newbyteorder("=")
+        return native, native
+    kind = dtype.kind
+    if kind == "f" and dtype.itemsize == 2:
+        return _F32, _F16.newbyteorder("=")
+    if kind in "biu":
+        return _F64, _F64
+    raise TypeError(
+        f"cynorm.{op}: unsupported dtype {dtype}; expected float16, float32, float64, "
+        "an integer or a bool array"
+    )
+
+
+def to_compute(x, cdt):
+    """x in the compute dtype (native byte order): the array itself when it already is."""
+    if x.dtype is cdt or (x.dtype == cdt and x.dtype.isnative):
+        return x
+    return x.astype(cdt)
+
+
+def as_rows(a, rows, cols):
+    """A 2-D (rows, cols) view of a with unit inner stride, or a C-contiguous copy."""
+    a2 = a.reshape(rows, cols)
+    if cols > 1 and a2.strides[1] != a2.itemsize:
+        a2 = np.ascontiguousarray(a2)
+    return a2
+
+
+def view_rows(a, rows, cols):
+    """A writable 2-D view of a with unit inner stride, or None when a has no such view."""
+    try:
+        a2 = np.reshape(a, (rows, cols), copy=False)
+    except (ValueError, TypeError):
+        return None
+    if cols > 1 and a2.strides[1] != a2.itemsize:
+        return None
+    return a2
+
+
+def param(value, name, shape, cdt=_F64):
+    """weight / bias / running statistics as a C-contiguous array of the given shape and dtype."""
+    if value is None:
+        return None
+    arr = as_array(value, name)
+    if arr.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=cdt)
+
+
+def check_out(out, shape, rdt):
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != shape:
+        raise ValueError(f"out must have shape {shape}, got {out.shape}")
+    if out.dtype != rdt:
+        raise TypeError(f"out must have dtype {rdt}, got {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+
+
+def same_memory(a, b):
+    """True when a and b are the same elements (in-place operation)."""
+    ia, ib = a.__array_interface__, b.__array_interface__
+    return ia["data"][0] == ib["data"][0] and a.strides == b.strides and a.shape == b.shape
+
+
+def normalized_shape(value):
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        shape = (operator.index(value),)
+    else:
+        try:
+            shape = tuple(operator.index(v) for v in value)
+        except TypeError:
+            raise TypeError(
+                f"normalized_shape must be an int or a sequence of ints, got {value!r}"
+            ) from None
+    if not shape:
+        raise ValueError("normalized_shape must have at least one dimension")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"normalized_shape must not be negative, got {list(shape)}")
+    return shape
+
+
+def real_scalar(value, name):
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    return v
+
+
+def feature_axis(axis, ndim):
+    try:
+        return np.lib.array_utils.normalize_axis_index(operator.index(axis), ndim)
+    except TypeError:
+        raise TypeError(f"axis must be an int, got {axis!r}") from None

@@ -1,0 +1,254 @@
+"""Layer classes with torch.nn's semantics, holding NumPy parameters and buffers."""
+import threading
+
+import numpy as np
+
+from ._validation import as_array, normalized_shape as _normalized_shape, real_scalar
+from .functional import batch_norm, layer_norm
+
+__all__ = ["LayerNorm", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+
+def _layer_dtype(dtype):
+    dt = np.dtype(dtype)
+    if dt.kind != "f" or dt.itemsize not in (2, 4, 8):
+        raise TypeError(f"dtype must be float16, float32 or float64, got {dt}")
+    return dt
+
+
+class _Module:
+    """What LayerNorm and BatchNorm share: train/eval, alpha/beta, state_dict."""
+
+    _state_names = ()  # keys of state_dict, in torch's order
+
+    def __init__(self):
+        self.training = True
+
+    def train(self, mode=True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    @property
+    def alpha(self):
+        """The affine scale (new standard deviation): the same array as ``weight``."""
+        return self.weight
+
+    @alpha.setter
+    def alpha(self, value):
+        self.weight = value
+
+    @property
+    def beta(self):
+        """The affine shift (new mean): the same array as ``bias``."""
+        return self.bias
+
+    @beta.setter
+    def beta(self, value):
+        self.bias = value
+
+    def _state(self):
+        return {k: getattr(self, k) for k in self._state_names if getattr(self, k) is not None}
+
+    def state_dict(self):
+        """Copies of the parameters and buffers under torch's key names."""
+        return {k: np.array(v, copy=True) for k, v in self._state().items()}
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Load arrays under torch's key names (e.g. ``{k: v.numpy() for k, v in sd.items()}``).
+
+        Every key is checked before anything is written: on any error the layer is unchanged.
+        With ``strict=False`` missing and unexpected keys are ignored (shapes are still checked).
+        """
+        if not hasattr(state_dict, "items"):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        own = self._state()
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        if strict and (missing or unexpected):
+            raise KeyError(
+                f"Error(s) in loading state_dict for {type(self).__name__}: "
+                f"missing keys {missing}, unexpected keys {unexpected}"
+            )
+        staged = {}
+        for key, target in own.items():
+            if key not in state_dict:
+                continue
+            value = state_dict[key]
+            if isinstance(value, np.ndarray) and value.dtype.kind == "O":
+                raise TypeError(f"{key}: object arrays are not accepted")
+            try:
+                arr = np.asarray(value)
+            except Exception as exc:
+                raise TypeError(f"{key}: not an array: {exc}") from None
+            if arr.shape != target.shape:
+                raise ValueError(
+                    f"size mismatch for {key}: copying a param with shape {arr.shape}, "
+                    f"the shape in current model is {target.shape}"
+                )
+            allowed = "iu" if target.dtype.kind in "iu" else "biuf"
+            if arr.dtype.kind not in allowed:
+                raise TypeError(f"{key}: expected a {target.dtype} compatible array, got {arr.dtype}")
+            staged[key] = arr
+        for key, arr in staged.items():
+            own[key][...] = arr
+        return self
+
+    def __call__(self, x):
+        return self.forward(x)
+
+
+class LayerNorm(_Module):
+    """Layer normalization over the trailing ``normalized_shape`` dims, as torch.nn.LayerNorm.
+
+    ``weight`` (alias ``alpha``) starts at 1 and ``bias`` (alias ``beta``) at 0, both of shape
+    ``normalized_shape`` and dtype ``dtype``.  Training and eval behave the same.
+    """
+
+    _state_names = ("weight", "bias")
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True,
+                 dtype=np.float32):
+        super().__init__()
+        self.normalized_shape = _normalized_shape(normalized_shape)
+        self.eps = real_scalar(eps, "eps")
+        self.elementwise_affine = bool(elementwise_affine)
+        self.dtype = _layer_dtype(dtype)
+        if self.elementwise_affine:
+            self.weight = np.ones(self.normalized_shape, dtype=self.dtype)
+            self.bias = np.zeros(self.normalized_shape, dtype=self.dtype) if bias else None
+        else:
+            self.weight = None
+            self.bias = None
+
+    def forward(self, x):
+        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def __repr__(self):
+        return (f"LayerNorm({self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine})")
+
+
+class BatchNorm(_Module):
+    """Batch normalization of the features on ``axis``, as torch.nn.BatchNorm*d.
+
+    ``axis=1`` is torch's layout, (N, C) or (N, C, *spatial); ``axis=-1`` takes feature-last
+    input such as (N, T, C).  In training the batch statistics normalize the input and update
+    ``running_mean`` / ``running_var`` (unbiased) with ``momentum``, or with a cumulative
+    average when ``momentum`` is None; in eval the running statistics normalize.  With
+    ``track_running_stats=False`` there are no buffers and batch statistics are always used.
+    Training calls on one layer from several threads are serialized by a lock.
+    """
+
+    _state_names = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    _ndims = None  # allowed input ndim, set by the 1d/2d/3d subclasses
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, axis=1, dtype=np.float32):
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
+                or num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        self.num_features = int(num_features)
+        self.eps = real_scalar(eps, "eps")
+        self.momentum = None if momentum is None else real_scalar(momentum, "momentum")
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.axis = int(axis)
+        self.dtype = _layer_dtype(dtype)
+        C = self.num_features
+        self.weight = np.ones(C, dtype=self.dtype) if self.affine else None
+        self.bias = np.zeros(C, dtype=self.dtype) if self.affine else None
+        if self.track_running_stats:
+            self.running_mean = np.zeros(C, dtype=self.dtype)
+            self.running_var = np.ones(C, dtype=self.dtype)
+            self.num_batches_tracked = np.zeros((), dtype=np.int64)
+        else:
+            self.running_mean = None
+            self.running_var = None
+            self.num_batches_tracked = None
+        self._lock = threading.Lock()
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked[...] = 0
+
+    def _check_input_dim(self, x):
+        if self._ndims is not None and x.ndim not in self._ndims:
+            want = " or ".join(f"{d}D" for d in self._ndims)
+            raise ValueError(f"expected {want} input (got {x.ndim}D input)")
+
+    def forward(self, x):
+        x = as_array(x)
+        self._check_input_dim(x)
+        if x.ndim >= 2:
+            try:
+                ax = np.lib.array_utils.normalize_axis_index(self.axis, x.ndim)
+            except np.exceptions.AxisError:
+                ax = None
+            if ax is not None and x.shape[ax] != self.num_features:
+                raise ValueError(
+                    f"{type(self).__name__}({self.num_features}) expected {self.num_features} "
+                    f"features on axis {self.axis}, got input of shape {x.shape}"
+                )
+        use_batch = self.training or self.running_mean is None
+        if not (self.training and self.track_running_stats):
+            momentum = 0.0 if self.momentum is None else self.momentum
+            return batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                              use_batch, momentum, self.eps, axis=self.axis)
+        with self._lock:
+            tracked = int(self.num_batches_tracked) + 1
+            momentum = 1.0 / tracked if self.momentum is None else self.momentum
+            y = batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                           True, momentum, self.eps, axis=self.axis)
+            self.num_batches_tracked[...] = tracked
+        return y
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __repr__(self):
+        axis = "" if self._ndims is not None else f", axis={self.axis}"
+        return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}{axis})")
+
+
+class BatchNorm1d(BatchNorm):
+    """BatchNorm over (N, C) or (N, C, L) input, as torch.nn.BatchNorm1d."""
+
+    _ndims = (2, 3)
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, dtype=np.float32):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, 1, dtype)
+
+
+class BatchNorm2d(BatchNorm):
+    """BatchNorm over (N, C, H, W) input, as torch.nn.BatchNorm2d."""
+
+    _ndims = (4,)
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, dtype=np.float32):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, 1, dtype)
+
+
+class BatchNorm3d(BatchNorm):
+    """BatchNorm over (N, C, D, H, W) input, as torch.nn.BatchNorm3d."""
+
+    _ndims = (5,)
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, dtype=np.float32):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, 1, dtype)

@@ -1,0 +1,110 @@
+"""Build script for cynorm: compiler logic lives here, metadata in pyproject.toml.
+
+Environment variables
+---------------------
+CYNORM_DEBUG=1    turn Cython's bounds/wraparound/initialized checks back on and build with -O0 -g.
+CYNORM_OPENMP=0   build without OpenMP (serial kernels); =1 require it; unset: probe the compiler.
+"""
+import os
+import shutil
+import sys
+import tempfile
+import textwrap
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+DEBUG = os.environ.get("CYNORM_DEBUG", "0") not in ("", "0")
+
+# One dict of directives for the whole build; the debug switch flips the checks back on.
+DIRECTIVES = {
+    "language_level": 3,
+    "boundscheck": DEBUG,
+    "wraparound": DEBUG,
+    "initializedcheck": DEBUG,
+    "cdivision": not DEBUG,
+    "embedsignature": True,
+}
+
+OPENMP_PROGRAM = textwrap.dedent(
+    """
+    #include <omp.h>
+    int main(void) {
+        int n = 0;
+        #pragma omp parallel reduction(+:n)
+        n += 1;
+        return n > 0 ? 0 : 1;
+    }
+    """
+)
+
+
+def _openmp_flags(compiler):
+    """Return (compile_args, link_args) for OpenMP, or None when the compiler lacks it."""
+    if sys.platform == "win32":
+        candidates = [(["/openmp"], [])]
+    elif sys.platform == "darwin":
+        candidates = [(["-Xpreprocessor", "-fopenmp"], ["-lomp"]), (["-fopenmp"], ["-fopenmp"])]
+    else:
+        candidates = [(["-fopenmp"], ["-fopenmp"])]
+    for cflags, lflags in candidates:
+        tmp = tempfile.mkdtemp(prefix="cynorm-omp-")
+        try:
+            src = os.path.join(tmp, "probe.c")
+            with open(src, "w") as f:
+                f.write(OPENMP_PROGRAM)
+            objs = compiler.compile([src], output_dir=tmp, extra_postargs=cflags)
+            compiler.link_executable(objs, os.path.join(tmp, "probe"), extra_postargs=lflags)
+            return cflags, lflags
+        except Exception:  # any compile or link failure means "not this flag set"
+            continue
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return None
+
+
+class BuildExt(build_ext):
+    def build_extensions(self):
+        choice = os.environ.get("CYNORM_OPENMP", "").strip()
+        is_msvc = self.compiler.compiler_type == "msvc"
+        flags = None
+        if choice != "0":
+            flags = _openmp_flags(self.compiler)
+            if flags is None and choice == "1":
+                raise RuntimeError("CYNORM_OPENMP=1 but the compiler cannot build an OpenMP program")
+            if flags is None:
+                print("WARNING: the compiler does not accept OpenMP; cynorm is built serially.", file=sys.stderr)
+        if is_msvc:
+            base = ["/Od", "/Zi"] if DEBUG else ["/O2"]
+        else:
+            # -O3 vectorizes the multi-accumulator loops; no -ffast-math: NaN/inf must behave.
+            base = ["-O0", "-g"] if DEBUG else ["-O3"]
+            base += ["-Wno-unused-function", "-Wno-unreachable-code"]
+        cflags = base + (flags[0] if flags else [])
+        lflags = flags[1] if flags else []
+        summary = " ".join(cflags + lflags).replace('"', "")
+        for ext in self.extensions:
+            ext.extra_compile_args = cflags
+            ext.extra_link_args = lflags
+            ext.define_macros = list(ext.define_macros or []) + [
+                ("CYNORM_BUILD_FLAGS", '"%s"' % summary),
+                ("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
+            ]
+        super().build_extensions()
+
+
+extensions = [
+    Extension("cynorm._kernels", ["pyx/_kernels.pyx"], include_dirs=["pyx", np.get_include()]),
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives=DIRECTIVES,
+        include_path=["pyx"],
+        gdb_debug=False,
+    ),
+    cmdclass={"build_ext": BuildExt},
+)
