@@ -117,48 +117,44 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
 
 
 def _column_moments(x2, n_threads):
-    """Per-column (count, mean, M2) of a 2-D (rows, F) array with unit inner stride."""
+    """Per-column (count, hi, lo, M2) of a 2-D (rows, F) array with unit inner stride."""
     rows, F = x2.shape
     T = max(1, min(n_threads, rows // COLUMN_ROWS_PER_THREAD))
     rows_per_block = max(8, min(1024, COLUMN_BLOCK_BYTES // max(1, F * x2.itemsize)))
     count = np.empty(T)
-    mean = np.empty((T, F))
-    m2 = np.empty((T, F))
+    parts = np.empty((3, T, F))
     scratch = np.empty((T, 3, F))
-    _kernels.column_moments_into(x2, count, mean, m2, scratch, rows_per_block)
+    _kernels.column_moments_into(x2, count, parts[0], parts[1], parts[2], scratch, rows_per_block)
     if T == 1:
-        return count[0], mean[0], m2[0]
-    out_mean, out_m2 = np.empty(F), np.empty(F)
-    n = _kernels.merge_moments(count, mean, m2, out_mean, out_m2)
-    return n, out_mean, out_m2
+        return count[0], parts[0, 0], parts[1, 0], parts[2, 0]
+    return _merge(count, parts[0], parts[1], parts[2])
+
+
+def _merge(count, hi, lo, m2):
+    out = np.empty((3, hi.shape[1]))
+    n = _kernels.merge_moments(count, hi, lo, m2, out[0], out[1], out[2])
+    return n, out[0], out[1], out[2]
 
 
 def _feature_moments(x, A, C, L, n_threads):
-    """(count, mean, M2) per feature c of x viewed as (A, C, L), all float64."""
+    """(count, mean hi, mean lo, M2) per feature c of x viewed as (A, C, L); float64 arrays.
+
+    The mean is hi + lo (see pyx/_kernels.pyx): hi carries the magnitude, lo the remainder.
+    """
     if L >= ROW_PATH_MIN:
         x2 = as_rows(x, A * C, L)
-        mean = np.empty(A * C)
-        m2 = np.empty(A * C)
-        _kernels.row_moments_into(x2, mean, m2, n_threads)
+        parts = np.empty((3, A, C))
+        _kernels.row_moments_into(x2, parts[0].reshape(-1), parts[1].reshape(-1),
+                                  parts[2].reshape(-1), n_threads)
         if A == 1:
-            return float(L), mean, m2
-        out_mean, out_m2 = np.empty(C), np.empty(C)
-        n = _kernels.merge_moments(np.full(A, float(L)), mean.reshape(A, C), m2.reshape(A, C),
-                                   out_mean, out_m2)
-        return n, out_mean, out_m2
-    n, mean, m2 = _column_moments(as_rows(x, A, C * L), n_threads)
+            return float(L), parts[0, 0], parts[1, 0], parts[2, 0]
+        return _merge(np.full(A, float(L)), parts[0], parts[1], parts[2])
+    n, hi, lo, m2 = _column_moments(as_rows(x, A, C * L), n_threads)
     if L == 1:
-        return n, mean, m2
-    # merge the L positions of each channel: groups are the L columns of every channel
-    out_mean, out_m2 = np.empty(C), np.empty(C)
-    total = _kernels.merge_moments(
-        np.full(L, n),
-        np.ascontiguousarray(mean.reshape(C, L).T),
-        np.ascontiguousarray(m2.reshape(C, L).T),
-        out_mean,
-        out_m2,
-    )
-    return total, out_mean, out_m2
+        return n, hi, lo, m2
+    # merge the L positions of each channel: group l holds column l of every channel
+    by_position = [np.ascontiguousarray(a.reshape(C, L).T) for a in (hi, lo, m2)]
+    return _merge(np.full(L, n), *by_position)
 
 
 def _buffer(value, name, C):
@@ -251,17 +247,17 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     xc = to_compute(x, cdt)
     n_threads = threads_for(x.size)
     if training:
-        count, mean, m2 = _feature_moments(xc, A, C, L, n_threads)
+        count, hi, lo, m2 = _feature_moments(xc, A, C, L, n_threads)
         var = m2 / count
         if rm is not None:
-            rm[...] = (1.0 - momentum) * rm + momentum * mean
+            rm[...] = (1.0 - momentum) * rm + momentum * (hi + lo)
             rv[...] = (1.0 - momentum) * rv + momentum * (m2 / (count - 1.0))
     else:
-        mean = np.asarray(rm, dtype=np.float64)
-        var = np.asarray(rv, dtype=np.float64)
+        hi = np.ascontiguousarray(rm, dtype=np.float64)
+        lo = np.zeros(C)
+        var = np.ascontiguousarray(rv, dtype=np.float64)
     params = np.empty((4, C), dtype=cdt)
-    _kernels.batch_norm_params(np.ascontiguousarray(mean), np.ascontiguousarray(var), w, b,
-                               eps, params)
+    _kernels.batch_norm_params(hi, lo, var, w, b, eps, params)
     if L >= ROW_PATH_MIN:
         x2 = as_rows(xc, A * C, L)
         y2, result = _output(x.shape, A * C, L, cdt, rdt, out, (x2,))
