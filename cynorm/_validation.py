@@ -24,12 +24,14 @@ def as_array(x, name="input"):
 
 def dtypes(dtype, op):
     """(compute dtype, result dtype) for an input dtype, or TypeError naming it."""
-    if dtype == _F32 or dtype == _F64:
-        native = dtype.newbyteorder("=")
-        return native, native
+    if dtype is _F32 or dtype is _F64:
+        return dtype, dtype
     kind = dtype.kind
+    if kind == "f" and dtype.itemsize in (4, 8):
+        native = _F32 if dtype.itemsize == 4 else _F64
+        return native, native
     if kind == "f" and dtype.itemsize == 2:
-        return _F32, _F16.newbyteorder("=")
+        return _F32, _F16
     if kind in "biu":
         return _F64, _F64
     raise TypeError(
@@ -42,6 +44,7 @@ def to_compute(x, cdt):
     """x in the compute dtype (native byte order): the array itself when it already is."""
     if x.dtype is cdt or (x.dtype == cdt and x.dtype.isnative):
         return x
+    # byte-swapped, float16, integers, bool
     return x.astype(cdt)
 
 

@@ -1,0 +1,114 @@
+"""Shared fixtures: fresh random data, the float64 references, torch (optional or required)."""
+import os
+
+import numpy as np
+import pytest
+
+# Max abs error of the normalized output against the float64 reference, per compute dtype.
+TOL = {np.dtype(np.float16): 2e-3, np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+
+
+@pytest.fixture
+def rng(request):
+    """A generator with fresh entropy; the seed is printed so a failure can be replayed."""
+    seed = int(os.environ.get("CYNORM_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
+    print(f"seed for {request.node.name}: CYNORM_TEST_SEED={seed}")
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="session")
+def torch():
+    """torch, or a skip; with CYNORM_REQUIRE_TORCH=1 a missing torch is a failure."""
+    if os.environ.get("CYNORM_REQUIRE_TORCH", "0") not in ("", "0"):
+        import torch as _torch  # noqa: PLC0415 - a hard failure is the point
+        return _torch
+    return pytest.importorskip("torch")
+
+
+def _centered(x, axes):
+    """x - mean(x) over axes, the mean carried to beyond float64 resolution.
+
+    A plain float64 mean of data 1e6 from zero is itself off by ~1e-10; the remainder of a
+    first mean is computed from the exact differences and subtracted as well.  Reductions run
+    over a contiguous copy with the reduced axes last, so NumPy's pairwise summation applies.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    keep = [i for i in range(x.ndim) if i not in axes]
+    xt = np.ascontiguousarray(np.transpose(x, keep + list(axes)))
+    flat = xt.reshape(xt.shape[: len(keep)] + (-1,))
+    m0 = flat.mean(axis=-1, keepdims=True)
+    d = flat - m0
+    d = d - d.mean(axis=-1, keepdims=True)
+    d = d.reshape(xt.shape)
+    inverse = np.argsort(keep + list(axes))
+    return np.transpose(d, inverse)
+
+
+def reference_norm(x, axes, weight=None, bias=None, eps=1e-5, param_shape=None):
+    """(x - mean) / sqrt(var + eps) * weight + bias over ``axes``, in float64."""
+    axes = tuple(sorted(a % np.ndim(x) for a in axes))
+    d = _centered(x, axes)
+    var = np.mean(d * d, axis=axes, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = d / np.sqrt(var + eps)
+    if weight is not None:
+        y = y * np.asarray(weight, np.float64).reshape(param_shape)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64).reshape(param_shape)
+    return y
+
+
+@pytest.fixture(scope="session")
+def ref_layer_norm():
+    def ref(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+        nshape = (normalized_shape,) if np.isscalar(normalized_shape) else tuple(normalized_shape)
+        axes = tuple(range(np.ndim(x) - len(nshape), np.ndim(x)))
+        return reference_norm(x, axes, weight, bias, eps, nshape)
+
+    return ref
+
+
+def batch_statistics(x, axis=1):
+    """Per-feature mean and biased variance in float64 (feature on ``axis``)."""
+    axis = axis % np.ndim(x)
+    axes = tuple(i for i in range(np.ndim(x)) if i != axis)
+    x64 = np.asarray(x, np.float64)
+    d = _centered(x64, axes)
+    mean = np.mean(x64 - d, axis=axes)
+    return mean, np.mean(d * d, axis=axes)
+
+
+@pytest.fixture(scope="session")
+def ref_batch_norm():
+    """Training-mode BN (batch statistics) when mean/var are None, else normalization by them."""
+
+    def ref(x, axis=1, weight=None, bias=None, eps=1e-5, mean=None, var=None):
+        axis = axis % np.ndim(x)
+        shape = [1] * np.ndim(x)
+        shape[axis] = np.shape(x)[axis]
+        if mean is None:
+            axes = tuple(i for i in range(np.ndim(x)) if i != axis)
+            return reference_norm(x, axes, weight, bias, eps, shape)
+        x64 = np.asarray(x, np.float64)
+        y = (x64 - np.reshape(mean, shape)) / np.sqrt(np.reshape(var, shape).astype(np.float64) + eps)
+        if weight is not None:
+            y = y * np.reshape(weight, shape)
+        if bias is not None:
+            y = y + np.reshape(bias, shape)
+        return y
+
+    return ref
+
+
+def hostile(rng, shape, dtype=np.float64, offset=None, scale=None):
+    """Random data with an offset and a scale that hurt naive formulas."""
+    if offset is None:
+        offset = rng.choice([0.0, -3e2, 1e4, 1e6])
+    if scale is None:
+        scale = rng.choice([1e-3, 1.0, 7.0])
+    x = offset * scale + scale * rng.standard_normal(shape)
+    return x.astype(dtype)
+
+
+def max_err(y, ref):
+    return float(np.max(np.abs(np.asarray(y, np.float64) - ref))) if np.size(ref) else 0.0

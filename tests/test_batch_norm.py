@@ -1,0 +1,244 @@
+import numpy as np
+import pytest
+
+import cynorm
+from conftest import TOL, batch_statistics, hostile, max_err
+
+DTYPES = [np.float32, np.float64]
+# (shape, feature axis): (N, C), (N, C, L) short and long L, (N, C, H, W), (N, T, C) feature-last,
+# a middle axis, and few rows with many features.
+LAYOUTS = [((5, 10), 1), ((4096, 64), 1), ((64, 8, 5), 1), ((32, 16, 300), 1),
+           ((4, 3, 9, 11), 1), ((8, 50, 32), -1), ((6, 5, 7, 3), 2), ((3, 5000), 1),
+           ((2, 4, 70), -1), ((300, 2), 0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0.0, 1e2, 1e4, 1e6])
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+def test_training_accuracy(rng, ref_batch_norm, dtype, offset, shape, axis):
+    x = hostile(rng, shape, dtype, offset=offset, scale=rng.choice([1e-2, 1.0, 50.0]))
+    y = cynorm.batch_norm(x, training=True, axis=axis)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert max_err(y, ref_batch_norm(x, axis)) <= TOL[np.dtype(dtype)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+def test_running_update_and_affine(rng, ref_batch_norm, dtype, shape, axis):
+    x = hostile(rng, shape, dtype)
+    C = shape[axis]
+    w = rng.uniform(0.5, 2, C).astype(dtype)
+    b = rng.uniform(-1, 1, C).astype(dtype)
+    rm0 = rng.standard_normal(C).astype(dtype)
+    rv0 = rng.uniform(0.5, 2, C).astype(dtype)
+    rm, rv = rm0.copy(), rv0.copy()
+    y = cynorm.batch_norm(x, rm, rv, w, b, training=True, momentum=0.3, eps=1e-3, axis=axis)
+    assert max_err(y, ref_batch_norm(x, axis, w, b, 1e-3)) <= 4 * TOL[np.dtype(dtype)]
+    mean, var = batch_statistics(x, axis)
+    n = x.size // C
+    rtol = 1e-6 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(rm, 0.7 * rm0 + 0.3 * mean, rtol=rtol, atol=rtol * np.abs(mean).max())
+    np.testing.assert_allclose(rv, 0.7 * rv0 + 0.3 * var * n / (n - 1), rtol=rtol * 10)
+    # eval: normalizes with the running statistics
+    y_eval = cynorm.batch_norm(x, rm, rv, w, b, training=False, eps=1e-3, axis=axis)
+    ref = ref_batch_norm(x, axis, w, b, 1e-3, mean=rm.astype(np.float64), var=rv)
+    assert max_err(y_eval, ref) <= 1e-4 * max(1.0, np.abs(ref).max()) if dtype == np.float32 \
+        else max_err(y_eval, ref) <= 1e-10 * max(1.0, np.abs(ref).max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_torch_functional(rng, torch, dtype):
+    F = torch.nn.functional
+    for shape in [(5, 10), (16, 3, 40), (4, 6, 90), (3, 4, 5, 6)]:
+        x = rng.standard_normal(shape).astype(dtype) * 3 + 1
+        C = shape[1]
+        w, b = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
+        rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+        trm, trv = torch.zeros(C, dtype=torch.from_numpy(x).dtype), torch.ones(C, dtype=torch.from_numpy(x).dtype)
+        tol = 1e-5 if dtype == np.float32 else 1e-12
+        for step in range(3):
+            xs = x + step
+            got = cynorm.batch_norm(xs, rm, rv, w, b, training=True, momentum=0.2)
+            expect = F.batch_norm(torch.from_numpy(xs), trm, trv, torch.from_numpy(w),
+                                  torch.from_numpy(b), training=True, momentum=0.2).numpy()
+            np.testing.assert_allclose(got, expect, atol=tol * 10)
+            np.testing.assert_allclose(rm, trm.numpy(), atol=tol, rtol=tol)
+            np.testing.assert_allclose(rv, trv.numpy(), atol=tol, rtol=tol)
+        got = cynorm.batch_norm(x, rm, rv, w, b, training=False)
+        expect = F.batch_norm(torch.from_numpy(x), trm, trv, torch.from_numpy(w),
+                              torch.from_numpy(b), training=False).numpy()
+        np.testing.assert_allclose(got, expect, atol=tol * 10)
+
+
+def test_feature_last_matches_torch_on_moved_axis(rng, torch):
+    x = rng.standard_normal((8, 20, 12)).astype(np.float32)
+    rm, rv = np.zeros(12, np.float32), np.ones(12, np.float32)
+    trm, trv = torch.zeros(12), torch.ones(12)
+    got = cynorm.batch_norm(x, rm, rv, training=True, axis=-1)
+    expect = torch.nn.functional.batch_norm(torch.from_numpy(x).permute(0, 2, 1), trm, trv,
+                                            training=True).permute(0, 2, 1).numpy()
+    np.testing.assert_allclose(got, expect, atol=1e-5)
+    np.testing.assert_allclose(rm, trm.numpy(), atol=1e-6)
+    np.testing.assert_allclose(rv, trv.numpy(), rtol=1e-5)
+
+
+def test_more_accurate_than_torch_far_from_zero(rng, torch, ref_batch_norm):
+    x = (1e6 + rng.standard_normal((4096, 64))).astype(np.float32)
+    ref = ref_batch_norm(x, 1)
+    err_torch = max_err(torch.nn.functional.batch_norm(torch.from_numpy(x), None, None,
+                                                       training=True).numpy(), ref)
+    err_cynorm = max_err(cynorm.batch_norm(x, training=True), ref)
+    assert err_cynorm <= 1e-5 < err_torch
+
+
+def test_errors_like_torch(rng):
+    x = rng.standard_normal((5, 10))
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        cynorm.batch_norm(x[:1], training=True)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        cynorm.batch_norm(rng.standard_normal((1, 3, 1)), training=True)
+    with pytest.raises(ValueError, match="eps must be positive during training"):
+        cynorm.batch_norm(x, training=True, eps=0.0)
+    with pytest.raises(ValueError, match="must be given when not training"):
+        cynorm.batch_norm(x, training=False)
+    with pytest.raises(ValueError, match="running_mean should contain 10 elements not 3"):
+        cynorm.batch_norm(x, np.zeros(3), np.ones(3), training=True)
+    with pytest.raises(ValueError, match="weight"):
+        cynorm.batch_norm(x, training=True, weight=np.ones(4))
+    with pytest.raises(ValueError, match="empty batch"):
+        cynorm.batch_norm(np.empty((0, 10)), training=True)
+    with pytest.raises(ValueError, match="at least 2 dims"):
+        cynorm.batch_norm(np.ones(10), training=True)
+    with pytest.raises(np.exceptions.AxisError):
+        cynorm.batch_norm(x, training=True, axis=2)
+    with pytest.raises(TypeError, match="ndarray"):
+        cynorm.batch_norm(x, [0.0] * 10, [1.0] * 10, training=True)
+    with pytest.raises(TypeError, match="dtype"):
+        cynorm.batch_norm(x.astype(complex), training=True)
+    with pytest.raises(TypeError, match="floating"):
+        cynorm.batch_norm(x, np.zeros(10, int), np.ones(10, int), training=True)
+
+
+def test_failed_call_leaves_buffers_unchanged(rng):
+    rm, rv = np.full(10, 0.5), np.full(10, 2.0)
+    ro = np.ones(10)
+    ro.flags.writeable = False
+    for kwargs in ({"x": rng.standard_normal((1, 10))},
+                   {"x": rng.standard_normal((5, 10)), "eps": -1.0},
+                   {"x": rng.standard_normal((5, 10)), "weight": np.ones(3)},
+                   {"x": rng.standard_normal((5, 10)), "running_var": ro}):
+        kwargs.setdefault("running_var", rv)
+        with pytest.raises((ValueError, TypeError)):
+            cynorm.batch_norm(running_mean=rm, training=True, **kwargs)
+        assert (rm == 0.5).all() and (rv == 2.0).all()
+
+
+def test_eval_without_training_checks(rng):
+    # eval has no "one value per channel" check and accepts eps = 0
+    x = rng.standard_normal((1, 4))
+    y = cynorm.batch_norm(x, np.zeros(4), np.ones(4), training=False, eps=0.0)
+    np.testing.assert_allclose(y, x, rtol=1e-15)
+    assert cynorm.batch_norm(np.empty((0, 4)), np.zeros(4), np.ones(4)).shape == (0, 4)
+
+
+def test_zero_variance_eps_zero_is_nan_like_torch(rng, torch):
+    x = rng.standard_normal((6, 3)).astype(np.float32)
+    expect = torch.nn.functional.batch_norm(torch.from_numpy(x), torch.zeros(3), torch.zeros(3),
+                                            training=False, eps=0.0).numpy()
+    got = cynorm.batch_norm(x, np.zeros(3, np.float32), np.zeros(3, np.float32), eps=0.0)
+    assert np.isnan(expect).all() and np.isnan(got).all()
+
+
+def test_constant_feature_gives_bias(rng):
+    x = rng.standard_normal((50, 4))
+    x[:, 2] = 3.0
+    y = cynorm.batch_norm(x, training=True, bias=np.arange(4.0))
+    assert (y[:, 2] == 2.0).all()
+
+
+def test_nan_stays_in_its_feature(rng):
+    x = rng.standard_normal((200, 6))
+    x[17, 1] = np.nan
+    x[3, 4] = -np.inf
+    for axis_x, axis in ((x, 1), (np.ascontiguousarray(x.T[None]), 1)):
+        y = cynorm.batch_norm(axis_x, training=True, axis=axis)
+        y = y if y.ndim == 2 else y[0].T
+        assert np.isnan(y[:, 1]).all() and np.isnan(y[:, 4]).all()
+        assert np.isfinite(y[:, [0, 2, 3, 5]]).all()
+
+
+@pytest.mark.parametrize("dtype,result", [(np.float16, np.float16), (np.int16, np.float64),
+                                          (np.bool_, np.float64), (">f8", np.float64)])
+def test_dtype_policy(rng, ref_batch_norm, dtype, result):
+    x = (rng.standard_normal((64, 5)) * 3).astype(dtype)
+    y = cynorm.batch_norm(x, training=True)
+    assert y.dtype == np.dtype(result)
+    tol = 3e-3 if result == np.float16 else 1e-12
+    assert max_err(y, ref_batch_norm(x.astype(np.float64), 1)) <= tol
+
+
+def test_buffers_of_another_dtype_are_updated_in_place(rng):
+    x = rng.standard_normal((30, 3)).astype(np.float32)
+    rm, rv = np.zeros(3, np.float64), np.ones(3, np.float64)
+    cynorm.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    mean, var = batch_statistics(x)
+    np.testing.assert_allclose(rm, mean, atol=1e-7)
+    np.testing.assert_allclose(rv, var * 30 / 29, rtol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["fortran", "slice", "negative", "readonly", "unaligned"])
+@pytest.mark.parametrize("shape,axis", [((40, 6), 1), ((10, 4, 100), 1), ((6, 30, 5), -1)])
+def test_layouts(rng, ref_batch_norm, layout, shape, axis):
+    base = hostile(rng, tuple(2 * s for s in shape), np.float64)
+    if layout == "fortran":
+        x = np.asfortranarray(base[tuple(slice(0, s) for s in shape)])
+    elif layout == "slice":
+        x = base[tuple(slice(0, 2 * s, 2) for s in shape)]
+    elif layout == "negative":
+        x = base[tuple(slice(None, None, -2) for _ in shape)]
+    elif layout == "readonly":
+        x = base[tuple(slice(0, s) for s in shape)].copy()
+        x.flags.writeable = False
+    else:
+        src = base[tuple(slice(0, s) for s in shape)]
+        buf = np.zeros(src.nbytes + 3, np.uint8)
+        x = buf[3:].view(np.float64).reshape(shape)
+        x[...] = src
+    before = x.copy()
+    y = cynorm.batch_norm(x, training=True, axis=axis)
+    assert max_err(y, ref_batch_norm(before, axis)) <= 1e-12
+    np.testing.assert_array_equal(x, before)
+
+
+@pytest.mark.parametrize("shape,axis", [((64, 7), 1), ((8, 3, 200), 1), ((5, 9, 4), -1)])
+def test_out_and_in_place(rng, ref_batch_norm, shape, axis):
+    x = hostile(rng, shape, np.float32)
+    ref = ref_batch_norm(x, axis)
+    out = np.empty_like(x)
+    assert cynorm.batch_norm(x, training=True, axis=axis, out=out) is out
+    assert max_err(out, ref) <= 1e-5
+    y = x.copy()
+    assert cynorm.batch_norm(y, training=True, axis=axis, out=y) is y
+    assert max_err(y, ref) <= 1e-5
+    f = np.asfortranarray(np.zeros_like(x))
+    cynorm.batch_norm(x, training=True, axis=axis, out=f)
+    assert max_err(f, ref) <= 1e-5
+    with pytest.raises(ValueError, match="shape"):
+        cynorm.batch_norm(x, training=True, axis=axis, out=np.empty(x.shape[::-1], np.float32))
+    with pytest.raises(TypeError, match="dtype"):
+        cynorm.batch_norm(x, training=True, axis=axis, out=np.empty(x.shape))
+
+
+@pytest.mark.parametrize("shape,axis", [((20000, 16), 1), ((64, 8, 600), 1), ((32, 80, 48), -1)])
+def test_thread_count_invariance(rng, shape, axis):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    x = hostile(rng, shape, np.float32)
+    rm_a, rv_a = np.zeros(shape[axis]), np.ones(shape[axis])
+    rm_b, rv_b = rm_a.copy(), rv_a.copy()
+    default = cynorm.batch_norm(x, rm_a, rv_a, training=True, axis=axis)
+    with threadpoolctl.threadpool_limits(1, "openmp"):
+        single = cynorm.batch_norm(x, rm_b, rv_b, training=True, axis=axis)
+    # the merge order of partial moments differs: equal to rounding
+    np.testing.assert_allclose(default, single, atol=2e-6)
+    np.testing.assert_allclose(rm_a, rm_b, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(rv_a, rv_b, rtol=1e-12)
