@@ -84,7 +84,7 @@ class BuildExt(build_ext):
             base += ["-Wno-unused-function", "-Wno-unreachable-code"]
         cflags = base + (flags[0] if flags else [])
         lflags = flags[1] if flags else []
-        summary = " ".join(cflags + lflags).replace('"', "")
+        summary = ("compile: " + " ".join(cflags) + "; link: " + (" ".join(lflags) or "-")).replace('"', "")
         for ext in self.extensions:
             ext.extra_compile_args = cflags
             ext.extra_link_args = lflags

@@ -4,10 +4,18 @@ from ._version import __version__
 try:
     from . import _kernels  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on how the package was installed
+    import os as _os
+
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    _hint = (
+        f"This is cynorm's source tree ({_here}) and its extension is not built here: run from "
+        "another directory to use an installed cynorm, or build in place with `pip install -e .`."
+        if _os.path.isdir(_os.path.join(_here, "..", "pyx"))
+        else "Reinstall cynorm (`pip install cynorm`, or `pip install .` from a source tree with "
+        "a C compiler)."
+    )
     raise ImportError(
-        "cynorm's compiled extension cynorm._kernels could not be imported "
-        f"({exc}). If you are in the source tree, build it first with `pip install -e .` "
-        "(needs a C compiler), or install a wheel."
+        f"cynorm's compiled extension cynorm._kernels could not be imported ({exc}). {_hint}"
     ) from exc
 
 from ._config import show_config
