@@ -4,8 +4,10 @@ Environment variables
 ---------------------
 CYNORM_DEBUG=1    turn Cython's bounds/wraparound/initialized checks back on and build with -O0 -g.
 CYNORM_OPENMP=0   build without OpenMP (serial kernels); =1 require it; unset: probe the compiler.
+CYNORM_ISA_VARIANTS=0  build only the baseline kernels (no AVX2 / AVX-512 variants on x86-64).
 """
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -65,6 +67,20 @@ def _openmp_flags(compiler):
     return None
 
 
+# Extra builds of the same kernels for wider vector units, picked at import by cynorm/_isa.py.
+# Flags for GCC and Clang; an x86-64 compiler of another kind builds the baseline only.
+ISA_VARIANTS = {
+    "cynorm._kernels_avx2": ["-mavx2", "-mfma"],
+    "cynorm._kernels_avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512cd", "-mavx512dq",
+                               "-mavx512bw", "-mavx512vl", "-mprefer-vector-width=512"],
+}
+WANT_VARIANTS = (
+    platform.machine().lower() in ("x86_64", "amd64")
+    and sys.platform != "win32"
+    and os.environ.get("CYNORM_ISA_VARIANTS", "1") != "0"
+)
+
+
 class BuildExt(build_ext):
     def build_extensions(self):
         choice = os.environ.get("CYNORM_OPENMP", "").strip()
@@ -84,19 +100,23 @@ class BuildExt(build_ext):
             base += ["-Wno-unused-function", "-Wno-unreachable-code"]
         cflags = base + (flags[0] if flags else [])
         lflags = flags[1] if flags else []
-        summary = ("compile: " + " ".join(cflags) + "; link: " + (" ".join(lflags) or "-")).replace('"', "")
         for ext in self.extensions:
-            ext.extra_compile_args = cflags
+            summary = "compile: %s; link: %s" % (
+                " ".join(cflags + ISA_VARIANTS.get(ext.name, [])), " ".join(lflags) or "-")
+            ext.extra_compile_args = cflags + ISA_VARIANTS.get(ext.name, [])
             ext.extra_link_args = lflags
             ext.define_macros = list(ext.define_macros or []) + [
-                ("CYNORM_BUILD_FLAGS", '"%s"' % summary),
+                ("CYNORM_BUILD_FLAGS", '"%s"' % summary.replace('"', "")),
                 ("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
             ]
         super().build_extensions()
 
 
+names = ["cynorm._kernels"] + (list(ISA_VARIANTS) if WANT_VARIANTS else [])
 extensions = [
-    Extension("cynorm._kernels", ["pyx/_kernels.pyx"], include_dirs=["pyx", np.get_include()]),
+    Extension(name, ["pyx/%s.pyx" % name.split(".")[1]], include_dirs=["pyx", np.get_include()],
+              depends=["pyx/_kernels_impl.pxi", "pyx/_common.pxd"])
+    for name in names
 ]
 
 setup(

@@ -2,7 +2,7 @@
 from ._version import __version__
 
 try:
-    from . import _kernels  # noqa: F401
+    from . import _isa  # noqa: F401  (imports the compiled kernels)
 except ImportError as exc:  # pragma: no cover - depends on how the package was installed
     import os as _os
 

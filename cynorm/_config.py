@@ -4,7 +4,7 @@ import sys
 
 import numpy as np
 
-from . import _kernels
+from ._isa import available, kernels as _kernels
 from ._threads import get_num_threads
 from ._version import __version__
 
@@ -29,6 +29,8 @@ def config_info():
         "platform": platform.platform(),
         "cpu": _cpu_model(),
         "openmp": _kernels.openmp_enabled(),
+        "isa": _kernels.ISA,
+        "isa_available": available(),
         "threads": get_num_threads(),
         "build_flags": _kernels.build_flags(),
     }
@@ -44,4 +46,5 @@ def show_config():
     print(f"  cpu          {info['cpu']}")
     print(f"  OpenMP       {'enabled' if info['openmp'] else 'disabled (built serially)'}")
     print(f"  threads      {info['threads']}")
+    print(f"  kernels      {info['isa']} (built and runnable here: {', '.join(info['isa_available'])})")
     print(f"  build flags  {info['build_flags']}")

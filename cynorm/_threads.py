@@ -14,7 +14,7 @@ import math
 import os
 import threading
 
-from . import _kernels
+from ._isa import kernels as _kernels
 
 # Below this many elements a call runs on the calling thread: waking a team costs more than it saves.
 SERIAL_BELOW = 1 << 15

@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from . import _kernels
+from ._isa import kernels as _kernels
 from ._threads import get_num_threads, threads_for
 from ._validation import (
     as_array,

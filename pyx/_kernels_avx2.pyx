@@ -1,0 +1,5 @@
+"""cynorm's compiled kernels, built for AVX2 + FMA (source: _kernels_impl.pxi)."""
+
+include "_kernels_impl.pxi"
+
+ISA = "avx2"

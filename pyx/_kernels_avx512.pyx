@@ -1,0 +1,5 @@
+"""cynorm's compiled kernels, built for AVX-512 (F, CD, DQ, BW, VL) (source: _kernels_impl.pxi)."""
+
+include "_kernels_impl.pxi"
+
+ISA = "avx512"
