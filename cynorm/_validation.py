@@ -51,7 +51,7 @@ def to_compute(x, cdt):
 def as_rows(a, rows, cols):
     """A 2-D (rows, cols) view of a with unit inner stride, or a C-contiguous copy."""
     a2 = a.reshape(rows, cols)
-    if cols > 1 and a2.strides[1] != a2.itemsize:
+    if (cols > 1 and a2.strides[1] != a2.itemsize) or a2.strides[0] % a2.itemsize:
         a2 = np.ascontiguousarray(a2)
     return a2
 
@@ -62,7 +62,7 @@ def view_rows(a, rows, cols):
         a2 = np.reshape(a, (rows, cols), copy=False)
     except (ValueError, TypeError):
         return None
-    if cols > 1 and a2.strides[1] != a2.itemsize:
+    if (cols > 1 and a2.strides[1] != a2.itemsize) or a2.strides[0] % a2.itemsize:
         return None
     return a2
 
@@ -71,6 +71,9 @@ def param(value, name, shape, cdt=_F64):
     """weight / bias / running statistics as a C-contiguous array of the given shape and dtype."""
     if value is None:
         return None
+    if (type(value) is np.ndarray and value.dtype is cdt and value.shape == shape
+            and value.flags.c_contiguous):
+        return value
     arr = as_array(value, name)
     if arr.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
@@ -97,6 +100,8 @@ def same_memory(a, b):
 
 
 def normalized_shape(value):
+    if type(value) is int and value >= 0:
+        return (value,)
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         shape = (operator.index(value),)
     else:

@@ -4,7 +4,7 @@ import math
 import numpy as np
 
 from ._isa import kernels as _kernels
-from ._threads import get_num_threads, threads_for
+from ._threads import threads_for
 from ._validation import (
     as_array,
     as_rows,
@@ -24,37 +24,46 @@ __all__ = ["layer_norm", "batch_norm"]
 # BatchNorm on (A, C, L): rows of L >= ROW_PATH_MIN contiguous elements are reduced one by one;
 # shorter ones (L == 1 is the (N, C) and (N, T, C) case) are reduced down the columns of (A, C*L).
 ROW_PATH_MIN = 64
-# Rows per block of the column reduction: about this many bytes stay in L2 between its two passes.
+# Rows per block of the column reduction: about this many bytes stay in L2 between its passes.
 COLUMN_BLOCK_BYTES = 1 << 17
-# Rows each thread of the column reduction gets at least.
-COLUMN_ROWS_PER_THREAD = 64
 
 
-def _output(x_shape, rows, cols, cdt, rdt, out, inputs):
-    """(2-D array the kernel writes, the array to return or None to cast/copy y2 into it).
+def _rows_of(a, rows, cols):
+    """a itself when C-contiguous (the kernels take any ndim), else a 2-D view or copy."""
+    if a.flags.c_contiguous:
+        return a
+    return as_rows(a, rows, cols)
 
-    The kernel writes straight into ``out`` when a 2-D view of it exists, has the compute dtype
-    and either shares no memory with the inputs or is exactly the input x (in place).
+
+def _output(x, shape, rows, cols, cdt, rdt, out, params):
+    """(array the kernel writes, the array to return, or None to cast / copy into out).
+
+    The kernel writes straight into ``out`` when it has the compute dtype, a (rows, cols) view
+    with contiguous rows, and shares no memory with the inputs, or is exactly x (in place).
     """
     if out is None:
-        if rdt == cdt:
-            y = np.empty(x_shape, dtype=cdt)
-            return y.reshape(rows, cols), y
-        return np.empty((rows, cols), dtype=cdt), None
-    check_out(out, x_shape, rdt)
-    if rdt == cdt:
-        y2 = view_rows(out, rows, cols)
+        y = np.empty(shape, dtype=cdt)
+        return y, (y if rdt is cdt else None)
+    if rdt is cdt:
+        y2 = out if out.flags.c_contiguous else view_rows(out, rows, cols)
         if y2 is not None:
-            shared = [a is not None and np.may_share_memory(out, a) for a in inputs]
-            if not any(shared) or (not any(shared[1:]) and same_memory(inputs[0], y2)):
+            if not np.may_share_memory(out, x) and not any(
+                p is not None and np.may_share_memory(out, p) for p in params
+            ):
+                return y2, out
+            x2 = x if x.ndim == 2 or not x.flags.c_contiguous else x.reshape(rows, cols)
+            y2v = y2 if y2.ndim == 2 else y2.reshape(rows, cols)
+            if same_memory(x2, y2v) and not any(
+                p is not None and np.may_share_memory(out, p) for p in params
+            ):
                 return y2, out
     return np.empty((rows, cols), dtype=cdt), None
 
 
-def _finish(y2, result, x_shape, rdt, out):
+def _finish(y, result, shape, rdt, out):
     if result is not None:
         return result
-    y = y2.reshape(x_shape)
+    y = y.reshape(shape)
     if out is None:
         return y.astype(rdt)
     out[...] = y
@@ -89,72 +98,47 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     formula), so float32 results stay within 1e-5 of the float64 reference even when the mean
     lies 1e6 standard deviations from zero.
     """
-    x = as_array(x)
+    if type(x) is not np.ndarray:
+        x = as_array(x)
     cdt, rdt = dtypes(x.dtype, "layer_norm")
     nshape = _normalized_shape(normalized_shape)
+    shape = x.shape
     k = len(nshape)
-    if x.ndim < k or x.shape[x.ndim - k:] != nshape:
+    if len(shape) < k or shape[len(shape) - k:] != nshape:
         raise ValueError(
             f"Given normalized_shape={list(nshape)}, expected input with shape "
-            f"[*, {', '.join(map(str, nshape))}], but got input of size {list(x.shape)}"
+            f"[*, {', '.join(map(str, nshape))}], but got input of size {list(shape)}"
         )
-    eps = real_scalar(eps, "eps")
-    cols = math.prod(nshape)
-    rows = math.prod(x.shape[: x.ndim - k])
+    if type(eps) is not float:
+        eps = real_scalar(eps, "eps")
     w = param(weight, "weight", nshape, cdt)
     b = param(bias, "bias", nshape, cdt)
-    if x.size == 0:
-        if out is None:
-            return np.empty(x.shape, dtype=rdt)
-        check_out(out, x.shape, rdt)
-        return out
-    x2 = as_rows(to_compute(x, cdt), rows, cols)
-    w1 = None if w is None else w.reshape(cols)
-    b1 = None if b is None else b.reshape(cols)
-    y2, result = _output(x.shape, rows, cols, cdt, rdt, out, (x2, w1, b1))
-    _kernels.layer_norm(x2, y2, w1, b1, None, None, eps, threads_for(x.size))
-    return _finish(y2, result, x.shape, rdt, out)
-
-
-def _column_moments(x2, n_threads):
-    """Per-column (count, hi, lo, M2) of a 2-D (rows, F) array with unit inner stride."""
-    rows, F = x2.shape
-    T = max(1, min(n_threads, rows // COLUMN_ROWS_PER_THREAD))
-    rows_per_block = max(8, min(1024, COLUMN_BLOCK_BYTES // max(1, F * x2.itemsize)))
-    count = np.empty(T)
-    parts = np.empty((3, T, F))
-    scratch = np.empty((T, 3, F))
-    _kernels.column_moments_into(x2, count, parts[0], parts[1], parts[2], scratch, rows_per_block)
-    if T == 1:
-        return count[0], parts[0, 0], parts[1, 0], parts[2, 0]
-    return _merge(count, parts[0], parts[1], parts[2])
-
-
-def _merge(count, hi, lo, m2):
-    out = np.empty((3, hi.shape[1]))
-    n = _kernels.merge_moments(count, hi, lo, m2, out[0], out[1], out[2])
-    return n, out[0], out[1], out[2]
+    if out is not None:
+        check_out(out, shape, rdt)
+    size = x.size
+    if size == 0:
+        return np.empty(shape, dtype=rdt) if out is None else out
+    cols = nshape[0] if k == 1 else math.prod(nshape)
+    rows = size // cols
+    x = _rows_of(to_compute(x, cdt), rows, cols)
+    y, result = _output(x, shape, rows, cols, cdt, rdt, out, (w, b))
+    _kernels.layer_norm(x, y, cols, w, b, None, None, eps, threads_for(size))
+    return _finish(y, result, shape, rdt, out)
 
 
 def _feature_moments(x, A, C, L, n_threads):
-    """(count, mean hi, mean lo, M2) per feature c of x viewed as (A, C, L); float64 arrays.
-
-    The mean is hi + lo (see pyx/_kernels.pyx): hi carries the magnitude, lo the remainder.
+    """(count, stats) of x viewed as (A, C, L): stats (3, C) float64 holds per feature the mean
+    as hi + lo (hi carries the magnitude, lo the remainder; see pyx/_kernels_impl.pxi) and M2.
     """
+    stats = np.empty((3, C))
     if L >= ROW_PATH_MIN:
-        x2 = as_rows(x, A * C, L)
-        parts = np.empty((3, A, C))
-        _kernels.row_moments_into(x2, parts[0].reshape(-1), parts[1].reshape(-1),
-                                  parts[2].reshape(-1), n_threads)
-        if A == 1:
-            return float(L), parts[0, 0], parts[1, 0], parts[2, 0]
-        return _merge(np.full(A, float(L)), parts[0], parts[1], parts[2])
-    n, hi, lo, m2 = _column_moments(as_rows(x, A, C * L), n_threads)
-    if L == 1:
-        return n, hi, lo, m2
-    # merge the L positions of each channel: group l holds column l of every channel
-    by_position = [np.ascontiguousarray(a.reshape(C, L).T) for a in (hi, lo, m2)]
-    return _merge(np.full(L, n), *by_position)
+        rows, cols, by_rows = A * C, L, True
+    else:
+        rows, cols, by_rows = A, C * L, False
+    x = _rows_of(x, rows, cols)
+    rows_per_block = max(8, min(1024, COLUMN_BLOCK_BYTES // (cols * x.itemsize)))
+    n = _kernels.feature_moments(x, rows, cols, C, by_rows, stats, n_threads, rows_per_block)
+    return n, stats
 
 
 def _buffer(value, name, C):
@@ -168,6 +152,8 @@ def _buffer(value, name, C):
         raise ValueError(f"{name} should contain {C} elements not {value.size}")
     if value.dtype.kind != "f":
         raise TypeError(f"{name} must be a floating array, got dtype {value.dtype}")
+    if not value.flags.writeable:
+        raise ValueError(f"{name} is read-only; it must be updated in place")
     return value
 
 
@@ -207,65 +193,74 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     a two-term split, so float32 results stay within 1e-5 of the float64 reference even for
     data whose mean lies 1e6 standard deviations from zero.
     """
-    x = as_array(x)
+    if type(x) is not np.ndarray:
+        x = as_array(x)
     cdt, rdt = dtypes(x.dtype, "batch_norm")
-    if x.ndim < 2:
-        raise ValueError(f"batch_norm expects an input with at least 2 dims, got shape {x.shape}")
-    ax = feature_axis(axis, x.ndim)
-    C = x.shape[ax]
-    A = math.prod(x.shape[:ax])
-    L = math.prod(x.shape[ax + 1:])
+    shape = x.shape
+    ndim = len(shape)
+    if ndim < 2:
+        raise ValueError(f"batch_norm expects an input with at least 2 dims, got shape {shape}")
+    ax = axis if type(axis) is int and 0 <= axis < ndim else feature_axis(axis, ndim)
+    C = shape[ax]
+    A = math.prod(shape[:ax])
+    L = math.prod(shape[ax + 1:])
     n = A * L
-    eps = real_scalar(eps, "eps")
-    momentum = real_scalar(momentum, "momentum")
+    if type(eps) is not float:
+        eps = real_scalar(eps, "eps")
+    if type(momentum) is not float:
+        momentum = real_scalar(momentum, "momentum")
     training = bool(training)
-    rm = _buffer(running_mean, "running_mean", C)
-    rv = _buffer(running_var, "running_var", C)
-    w = param(weight, "weight", (C,))
-    b = param(bias, "bias", (C,))
+    if training:
+        rm = _buffer(running_mean, "running_mean", C)
+        rv = _buffer(running_var, "running_var", C)
+    else:
+        rm, rv = running_mean, running_var
+        if rm is None or rv is None:
+            raise ValueError("running_mean and running_var must be given when not training")
+        for value, name in ((rm, "running_mean"), (rv, "running_var")):
+            if np.shape(value) != (C,):
+                raise ValueError(f"{name} should contain {C} elements not {np.size(value)}")
+    w = param(weight, "weight", (C,), cdt)
+    b = param(bias, "bias", (C,), cdt)
+    if out is not None:
+        check_out(out, shape, rdt)
     if training:
         if not eps > 0:
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
         if n == 1:
             raise ValueError("Expected more than 1 value per channel when training, got input "
-                             f"size {x.shape}")
+                             f"size {shape}")
         if n == 0:
-            raise ValueError(f"batch_norm cannot train on an empty batch, got input size {x.shape}")
+            raise ValueError(f"batch_norm cannot train on an empty batch, got input size {shape}")
         if (rm is None) != (rv is None):
             raise ValueError("running_mean and running_var must be given together")
-        for buf, name in ((rm, "running_mean"), (rv, "running_var")):
-            if buf is not None and not buf.flags.writeable:
-                raise ValueError(f"{name} is read-only; it must be updated in place")
-    elif rm is None or rv is None:
-        raise ValueError("running_mean and running_var must be given when not training")
 
     if x.size == 0:
-        if out is None:
-            return np.empty(x.shape, dtype=rdt)
-        check_out(out, x.shape, rdt)
-        return out
-    xc = to_compute(x, cdt)
-    n_threads = threads_for(x.size)
+        return np.empty(shape, dtype=rdt) if out is None else out
+    x = to_compute(x, cdt)
+    size = x.size
+    n_threads = threads_for(size)
     if training:
-        count, hi, lo, m2 = _feature_moments(xc, A, C, L, n_threads)
-        var = m2 / count
+        count, stats = _feature_moments(x, A, C, L, n_threads)
         if rm is not None:
-            rm[...] = (1.0 - momentum) * rm + momentum * (hi + lo)
-            rv[...] = (1.0 - momentum) * rv + momentum * (m2 / (count - 1.0))
+            if rm.dtype is rv.dtype and rm.dtype.isnative and rm.flags.c_contiguous \
+                    and rv.flags.c_contiguous:
+                _kernels.update_running(rm, rv, stats, count, momentum)
+            else:
+                rm[...] = (1.0 - momentum) * rm + momentum * (stats[0] + stats[1])
+                rv[...] = (1.0 - momentum) * rv + momentum * (stats[2] / (count - 1.0))
+        var_scale = 1.0 / count
     else:
-        hi = np.ascontiguousarray(rm, dtype=np.float64)
-        lo = np.zeros(C)
-        var = np.ascontiguousarray(rv, dtype=np.float64)
+        stats = np.empty((3, C))
+        stats[0] = rm
+        stats[1] = 0.0
+        stats[2] = rv
+        var_scale = 1.0
     params = np.empty((4, C), dtype=cdt)
-    _kernels.batch_norm_params(hi, lo, var, w, b, eps, params)
-    if L >= ROW_PATH_MIN:
-        x2 = as_rows(xc, A * C, L)
-        y2, result = _output(x.shape, A * C, L, cdt, rdt, out, (x2,))
-        _kernels.normalize_rows(x2, y2, params, n_threads)
-    else:
-        x2 = as_rows(xc, A, C * L)
-        if L > 1:
-            params = np.repeat(params, L, axis=1)
-        y2, result = _output(x.shape, A, C * L, cdt, rdt, out, (x2,))
-        _kernels.normalize_columns(x2, y2, params, n_threads)
-    return _finish(y2, result, x.shape, rdt, out)
+    _kernels.batch_norm_params(stats, var_scale, w, b, eps, params)
+    by_rows = L >= ROW_PATH_MIN
+    rows, cols = (A * C, L) if by_rows else (A, C * L)
+    x = _rows_of(x, rows, cols)
+    y, result = _output(x, shape, rows, cols, cdt, rdt, out, ())
+    _kernels.normalize(x, y, rows, cols, by_rows, params, n_threads)
+    return _finish(y, result, shape, rdt, out)

@@ -21,11 +21,15 @@
 # cynorm/_isa.py picks one at import from the CPU's features.
 
 cimport cython
+cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.math cimport sqrt, isinf, NAN
+from libc.stdlib cimport malloc, free
 
 from _common cimport (floating, omp_get_max_threads, cynorm_cpu_supports, CYNORM_HAVE_OPENMP,
                      CYNORM_BUILD_FLAGS)
+
+cnp.import_array()
 
 cdef enum:
     LANES = 16      # independent partial sums: two AVX-512 or four AVX2 registers of float64
@@ -191,6 +195,20 @@ cdef inline void normalize_row_vector(const floating* x, floating* y, Py_ssize_t
         y[j] = ((x[j] - mh[j]) - ml[j]) * scale[j] + shift[j]
 
 
+cdef inline void merge_one(double* n_a, double* hi_a, double* lo_a, double* m2_a, double n_b,
+                           double hi_b, double lo_b, double m2_b) noexcept nogil:
+    """Merge the moments (n_b, hi_b + lo_b, m2_b) into (n_a, hi_a + lo_a, m2_a), Chan's formula."""
+    if n_b == 0:
+        return
+    if n_a[0] == 0:
+        n_a[0] = n_b
+        hi_a[0] = hi_b
+        lo_a[0] = lo_b
+        m2_a[0] = m2_b
+        return
+    chan_merge(n_a, lo_a, m2_a, n_b, (hi_b - hi_a[0]) + lo_b, m2_b)
+
+
 cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t r0, Py_ssize_t r1,
                                Py_ssize_t F, Py_ssize_t rows_per_block, double* count,
                                double* hi, double* lo, double* m2, double* s, double* c,
@@ -203,7 +221,7 @@ cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t r0, 
     """
     cdef Py_ssize_t rb = r0, re, r, f
     cdef const floating* row
-    cdef double nb, n, inv_nb, wa, wb, d, rel, m2b, delta
+    cdef double nb, n, inv_nb, wa, wb, rel, m2b, delta
     count[0] = 0.0
     for f in range(F):
         lo[f] = 0.0
@@ -225,9 +243,9 @@ cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t r0, 
         for r in range(rb, re):
             row = x + r * ld
             for f in range(F):
-                d = row[f] - s[f]
-                c[f] += d
-                q[f] += d * d
+                c[f] += row[f] - s[f]
+            for f in range(F):
+                q[f] += (row[f] - s[f]) * (row[f] - s[f])
         if count[0] == 0:
             for f in range(F):
                 hi[f] = s[f]
@@ -246,182 +264,301 @@ cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t r0, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused implementations, called through the dtype dispatchers below.
+# Fused implementations on raw pointers.  Rows are ``ld`` elements apart (negative for reversed
+# views) and each row is contiguous.
 
-cdef void _layer_norm(const floating[:, ::1] x, floating[:, ::1] y,
-                      const floating[::1] weight, const floating[::1] bias,
-                      double[::1] mean, double[::1] rstd, double eps, int n_threads):
-    cdef Py_ssize_t i, M = x.shape[0], D = x.shape[1]
-    cdef const floating* wp = NULL
-    cdef const floating* bp = NULL
-    cdef bint keep = mean is not None
-    if weight is not None:
-        wp = &weight[0]
-    if bias is not None:
-        bp = &bias[0]
-    with nogil:
-        for i in prange(M, num_threads=n_threads, use_threads_if=n_threads > 1, schedule="static"):
-            layer_norm_row(&x[i, 0], &y[i, 0], D, wp, bp, eps,
-                           &mean[i] if keep else NULL, &rstd[i] if keep else NULL)
+cdef void _layer_norm(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t ldy,
+                      Py_ssize_t M, Py_ssize_t D, const floating* w, const floating* b,
+                      double* mean, double* rstd, double eps, int n_threads) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in prange(M, num_threads=n_threads, use_threads_if=n_threads > 1, schedule="static"):
+        layer_norm_row(x + i * ldx, y + i * ldy, D, w, b, eps,
+                       mean + i if mean != NULL else NULL, rstd + i if rstd != NULL else NULL)
 
 
-cdef void _row_moments(const floating[:, ::1] x, double[::1] hi, double[::1] lo, double[::1] m2,
-                       int n_threads):
-    cdef Py_ssize_t i, M = x.shape[0], L = x.shape[1]
-    with nogil:
-        for i in prange(M, num_threads=n_threads, use_threads_if=n_threads > 1, schedule="static"):
-            row_moments(&x[i, 0], L, &hi[i], &lo[i], &m2[i])
-
-
-cdef void _column_moments(const floating[:, ::1] x, double[::1] count, double[:, ::1] hi,
-                          double[:, ::1] lo, double[:, ::1] m2, double[:, :, ::1] scratch, Py_ssize_t rows_per_block):
-    cdef Py_ssize_t t, T = count.shape[0], R = x.shape[0], F = x.shape[1]
-    cdef Py_ssize_t ld = x.strides[0] // sizeof(floating)
-    cdef int n_threads = <int>T
-    with nogil:
-        for t in prange(T, num_threads=n_threads, use_threads_if=n_threads > 1, schedule="static", chunksize=1):
-            column_chunk_moments(&x[0, 0], ld, (R * t) // T, (R * (t + 1)) // T, F, rows_per_block,
-                                 &count[t], &hi[t, 0], &lo[t, 0], &m2[t, 0],
-                                 &scratch[t, 0, 0], &scratch[t, 1, 0], &scratch[t, 2, 0])
-
-
-cdef void _normalize_rows(const floating[:, ::1] x, floating[:, ::1] y,
-                          const floating[:, ::1] params, int n_threads):
-    # params rows: m_hi, m_lo, scale, shift; row i of x belongs to channel i % C
-    cdef Py_ssize_t i, c, M = x.shape[0], L = x.shape[1], C = params.shape[1]
-    with nogil:
-        for i in prange(M, num_threads=n_threads, use_threads_if=n_threads > 1, schedule="static"):
-            c = i % C
-            normalize_row_scalar(&x[i, 0], &y[i, 0], L, params[0, c], params[1, c],
-                                 params[2, c], params[3, c])
-
-
-cdef void _normalize_columns(const floating[:, ::1] x, floating[:, ::1] y,
-                             const floating[:, ::1] params, int n_threads):
-    cdef Py_ssize_t i, M = x.shape[0], F = x.shape[1]
-    with nogil:
-        for i in prange(M, num_threads=n_threads, use_threads_if=n_threads > 1, schedule="static"):
-            normalize_row_vector(&x[i, 0], &y[i, 0], F, &params[0, 0], &params[1, 0],
-                                 &params[2, 0], &params[3, 0])
-
-
-# ---------------------------------------------------------------------------------------------
-# Python entry points: one dtype test per call, then the specialised kernel.  Arrays arrive
-# validated (dtype float32 or float64, shapes consistent, inner axis contiguous).
-
-def layer_norm(x, y, weight, bias, mean, rstd, double eps, int n_threads):
-    """y[i] = (x[i] - mean_i) * rstd_i * weight + bias for each row i of the 2-D x.
-
-    mean and rstd (float64, shape (rows,)) receive the statistics unless they are None.
-    """
-    if x.dtype.itemsize == 4:
-        _layer_norm[cython.float](x, y, weight, bias, mean, rstd, eps, n_threads)
-    else:
-        _layer_norm[cython.double](x, y, weight, bias, mean, rstd, eps, n_threads)
-
-
-def row_moments_into(x, hi, lo, m2, int n_threads):
-    """Mean (hi[i] + lo[i]) and M2 m2[i] of row i of the 2-D x (rows of x.shape[1] elements)."""
-    if x.dtype.itemsize == 4:
-        _row_moments[cython.float](x, hi, lo, m2, n_threads)
-    else:
-        _row_moments[cython.double](x, hi, lo, m2, n_threads)
-
-
-def column_moments_into(x, count, hi, lo, m2, scratch, Py_ssize_t rows_per_block):
-    """Partial column moments of the 2-D x over len(count) contiguous row chunks, one per thread.
-
-    count (T,), mean hi + lo (T, F) and m2 (T, F) receive the moments of each chunk;
-    scratch is (T, 3, F).
-    """
-    if x.dtype.itemsize == 4:
-        _column_moments[cython.float](x, count, hi, lo, m2, scratch, rows_per_block)
-    else:
-        _column_moments[cython.double](x, count, hi, lo, m2, scratch, rows_per_block)
-
-
-def merge_moments(const double[::1] count, const double[:, ::1] hi, const double[:, ::1] lo,
-                  const double[:, ::1] m2, double[::1] out_hi, double[::1] out_lo,
-                  double[::1] out_m2):
-    """Merge G groups of per-feature moments (count (G,); hi, lo, m2 (G, F)) into (F,) arrays.
-
-    Chan's formula, relative to the first non-empty group's hi.  Returns the total count
-    (0, with zeros written, when every group is empty).
-    """
-    cdef Py_ssize_t g, f, G = hi.shape[0], F = hi.shape[1]
-    cdef double n = 0.0, nb, wa, wb, delta
-    with nogil:
-        for f in range(F):
-            out_hi[f] = 0.0
-            out_lo[f] = 0.0
-            out_m2[f] = 0.0
-        for g in range(G):
-            nb = count[g]
-            if nb == 0:
-                continue
-            if n == 0:
-                for f in range(F):
-                    out_hi[f] = hi[g, f]
-                    out_lo[f] = lo[g, f]
-                    out_m2[f] = m2[g, f]
-                n = nb
-                continue
-            wb = nb / (n + nb)
-            wa = n * wb
-            for f in range(F):
-                delta = ((hi[g, f] - out_hi[f]) + lo[g, f]) - out_lo[f]
-                out_lo[f] += delta * wb
-                out_m2[f] += m2[g, f] + delta * delta * wa
-            n += nb
+cdef double _row_feature_moments(const floating* x, Py_ssize_t ld, Py_ssize_t M, Py_ssize_t L,
+                                 Py_ssize_t C, double* parts, double* stats,
+                                 int n_threads) noexcept nogil:
+    """Moments of rows (row i belongs to feature i % C), merged per feature into stats (3, C)."""
+    cdef Py_ssize_t i, a, c
+    cdef double n = 0.0
+    for i in prange(M, num_threads=n_threads, use_threads_if=n_threads > 1, schedule="static"):
+        row_moments(x + i * ld, L, &parts[3 * i], &parts[3 * i + 1], &parts[3 * i + 2])
+    for c in range(C):
+        n = 0.0
+        for a in range(M // C):
+            i = a * C + c
+            merge_one(&n, &stats[c], &stats[C + c], &stats[2 * C + c], <double>L,
+                      parts[3 * i], parts[3 * i + 1], parts[3 * i + 2])
     return n
 
 
-def normalize_rows(x, y, params, int n_threads):
-    """y[i, :] = ((x[i, :] - m_hi[c]) - m_lo[c]) * scale[c] + shift[c] with c = i % C.
-
-    params is (4, C): m_hi, m_lo, scale, shift, in the dtype of x.
-    """
-    if x.dtype.itemsize == 4:
-        _normalize_rows[cython.float](x, y, params, n_threads)
-    else:
-        _normalize_rows[cython.double](x, y, params, n_threads)
-
-
-def normalize_columns(x, y, params, int n_threads):
-    """y[i, f] = ((x[i, f] - m_hi[f]) - m_lo[f]) * scale[f] + shift[f]; params is (4, F)."""
-    if x.dtype.itemsize == 4:
-        _normalize_columns[cython.float](x, y, params, n_threads)
-    else:
-        _normalize_columns[cython.double](x, y, params, n_threads)
-
-
-
-cdef void _batch_norm_params(const double[::1] hi, const double[::1] lo, const double[::1] var,
-                             const double[::1] w, const double[::1] b, double eps,
-                             floating[:, ::1] params):
-    cdef Py_ssize_t c, C = hi.shape[0]
-    cdef double invstd
-    cdef floating mh, ml
+cdef double _column_feature_moments(const floating* x, Py_ssize_t ld, Py_ssize_t M,
+                                    Py_ssize_t F, Py_ssize_t C, Py_ssize_t T,
+                                    Py_ssize_t rows_per_block, double* parts,
+                                    double* stats) noexcept nogil:
+    """Moments of the columns of a (M, F) array over T row chunks in parallel, then merged per
+    feature into stats (3, C): column j belongs to feature j // (F // C)."""
+    cdef Py_ssize_t t, j, c, L = F // C
+    cdef double* p
+    cdef double n = 0.0
+    cdef int n_threads = <int>T
+    # parts: per chunk [count, pad] + 6 arrays of F doubles (hi, lo, m2, and scratch s, c, q)
+    for t in prange(T, num_threads=n_threads, use_threads_if=n_threads > 1, schedule="static",
+                    chunksize=1):
+        p = parts + t * (2 + 6 * F)
+        column_chunk_moments(x, ld, (M * t) // T, (M * (t + 1)) // T, F, rows_per_block, p,
+                             p + 2, p + 2 + F, p + 2 + 2 * F, p + 2 + 3 * F, p + 2 + 4 * F,
+                             p + 2 + 5 * F)
     for c in range(C):
-        invstd = 1.0 / sqrt(var[c] + eps)
-        if isinf(invstd):
+        n = 0.0
+        for t in range(T):
+            p = parts + t * (2 + 6 * F)
+            for j in range(c * L, (c + 1) * L):
+                merge_one(&n, &stats[c], &stats[C + c], &stats[2 * C + c], p[0], p[2 + j],
+                          p[2 + F + j], p[2 + 2 * F + j])
+    return n
+
+
+cdef void _normalize_rows(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t ldy,
+                          Py_ssize_t M, Py_ssize_t L, Py_ssize_t C, const floating* params,
+                          int n_threads) noexcept nogil:
+    # params rows: m_hi, m_lo, scale, shift; row i of x belongs to feature i % C
+    cdef Py_ssize_t i, c
+    for i in prange(M, num_threads=n_threads, use_threads_if=n_threads > 1, schedule="static"):
+        c = i % C
+        normalize_row_scalar(x + i * ldx, y + i * ldy, L, params[c], params[C + c],
+                             params[2 * C + c], params[3 * C + c])
+
+
+cdef void _normalize_columns(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t ldy,
+                             Py_ssize_t M, Py_ssize_t F, Py_ssize_t C, const floating* params,
+                             int n_threads) noexcept nogil:
+    # column j of x belongs to feature j // (F // C)
+    cdef Py_ssize_t i, c, L = F // C
+    if L == 1:
+        for i in prange(M, num_threads=n_threads, use_threads_if=n_threads > 1, schedule="static"):
+            normalize_row_vector(x + i * ldx, y + i * ldy, F, params, params + C, params + 2 * C,
+                                 params + 3 * C)
+        return
+    for i in prange(M, num_threads=n_threads, use_threads_if=n_threads > 1, schedule="static"):
+        for c in range(C):
+            normalize_row_scalar(x + i * ldx + c * L, y + i * ldy + c * L, L, params[c],
+                                 params[C + c], params[2 * C + c], params[3 * C + c])
+
+
+cdef void _batch_norm_params(const double* hi, const double* lo, const double* m2,
+                             double var_scale, const floating* w, const floating* b,
+                             double eps, Py_ssize_t C, floating* params) noexcept nogil:
+    cdef Py_ssize_t c
+    cdef double invstd
+    for c in range(C):
+        invstd = 1.0 / sqrt(m2[c] * var_scale + eps)
+        if isinf(invstd):   # var + eps == 0: no defined output, NaN as torch gives
             invstd = NAN
-        split_mean(hi[c], lo[c], &mh, &ml)
-        params[0, c] = mh
-        params[1, c] = ml
-        params[2, c] = <floating>(invstd * w[c]) if w is not None else <floating>invstd
-        params[3, c] = <floating>b[c] if b is not None else 0
+        split_mean(hi[c], lo[c] if lo != NULL else 0.0, &params[c], &params[C + c])
+        params[2 * C + c] = <floating>(invstd * w[c]) if w != NULL else <floating>invstd
+        params[3 * C + c] = b[c] if b != NULL else 0
 
 
-def batch_norm_params(hi, lo, var, weight, bias, double eps, params):
-    """Fill params (4, C) with m_hi, m_lo, scale = weight / sqrt(var + eps) and shift = bias.
+cdef void _update_running(floating* rm, floating* rv, const double* stats, Py_ssize_t C,
+                          double count, double momentum) noexcept nogil:
+    cdef Py_ssize_t c
+    cdef double unbias = 1.0 / (count - 1.0)
+    for c in range(C):
+        rm[c] = <floating>((1.0 - momentum) * rm[c] + momentum * (stats[c] + stats[C + c]))
+        rv[c] = <floating>((1.0 - momentum) * rv[c] + momentum * (stats[2 * C + c] * unbias))
 
-    The mean is hi + lo; hi, lo, var, weight and bias are float64 arrays of length C (weight
-    and bias may be None).
-    A channel whose var + eps is zero has no defined output (0/0): its scale is NaN, where
-    torch also gives NaN.
+
+# ---------------------------------------------------------------------------------------------
+# Python entry points.  Python validated the arguments already; these repeat only the checks
+# without which a mistake would read or write out of bounds, then dispatch on the dtype once.
+
+cdef inline int is_float32(cnp.ndarray a) except -1:
+    cdef int t = cnp.PyArray_TYPE(a)
+    if t == cnp.NPY_FLOAT32:
+        return 1
+    if t == cnp.NPY_FLOAT64:
+        return 0
+    raise TypeError(f"kernels take float32 or float64 arrays, got {a.dtype}")
+
+
+cdef Py_ssize_t row_stride(cnp.ndarray a, Py_ssize_t rows, Py_ssize_t cols,
+                           bint writable) except -1:
+    """Elements from one row to the next of ``a`` seen as (rows, cols) with contiguous rows.
+
+    ``a`` is either C-contiguous (any ndim) or 2-D with unit inner stride.
     """
-    if params.dtype.itemsize == 4:
-        _batch_norm_params[cython.float](hi, lo, var, weight, bias, eps, params)
+    cdef Py_ssize_t itemsize = cnp.PyArray_ITEMSIZE(a)
+    if writable and not cnp.PyArray_ISWRITEABLE(a):
+        raise ValueError("output array is read-only")
+    if cnp.PyArray_SIZE(a) != rows * cols:
+        raise ValueError(f"array of {cnp.PyArray_SIZE(a)} elements is not ({rows}, {cols})")
+    if cnp.PyArray_IS_C_CONTIGUOUS(a):
+        return cols
+    if (cnp.PyArray_NDIM(a) == 2 and (cols <= 1 or cnp.PyArray_STRIDE(a, 1) == itemsize)
+            and cnp.PyArray_STRIDE(a, 0) % itemsize == 0):
+        return cnp.PyArray_STRIDE(a, 0) // itemsize
+    raise ValueError("kernels need rows with unit inner stride")
+
+
+cdef inline void* optional_data(cnp.ndarray a, Py_ssize_t n, int want_float32) except? NULL:
+    if a is None:
+        return NULL
+    if cnp.PyArray_SIZE(a) != n or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+        raise ValueError(f"expected a contiguous array of {n} elements")
+    if is_float32(a) != want_float32:
+        raise TypeError("parameter dtype differs from the input's")
+    return cnp.PyArray_DATA(a)
+
+
+cdef inline double* float64_data(cnp.ndarray a, Py_ssize_t n) except? NULL:
+    if a is None:
+        return NULL
+    if (cnp.PyArray_TYPE(a) != cnp.NPY_FLOAT64 or cnp.PyArray_SIZE(a) < n
+            or not cnp.PyArray_IS_C_CONTIGUOUS(a) or not cnp.PyArray_ISWRITEABLE(a)):
+        raise ValueError(f"expected a writable contiguous float64 array of {n} elements")
+    return <double*>cnp.PyArray_DATA(a)
+
+
+def layer_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t D, cnp.ndarray weight,
+               cnp.ndarray bias, cnp.ndarray mean, cnp.ndarray rstd, double eps, int n_threads):
+    """y = (x - mean) * rstd * weight + bias over each row of D elements of x.
+
+    x and y (same dtype) are C-contiguous or 2-D with contiguous rows; weight and bias are
+    contiguous arrays of D elements or None; mean and rstd (float64, one per row) receive the
+    statistics unless they are None.
+    """
+    cdef Py_ssize_t M = cnp.PyArray_SIZE(x) // D if D > 0 else 0
+    cdef Py_ssize_t ldx = row_stride(x, M, D, False), ldy = row_stride(y, M, D, True)
+    cdef int f32 = is_float32(x)
+    cdef void* w = optional_data(weight, D, f32)
+    cdef void* b = optional_data(bias, D, f32)
+    cdef double* mp = float64_data(mean, M)
+    cdef double* rp = float64_data(rstd, M)
+    if is_float32(y) != f32:
+        raise TypeError("x and y must have the same dtype")
+    if M == 0:
+        return
+    with nogil:
+        if f32:
+            _layer_norm(<const float*>cnp.PyArray_DATA(x), ldx, <float*>cnp.PyArray_DATA(y), ldy,
+                        M, D, <const float*>w, <const float*>b, mp, rp, eps, n_threads)
+        else:
+            _layer_norm(<const double*>cnp.PyArray_DATA(x), ldx, <double*>cnp.PyArray_DATA(y),
+                        ldy, M, D, <const double*>w, <const double*>b, mp, rp, eps, n_threads)
+
+
+def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t C,
+                    bint by_rows, cnp.ndarray stats, int n_threads, Py_ssize_t rows_per_block=64):
+    """Per-feature moments of x seen as (rows, cols): stats (3, C) float64 receives the mean
+    as hi + lo and M2; returns the count per feature.
+
+    by_rows: row i belongs to feature i % C (the (N, C, L) layout with long L, rows of L).
+    Otherwise column j belongs to feature j // (cols // C) ((N, C) and short L), reduced down
+    the columns over row chunks, one per thread.
+    """
+    cdef Py_ssize_t ld = row_stride(x, rows, cols, False)
+    cdef int f32 = is_float32(x)
+    cdef double* st = float64_data(stats, 3 * C)
+    cdef Py_ssize_t T
+    cdef double n
+    cdef double* parts
+    if C <= 0 or rows * cols == 0 or (by_rows and rows % C) or (not by_rows and cols % C):
+        raise ValueError("feature_moments: inconsistent shape")
+    T = 1 if by_rows else max(1, min(n_threads, rows // 64))
+    parts = <double*>malloc(sizeof(double) * (3 * rows if by_rows else T * (2 + 6 * cols)))
+    if parts == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            if by_rows and f32:
+                n = _row_feature_moments(<const float*>cnp.PyArray_DATA(x), ld, rows, cols, C,
+                                         parts, st, n_threads)
+            elif by_rows:
+                n = _row_feature_moments(<const double*>cnp.PyArray_DATA(x), ld, rows, cols, C,
+                                         parts, st, n_threads)
+            elif f32:
+                n = _column_feature_moments(<const float*>cnp.PyArray_DATA(x), ld, rows, cols, C,
+                                            T, rows_per_block, parts, st)
+            else:
+                n = _column_feature_moments(<const double*>cnp.PyArray_DATA(x), ld, rows, cols,
+                                            C, T, rows_per_block, parts, st)
+    finally:
+        free(parts)
+    return n
+
+
+def batch_norm_params(cnp.ndarray stats, double var_scale, cnp.ndarray weight,
+                      cnp.ndarray bias, double eps, cnp.ndarray params):
+    """params (4, C) in the input dtype: m_hi, m_lo, scale = weight / sqrt(var + eps), shift.
+
+    stats (3, C) float64 holds the mean as hi + lo and var / var_scale.
+    """
+    cdef Py_ssize_t C = cnp.PyArray_SIZE(params) // 4
+    cdef int f32 = is_float32(params)
+    cdef double* st = float64_data(stats, 3 * C)
+    cdef void* w = optional_data(weight, C, f32)
+    cdef void* b = optional_data(bias, C, f32)
+    if not cnp.PyArray_IS_C_CONTIGUOUS(params) or cnp.PyArray_SIZE(params) != 4 * C:
+        raise ValueError("params must be a contiguous (4, C) array")
+    if f32:
+        _batch_norm_params(st, st + C, st + 2 * C, var_scale, <const float*>w, <const float*>b,
+                           eps, C, <float*>cnp.PyArray_DATA(params))
     else:
-        _batch_norm_params[cython.double](hi, lo, var, weight, bias, eps, params)
+        _batch_norm_params(st, st + C, st + 2 * C, var_scale, <const double*>w,
+                           <const double*>b, eps, C, <double*>cnp.PyArray_DATA(params))
+
+
+def update_running(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarray stats,
+                   double count, double momentum):
+    """r = (1 - momentum) r + momentum batch, in place; running_var gets the unbiased variance."""
+    cdef Py_ssize_t C = cnp.PyArray_SIZE(running_mean)
+    cdef double* st = float64_data(stats, 3 * C)
+    cdef int f32 = is_float32(running_mean)
+    if (cnp.PyArray_SIZE(running_var) != C or is_float32(running_var) != f32
+            or not cnp.PyArray_IS_C_CONTIGUOUS(running_mean)
+            or not cnp.PyArray_IS_C_CONTIGUOUS(running_var)
+            or not cnp.PyArray_ISWRITEABLE(running_mean)
+            or not cnp.PyArray_ISWRITEABLE(running_var)):
+        raise ValueError("running buffers must be writable contiguous arrays of one dtype")
+    if f32:
+        _update_running(<float*>cnp.PyArray_DATA(running_mean),
+                        <float*>cnp.PyArray_DATA(running_var), st, C, count, momentum)
+    else:
+        _update_running(<double*>cnp.PyArray_DATA(running_mean),
+                        <double*>cnp.PyArray_DATA(running_var), st, C, count, momentum)
+
+
+def normalize(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t cols,
+              bint by_rows, cnp.ndarray params, int n_threads):
+    """y = ((x - m_hi) - m_lo) * scale + shift per feature, x and y seen as (rows, cols).
+
+    params (4, C) in x's dtype; features laid out as in feature_moments.
+    """
+    cdef Py_ssize_t ldx = row_stride(x, rows, cols, False), ldy = row_stride(y, rows, cols, True)
+    cdef int f32 = is_float32(x)
+    cdef Py_ssize_t C = cnp.PyArray_SIZE(params) // 4
+    cdef void* p = optional_data(params, 4 * C, f32)
+    if is_float32(y) != f32:
+        raise TypeError("x and y must have the same dtype")
+    if C <= 0 or (by_rows and rows % C) or (not by_rows and cols % C):
+        raise ValueError("normalize: inconsistent shape")
+    if rows * cols == 0:
+        return
+    with nogil:
+        if by_rows and f32:
+            _normalize_rows(<const float*>cnp.PyArray_DATA(x), ldx, <float*>cnp.PyArray_DATA(y),
+                            ldy, rows, cols, C, <const float*>p, n_threads)
+        elif by_rows:
+            _normalize_rows(<const double*>cnp.PyArray_DATA(x), ldx,
+                            <double*>cnp.PyArray_DATA(y), ldy, rows, cols, C,
+                            <const double*>p, n_threads)
+        elif f32:
+            _normalize_columns(<const float*>cnp.PyArray_DATA(x), ldx,
+                               <float*>cnp.PyArray_DATA(y), ldy, rows, cols, C,
+                               <const float*>p, n_threads)
+        else:
+            _normalize_columns(<const double*>cnp.PyArray_DATA(x), ldx,
+                               <double*>cnp.PyArray_DATA(y), ldy, rows, cols, C,
+                               <const double*>p, n_threads)

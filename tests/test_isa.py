@@ -27,18 +27,17 @@ def test_variant_agrees_with_selected(rng, name):
     for dtype in (np.float32, np.float64):
         xd = x.astype(dtype)
         y_sel, y_var = np.empty_like(xd), np.empty_like(xd)
-        _isa.kernels.layer_norm(xd, y_sel, None, None, None, None, 1e-5, 1)
-        module.layer_norm(xd, y_var, None, None, None, None, 1e-5, 1)
+        _isa.kernels.layer_norm(xd, y_sel, 1000, None, None, None, None, 1e-5, 1)
+        module.layer_norm(xd, y_var, 1000, None, None, None, None, 1e-5, 1)
         np.testing.assert_allclose(y_var, y_sel, atol=1e-5 if dtype == np.float32 else 1e-12)
-        T = 2
-        parts = [np.empty((3, T, 1000)) for _ in range(2)]
-        counts = [np.empty(T), np.empty(T)]
-        for mod, p, c in ((_isa.kernels, parts[0], counts[0]), (module, parts[1], counts[1])):
-            mod.column_moments_into(xd, c, p[0], p[1], p[2], np.empty((T, 3, 1000)), 8)
-        np.testing.assert_array_equal(counts[0], counts[1])
-        np.testing.assert_allclose(parts[0][0] + parts[0][1], parts[1][0] + parts[1][1],
-                                   rtol=1e-15)
-        np.testing.assert_allclose(parts[0][2], parts[1][2], rtol=1e-10)
+        for by_rows in (True, False):
+            stats = [np.empty((3, 37 if by_rows else 1000)) for _ in range(2)]
+            counts = [mod.feature_moments(xd, 37, 1000, st.shape[1], by_rows, st, 2)
+                      for mod, st in ((_isa.kernels, stats[0]), (module, stats[1]))]
+            assert counts[0] == counts[1] == (1000 if by_rows else 37)
+            np.testing.assert_allclose(stats[0][0] + stats[0][1], stats[1][0] + stats[1][1],
+                                       rtol=1e-15)
+            np.testing.assert_allclose(stats[0][2], stats[1][2], rtol=1e-10)
 
 
 def test_forcing_an_isa_by_environment():
