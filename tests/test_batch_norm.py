@@ -242,3 +242,24 @@ def test_thread_count_invariance(rng, shape, axis):
     np.testing.assert_allclose(default, single, atol=2e-6)
     np.testing.assert_allclose(rm_a, rm_b, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(rv_a, rv_b, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pattern", ["sorted", "drift", "outlier_first", "two_levels"])
+def test_accuracy_on_ordered_and_outlying_batches(rng, ref_batch_norm, dtype, pattern):
+    # The column reduction shifts every block by the first block's mean: data whose first
+    # block is unlike the rest must still come out right.
+    n, C = 5000, 24
+    x = 1e4 + rng.standard_normal((n, C))
+    if pattern == "sorted":
+        x = np.sort(x * 1e3, axis=0)
+    elif pattern == "drift":
+        x += np.linspace(0, 1e5, n)[:, None]
+    elif pattern == "outlier_first":
+        x[:64] = -1e6
+    else:
+        x[n // 2:] += 1e6
+    x = x.astype(dtype)
+    for layout, axis in ((x, 1), (np.ascontiguousarray(x.T)[None], 1)):
+        y = cynorm.batch_norm(layout, training=True, axis=axis)
+        assert max_err(y, ref_batch_norm(layout, axis)) <= TOL[np.dtype(dtype)]
