@@ -1,4 +1,4 @@
-"""`python -m cynorm`: show the build, then normalize a demo (5, 10) batch."""
+"""`python -m cynorm` / `cynorm`: the build and a demo batch; `cynorm bench`: the speed report."""
 import argparse
 import sys
 
@@ -24,12 +24,18 @@ def _demo():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="cynorm", description=__doc__)
-    parser.add_subparsers(dest="command")
-    args = parser.parse_args(argv)
-    if args.command is None:
-        return _demo()
-    return 1
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="cynorm", description=__doc__,
+        epilog="commands: info (default): show_config() and a demo batch; "
+               "bench [--full ...]: benchmark report (cynorm bench --help)")
+    parser.add_argument("command", nargs="?", default="info", choices=["info", "bench"])
+    parser.parse_args(argv)
+    return _demo()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,415 @@
+"""Speed of cynorm against the NumPy expression a user would write and against torch on CPU.
+
+One place for the cases and the contenders, used by ``cynorm bench`` (``python -m cynorm
+bench``) and by the pytest-benchmark suite in ``benchmarks/``.  Timings are medians of
+interleaved rounds (cynorm, NumPy, torch, cynorm, ...), so that drift of the machine hits every
+contender alike.  Inputs are reused between calls: cases that fit the L3 cache are cache figures.
+
+Each large case is also set against a memory roof measured in the same run: a same-size copy
+into a preallocated array (NumPy, and torch when present; the faster counts) gives bytes per
+second; the case's bytes moved (LN: one read and one write; BN training: two reads and one
+write; BN eval: one read and one write) divided by it is the roof time.
+"""
+import dataclasses
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+EPS = 1e-5
+L3_BYTES = 32 << 20  # the L3 of the reference machine; larger inputs are "far larger than cache"
+OPS = {"ln": "LN forward", "bn_train": "BN train", "bn_eval": "BN eval"}
+LN_SHAPES = [((5, 10), -1), ((64, 128), -1), ((4096, 768), -1), ((32, 512, 1024), -1),
+             ((16384, 4096), -1)]
+BN_SHAPES = [((5, 10), 1), ((64, 128), 1), ((4096, 768), 1), ((32, 512, 1024), 1),
+             ((16384, 4096), 1), ((32, 256, 1024), 1), ((256, 64, 784), 1), ((64, 512, 768), -1)]
+QUICK = {"ln": [(5, 10), (64, 128), (4096, 768), (16384, 4096)],
+         "bn_train": [(5, 10), (64, 128), (4096, 768), (32, 256, 1024), (64, 512, 768),
+                      (16384, 4096)],
+         "bn_eval": [(64, 128), (4096, 768), (16384, 4096)]}
+CONTENDERS = ("cynorm", "cynorm_out", "numpy", "torch")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    op: str
+    shape: tuple
+    dtype: str
+    axis: int = 1
+
+    @property
+    def id(self):
+        axis = "" if self.op == "ln" or self.axis == 1 else f"-axis{self.axis}"
+        return f"{self.op}-{'x'.join(map(str, self.shape))}{axis}-{self.dtype}"
+
+    @property
+    def label(self):
+        axis = "" if self.op == "ln" or self.axis == 1 else f" axis={self.axis}"
+        return f"{OPS[self.op]} {self.shape}{axis} {self.dtype}"
+
+    @property
+    def nbytes(self):
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+    @property
+    def size_class(self):
+        if math.prod(self.shape) < 100_000:
+            return "small"
+        return "medium" if self.nbytes <= L3_BYTES else "large"
+
+    @property
+    def bytes_moved(self):
+        """Least traffic to memory: LN and BN eval read x and write y; BN training must read x
+        for the statistics before it can write anything, so twice once x outgrows the cache."""
+        reads = 2 if self.op == "bn_train" and self.nbytes > L3_BYTES else 1
+        return (reads + 1) * self.nbytes
+
+
+def cases(full=False, ops=None, dtypes=None, sizes=None):
+    """The benchmark grid: the quick subset, or with full=True every shape and dtype."""
+    ops = list(ops or OPS)
+    dtypes = list(dtypes or (["float32", "float64"] if full else ["float32"]))
+    out = []
+    for op in ops:
+        for shape, axis in (LN_SHAPES if op == "ln" else BN_SHAPES):
+            if not full and shape not in QUICK[op]:
+                continue
+            for dtype in dtypes:
+                case = Case(op, shape, dtype, axis)
+                if sizes and case.size_class not in sizes:
+                    continue
+                out.append(case)
+    return out
+
+
+def _numpy_bn_axes(case):
+    axis = case.axis % len(case.shape)
+    return tuple(i for i in range(len(case.shape)) if i != axis), axis
+
+
+def contenders(case, torch=None, seed=0):
+    """{name: zero-argument callable} for one case, on fresh random data (not zeros)."""
+    import cynorm
+
+    rng = np.random.default_rng(seed)
+    x = (3.0 + 2.0 * rng.standard_normal(case.shape, dtype=np.float32)).astype(case.dtype)
+    out = np.empty_like(x)
+    fns = {}
+    if case.op == "ln":
+        D = case.shape[-1]
+        w = rng.uniform(0.5, 2, D).astype(case.dtype)
+        b = rng.standard_normal(D).astype(case.dtype)
+        fns["cynorm"] = lambda: cynorm.layer_norm(x, D, w, b, EPS)
+        fns["cynorm_out"] = lambda: cynorm.layer_norm(x, D, w, b, EPS, out=out)
+
+        def numpy_ln():
+            m = x.mean(axis=-1, keepdims=True)
+            v = x.var(axis=-1, keepdims=True)
+            return (x - m) / np.sqrt(v + EPS) * w + b
+
+        fns["numpy"] = numpy_ln
+        if torch is not None:
+            tx, tw, tb = (torch.from_numpy(a) for a in (x, w, b))
+            F = torch.nn.functional
+
+            def torch_ln():
+                with torch.no_grad():
+                    return F.layer_norm(tx, (D,), tw, tb, EPS)
+
+            fns["torch"] = torch_ln
+        return fns
+
+    axes, axis = _numpy_bn_axes(case)
+    C = case.shape[axis]
+    w = rng.uniform(0.5, 2, C).astype(case.dtype)
+    b = rng.standard_normal(C).astype(case.dtype)
+    rm = np.zeros(C, case.dtype)
+    rv = np.ones(C, case.dtype)
+    training = case.op == "bn_train"
+    bshape = [1] * len(case.shape)
+    bshape[axis] = C
+    fns["cynorm"] = lambda: cynorm.batch_norm(x, rm, rv, w, b, training, 0.1, EPS, axis=case.axis)
+    fns["cynorm_out"] = lambda: cynorm.batch_norm(x, rm, rv, w, b, training, 0.1, EPS,
+                                                  axis=case.axis, out=out)
+    n = x.size // C
+    np_rm, np_rv = rm.copy(), rv.copy()
+
+    def numpy_bn():
+        if training:
+            m = x.mean(axis=axes)
+            v = x.var(axis=axes)
+            np_rm[...] = 0.9 * np_rm + 0.1 * m
+            np_rv[...] = 0.9 * np_rv + 0.1 * v * (n / (n - 1))
+        else:
+            m, v = np_rm, np_rv
+        return (x - m.reshape(bshape)) / np.sqrt(v.reshape(bshape) + EPS) * w.reshape(bshape) \
+            + b.reshape(bshape)
+
+    fns["numpy"] = numpy_bn
+    if torch is not None:
+        tx = torch.from_numpy(x)
+        if axis != 1:  # torch wants the channel on axis 1: a permuted view, as a user would
+            tx = tx.movedim(axis, 1)
+        tw, tb, trm, trv = (torch.from_numpy(a.copy()) for a in (w, b, rm, rv))
+        F = torch.nn.functional
+
+        def torch_bn():
+            with torch.no_grad():
+                y = F.batch_norm(tx, trm, trv, tw, tb, training, 0.1, EPS)
+                return y.movedim(1, axis) if axis != 1 else y
+
+        fns["torch"] = torch_bn
+    return fns
+
+
+def copy_bandwidth(nbytes, torch=None, rounds=7):
+    """Bytes per second (read + write) of a same-size copy into a preallocated array."""
+    n = max(1, nbytes // 8)
+    src = np.random.default_rng(1).standard_normal(n)
+    dst = np.empty_like(src)
+    fns = {"numpy": lambda: np.copyto(dst, src)}
+    if torch is not None:
+        tsrc, tdst = torch.from_numpy(src), torch.from_numpy(dst)
+        fns["torch"] = lambda: tdst.copy_(tsrc)
+    best = min(timed(fns, rounds=rounds).values())
+    return 2 * src.nbytes / best
+
+
+def _calibrate(fn, target=2e-3):
+    """Calls per sample so that one sample lasts about ``target`` seconds (at least one)."""
+    t0 = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t0
+    return max(1, min(10_000, int(target / max(dt, 1e-7))))
+
+
+def timed(fns, rounds=15, max_seconds=None):
+    """Median seconds per call of each callable, measured in interleaved rounds."""
+    numbers = {}
+    for name, fn in fns.items():
+        fn()  # warm up: first-touch, caches, thread start-up
+        numbers[name] = _calibrate(fn)
+    samples = {name: [] for name in fns}
+    start = time.perf_counter()
+    for r in range(rounds):
+        for name, fn in fns.items():
+            k = numbers[name]
+            t0 = time.perf_counter()
+            for _ in range(k):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / k)
+        if max_seconds is not None and r >= 2 and time.perf_counter() - start > max_seconds:
+            break
+    return {name: float(np.median(s)) for name, s in samples.items()}
+
+
+def machine_info(threads):
+    import cynorm
+    from cynorm._config import config_info
+
+    info = config_info()
+    info["threads"] = threads
+    info["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    info["cpu_count"] = os.cpu_count()
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        info["torch"] = None
+    info["cynorm_threads_default"] = cynorm.get_num_threads()
+    return info
+
+
+def run(case_list, threads=None, rounds=15, use_torch=True, progress=True, max_seconds=8.0):
+    """Time every case; returns (machine info, list of result dicts)."""
+    import cynorm
+
+    torch = None
+    if use_torch:
+        try:
+            import torch
+        except ImportError:
+            torch = None
+    threads = threads or cynorm.get_num_threads()
+    if torch is not None:
+        torch.set_num_threads(threads)
+    bandwidth = {}
+    results = []
+    with cynorm.num_threads(threads):
+        for i, case in enumerate(case_list, 1):
+            if progress:
+                bar = "#" * int(20 * i / len(case_list))
+                print(f"\r[{bar:<20}] {i}/{len(case_list)} {case.label:<45}", end="",
+                      file=sys.stderr, flush=True)
+            fns = contenders(case, torch)
+            r = rounds if case.size_class != "large" else max(5, rounds // 3)
+            times = timed(fns, rounds=r, max_seconds=max_seconds)
+            row = {"case": case.id, "label": case.label, "op": case.op, "shape": list(case.shape),
+                   "dtype": case.dtype, "axis": case.axis, "size_class": case.size_class,
+                   "nbytes": case.nbytes, "times": times}
+            if case.size_class != "small":
+                if case.nbytes not in bandwidth:
+                    bandwidth[case.nbytes] = copy_bandwidth(case.nbytes, torch)
+                row["bandwidth"] = bandwidth[case.nbytes]
+                row["roof"] = case.bytes_moved / bandwidth[case.nbytes]
+            results.append(row)
+            del fns
+    if progress:
+        print(file=sys.stderr)
+    return machine_info(threads), results
+
+
+def _fmt(seconds):
+    if seconds is None:
+        return "—"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} µs"
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def table(results):
+    """The report table as Markdown lines."""
+    lines = ["| case | cynorm | cynorm out= | NumPy | torch | vs NumPy | vs torch | roof | "
+             "roof / cynorm out= |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        t = r["times"]
+        c, co, n, tt = (t.get(k) for k in CONTENDERS)
+        roof = r.get("roof")
+        lines.append(
+            f"| {r['label']} | {_fmt(c)} | {_fmt(co)} | {_fmt(n)} | {_fmt(tt)} | "
+            f"{n / c:.2f}× | " + (f"{tt / c:.2f}× | " if tt else "— | ")
+            + (f"{_fmt(roof)} | {roof / co:.2f} |" if roof else "— | — |")
+        )
+    return lines
+
+
+def summary(results):
+    """Speed-ups: geometric means and the worst case against each contender."""
+    lines = []
+    for other in ("numpy", "torch"):
+        ratios = [(r["times"][other] / r["times"]["cynorm"], r["label"]) for r in results
+                  if r["times"].get(other)]
+        if ratios:
+            gm = math.exp(sum(math.log(v) for v, _ in ratios) / len(ratios))
+            worst = min(ratios)
+            lines.append(f"- against {'NumPy' if other == 'numpy' else 'torch'}: geometric mean "
+                         f"{gm:.2f}×, slowest case {worst[0]:.2f}× ({worst[1]})")
+    return lines
+
+
+def write_report(info, results, folder):
+    """report.md, results.json and (with matplotlib) speedup.png and time_vs_size.png."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump({"machine": info, "results": results}, f, indent=1)
+    plots = _plots(results, folder)
+    md = [f"# cynorm benchmark report ({info['date']})", "",
+          "Medians of interleaved rounds, seconds per call with a fresh output unless `out=`. "
+          "Speed-ups are NumPy or torch time divided by cynorm time (> 1: cynorm is faster). "
+          "The roof is the time a same-size copy into a preallocated array takes to move the "
+          "case's bytes; `roof / cynorm out=` is 1.0 at the roof. Small and medium inputs are "
+          "reused between calls: cache figures.", "", "## Machine", ""]
+    for key in ("cpu", "cpu_count", "threads", "torch_threads", "openmp", "isa", "cynorm",
+                "numpy", "torch", "python", "platform", "build_flags"):
+        md.append(f"- {key}: {info.get(key)}")
+    md += ["", "## Results", ""] + table(results) + ["", "## Summary", ""] + summary(results)
+    if plots:
+        md += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    with open(os.path.join(folder, "report.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    return os.path.join(folder, "report.md")
+
+
+def _plots(results, folder):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    labels = [r["label"] for r in results]
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(results) + 1.5))
+    ypos = np.arange(len(results))
+    for k, (other, color) in enumerate((("numpy", "tab:blue"), ("torch", "tab:orange"))):
+        vals = [r["times"][other] / r["times"]["cynorm"] if r["times"].get(other) else np.nan
+                for r in results]
+        ax.barh(ypos + (k - 0.5) * 0.4, vals, height=0.4, color=color,
+                label=f"vs {'NumPy' if other == 'numpy' else 'torch'}")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks(ypos, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up of cynorm (other time / cynorm time), log scale")
+    ax.legend(loc="lower right")
+    ax.set_title("cynorm speed-up per case")
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "speedup.png"), dpi=110)
+    plt.close(fig)
+    made.append("speedup.png")
+
+    groups = {}
+    for r in results:
+        if r["op"] == "ln" or (r["op"] == "bn_train" and r["axis"] == 1 and len(r["shape"]) == 2):
+            groups.setdefault((r["op"], r["dtype"]), []).append(r)
+    groups = {k: sorted(v, key=lambda r: r["nbytes"]) for k, v in groups.items() if len(v) > 1}
+    if groups:
+        fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
+        for ax, ((op, dtype), rows) in zip(axes[0], groups.items()):
+            sizes = [r["nbytes"] for r in rows]
+            for name, style in (("cynorm", "o-"), ("cynorm_out", "o--"), ("numpy", "s-"),
+                                ("torch", "^-")):
+                ts = [r["times"].get(name, np.nan) or np.nan for r in rows]
+                ax.plot(sizes, ts, style, label=name)
+            roofs = [r.get("roof", np.nan) for r in rows]
+            ax.plot(sizes, roofs, "k:", label="memory roof")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("input bytes")
+            ax.set_ylabel("seconds per call")
+            ax.set_title(f"{OPS[op]} {dtype}")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, "time_vs_size.png"), dpi=110)
+        plt.close(fig)
+        made.append("time_vs_size.png")
+    return made
+
+
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="cynorm bench", description=__doc__.split("\n")[0])
+    p.add_argument("--full", action="store_true", help="every shape and dtype (several minutes)")
+    p.add_argument("--ops", default=None, help="comma list of ln, bn_train, bn_eval")
+    p.add_argument("--dtype", default=None, help="comma list of float32, float64")
+    p.add_argument("--sizes", default=None, help="comma list of small, medium, large")
+    p.add_argument("--threads", type=int, default=None, help="threads for cynorm and torch")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per case")
+    p.add_argument("--no-torch", action="store_true", help="leave torch out")
+    p.add_argument("--out", default="cynorm-bench-report", help="report folder")
+    args = p.parse_args(argv)
+
+    def split(v):
+        return [s.strip() for s in v.split(",")] if v else None
+
+    grid = cases(args.full, split(args.ops), split(args.dtype), split(args.sizes))
+    if not grid:
+        p.error("no case matches the options")
+    info, results = run(grid, args.threads, args.rounds, not args.no_torch)
+    print(f"cynorm {info['cynorm']} ({info['isa']} kernels, OpenMP "
+          f"{'on' if info['openmp'] else 'off'}), {info['threads']} threads, torch "
+          f"{info['torch'] or 'not installed'}, NumPy {info['numpy']}, CPU {info['cpu']}\n")
+    print("\n".join(table(results)))
+    print("\n" + "\n".join(summary(results)))
+    path = write_report(info, results, args.out)
+    print(f"\nreport: {path}")
+    return 0
