@@ -24,6 +24,8 @@ __all__ = ["layer_norm", "batch_norm"]
 # BatchNorm on (A, C, L): rows of L >= ROW_PATH_MIN contiguous elements are reduced one by one;
 # shorter ones (L == 1 is the (N, C) and (N, T, C) case) are reduced down the columns of (A, C*L).
 ROW_PATH_MIN = 64
+# BatchNorm runs two parallel regions (statistics, then normalization): threads pay off later.
+BATCH_NORM_SERIAL_BELOW = 1 << 17
 # Rows per block of the column reduction: about this many bytes stay in L2 between its passes.
 COLUMN_BLOCK_BYTES = 1 << 17
 
@@ -239,7 +241,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         return np.empty(shape, dtype=rdt) if out is None else out
     x = to_compute(x, cdt)
     size = x.size
-    n_threads = threads_for(size)
+    n_threads = threads_for(size, BATCH_NORM_SERIAL_BELOW)
     if training:
         count, stats = _feature_moments(x, A, C, L, n_threads)
         if rm is not None:

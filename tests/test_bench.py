@@ -1,0 +1,42 @@
+"""The benchmark report machinery (not speed: speed is measured in benchmarks/, never asserted)."""
+import json
+
+import numpy as np
+import pytest
+
+from cynorm import bench
+
+
+def test_grid():
+    quick = bench.cases()
+    full = bench.cases(full=True)
+    assert {c.op for c in quick} == set(bench.OPS)
+    assert len(full) > len(quick) and {c.dtype for c in full} == {"float32", "float64"}
+    assert all(c.size_class == "small" for c in bench.cases(sizes=["small"]))
+    case = bench.Case("bn_train", (16384, 4096), "float32")
+    assert case.bytes_moved == 3 * case.nbytes and case.size_class == "large"
+    assert bench.Case("ln", (16384, 4096), "float32").bytes_moved == 2 * case.nbytes
+
+
+@pytest.mark.parametrize("case", [bench.Case("ln", (64, 128), "float32", -1),
+                                  bench.Case("bn_train", (8, 6, 70), "float64", 1),
+                                  bench.Case("bn_eval", (8, 5, 9), "float32", -1)],
+                         ids=lambda c: c.id)
+def test_contenders_compute_the_same_thing(case, torch):
+    fns = bench.contenders(case, torch)
+    results = {name: np.asarray(fn()) for name, fn in fns.items()}
+    for name, y in results.items():
+        np.testing.assert_allclose(y, results["numpy"], atol=1e-4, err_msg=name)
+
+
+def test_run_and_report(tmp_path):
+    grid = [bench.Case("ln", (5, 10), "float32", -1), bench.Case("bn_eval", (64, 128), "float32")]
+    info, results = bench.run(grid, threads=1, rounds=3, use_torch=False, progress=False)
+    assert info["threads"] == 1 and info["torch"] is not None or info["torch"] is None
+    assert [r["case"] for r in results] == [c.id for c in grid]
+    assert all(r["times"]["cynorm"] > 0 and r["times"]["numpy"] > 0 for r in results)
+    path = bench.write_report(info, results, str(tmp_path / "report"))
+    text = open(path).read()
+    assert "LN forward (5, 10) float32" in text and "## Machine" in text
+    data = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert data["results"][0]["case"] == "ln-5x10-float32"
