@@ -46,6 +46,9 @@ def _output(x, shape, rows, cols, cdt, rdt, out, params):
     if out is None:
         y = np.empty(shape, dtype=cdt)
         return y, (y if rdt is cdt else None)
+    if rdt is cdt and out is x and not any(p is not None and np.may_share_memory(out, p)
+                                           for p in params):
+        return out, out  # in place on a C-contiguous x
     if rdt is cdt:
         y2 = out if out.flags.c_contiguous else view_rows(out, rows, cols)
         if y2 is not None:
