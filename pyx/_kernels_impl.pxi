@@ -6,8 +6,8 @@
 # ------------
 # All statistics are accumulated in float64, whatever the input dtype, and kept in float64
 # (count, mean, M2).  A block of at most ``BLOCK`` contiguous elements gets its mean and M2 from
-# one pass of sums shifted by one of its values (``LANES`` independent partial sums, so the
-# compiler can vectorize without reassociating); blocks are merged with Chan's pairwise formula.
+# one pass of sums shifted by one of its values (16 partial sums in two float64 vectors, see
+# _simd.h); blocks are merged with Chan's pairwise formula.
 #
 # The normalized output is computed in the input dtype as ``((x - m_hi) - m_lo) * scale + shift``
 # where ``m_hi + m_lo`` is the float64 mean split into two numbers of the input dtype: the first
@@ -32,8 +32,6 @@ from _common cimport (floating, omp_get_max_threads, cynorm_cpu_supports, CYNORM
 cnp.import_array()
 
 cdef enum:
-    LANES = 16      # independent partial sums: two AVX-512 or four AVX2 registers of float64
-                    # (reduce_lanes assumes 16)
     BLOCK = 2048    # elements per block of the row moments: 16 KiB of float64, fits L1
 
 
@@ -68,52 +66,27 @@ def build_flags():
 # the mean is known to better than float64 resolution: float64 output keeps ~1e-15 accuracy
 # even when the mean lies 1e6 standard deviations from zero.
 
-cdef inline double reduce_lanes(double* a) noexcept nogil:
-    """Sum of the LANES partial sums as a tree: log2(LANES) vector adds, not a serial chain."""
-    cdef Py_ssize_t k
-    for k in range(8):
-        a[k] += a[k + 8]
-    for k in range(4):
-        a[k] += a[k + 4]
-    for k in range(2):
-        a[k] += a[k + 2]
-    return a[0] + a[1]
+cdef extern from "_simd.h" nogil:
+    void cynorm_shifted_sums_f(const float* x, Py_ssize_t n, double shift, double* s1,
+                               double* s2) noexcept
+    void cynorm_shifted_sums_d(const double* x, Py_ssize_t n, double shift, double* s1,
+                               double* s2) noexcept
 
 
-cdef void block_moments(const floating* x, Py_ssize_t n, double* hi, double* lo,
+cdef inline void block_moments(const floating* x, Py_ssize_t n, double* hi, double* lo,
                                double* m2) noexcept nogil:
     """Mean (hi + lo) and M2 of x[0:n], 0 < n <= BLOCK, in one pass of shifted sums.
 
     With the shift K = x[0], d = x - K is exact for float32 input (and for float64 input near
     K), and M2 = Σd² - (Σd)²/n loses at most (x[0] - mean)² / var ulps, at most n ulps since
-    x[0] is one of the n values: below 1e-12 relative for a block of BLOCK elements.
+    x[0] is one of the n values: below 1e-12 relative for a block of BLOCK elements.  The sums
+    are in _simd.h: the one loop GCC does not vectorize well for float64 from Cython.
     """
-    cdef double acc[LANES]
-    cdef double acc2[LANES]
-    cdef double t[LANES]
-    cdef Py_ssize_t i, k, v
-    cdef Py_ssize_t nv = n - n % LANES
-    cdef const floating* p
-    cdef double shift = x[0], s = 0.0, q = 0.0, d, inv_n = 1.0 / n
-
-    for k in range(LANES):
-        acc[k] = 0.0
-        acc2[k] = 0.0
-    for v in range(nv // LANES):
-        p = x + v * LANES
-        # Three loops of one statement each: GCC vectorizes them, not one loop of three.
-        for k in range(LANES):
-            t[k] = p[k] - shift
-        for k in range(LANES):
-            acc[k] += t[k]
-        for k in range(LANES):
-            acc2[k] += t[k] * t[k]
-    s = reduce_lanes(acc)
-    q = reduce_lanes(acc2)
-    for i in range(nv, n):
-        d = x[i] - shift
-        s += d
-        q += d * d
+    cdef double shift = x[0], s = 0.0, q = 0.0, inv_n = 1.0 / n
+    if floating is float:
+        cynorm_shifted_sums_f(x, n, shift, &s, &q)
+    else:
+        cynorm_shifted_sums_d(x, n, shift, &s, &q)
     hi[0] = shift
     lo[0] = s * inv_n
     q = q - s * s * inv_n
