@@ -131,16 +131,19 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     return _finish(y, result, shape, rdt, out)
 
 
-def _feature_moments(x, A, C, L, n_threads):
-    """(count, stats) of x viewed as (A, C, L): stats (3, C) float64 holds per feature the mean
-    as hi + lo (hi carries the magnitude, lo the remainder; see pyx/_kernels_impl.pxi) and M2.
+def _layout(A, C, L):
+    """(rows, cols, by_rows): how the kernels walk x viewed as (A, C, L)."""
+    if L >= ROW_PATH_MIN:
+        return A * C, L, True
+    return A, C * L, False
+
+
+def _feature_moments(x, rows, cols, C, by_rows, n_threads):
+    """(count, stats) per feature of x laid out as _layout says: stats (3, C) float64 holds
+    the mean as hi + lo (hi carries the magnitude, lo the remainder; see pyx/_kernels_impl.pxi)
+    and M2.
     """
     stats = np.empty((3, C))
-    if L >= ROW_PATH_MIN:
-        rows, cols, by_rows = A * C, L, True
-    else:
-        rows, cols, by_rows = A, C * L, False
-    x = _rows_of(x, rows, cols)
     rows_per_block = max(8, min(1024, COLUMN_BLOCK_BYTES // (cols * x.itemsize)))
     n = _kernels.feature_moments(x, rows, cols, C, by_rows, stats, n_threads, rows_per_block)
     return n, stats
@@ -207,8 +210,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         raise ValueError(f"batch_norm expects an input with at least 2 dims, got shape {shape}")
     ax = axis if type(axis) is int and 0 <= axis < ndim else feature_axis(axis, ndim)
     C = shape[ax]
-    A = math.prod(shape[:ax])
-    L = math.prod(shape[ax + 1:])
+    if ndim == 2:
+        A, L = (shape[0], 1) if ax == 1 else (1, shape[1])
+    else:
+        A = math.prod(shape[:ax])
+        L = math.prod(shape[ax + 1:])
     n = A * L
     if type(eps) is not float:
         eps = real_scalar(eps, "eps")
@@ -223,7 +229,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         if rm is None or rv is None:
             raise ValueError("running_mean and running_var must be given when not training")
         for value, name in ((rm, "running_mean"), (rv, "running_var")):
-            if np.shape(value) != (C,):
+            if (value.shape if type(value) is np.ndarray else np.shape(value)) != (C,):
                 raise ValueError(f"{name} should contain {C} elements not {np.size(value)}")
     w = param(weight, "weight", (C,), cdt)
     b = param(bias, "bias", (C,), cdt)
@@ -245,8 +251,14 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     x = to_compute(x, cdt)
     size = x.size
     n_threads = threads_for(size, BATCH_NORM_SERIAL_BELOW)
+    rows, cols, by_rows = _layout(A, C, L)
+    x = _rows_of(x, rows, cols)
+    if not training and _is_param(rm, cdt) and _is_param(rv, cdt):
+        y, result = _output(x, shape, rows, cols, cdt, rdt, out, ())
+        _kernels.normalize_running(x, y, rows, cols, by_rows, rm, rv, w, b, eps, n_threads)
+        return _finish(y, result, shape, rdt, out)
     if training:
-        count, stats = _feature_moments(x, A, C, L, n_threads)
+        count, stats = _feature_moments(x, rows, cols, C, by_rows, n_threads)
         if rm is not None:
             if rm.dtype is rv.dtype and rm.dtype.isnative and rm.flags.c_contiguous \
                     and rv.flags.c_contiguous:
@@ -263,9 +275,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         var_scale = 1.0
     params = np.empty((4, C), dtype=cdt)
     _kernels.batch_norm_params(stats, var_scale, w, b, eps, params)
-    by_rows = L >= ROW_PATH_MIN
-    rows, cols = (A * C, L) if by_rows else (A, C * L)
-    x = _rows_of(x, rows, cols)
     y, result = _output(x, shape, rows, cols, cdt, rdt, out, ())
     _kernels.normalize(x, y, rows, cols, by_rows, params, n_threads)
     return _finish(y, result, shape, rdt, out)
+
+
+def _is_param(a, cdt):
+    """An ndarray the kernels can read as is: compute dtype, C-contiguous."""
+    return type(a) is np.ndarray and a.dtype is cdt and a.flags.c_contiguous

@@ -430,18 +430,32 @@ cdef void _normalize(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t 
                                     chunk(M, t + 1, n_threads), N, C, params)
 
 
+cdef inline void feature_params(double hi, double lo, double var, double eps, const floating* w,
+                                const floating* b, Py_ssize_t c, Py_ssize_t C,
+                                floating* params) noexcept nogil:
+    """Column c of params (4, C): m_hi, m_lo, scale = w / sqrt(var + eps), shift = b."""
+    cdef double invstd = 1.0 / sqrt(var + eps)
+    if isinf(invstd):   # var + eps == 0: no defined output, NaN as torch gives
+        invstd = NAN
+    split_mean(hi, lo, &params[c], &params[C + c])
+    params[2 * C + c] = <floating>(invstd * w[c]) if w != NULL else <floating>invstd
+    params[3 * C + c] = b[c] if b != NULL else 0
+
+
 cdef void _batch_norm_params(const double* hi, const double* lo, const double* m2,
                              double var_scale, const floating* w, const floating* b,
                              double eps, Py_ssize_t C, floating* params) noexcept nogil:
     cdef Py_ssize_t c
-    cdef double invstd
     for c in range(C):
-        invstd = 1.0 / sqrt(m2[c] * var_scale + eps)
-        if isinf(invstd):   # var + eps == 0: no defined output, NaN as torch gives
-            invstd = NAN
-        split_mean(hi[c], lo[c] if lo != NULL else 0.0, &params[c], &params[C + c])
-        params[2 * C + c] = <floating>(invstd * w[c]) if w != NULL else <floating>invstd
-        params[3 * C + c] = b[c] if b != NULL else 0
+        feature_params(hi[c], lo[c], m2[c] * var_scale, eps, w, b, c, C, params)
+
+
+cdef void _running_params(const floating* rm, const floating* rv, const floating* w,
+                          const floating* b, double eps, Py_ssize_t C,
+                          floating* params) noexcept nogil:
+    cdef Py_ssize_t c
+    for c in range(C):
+        feature_params(rm[c], 0.0, rv[c], eps, w, b, c, C, params)
 
 
 cdef void _update_running(floating* rm, floating* rv, const double* stats, Py_ssize_t C,
@@ -591,6 +605,45 @@ def batch_norm_params(cnp.ndarray stats, double var_scale, cnp.ndarray weight,
     else:
         _batch_norm_params(st, st + C, st + 2 * C, var_scale, <const double*>w,
                            <const double*>b, eps, C, <double*>cnp.PyArray_DATA(params))
+
+
+def normalize_running(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t cols,
+                      bint by_rows, cnp.ndarray running_mean, cnp.ndarray running_var,
+                      cnp.ndarray weight, cnp.ndarray bias, double eps, int n_threads):
+    """Eval-mode BatchNorm in one call: params from the running statistics, then normalize.
+
+    running_mean, running_var, weight and bias are contiguous arrays of C elements in x's
+    dtype (weight, bias may be None); features laid out as in feature_moments.
+    """
+    cdef Py_ssize_t C = cnp.PyArray_SIZE(running_mean)
+    cdef Py_ssize_t ldx = row_stride(x, rows, cols, False), ldy = row_stride(y, rows, cols, True)
+    cdef int f32 = is_float32(x)
+    cdef void* rm = optional_data(running_mean, C, f32)
+    cdef void* rv = optional_data(running_var, C, f32)
+    cdef void* w = optional_data(weight, C, f32)
+    cdef void* b = optional_data(bias, C, f32)
+    cdef void* params
+    if is_float32(y) != f32 or rm == NULL or rv == NULL:
+        raise TypeError("x, y and the running statistics must share one dtype")
+    if C <= 0 or (by_rows and rows % C) or (not by_rows and cols % C):
+        raise ValueError("normalize_running: inconsistent shape")
+    if rows * cols == 0:
+        return
+    params = malloc(4 * C * cnp.PyArray_ITEMSIZE(x))
+    if params == NULL:
+        raise MemoryError()
+    with nogil:
+        if f32:
+            _running_params(<const float*>rm, <const float*>rv, <const float*>w,
+                            <const float*>b, eps, C, <float*>params)
+            _normalize(<const float*>cnp.PyArray_DATA(x), ldx, <float*>cnp.PyArray_DATA(y), ldy,
+                       rows, cols, C, by_rows, <const float*>params, n_threads)
+        else:
+            _running_params(<const double*>rm, <const double*>rv, <const double*>w,
+                            <const double*>b, eps, C, <double*>params)
+            _normalize(<const double*>cnp.PyArray_DATA(x), ldx, <double*>cnp.PyArray_DATA(y),
+                       ldy, rows, cols, C, by_rows, <const double*>params, n_threads)
+    free(params)
 
 
 def update_running(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarray stats,

@@ -263,3 +263,21 @@ def test_accuracy_on_ordered_and_outlying_batches(rng, ref_batch_norm, dtype, pa
     for layout, axis in ((x, 1), (np.ascontiguousarray(x.T)[None], 1)):
         y = cynorm.batch_norm(layout, training=True, axis=axis)
         assert max_err(y, ref_batch_norm(layout, axis)) <= TOL[np.dtype(dtype)]
+
+
+@pytest.mark.parametrize("kind", ["same", "float64", "list", "strided"])
+def test_eval_with_running_statistics_of_any_kind(rng, ref_batch_norm, kind):
+    x = hostile(rng, (40, 6, 3), np.float32, offset=1e3)
+    mean, var = batch_statistics(x, 1)
+    w, b = rng.uniform(0.5, 2, 6), rng.standard_normal(6)
+    if kind == "same":
+        rm, rv = mean.astype(np.float32), var.astype(np.float32)
+    elif kind == "float64":
+        rm, rv = mean, var
+    elif kind == "list":
+        rm, rv = list(mean), list(var)
+    else:
+        rm, rv = np.repeat(mean, 2)[::2], np.repeat(var, 2)[::2]
+    y = cynorm.batch_norm(x, rm, rv, w, b, training=False)
+    ref = ref_batch_norm(x, 1, w, b, mean=np.asarray(rm, np.float64), var=np.asarray(rv, np.float64))
+    assert max_err(y, ref) <= 1e-4 * np.abs(ref).max()
