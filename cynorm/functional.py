@@ -273,7 +273,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         stats[1] = 0.0
         stats[2] = rv
         var_scale = 1.0
-    params = np.empty((4, C), dtype=cdt)
+    params = np.empty((3, C), dtype=cdt)
     _kernels.batch_norm_params(stats, var_scale, w, b, eps, params)
     y, result = _output(x, shape, rows, cols, cdt, rdt, out, ())
     _kernels.normalize(x, y, rows, cols, by_rows, params, n_threads)

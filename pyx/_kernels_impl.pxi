@@ -9,10 +9,11 @@
 # one pass of sums shifted by one of its values (16 partial sums in two float64 vectors, see
 # _simd.h); blocks are merged with Chan's pairwise formula.
 #
-# The normalized output is computed in the input dtype as ``((x - m_hi) - m_lo) * scale + shift``
-# where ``m_hi + m_lo`` is the float64 mean split into two numbers of the input dtype: the first
-# subtraction is exact for data far from zero, so float32 output keeps its accuracy even when the
-# mean lies 1e6 standard deviations from zero.
+# The normalized output is computed in the input dtype from ``x - m_hi``, where ``m_hi + m_lo``
+# is the float64 mean split into two numbers of the input dtype: the subtraction is exact for data
+# far from zero, and m_lo is applied separately (LayerNorm: ``((x - m_hi) - m_lo) * scale``;
+# BatchNorm folds it into the shift), so float32 output keeps its accuracy even when the mean
+# lies 1e6 standard deviations from zero.
 #
 # Python validates every argument before calling in here: the kernels trust shapes and do no checks.
 #
@@ -157,19 +158,18 @@ cdef inline void layer_norm_row(const floating* x, floating* y, Py_ssize_t n,
 
 
 cdef inline void normalize_row_scalar(const floating* x, floating* y, Py_ssize_t n,
-                                      floating mh, floating ml, floating scale,
-                                      floating shift) noexcept nogil:
+                                      floating mh, floating scale, floating shift) noexcept nogil:
     cdef Py_ssize_t j
     for j in range(n):
-        y[j] = ((x[j] - mh) - ml) * scale + shift
+        y[j] = (x[j] - mh) * scale + shift
 
 
 cdef inline void normalize_row_vector(const floating* x, floating* y, Py_ssize_t n,
-                                      const floating* mh, const floating* ml,
-                                      const floating* scale, const floating* shift) noexcept nogil:
+                                      const floating* mh, const floating* scale,
+                                      const floating* shift) noexcept nogil:
     cdef Py_ssize_t j
     for j in range(n):
-        y[j] = ((x[j] - mh[j]) - ml[j]) * scale[j] + shift[j]
+        y[j] = (x[j] - mh[j]) * scale[j] + shift[j]
 
 
 cdef inline void merge_one(double* n_a, double* hi_a, double* lo_a, double* m2_a, double n_b,
@@ -388,12 +388,12 @@ cdef double _column_feature_moments(const floating* x, Py_ssize_t ld, Py_ssize_t
 cdef void normalize_rows_range(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t ldy,
                                Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t L, Py_ssize_t C,
                                const floating* params) noexcept nogil:
-    # params rows: m_hi, m_lo, scale, shift; row i of x belongs to feature i % C
+    # params rows: m_hi, scale, shift; row i of x belongs to feature i % C
     cdef Py_ssize_t i, c
     for i in range(r0, r1):
         c = i % C
         normalize_row_scalar(x + i * ldx, y + i * ldy, L, params[c], params[C + c],
-                             params[2 * C + c], params[3 * C + c])
+                             params[2 * C + c])
 
 
 cdef void normalize_columns_range(const floating* x, Py_ssize_t ldx, floating* y,
@@ -403,12 +403,11 @@ cdef void normalize_columns_range(const floating* x, Py_ssize_t ldx, floating* y
     cdef Py_ssize_t i, c, L = F // C
     for i in range(r0, r1):
         if L == 1:
-            normalize_row_vector(x + i * ldx, y + i * ldy, F, params, params + C, params + 2 * C,
-                                 params + 3 * C)
+            normalize_row_vector(x + i * ldx, y + i * ldy, F, params, params + C, params + 2 * C)
         else:
             for c in range(C):
                 normalize_row_scalar(x + i * ldx + c * L, y + i * ldy + c * L, L, params[c],
-                                     params[C + c], params[2 * C + c], params[3 * C + c])
+                                     params[C + c], params[2 * C + c])
 
 
 cdef void _normalize(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t ldy,
@@ -433,13 +432,20 @@ cdef void _normalize(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t 
 cdef inline void feature_params(double hi, double lo, double var, double eps, const floating* w,
                                 const floating* b, Py_ssize_t c, Py_ssize_t C,
                                 floating* params) noexcept nogil:
-    """Column c of params (4, C): m_hi, m_lo, scale = w / sqrt(var + eps), shift = b."""
-    cdef double invstd = 1.0 / sqrt(var + eps)
+    """Column c of params (3, C): m_hi, scale = w / sqrt(var + eps), shift = b - m_lo * scale.
+
+    y = (x - m_hi) * scale + shift: x - m_hi is exact for x near the mean, and the remainder
+    m_lo of the mean, folded into shift, is applied at the precision of the output.
+    """
+    cdef double invstd = 1.0 / sqrt(var + eps), scale
+    cdef floating mh, ml
     if isinf(invstd):   # var + eps == 0: no defined output, NaN as torch gives
         invstd = NAN
-    split_mean(hi, lo, &params[c], &params[C + c])
-    params[2 * C + c] = <floating>(invstd * w[c]) if w != NULL else <floating>invstd
-    params[3 * C + c] = b[c] if b != NULL else 0
+    split_mean(hi, lo, &mh, &ml)
+    scale = invstd * w[c] if w != NULL else invstd
+    params[c] = mh
+    params[C + c] = <floating>scale
+    params[2 * C + c] = <floating>((b[c] if b != NULL else 0.0) - <double>ml * <double>(<floating>scale))
 
 
 cdef void _batch_norm_params(const double* hi, const double* lo, const double* m2,
@@ -588,17 +594,17 @@ def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t 
 
 def batch_norm_params(cnp.ndarray stats, double var_scale, cnp.ndarray weight,
                       cnp.ndarray bias, double eps, cnp.ndarray params):
-    """params (4, C) in the input dtype: m_hi, m_lo, scale = weight / sqrt(var + eps), shift.
+    """params (3, C) in the input dtype: m_hi, scale = weight / sqrt(var + eps), shift.
 
     stats (3, C) float64 holds the mean as hi + lo and var / var_scale.
     """
-    cdef Py_ssize_t C = cnp.PyArray_SIZE(params) // 4
+    cdef Py_ssize_t C = cnp.PyArray_SIZE(params) // 3
     cdef int f32 = is_float32(params)
     cdef double* st = float64_data(stats, 3 * C)
     cdef void* w = optional_data(weight, C, f32)
     cdef void* b = optional_data(bias, C, f32)
-    if not cnp.PyArray_IS_C_CONTIGUOUS(params) or cnp.PyArray_SIZE(params) != 4 * C:
-        raise ValueError("params must be a contiguous (4, C) array")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(params) or cnp.PyArray_SIZE(params) != 3 * C:
+        raise ValueError("params must be a contiguous (3, C) array")
     if f32:
         _batch_norm_params(st, st + C, st + 2 * C, var_scale, <const float*>w, <const float*>b,
                            eps, C, <float*>cnp.PyArray_DATA(params))
@@ -629,7 +635,7 @@ def normalize_running(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t 
         raise ValueError("normalize_running: inconsistent shape")
     if rows * cols == 0:
         return
-    params = malloc(4 * C * cnp.PyArray_ITEMSIZE(x))
+    params = malloc(3 * C * cnp.PyArray_ITEMSIZE(x))
     if params == NULL:
         raise MemoryError()
     with nogil:
@@ -668,14 +674,14 @@ def update_running(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarra
 
 def normalize(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t cols,
               bint by_rows, cnp.ndarray params, int n_threads):
-    """y = ((x - m_hi) - m_lo) * scale + shift per feature, x and y seen as (rows, cols).
+    """y = (x - m_hi) * scale + shift per feature, x and y seen as (rows, cols).
 
-    params (4, C) in x's dtype; features laid out as in feature_moments.
+    params (3, C) in x's dtype (see feature_params); features laid out as in feature_moments.
     """
     cdef Py_ssize_t ldx = row_stride(x, rows, cols, False), ldy = row_stride(y, rows, cols, True)
     cdef int f32 = is_float32(x)
-    cdef Py_ssize_t C = cnp.PyArray_SIZE(params) // 4
-    cdef void* p = optional_data(params, 4 * C, f32)
+    cdef Py_ssize_t C = cnp.PyArray_SIZE(params) // 3
+    cdef void* p = optional_data(params, 3 * C, f32)
     if is_float32(y) != f32:
         raise TypeError("x and y must have the same dtype")
     if C <= 0 or (by_rows and rows % C) or (not by_rows and cols % C):
