@@ -1,16 +1,31 @@
-/* cynorm: the one reduction GCC will not vectorize well from plain loops.
+/* cynorm: the two-sum reductions GCC will not vectorize well from plain loops.
  *
- * Shifted sums of a contiguous block: s1 = sum(x - shift), s2 = sum((x - shift)^2), in float64.
- * Written as plain loops over LANES partial sums, GCC vectorizes the float32 version by SLP
- * but turns the float64 one into permute-heavy interleaved loads (3-4x slower).  GCC and Clang
- * get explicit 8 x float64 vectors here (two of them, for latency); every other compiler gets
- * four scalar partial sums.  No reassociation beyond the partial sums: NaN and inf propagate.
+ * Shifted sums of a contiguous block, in float64:
+ *   cynorm_shifted_sums:  s1 = sum(x - shift),  s2 = sum((x - shift)^2)      (moments)
+ *   cynorm_gx_sums:       s1 = sum(g),          s2 = sum(g * (x - shift))    (backward)
+ * Written as plain loops over partial sums, GCC vectorizes the float32 versions by SLP but turns
+ * the float64 ones into permute-heavy interleaved loads (3-4x slower).  GCC and Clang get
+ * explicit 8 x float64 vectors here (two of them, for latency); every other compiler gets four
+ * scalar partial sums.  No reassociation beyond the partial sums: NaN and inf propagate.
  */
 #ifndef CYNORM_SIMD_H
 #define CYNORM_SIMD_H
 
 #include <stddef.h>
 #include <string.h>
+
+#define CYNORM_D(d, g) (d)
+#define CYNORM_DD(d, g) ((d) * (d))
+#define CYNORM_G(d, g) (g)
+#define CYNORM_GD(d, g) ((g) * (d))
+
+/* moments:  cynorm_shifted_sums_{f,d}(NULL, x, n, shift, &sum(d), &sum(d*d))
+   backward: cynorm_gx_sums_{f,d}(g, x, n, shift, &sum(g), &sum(g*d))         with d = x - shift */
+#define CYNORM_INSTANTIATE(LOAD_F, LOAD_D)                                                \
+    CYNORM_TWO_SUMS(cynorm_shifted_sums_f, float, LOAD_F, CYNORM_D, CYNORM_DD)            \
+    CYNORM_TWO_SUMS(cynorm_shifted_sums_d, double, LOAD_D, CYNORM_D, CYNORM_DD)           \
+    CYNORM_TWO_SUMS(cynorm_gx_sums_f, float, LOAD_F, CYNORM_G, CYNORM_GD)                 \
+    CYNORM_TWO_SUMS(cynorm_gx_sums_d, double, LOAD_D, CYNORM_G, CYNORM_GD)
 
 #if defined(__GNUC__) || defined(__clang__)
 
@@ -21,28 +36,38 @@ static inline double cynorm_hsum(cynorm_v8d v) {
     return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
 }
 
-#define CYNORM_SHIFTED_SUMS(NAME, T, LOAD8)                                              \
-static void NAME(const T* x, ptrdiff_t n, double shift, double* s1, double* s2) {       \
+/* s1 += A, s2 += B over x[0:n] (and g[0:n]), where d = x - shift; A and B are expressions in
+   d and g: (d, d * d) for the moments, (g, g * d) for the backward sums. */
+#define CYNORM_TWO_SUMS(NAME, T, LOAD8, A, B)                                             \
+static void NAME(const T* g_, const T* x, ptrdiff_t n, double shift, double* s1,          \
+                 double* s2) {                                                            \
     cynorm_v8d zero = {0, 0, 0, 0, 0, 0, 0, 0};                                           \
-    cynorm_v8d k = zero + shift, a0 = zero, a1 = zero, q0 = zero, q1 = zero, u, w;        \
+    cynorm_v8d k = zero + shift, a0 = zero, a1 = zero, q0 = zero, q1 = zero;              \
+    cynorm_v8d d, e, g = zero, h = zero;                                                  \
     ptrdiff_t i = 0;                                                                      \
-    double t1, t2, d;                                                                     \
+    double t1, t2, ds, gs = 0;                                                            \
     for (; i + 16 <= n; i += 16) {                                                        \
-        LOAD8(u, x + i);                                                                  \
-        LOAD8(w, x + i + 8);                                                              \
-        u -= k;                                                                           \
-        w -= k;                                                                           \
-        a0 += u;                                                                          \
-        a1 += w;                                                                          \
-        q0 += u * u;                                                                      \
-        q1 += w * w;                                                                      \
+        LOAD8(d, x + i);                                                                  \
+        LOAD8(e, x + i + 8);                                                              \
+        if (g_) {                                                                         \
+            LOAD8(g, g_ + i);                                                             \
+            LOAD8(h, g_ + i + 8);                                                         \
+        }                                                                                 \
+        d -= k;                                                                           \
+        e -= k;                                                                           \
+        a0 += A(d, g);                                                                    \
+        a1 += A(e, h);                                                                    \
+        q0 += B(d, g);                                                                    \
+        q1 += B(e, h);                                                                    \
     }                                                                                     \
     t1 = cynorm_hsum(a0 + a1);                                                            \
     t2 = cynorm_hsum(q0 + q1);                                                            \
     for (; i < n; i++) {                                                                  \
-        d = (double)x[i] - shift;                                                         \
-        t1 += d;                                                                          \
-        t2 += d * d;                                                                      \
+        ds = (double)x[i] - shift;                                                        \
+        if (g_)                                                                           \
+            gs = (double)g_[i];                                                           \
+        t1 += A(ds, gs);                                                                  \
+        t2 += B(ds, gs);                                                                  \
     }                                                                                     \
     *s1 = t1;                                                                             \
     *s2 = t2;                                                                             \
@@ -56,34 +81,37 @@ static void NAME(const T* x, ptrdiff_t n, double shift, double* s1, double* s2) 
         (v) = __builtin_convertvector(f_, cynorm_v8d);                                    \
     } while (0)
 
-CYNORM_SHIFTED_SUMS(cynorm_shifted_sums_f, float, CYNORM_LOAD8_F)
-CYNORM_SHIFTED_SUMS(cynorm_shifted_sums_d, double, CYNORM_LOAD8_D)
+CYNORM_INSTANTIATE(CYNORM_LOAD8_F, CYNORM_LOAD8_D)
 
 #else /* portable: four partial sums */
 
-#define CYNORM_SHIFTED_SUMS(NAME, T)                                                      \
-static void NAME(const T* x, ptrdiff_t n, double shift, double* s1, double* s2) {       \
-    double a[4] = {0, 0, 0, 0}, q[4] = {0, 0, 0, 0}, d;                                   \
+#define CYNORM_TWO_SUMS(NAME, T, LOAD8, A, B)                                             \
+static void NAME(const T* g_, const T* x, ptrdiff_t n, double shift, double* s1,          \
+                 double* s2) {                                                            \
+    double a[4] = {0, 0, 0, 0}, q[4] = {0, 0, 0, 0}, d, g = 0;                            \
     ptrdiff_t i = 0;                                                                      \
     int j;                                                                                \
     for (; i + 4 <= n; i += 4) {                                                          \
         for (j = 0; j < 4; j++) {                                                         \
             d = (double)x[i + j] - shift;                                                 \
-            a[j] += d;                                                                    \
-            q[j] += d * d;                                                                \
+            if (g_)                                                                       \
+                g = (double)g_[i + j];                                                    \
+            a[j] += A(d, g);                                                              \
+            q[j] += B(d, g);                                                              \
         }                                                                                 \
     }                                                                                     \
     for (; i < n; i++) {                                                                  \
         d = (double)x[i] - shift;                                                         \
-        a[0] += d;                                                                        \
-        q[0] += d * d;                                                                    \
+        if (g_)                                                                           \
+            g = (double)g_[i];                                                            \
+        a[0] += A(d, g);                                                                  \
+        q[0] += B(d, g);                                                                  \
     }                                                                                     \
     *s1 = (a[0] + a[1]) + (a[2] + a[3]);                                                  \
     *s2 = (q[0] + q[1]) + (q[2] + q[3]);                                                  \
 }
 
-CYNORM_SHIFTED_SUMS(cynorm_shifted_sums_f, float)
-CYNORM_SHIFTED_SUMS(cynorm_shifted_sums_d, double)
+CYNORM_INSTANTIATE(, )
 
 #endif
 
