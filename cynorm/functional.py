@@ -19,7 +19,7 @@ from ._validation import (
     view_rows,
 )
 
-__all__ = ["layer_norm", "batch_norm"]
+__all__ = ["layer_norm", "batch_norm", "layer_norm_backward", "batch_norm_backward"]
 
 # BatchNorm on (A, C, L): rows of L >= ROW_PATH_MIN contiguous elements are reduced one by one;
 # shorter ones (L == 1 is the (N, C) and (N, T, C) case) are reduced down the columns of (A, C*L).
@@ -75,7 +75,8 @@ def _finish(y, result, shape, rdt, out):
     return out
 
 
-def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
+               return_stats=False):
     """Layer normalization over the trailing ``normalized_shape`` dims, as torch.nn.functional.
 
     y = (x - mean) / sqrt(var + eps) * weight + bias, with the biased variance of each row.
@@ -92,20 +93,53 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
         Added to the variance.
     out : ndarray, optional
         Where to write the result: same shape as x and the result dtype; may be x itself.
+    return_stats : bool
+        Also return the per-row ``mean`` and ``rstd = 1 / sqrt(var + eps)`` (float64, shape
+        ``(*, 1, ..., 1)`` like torch's native_layer_norm), for layer_norm_backward.
 
     Returns
     -------
-    ndarray in the input dtype (float16/32/64), float64 for integer and bool input.
+    ndarray in the input dtype (float16/32/64), float64 for integer and bool input; with
+    return_stats, the tuple (y, mean, rstd).
 
     Notes
     -----
-    Statistics are accumulated in float64 (block-wise corrected two-pass merged by Chan's
-    formula), so float32 results stay within 1e-5 of the float64 reference even when the mean
-    lies 1e6 standard deviations from zero.
+    Statistics are accumulated in float64 (block-wise shifted sums merged by Chan's formula),
+    so float32 results stay within 1e-5 of the float64 reference even when the mean lies 1e6
+    standard deviations from zero.
     """
+    x, cdt, rdt, nshape, rows, cols = _layer_norm_input(x, normalized_shape, "layer_norm")
+    if type(eps) is not float:
+        eps = real_scalar(eps, "eps")
+    w = param(weight, "weight", nshape, cdt)
+    b = param(bias, "bias", nshape, cdt)
+    shape = x.shape
+    if out is not None:
+        check_out(out, shape, rdt)
+    stats = None
+    if return_stats:
+        batch = shape[: len(shape) - len(nshape)] + (1,) * len(nshape)
+        stats = np.full((2,) + batch, np.nan)
+    size = x.size
+    if size == 0:
+        y = np.empty(shape, dtype=rdt) if out is None else out
+        return (y, stats[0], stats[1]) if return_stats else y
+    x = _rows_of(to_compute(x, cdt), rows, cols)
+    y, result = _output(x, shape, rows, cols, cdt, rdt, out, (w, b))
+    mean = rstd = None
+    if return_stats:
+        mean, rstd = stats[0].reshape(rows), stats[1].reshape(rows)
+    _kernels.layer_norm(x, y, cols, w, b, mean, rstd, eps, threads_for(size))
+    y = _finish(y, result, shape, rdt, out)
+    return (y, stats[0], stats[1]) if return_stats else y
+
+
+def _layer_norm_input(x, normalized_shape, op):
+    """The one validator of LayerNorm inputs: (x, compute dtype, result dtype,
+    normalized_shape, rows, cols)."""
     if type(x) is not np.ndarray:
         x = as_array(x)
-    cdt, rdt = dtypes(x.dtype, "layer_norm")
+    cdt, rdt = dtypes(x.dtype, op)
     nshape = _normalized_shape(normalized_shape)
     shape = x.shape
     k = len(nshape)
@@ -114,21 +148,62 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
             f"Given normalized_shape={list(nshape)}, expected input with shape "
             f"[*, {', '.join(map(str, nshape))}], but got input of size {list(shape)}"
         )
-    if type(eps) is not float:
-        eps = real_scalar(eps, "eps")
-    w = param(weight, "weight", nshape, cdt)
-    b = param(bias, "bias", nshape, cdt)
-    if out is not None:
-        check_out(out, shape, rdt)
-    size = x.size
-    if size == 0:
-        return np.empty(shape, dtype=rdt) if out is None else out
     cols = nshape[0] if k == 1 else math.prod(nshape)
-    rows = size // cols
-    x = _rows_of(to_compute(x, cdt), rows, cols)
-    y, result = _output(x, shape, rows, cols, cdt, rdt, out, (w, b))
-    _kernels.layer_norm(x, y, cols, w, b, None, None, eps, threads_for(size))
-    return _finish(y, result, shape, rdt, out)
+    rows = math.prod(shape[: len(shape) - k])
+    return x, cdt, rdt, nshape, rows, cols
+
+
+def layer_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight=None, bias=None):
+    """Gradients of layer_norm: (grad_input, grad_weight, grad_bias).
+
+    ``mean`` and ``rstd`` are the statistics ``layer_norm(..., return_stats=True)`` returned
+    (one per row, any shape of that size); nothing is recomputed.  grad_weight is None without
+    ``weight``, grad_bias None without ``bias`` (only its presence matters).  Gradients are
+    accumulated in float64 and returned in x's result dtype; grad_weight and grad_bias are
+    summed over rows from per-thread partial sums: deterministic for a given thread count.
+    """
+    x, cdt, rdt, nshape, rows, cols = _layer_norm_input(x, normalized_shape,
+                                                        "layer_norm_backward")
+    g = _grad_like(grad_out, x, cdt)
+    w = param(weight, "weight", nshape, cdt)
+    if bias is not None:
+        param(bias, "bias", nshape, cdt)
+    mean = _saved(mean, "mean", rows)
+    rstd = _saved(rstd, "rstd", rows)
+    T = threads_for(x.size)
+    dw = np.empty((T, cols)) if w is not None else None
+    db = np.empty((T, cols)) if bias is not None else None
+    dx = np.empty(x.shape, dtype=cdt)
+    if x.size:
+        _kernels.layer_norm_backward(_rows_of(g, rows, cols),
+                                     _rows_of(to_compute(x, cdt), rows, cols), dx, cols, w,
+                                     mean, rstd, dw, db, T)
+    elif dw is not None or db is not None:
+        for a in (dw, db):
+            if a is not None:
+                a[...] = 0.0
+    grads = [None if a is None else a.sum(axis=0).reshape(nshape).astype(rdt) for a in (dw, db)]
+    return (dx if rdt is cdt else dx.astype(rdt)), grads[0], grads[1]
+
+
+def _grad_like(grad_out, x, cdt):
+    """grad_out checked against x's shape, in the compute dtype."""
+    g = as_array(grad_out, "grad_out")
+    if g.shape != x.shape:
+        raise ValueError(f"grad_out must have the shape of x, {x.shape}, got {g.shape}")
+    if g.dtype.kind not in "biuf":
+        raise TypeError(f"grad_out must be a real numeric array, got dtype {g.dtype}")
+    return to_compute(g, cdt)
+
+
+def _saved(value, name, n):
+    """Saved statistics: float64, contiguous, n elements (the shape is free)."""
+    if value is None:
+        raise ValueError(f"{name} is required (the statistics saved by the forward pass)")
+    arr = np.ascontiguousarray(as_array(value, name), dtype=np.float64).reshape(-1)
+    if arr.size != n:
+        raise ValueError(f"{name} must have {n} elements (one per row or feature), got {arr.size}")
+    return arr
 
 
 def _layout(A, C, L):
@@ -166,7 +241,7 @@ def _buffer(value, name, C):
 
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, axis=1, out=None):
+               momentum=0.1, eps=1e-5, *, axis=1, out=None, return_stats=False):
     """Batch normalization with the features on ``axis``, as torch.nn.functional.batch_norm.
 
     Training: normalizes each feature with the mean and biased variance over every other axis
@@ -190,10 +265,14 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         The feature axis.
     out : ndarray, optional
         Where to write the result; may be x itself.
+    return_stats : bool
+        Also return the per-feature ``mean`` and ``invstd = 1 / sqrt(var + eps)`` (float64,
+        shape (C,)) used to normalize, for batch_norm_backward.
 
     Returns
     -------
-    ndarray in the input dtype (float16/32/64), float64 for integer and bool input.
+    ndarray in the input dtype (float16/32/64), float64 for integer and bool input; with
+    return_stats, the tuple (y, mean, invstd).
 
     Notes
     -----
@@ -201,20 +280,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     a two-term split, so float32 results stay within 1e-5 of the float64 reference even for
     data whose mean lies 1e6 standard deviations from zero.
     """
-    if type(x) is not np.ndarray:
-        x = as_array(x)
-    cdt, rdt = dtypes(x.dtype, "batch_norm")
+    x, cdt, rdt, C, A, L = _batch_norm_input(x, axis, "batch_norm")
     shape = x.shape
-    ndim = len(shape)
-    if ndim < 2:
-        raise ValueError(f"batch_norm expects an input with at least 2 dims, got shape {shape}")
-    ax = axis if type(axis) is int and 0 <= axis < ndim else feature_axis(axis, ndim)
-    C = shape[ax]
-    if ndim == 2:
-        A, L = (shape[0], 1) if ax == 1 else (1, shape[1])
-    else:
-        A = math.prod(shape[:ax])
-        L = math.prod(shape[ax + 1:])
     n = A * L
     if type(eps) is not float:
         eps = real_scalar(eps, "eps")
@@ -247,7 +314,12 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
             raise ValueError("running_mean and running_var must be given together")
 
     if x.size == 0:
-        return np.empty(shape, dtype=rdt) if out is None else out
+        y = np.empty(shape, dtype=rdt) if out is None else out
+        if return_stats:
+            mean, var = (np.full(C, np.nan), np.full(C, np.nan)) if training else (
+                np.asarray(rm, np.float64), np.asarray(rv, np.float64))
+            return y, mean, _invstd(var, eps)
+        return y
     x = to_compute(x, cdt)
     size = x.size
     n_threads = threads_for(size, BATCH_NORM_SERIAL_BELOW)
@@ -256,7 +328,10 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     if not training and _is_param(rm, cdt) and _is_param(rv, cdt):
         y, result = _output(x, shape, rows, cols, cdt, rdt, out, ())
         _kernels.normalize_running(x, y, rows, cols, by_rows, rm, rv, w, b, eps, n_threads)
-        return _finish(y, result, shape, rdt, out)
+        y = _finish(y, result, shape, rdt, out)
+        if return_stats:
+            return y, rm.astype(np.float64), _invstd(rv.astype(np.float64), eps)
+        return y
     if training:
         count, stats = _feature_moments(x, rows, cols, C, by_rows, n_threads)
         if rm is not None:
@@ -277,7 +352,66 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     _kernels.batch_norm_params(stats, var_scale, w, b, eps, params)
     y, result = _output(x, shape, rows, cols, cdt, rdt, out, ())
     _kernels.normalize(x, y, rows, cols, by_rows, params, n_threads)
-    return _finish(y, result, shape, rdt, out)
+    y = _finish(y, result, shape, rdt, out)
+    if return_stats:
+        return y, stats[0] + stats[1], _invstd(stats[2] * var_scale, eps)
+    return y
+
+
+def _invstd(var, eps):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 1.0 / np.sqrt(var + eps)
+
+
+def _batch_norm_input(x, axis, op):
+    """The one validator of BatchNorm inputs: (x, compute dtype, result dtype, C, A, L) with x
+    viewed as (A, C, L) around the feature axis."""
+    if type(x) is not np.ndarray:
+        x = as_array(x)
+    cdt, rdt = dtypes(x.dtype, op)
+    shape = x.shape
+    ndim = len(shape)
+    if ndim < 2:
+        raise ValueError(f"{op} expects an input with at least 2 dims, got shape {shape}")
+    ax = axis if type(axis) is int and 0 <= axis < ndim else feature_axis(axis, ndim)
+    C = shape[ax]
+    if ndim == 2:
+        A, L = (shape[0], 1) if ax == 1 else (1, shape[1])
+    else:
+        A = math.prod(shape[:ax])
+        L = math.prod(shape[ax + 1:])
+    return x, cdt, rdt, C, A, L
+
+
+def batch_norm_backward(grad_out, x, mean, invstd, weight=None, training=True, *, axis=1,
+                        bias=None):
+    """Gradients of batch_norm: (grad_input, grad_weight, grad_bias).
+
+    ``mean`` and ``invstd`` (C,) are what ``batch_norm(..., return_stats=True)`` returned: the
+    batch statistics in training, the running ones in eval (constants there:
+    ``dx = grad_out * weight * invstd``).  grad_weight is None without ``weight``, grad_bias
+    None without ``bias`` (only its presence matters).  Sums are accumulated in float64.
+    """
+    x, cdt, rdt, C, A, L = _batch_norm_input(x, axis, "batch_norm_backward")
+    g = _grad_like(grad_out, x, cdt)
+    w = param(weight, "weight", (C,), cdt)
+    if bias is not None:
+        param(bias, "bias", (C,), cdt)
+    mean = _saved(mean, "mean", C)
+    invstd = _saved(invstd, "invstd", C)
+    training = bool(training)
+    rows, cols, by_rows = _layout(A, C, L)
+    want_sums = training or w is not None or bias is not None
+    sums = np.zeros((2, C)) if want_sums else None
+    dx = np.empty(x.shape, dtype=cdt)
+    if x.size:
+        _kernels.batch_norm_backward(_rows_of(g, rows, cols),
+                                     _rows_of(to_compute(x, cdt), rows, cols), dx, rows, cols, C,
+                                     by_rows, mean, invstd, w, training, sums,
+                                     threads_for(x.size, BATCH_NORM_SERIAL_BELOW))
+    grad_w = None if w is None else (sums[1] * invstd).astype(rdt)
+    grad_b = None if bias is None else sums[0].astype(rdt)
+    return (dx if rdt is cdt else dx.astype(rdt)), grad_w, grad_b
 
 
 def _is_param(a, cdt):

@@ -26,6 +26,7 @@ cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.math cimport sqrt, isinf, NAN
 from libc.stdlib cimport malloc, free
+from libc.string cimport memset
 
 from _common cimport (floating, omp_get_max_threads, cynorm_cpu_supports, CYNORM_HAVE_OPENMP,
                      CYNORM_BUILD_FLAGS)
