@@ -20,13 +20,15 @@ except ImportError as exc:  # pragma: no cover - depends on how the package was 
 
 from ._config import show_config
 from ._threads import get_num_threads, num_threads, set_num_threads
-from .functional import batch_norm, layer_norm
+from .functional import batch_norm, batch_norm_backward, layer_norm, layer_norm_backward
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, LayerNorm
 
 __all__ = [
     "__version__",
     "layer_norm",
     "batch_norm",
+    "layer_norm_backward",
+    "batch_norm_backward",
     "LayerNorm",
     "BatchNorm",
     "BatchNorm1d",

@@ -4,7 +4,7 @@ import threading
 import numpy as np
 
 from ._validation import as_array, normalized_shape as _normalized_shape, real_scalar
-from .functional import batch_norm, layer_norm
+from .functional import batch_norm, batch_norm_backward, layer_norm, layer_norm_backward
 
 __all__ = ["LayerNorm", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -23,6 +23,10 @@ class _Module:
 
     def __init__(self):
         self.training = True
+        self._lock = threading.Lock()  # serializes training calls (running stats, saved input)
+        self._saved = None
+        self.grad_weight = None
+        self.grad_bias = None
 
     def train(self, mode=True):
         self.training = bool(mode)
@@ -99,6 +103,24 @@ class _Module:
     def __call__(self, x):
         return self.forward(x)
 
+    def _need_saved(self):
+        if self._saved is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.backward() needs a forward pass in training mode first "
+                "(call layer.train(), then layer(x), then layer.backward(grad_out))"
+            )
+        return self._saved
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        state["_saved"] = None  # the input of the last forward is not part of the layer
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
 
 class LayerNorm(_Module):
     """Layer normalization over the trailing ``normalized_shape`` dims, as torch.nn.LayerNorm.
@@ -124,7 +146,21 @@ class LayerNorm(_Module):
             self.bias = None
 
     def forward(self, x):
-        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        """Normalize x.  In training mode the input and its statistics are kept for backward."""
+        if not self.training:
+            return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        y, mean, rstd = layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps,
+                                   return_stats=True)
+        self._saved = (x, mean, rstd)
+        return y
+
+    def backward(self, grad_out):
+        """grad_input of the last training forward; sets grad_weight and grad_bias (None for a
+        missing parameter).  The input is kept by reference: do not modify it in between."""
+        x, mean, rstd = self._need_saved()
+        dx, self.grad_weight, self.grad_bias = layer_norm_backward(
+            grad_out, x, mean, rstd, self.normalized_shape, self.weight, self.bias)
+        return dx
 
     def __repr__(self):
         return (f"LayerNorm({self.normalized_shape}, eps={self.eps}, "
@@ -169,7 +205,6 @@ class BatchNorm(_Module):
             self.running_mean = None
             self.running_var = None
             self.num_batches_tracked = None
-        self._lock = threading.Lock()
 
     def reset_running_stats(self):
         if self.track_running_stats:
@@ -196,26 +231,31 @@ class BatchNorm(_Module):
                     f"features on axis {self.axis}, got input of shape {x.shape}"
                 )
         use_batch = self.training or self.running_mean is None
-        if not (self.training and self.track_running_stats):
+        if not self.training:
             momentum = 0.0 if self.momentum is None else self.momentum
             return batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                               use_batch, momentum, self.eps, axis=self.axis)
         with self._lock:
-            tracked = int(self.num_batches_tracked) + 1
-            momentum = 1.0 / tracked if self.momentum is None else self.momentum
-            y = batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                           True, momentum, self.eps, axis=self.axis)
-            self.num_batches_tracked[...] = tracked
+            if self.track_running_stats:
+                tracked = int(self.num_batches_tracked) + 1
+                momentum = 1.0 / tracked if self.momentum is None else self.momentum
+            else:
+                momentum = 0.0
+            y, mean, invstd = batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                         self.bias, True, momentum, self.eps, axis=self.axis,
+                                         return_stats=True)
+            if self.track_running_stats:
+                self.num_batches_tracked[...] = tracked
+            self._saved = (x, mean, invstd)
         return y
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+    def backward(self, grad_out):
+        """grad_input of the last training forward (batch statistics); sets grad_weight and
+        grad_bias.  The input is kept by reference: do not modify it in between."""
+        x, mean, invstd = self._need_saved()
+        dx, self.grad_weight, self.grad_bias = batch_norm_backward(
+            grad_out, x, mean, invstd, self.weight, True, axis=self.axis, bias=self.bias)
+        return dx
 
     def __repr__(self):
         axis = "" if self._ndims is not None else f", axis={self.axis}"

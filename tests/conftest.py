@@ -112,3 +112,25 @@ def hostile(rng, shape, dtype=np.float64, offset=None, scale=None):
 
 def max_err(y, ref):
     return float(np.max(np.abs(np.asarray(y, np.float64) - ref))) if np.size(ref) else 0.0
+
+
+def rel_err(a, b):
+    """Norm-wise relative error of a against the reference b."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def numeric_grad(f, arr, eps=1e-6):
+    """Central differences of the scalar f() with respect to every element of arr (float64)."""
+    grad = np.zeros_like(arr, dtype=np.float64)
+    flat, gflat = arr.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        up = f()
+        flat[i] = old - eps
+        down = f()
+        flat[i] = old
+        gflat[i] = (up - down) / (2 * eps)
+    return grad

@@ -1,0 +1,120 @@
+"""cynorm's kernels under torch autograd: functions and drop-in modules for CPU models.
+
+Needs torch; ``import cynorm`` never imports this module.  CPU tensors of float16, float32 and
+float64 are passed to the kernels without copies (``Tensor.numpy()`` shares memory, so the
+running statistics of BatchNorm are updated in place); other devices and dtypes raise.
+
+    import cynorm.torch
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), cynorm.torch.LayerNorm(32))
+
+First derivatives only (``once_differentiable``).
+"""
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import functional as F
+
+__all__ = ["layer_norm", "batch_norm", "LayerNorm", "BatchNorm1d", "BatchNorm2d"]
+
+_DTYPES = (torch.float16, torch.float32, torch.float64)
+
+
+def _np(t):
+    if t is None:
+        return None
+    if t.device.type != "cpu":
+        raise ValueError(f"cynorm.torch works on CPU tensors, got a tensor on {t.device}")
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"cynorm.torch takes float16, float32 or float64 tensors, got {t.dtype}")
+    return t.detach().numpy()
+
+
+def _tensor(a, like):
+    return None if a is None else torch.from_numpy(a).to(like.dtype)
+
+
+class _LayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, bias, eps):
+        y, mean, rstd = F.layer_norm(_np(x), normalized_shape, _np(weight), _np(bias), eps,
+                                     return_stats=True)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.stats = (mean, rstd, tuple(normalized_shape))
+        return torch.from_numpy(y)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, bias = ctx.saved_tensors
+        mean, rstd, normalized_shape = ctx.stats
+        dx, dw, db = F.layer_norm_backward(_np(grad_out), _np(x), mean, rstd, normalized_shape,
+                                           _np(weight), _np(bias))
+        return (_tensor(dx, x), None, _tensor(dw, weight) if weight is not None else None,
+                _tensor(db, bias) if bias is not None else None, None)
+
+
+class _BatchNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, running_mean, running_var, weight, bias, training, momentum, eps):
+        y, mean, invstd = F.batch_norm(_np(x), _np(running_mean), _np(running_var),
+                                       _np(weight), _np(bias), training, momentum, eps,
+                                       axis=1, return_stats=True)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.stats = (mean, invstd, training)
+        return torch.from_numpy(y)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, bias = ctx.saved_tensors
+        mean, invstd, training = ctx.stats
+        dx, dw, db = F.batch_norm_backward(_np(grad_out), _np(x), mean, invstd, _np(weight),
+                                           training, axis=1, bias=_np(bias))
+        return (_tensor(dx, x), None, None, _tensor(dw, weight) if weight is not None else None,
+                _tensor(db, bias) if bias is not None else None, None, None, None)
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """torch.nn.functional.layer_norm on cynorm's kernels (CPU)."""
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    return _LayerNormFunction.apply(x, tuple(normalized_shape), weight, bias, float(eps))
+
+
+def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5):
+    """torch.nn.functional.batch_norm on cynorm's kernels (CPU); buffers updated in place."""
+    return _BatchNormFunction.apply(x, running_mean, running_var, weight, bias, bool(training),
+                                    float(momentum), float(eps))
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """torch.nn.LayerNorm computed by cynorm."""
+
+    def forward(self, x):
+        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class _CynormBatchNorm:
+    """forward of torch's _BatchNorm (momentum, cumulative average, buffers) on cynorm."""
+
+    def forward(self, x):
+        self._check_input_dim(x)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None \
+                else self.momentum
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        return batch_norm(x, self.running_mean if keep else None,
+                          self.running_var if keep else None, self.weight, self.bias, use_batch,
+                          factor, self.eps)
+
+
+class BatchNorm1d(_CynormBatchNorm, torch.nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d computed by cynorm."""
+
+
+class BatchNorm2d(_CynormBatchNorm, torch.nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d computed by cynorm."""

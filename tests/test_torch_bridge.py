@@ -1,0 +1,90 @@
+"""cynorm.torch: cynorm's kernels under torch autograd."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def ct(torch):
+    import cynorm.torch
+
+    return cynorm.torch
+
+
+def test_import_cynorm_does_not_import_torch():
+    code = "import sys, cynorm; cynorm.layer_norm([[1.0, 2.0]], 2); print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
+
+
+def test_gradcheck(torch, ct):
+    torch.manual_seed(0)
+    opts = {"dtype": torch.float64, "requires_grad": True}
+    x, w, b = torch.randn(6, 5, **opts), torch.randn(5, **opts), torch.randn(5, **opts)
+    assert torch.autograd.gradcheck(lambda x, w, b: ct.layer_norm(x, 5, w, b), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w, b: ct.batch_norm(x, None, None, w, b, True),
+                                    (x, w, b))
+    x3 = torch.randn(4, 5, 7, **opts)
+    assert torch.autograd.gradcheck(lambda x, w, b: ct.batch_norm(x, None, None, w, b, True),
+                                    (x3, w, b))
+
+
+@pytest.mark.parametrize("name,shape", [("LayerNorm", (16, 10)), ("BatchNorm1d", (16, 10)),
+                                        ("BatchNorm1d", (8, 10, 30)),
+                                        ("BatchNorm2d", (4, 10, 5, 6))])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_modules_are_drop_in(torch, ct, name, shape, momentum):
+    torch.manual_seed(1)
+    kwargs = {} if name == "LayerNorm" else {"momentum": momentum}
+    theirs = getattr(torch.nn, name)(10, **kwargs)
+    ours = getattr(ct, name)(10, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    for step in range(3):
+        x = torch.randn(*shape) * 2 + step
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = theirs(xa), ours(xb)
+        torch.testing.assert_close(yb, ya, atol=2e-5, rtol=1e-5)
+        g = torch.randn(*shape)
+        ya.backward(g)
+        yb.backward(g)
+        torch.testing.assert_close(xb.grad, xa.grad, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours.bias.grad, theirs.bias.grad, atol=1e-4, rtol=1e-4)
+    for (k, a), b in zip(theirs.state_dict().items(), ours.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=k)
+    theirs.eval()
+    ours.eval()
+    x = torch.randn(*shape)
+    torch.testing.assert_close(ours(x), theirs(x), atol=2e-5, rtol=1e-5)
+
+
+def test_a_model_trains_the_same(torch, ct):
+    torch.manual_seed(2)
+
+    def model(norm):
+        torch.manual_seed(3)
+        return torch.nn.Sequential(torch.nn.Linear(6, 16), norm(16), torch.nn.ReLU(),
+                                   torch.nn.Linear(16, 1))
+
+    a, b = model(torch.nn.LayerNorm), model(ct.LayerNorm)
+    x, y = torch.randn(64, 6), torch.randn(64, 1)
+    for m in (a, b):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        for _ in range(20):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(m(x), y)
+            loss.backward()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pb, pa, atol=1e-4, rtol=1e-4)
+
+
+def test_unsupported_tensors(torch, ct):
+    with pytest.raises(TypeError, match="bfloat16"):
+        ct.layer_norm(torch.ones(2, 3, dtype=torch.bfloat16), 3)
+    x = np.ones((2, 3), np.float32)
+    y = ct.layer_norm(torch.from_numpy(x), 3)
+    assert y.dtype == torch.float32
