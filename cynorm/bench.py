@@ -24,7 +24,9 @@ import numpy as np
 
 EPS = 1e-5
 L3_BYTES = 32 << 20  # the L3 of the reference machine; larger inputs are "far larger than cache"
-OPS = {"ln": "LN forward", "bn_train": "BN train", "bn_eval": "BN eval"}
+OPS = {"ln": "LN forward", "bn_train": "BN train", "bn_eval": "BN eval",
+       "ln_bwd": "LN backward", "bn_bwd_train": "BN backward train",
+       "bn_bwd_eval": "BN backward eval"}
 LN_SHAPES = [((5, 10), -1), ((64, 128), -1), ((4096, 768), -1), ((32, 512, 1024), -1),
              ((16384, 4096), -1)]
 BN_SHAPES = [((5, 10), 1), ((64, 128), 1), ((4096, 768), 1), ((32, 512, 1024), 1),
@@ -32,7 +34,10 @@ BN_SHAPES = [((5, 10), 1), ((64, 128), 1), ((4096, 768), 1), ((32, 512, 1024), 1
 QUICK = {"ln": [(5, 10), (64, 128), (4096, 768), (16384, 4096)],
          "bn_train": [(5, 10), (64, 128), (4096, 768), (32, 256, 1024), (64, 512, 768),
                       (16384, 4096)],
-         "bn_eval": [(64, 128), (4096, 768), (16384, 4096)]}
+         "bn_eval": [(64, 128), (4096, 768), (16384, 4096)],
+         "ln_bwd": [(64, 128), (4096, 768), (16384, 4096)],
+         "bn_bwd_train": [(64, 128), (4096, 768), (32, 256, 1024), (64, 512, 768)],
+         "bn_bwd_eval": [(4096, 768)]}
 CONTENDERS = ("cynorm", "cynorm_out", "numpy", "torch")
 
 
@@ -45,12 +50,12 @@ class Case:
 
     @property
     def id(self):
-        axis = "" if self.op == "ln" or self.axis == 1 else f"-axis{self.axis}"
+        axis = "" if self.op.startswith("ln") or self.axis == 1 else f"-axis{self.axis}"
         return f"{self.op}-{'x'.join(map(str, self.shape))}{axis}-{self.dtype}"
 
     @property
     def label(self):
-        axis = "" if self.op == "ln" or self.axis == 1 else f" axis={self.axis}"
+        axis = "" if self.op.startswith("ln") or self.axis == 1 else f" axis={self.axis}"
         return f"{OPS[self.op]} {self.shape}{axis} {self.dtype}"
 
     @property
@@ -66,8 +71,15 @@ class Case:
     @property
     def bytes_moved(self):
         """Least traffic to memory: LN and BN eval read x and write y; BN training must read x
-        for the statistics before it can write anything, so twice once x outgrows the cache."""
-        reads = 2 if self.op == "bn_train" and self.nbytes > L3_BYTES else 1
+        for the statistics before it can write anything, so twice once x outgrows the cache.
+        Backward reads x and grad_out and writes dx; BN backward needs its sums first, so it
+        reads both twice once they outgrow the cache (LN's sums are per row, in cache)."""
+        big = self.nbytes > L3_BYTES
+        if self.op in ("ln_bwd",):
+            return 3 * self.nbytes
+        if self.op.startswith("bn_bwd"):
+            return (5 if big else 3) * self.nbytes
+        reads = 2 if self.op == "bn_train" and big else 1
         return (reads + 1) * self.nbytes
 
 
@@ -77,7 +89,7 @@ def cases(full=False, ops=None, dtypes=None, sizes=None):
     dtypes = list(dtypes or (["float32", "float64"] if full else ["float32"]))
     out = []
     for op in ops:
-        for shape, axis in (LN_SHAPES if op == "ln" else BN_SHAPES):
+        for shape, axis in (LN_SHAPES if op.startswith("ln") else BN_SHAPES):
             if not full and shape not in QUICK[op]:
                 continue
             for dtype in dtypes:
@@ -99,6 +111,8 @@ def contenders(case, torch=None, seed=0):
 
     rng = np.random.default_rng(seed)
     x = (3.0 + 2.0 * rng.standard_normal(case.shape, dtype=np.float32)).astype(case.dtype)
+    if case.op.endswith("bwd") or "_bwd_" in case.op:
+        return _backward_contenders(case, x, rng, torch)
     out = np.empty_like(x)
     fns = {}
     if case.op == "ln":
@@ -165,6 +179,85 @@ def contenders(case, torch=None, seed=0):
                 return y.movedim(1, axis) if axis != 1 else y
 
         fns["torch"] = torch_bn
+    return fns
+
+
+def _backward_contenders(case, x, rng, torch):
+    import cynorm
+
+    g = rng.standard_normal(case.shape, dtype=np.float32).astype(case.dtype)
+    fns = {}
+    if case.op == "ln_bwd":
+        D = case.shape[-1]
+        w = rng.uniform(0.5, 2, D).astype(case.dtype)
+        b = rng.standard_normal(D).astype(case.dtype)
+        _, mean, rstd = cynorm.layer_norm(x, D, w, b, EPS, return_stats=True)
+        fns["cynorm"] = lambda: cynorm.layer_norm_backward(g, x, mean, rstd, D, w, b)
+        m, r = mean.astype(case.dtype), rstd.astype(case.dtype)
+        axes = tuple(range(x.ndim - 1))
+
+        def numpy_ln_bwd():
+            xh = (x - m) * r
+            gw = g * w
+            dx = r * (gw - gw.mean(-1, keepdims=True) - xh * (gw * xh).mean(-1, keepdims=True))
+            return dx, (g * xh).sum(axis=axes), g.sum(axis=axes)
+
+        fns["numpy"] = numpy_ln_bwd
+        if torch is not None:
+            tx, tg, tw, tb = (torch.from_numpy(a) for a in (x, g, w, b))
+            with torch.no_grad():
+                _, tm, tr = torch.ops.aten.native_layer_norm(tx, [D], tw, tb, EPS)
+            op = torch.ops.aten.native_layer_norm_backward
+
+            def torch_ln_bwd():
+                with torch.no_grad():
+                    return op(tg, tx, [D], tm, tr, tw, tb, [True, True, True])
+
+            fns["torch"] = torch_ln_bwd
+        return fns
+
+    axes, axis = _numpy_bn_axes(case)
+    C = case.shape[axis]
+    w = rng.uniform(0.5, 2, C).astype(case.dtype)
+    b = rng.standard_normal(C).astype(case.dtype)
+    rm, rv = np.zeros(C, case.dtype), np.ones(C, case.dtype)
+    training = case.op == "bn_bwd_train"
+    _, mean, invstd = cynorm.batch_norm(x, rm.copy(), rv.copy(), w, b, training, 0.1, EPS,
+                                        axis=case.axis, return_stats=True)
+    fns["cynorm"] = lambda: cynorm.batch_norm_backward(g, x, mean, invstd, w, training,
+                                                       axis=case.axis, bias=b)
+    bshape = [1] * len(case.shape)
+    bshape[axis] = C
+    m, inv, wb = (a.astype(case.dtype).reshape(bshape) for a in (mean, invstd, w))
+    n = x.size // C
+
+    def numpy_bn_bwd():
+        xh = (x - m) * inv
+        sg = g.sum(axis=axes)
+        sgx = (g * xh).sum(axis=axes)
+        if training:
+            dx = wb * inv * (g - sg.reshape(bshape) / n - xh * sgx.reshape(bshape) / n)
+        else:
+            dx = g * (wb * inv)
+        return dx, sgx, sg
+
+    fns["numpy"] = numpy_bn_bwd
+    if torch is not None:
+        tx, tg = torch.from_numpy(x), torch.from_numpy(g)
+        if axis != 1:
+            tx, tg = tx.movedim(axis, 1), tg.movedim(axis, 1)
+        tw, trm, trv = (torch.from_numpy(a) for a in (w, rm, rv))
+        tmean = torch.from_numpy(mean.astype(case.dtype))
+        tinv = torch.from_numpy(invstd.astype(case.dtype))
+        op = torch.ops.aten.native_batch_norm_backward
+
+        def torch_bn_bwd():
+            with torch.no_grad():
+                dx, dw, db = op(tg, tx, tw, trm, trv, tmean, tinv, training, EPS,
+                                [True, True, True])
+                return (dx.movedim(1, axis) if axis != 1 else dx), dw, db
+
+        fns["torch"] = torch_bn_bwd
     return fns
 
 
@@ -277,16 +370,17 @@ def _fmt(seconds):
 def table(results):
     """The report table as Markdown lines."""
     lines = ["| case | cynorm | cynorm out= | NumPy | torch | vs NumPy | vs torch | roof | "
-             "roof / cynorm out= |",
+             "roof / cynorm out= (backward: cynorm) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         t = r["times"]
         c, co, n, tt = (t.get(k) for k in CONTENDERS)
         roof = r.get("roof")
+        best = co or c  # backward has no out=: its own time against the roof
         lines.append(
             f"| {r['label']} | {_fmt(c)} | {_fmt(co)} | {_fmt(n)} | {_fmt(tt)} | "
             f"{n / c:.2f}× | " + (f"{tt / c:.2f}× | " if tt else "— | ")
-            + (f"{_fmt(roof)} | {roof / co:.2f} |" if roof else "— | — |")
+            + (f"{_fmt(roof)} | {roof / best:.2f} |" if roof else "— | — |")
         )
     return lines
 
@@ -390,7 +484,7 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(prog="cynorm bench", description=__doc__.split("\n")[0])
     p.add_argument("--full", action="store_true", help="every shape and dtype (several minutes)")
-    p.add_argument("--ops", default=None, help="comma list of ln, bn_train, bn_eval")
+    p.add_argument("--ops", default=None, help="comma list of " + ", ".join(OPS))
     p.add_argument("--dtype", default=None, help="comma list of float32, float64")
     p.add_argument("--sizes", default=None, help="comma list of small, medium, large")
     p.add_argument("--threads", type=int, default=None, help="threads for cynorm and torch")
