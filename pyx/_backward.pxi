@@ -13,66 +13,117 @@
 #     dw = invstd·Σg(x - mean), db = Σg
 
 
-cdef inline void gx_sums(const floating* g, const floating* x, Py_ssize_t n, double shift,
-                         double* sg, double* sgx) noexcept nogil:
+cdef inline void gx_sums(const floating* g, const floating* w, const floating* x, Py_ssize_t n,
+                         double shift, double* sg, double* sgx) noexcept nogil:
+    """sg = Σ g·w, sgx = Σ g·w·(x - shift); w may be NULL."""
     if floating is float:
-        cynorm_gx_sums_f(g, x, n, shift, sg, sgx)
+        cynorm_gx_sums_f(g, w, x, n, shift, sg, sgx)
     else:
-        cynorm_gx_sums_d(g, x, n, shift, sg, sgx)
+        cynorm_gx_sums_d(g, w, x, n, shift, sg, sgx)
+
+
+cdef void layer_norm_param_grads(const floating* g, Py_ssize_t ldg, const floating* x,
+                                 Py_ssize_t ldx, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t D,
+                                 const double* mean, const double* rstd, double* dw,
+                                 double* db) noexcept nogil:
+    """dw += Σ g·x̂ and db += Σ g over rows r0..r1 (either may be NULL), four rows per sweep."""
+    cdef Py_ssize_t i = r0, j, k
+    cdef const floating* gr[4]
+    cdef const floating* xr[4]
+    cdef floating mh[4]
+    cdef floating ml[4]
+    cdef floating rs[4]
+    while i < r1:
+        if i + 4 <= r1:
+            for k in range(4):
+                gr[k] = g + (i + k) * ldg
+                xr[k] = x + (i + k) * ldx
+                split_mean(mean[i + k], 0.0, &mh[k], &ml[k])
+                rs[k] = <floating>rstd[i + k]
+            if dw != NULL:
+                for j in range(D):
+                    dw[j] += ((gr[0][j] * (((xr[0][j] - mh[0]) - ml[0]) * rs[0])
+                               + gr[1][j] * (((xr[1][j] - mh[1]) - ml[1]) * rs[1]))
+                              + (gr[2][j] * (((xr[2][j] - mh[2]) - ml[2]) * rs[2])
+                                 + gr[3][j] * (((xr[3][j] - mh[3]) - ml[3]) * rs[3])))
+            if db != NULL:
+                for j in range(D):
+                    db[j] += (<double>gr[0][j] + <double>gr[1][j]) + (<double>gr[2][j]
+                                                                      + <double>gr[3][j])
+            i += 4
+        else:
+            gr[0] = g + i * ldg
+            xr[0] = x + i * ldx
+            split_mean(mean[i], 0.0, &mh[0], &ml[0])
+            rs[0] = <floating>rstd[i]
+            if dw != NULL:
+                for j in range(D):
+                    dw[j] += gr[0][j] * (((xr[0][j] - mh[0]) - ml[0]) * rs[0])
+            if db != NULL:
+                for j in range(D):
+                    db[j] += gr[0][j]
+            i += 1
 
 
 cdef void layer_norm_backward_rows(const floating* g, Py_ssize_t ldg, const floating* x,
                                    Py_ssize_t ldx, floating* dx, Py_ssize_t lddx, Py_ssize_t r0,
                                    Py_ssize_t r1, Py_ssize_t D, const floating* w,
-                                   const double* mean, const double* rstd, floating* gw,
-                                   double* dw, double* db) noexcept nogil:
-    """Rows r0..r1; gw is a scratch row of D elements; dw, db (D,) accumulate (or are NULL)."""
-    cdef Py_ssize_t i, j
+                                   const double* mean, const double* rstd, double* dw,
+                                   double* db) noexcept nogil:
+    """Rows r0..r1: the parameter gradients (dw, db may be NULL), then per row the two sums
+    of _simd.h and one pass writing dx.  x - mean is (x - m_hi) - m_lo in the input dtype."""
+    cdef Py_ssize_t i, j, i0, i1
     cdef const floating* gi
     cdef const floating* xi
-    cdef const floating* gp
     cdef floating* dxi
-    cdef double m, rs, sg = 0.0, sgx = 0.0, a, c
+    cdef double m, rs, sg = 0.0, sgx = 0.0
+    cdef floating mh, ml, rsf, af, cf
     for i in range(r0, r1):
+        if (i - r0) % 4 == 0 and (dw != NULL or db != NULL):
+            # the parameter gradients of the next four rows, while they are in cache
+            i1 = i + 4 if i + 4 < r1 else r1
+            layer_norm_param_grads(g, ldg, x, ldx, i, i1, D, mean, rstd, dw, db)
         gi = g + i * ldg
         xi = x + i * ldx
         dxi = dx + i * lddx
         m = mean[i]
         rs = rstd[i]
-        if dw != NULL:
-            for j in range(D):
-                dw[j] += gi[j] * ((<double>xi[j] - m) * rs)
-        if db != NULL:
-            for j in range(D):
-                db[j] += gi[j]
+        split_mean(m, 0.0, &mh, &ml)
+        rsf = <floating>rs
+        gx_sums(gi, w, xi, D, m, &sg, &sgx)
+        af = <floating>(sg / D)
+        cf = <floating>(rs * rs * rs * sgx / D)
         if w != NULL:
             for j in range(D):
-                gw[j] = gi[j] * w[j]
-            gp = gw
+                dxi[j] = rsf * (gi[j] * w[j] - af) - cf * ((xi[j] - mh) - ml)
         else:
-            gp = gi
-        gx_sums(gp, xi, D, m, &sg, &sgx)
-        a = sg / D
-        c = rs * rs * rs * sgx / D
-        for j in range(D):
-            dxi[j] = <floating>(rs * (gp[j] - a) - c * (<double>xi[j] - m))
+            for j in range(D):
+                dxi[j] = rsf * (gi[j] - af) - cf * ((xi[j] - mh) - ml)
 
 
-cdef inline void bn_backward_row(const floating* g, const floating* x, floating* dx,
-                                 Py_ssize_t n, const double* coef) noexcept nogil:
-    # coef: mean, k1, k2, k3 of one feature: dx = k1·g + k2·(x - mean) + k3
+cdef inline void bn_dx_row(const floating* g, const floating* x, floating* dx, Py_ssize_t n,
+                           floating mh, floating k1, floating k2, floating k3,
+                           bint training) noexcept nogil:
+    # one feature: dx = k1·g + k2·(x - mh) + k3 (training), k1·g (eval)
     cdef Py_ssize_t j
-    cdef double m = coef[0], k1 = coef[1], k2 = coef[2], k3 = coef[3]
-    for j in range(n):
-        dx[j] = <floating>(k1 * g[j] + k2 * (<double>x[j] - m) + k3)
+    if training:
+        for j in range(n):
+            dx[j] = k1 * g[j] + (k2 * (x[j] - mh) + k3)
+    else:
+        for j in range(n):
+            dx[j] = k1 * g[j]
 
 
-cdef inline void bn_backward_vector(const floating* g, const floating* x, floating* dx,
-                                    Py_ssize_t n, const double* mean, const double* k1,
-                                    const double* k2, const double* k3) noexcept nogil:
+cdef inline void bn_dx_vector(const floating* g, const floating* x, floating* dx, Py_ssize_t n,
+                              const floating* mh, const floating* k1, const floating* k2,
+                              const floating* k3, bint training) noexcept nogil:
     cdef Py_ssize_t j
-    for j in range(n):
-        dx[j] = <floating>(k1[j] * g[j] + k2[j] * (<double>x[j] - mean[j]) + k3[j])
+    if training:
+        for j in range(n):
+            dx[j] = k1[j] * g[j] + (k2[j] * (x[j] - mh[j]) + k3[j])
+    else:
+        for j in range(n):
+            dx[j] = k1[j] * g[j]
 
 
 cdef void bn_sums_rows(const floating* g, Py_ssize_t ldg, const floating* x, Py_ssize_t ldx,
@@ -81,62 +132,83 @@ cdef void bn_sums_rows(const floating* g, Py_ssize_t ldg, const floating* x, Py_
     """Σg and Σg·(x - mean) of rows r0..r1 (row i: feature i % C) into parts[2i], parts[2i+1]."""
     cdef Py_ssize_t i
     for i in range(r0, r1):
-        gx_sums(g + i * ldg, x + i * ldx, L, mean[i % C], &parts[2 * i], &parts[2 * i + 1])
+        gx_sums(g + i * ldg, NULL, x + i * ldx, L, mean[i % C], &parts[2 * i],
+                &parts[2 * i + 1])
 
 
 cdef void bn_sums_columns(const floating* g, Py_ssize_t ldg, const floating* x, Py_ssize_t ldx,
                           Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t F, const double* mean_col,
                           double* sg, double* sgx) noexcept nogil:
     """sg[f] = Σg, sgx[f] = Σg·(x - mean_col[f]) down the columns of rows r0..r1."""
-    cdef Py_ssize_t i, f
-    cdef const floating* gi
-    cdef const floating* xi
+    cdef Py_ssize_t i = r0, f
+    cdef const floating* g0
+    cdef const floating* g1
+    cdef const floating* g2
+    cdef const floating* g3
+    cdef const floating* x0
+    cdef const floating* x1
+    cdef const floating* x2
+    cdef const floating* x3
     for f in range(F):
         sg[f] = 0.0
         sgx[f] = 0.0
-    for i in range(r0, r1):
-        gi = g + i * ldg
-        xi = x + i * ldx
+    # four rows per sweep of the feature axis, as in column_block_centered
+    while i + 4 <= r1:
+        g0 = g + i * ldg
+        g1 = g0 + ldg
+        g2 = g1 + ldg
+        g3 = g2 + ldg
+        x0 = x + i * ldx
+        x1 = x0 + ldx
+        x2 = x1 + ldx
+        x3 = x2 + ldx
         for f in range(F):
-            sg[f] += gi[f]
-            sgx[f] += gi[f] * (<double>xi[f] - mean_col[f])
+            sg[f] += (<double>g0[f] + <double>g1[f]) + (<double>g2[f] + <double>g3[f])
+        for f in range(F):
+            sgx[f] += ((g0[f] * (<double>x0[f] - mean_col[f])
+                        + g1[f] * (<double>x1[f] - mean_col[f]))
+                       + (g2[f] * (<double>x2[f] - mean_col[f])
+                          + g3[f] * (<double>x3[f] - mean_col[f])))
+        i += 4
+    while i < r1:
+        g0 = g + i * ldg
+        x0 = x + i * ldx
+        for f in range(F):
+            sg[f] += g0[f]
+            sgx[f] += g0[f] * (<double>x0[f] - mean_col[f])
+        i += 1
 
 
 cdef void bn_dx_range(const floating* g, Py_ssize_t ldg, const floating* x, Py_ssize_t ldx,
                       floating* dx, Py_ssize_t lddx, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t N,
-                      Py_ssize_t C, bint by_rows, const double* coef,
-                      const double* coef_col) noexcept nogil:
-    """dx of rows r0..r1.  coef (4, C) per feature; coef_col (4, N) per column (column path)."""
-    cdef Py_ssize_t i, c, L = N // C
-    cdef double one[4]
+                      Py_ssize_t C, bint by_rows, const floating* coef,
+                      bint training) noexcept nogil:
+    """dx of rows r0..r1.  coef (4, C) per feature (by rows) or (4, N) per column: mh, k1, k2,
+    k3."""
+    cdef Py_ssize_t i, c
+    cdef Py_ssize_t K = C if by_rows else N
     for i in range(r0, r1):
         if by_rows:
             c = i % C
-            one[0] = coef[c]
-            one[1] = coef[C + c]
-            one[2] = coef[2 * C + c]
-            one[3] = coef[3 * C + c]
-            bn_backward_row(g + i * ldg, x + i * ldx, dx + i * lddx, N, one)
+            bn_dx_row(g + i * ldg, x + i * ldx, dx + i * lddx, N, coef[c], coef[K + c],
+                      coef[2 * K + c], coef[3 * K + c], training)
         else:
-            bn_backward_vector(g + i * ldg, x + i * ldx, dx + i * lddx, N, coef_col,
-                               coef_col + N, coef_col + 2 * N, coef_col + 3 * N)
+            bn_dx_vector(g + i * ldg, x + i * ldx, dx + i * lddx, N, coef, coef + K,
+                         coef + 2 * K, coef + 3 * K, training)
 
 
 cdef void _layer_norm_backward(const floating* g, Py_ssize_t ldg, const floating* x,
                                Py_ssize_t ldx, floating* dx, Py_ssize_t lddx, Py_ssize_t M,
                                Py_ssize_t D, const floating* w, const double* mean,
-                               const double* rstd, floating* scratch, double* dw, double* db,
-                               int T) noexcept nogil:
-    # scratch: T rows of D; dw, db: T rows of D (or NULL)
+                               const double* rstd, double* dw, double* db, int T) noexcept nogil:
+    # dw, db: T rows of D (or NULL), one per thread
     cdef Py_ssize_t t
     if T <= 1:
-        layer_norm_backward_rows(g, ldg, x, ldx, dx, lddx, 0, M, D, w, mean, rstd, scratch, dw,
-                                 db)
+        layer_norm_backward_rows(g, ldg, x, ldx, dx, lddx, 0, M, D, w, mean, rstd, dw, db)
         return
     for t in prange(T, num_threads=T, schedule="static", chunksize=1):
         layer_norm_backward_rows(g, ldg, x, ldx, dx, lddx, chunk(M, t, T), chunk(M, t + 1, T),
-                                 D, w, mean, rstd, scratch + t * D,
-                                 dw + t * D if dw != NULL else NULL,
+                                 D, w, mean, rstd, dw + t * D if dw != NULL else NULL,
                                  db + t * D if db != NULL else NULL)
 
 
@@ -180,15 +252,29 @@ cdef void _batch_norm_sums(const floating* g, Py_ssize_t ldg, const floating* x,
 
 cdef void _batch_norm_dx(const floating* g, Py_ssize_t ldg, const floating* x, Py_ssize_t ldx,
                          floating* dx, Py_ssize_t lddx, Py_ssize_t M, Py_ssize_t N,
-                         Py_ssize_t C, bint by_rows, const double* coef, const double* coef_col,
-                         int T) noexcept nogil:
-    cdef Py_ssize_t t
+                         Py_ssize_t C, bint by_rows, const double* mean, const double* invstd,
+                         const floating* w, const double* sums, double n, bint training,
+                         floating* coef, int T) noexcept nogil:
+    """Coefficients per feature (expanded per column on the column path), then dx."""
+    cdef Py_ssize_t t, c, j, L = N // C, K = C if by_rows else N
+    cdef double k1, k2, k3
+    cdef floating mh, ml
+    for j in range(K):
+        c = j if by_rows else j // L
+        k1 = (<double>w[c] if w != NULL else 1.0) * invstd[c]
+        k2 = -k1 * invstd[c] * invstd[c] * sums[C + c] / n if training else 0.0
+        k3 = -k1 * sums[c] / n if training else 0.0
+        split_mean(mean[c], 0.0, &mh, &ml)
+        coef[j] = mh
+        coef[K + j] = <floating>k1
+        coef[2 * K + j] = <floating>k2
+        coef[3 * K + j] = <floating>(k3 - k2 * <double>ml)   # the mean's remainder, folded
     if T <= 1:
-        bn_dx_range(g, ldg, x, ldx, dx, lddx, 0, M, N, C, by_rows, coef, coef_col)
+        bn_dx_range(g, ldg, x, ldx, dx, lddx, 0, M, N, C, by_rows, coef, training)
         return
     for t in prange(T, num_threads=T, schedule="static", chunksize=1):
         bn_dx_range(g, ldg, x, ldx, dx, lddx, chunk(M, t, T), chunk(M, t + 1, T), N, C, by_rows,
-                    coef, coef_col)
+                    coef, training)
 
 
 def layer_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t D,
@@ -210,7 +296,6 @@ def layer_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
     cdef int T = max(1, n_threads)
     cdef double* dw = float64_data(dw_parts, T * D)
     cdef double* db = float64_data(db_parts, T * D)
-    cdef void* scratch
     if is_float32(g) != f32 or is_float32(dx) != f32 or mp == NULL or rp == NULL:
         raise TypeError("layer_norm_backward: inconsistent arrays")
     if dw != NULL:
@@ -219,21 +304,17 @@ def layer_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
         memset(db, 0, T * D * sizeof(double))
     if M == 0:
         return
-    scratch = malloc(T * D * cnp.PyArray_ITEMSIZE(x))
-    if scratch == NULL:
-        raise MemoryError()
     with nogil:
         if f32:
             _layer_norm_backward(<const float*>cnp.PyArray_DATA(g), ldg,
                                  <const float*>cnp.PyArray_DATA(x), ldx,
                                  <float*>cnp.PyArray_DATA(dx), lddx, M, D, <const float*>w, mp,
-                                 rp, <float*>scratch, dw, db, T)
+                                 rp, dw, db, T)
         else:
             _layer_norm_backward(<const double*>cnp.PyArray_DATA(g), ldg,
                                  <const double*>cnp.PyArray_DATA(x), ldx,
                                  <double*>cnp.PyArray_DATA(dx), lddx, M, D, <const double*>w,
-                                 mp, rp, <double*>scratch, dw, db, T)
-    free(scratch)
+                                 mp, rp, dw, db, T)
 
 
 def batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t rows,
@@ -254,11 +335,9 @@ def batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
     cdef double* ip = float64_data(invstd, C)
     cdef double* sp = float64_data(sums, 2 * C)
     cdef int T = max(1, n_threads)
-    cdef Py_ssize_t c, j, n, L
-    cdef double wc, k1
+    cdef double n
     cdef double* parts = NULL
-    cdef double* coef = NULL
-    cdef double* coef_col = NULL
+    cdef void* coef = NULL
     if is_float32(g) != f32 or is_float32(dx) != f32 or mp == NULL or ip == NULL:
         raise TypeError("batch_norm_backward: inconsistent arrays")
     if C <= 0 or (by_rows and rows % C) or (not by_rows and cols % C):
@@ -269,54 +348,33 @@ def batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
         if sp != NULL:
             memset(sp, 0, 2 * C * sizeof(double))
         return
-    n = (rows // C) * cols if by_rows else rows * (cols // C)
-    L = cols // C
+    n = <double>((rows // C) * cols if by_rows else rows * (cols // C))
     parts = <double*>malloc(sizeof(double) * (2 * rows if by_rows else 2 * T * cols + cols))
-    coef = <double*>malloc(sizeof(double) * 4 * C)
-    coef_col = <double*>malloc(sizeof(double) * (4 * cols if not by_rows else 1))
-    if parts == NULL or coef == NULL or coef_col == NULL:
+    coef = malloc(4 * (C if by_rows else cols) * cnp.PyArray_ITEMSIZE(x))
+    if parts == NULL or coef == NULL:
         free(parts)
         free(coef)
-        free(coef_col)
         raise MemoryError()
     try:
         with nogil:
-            if sp != NULL:
-                if f32:
+            if f32:
+                if sp != NULL:
                     _batch_norm_sums(<const float*>cnp.PyArray_DATA(g), ldg,
                                      <const float*>cnp.PyArray_DATA(x), ldx, rows, cols, C,
                                      by_rows, mp, parts, sp, T)
-                else:
+                _batch_norm_dx(<const float*>cnp.PyArray_DATA(g), ldg,
+                               <const float*>cnp.PyArray_DATA(x), ldx,
+                               <float*>cnp.PyArray_DATA(dx), lddx, rows, cols, C, by_rows, mp,
+                               ip, <const float*>w, sp, n, training, <float*>coef, T)
+            else:
+                if sp != NULL:
                     _batch_norm_sums(<const double*>cnp.PyArray_DATA(g), ldg,
                                      <const double*>cnp.PyArray_DATA(x), ldx, rows, cols, C,
                                      by_rows, mp, parts, sp, T)
-            for c in range(C):
-                if w == NULL:
-                    wc = 1.0
-                elif f32:
-                    wc = (<const float*>w)[c]
-                else:
-                    wc = (<const double*>w)[c]
-                k1 = wc * ip[c]
-                coef[c] = mp[c]
-                coef[C + c] = k1
-                coef[2 * C + c] = -k1 * ip[c] * ip[c] * sp[C + c] / n if training else 0.0
-                coef[3 * C + c] = -k1 * sp[c] / n if training else 0.0
-            if not by_rows:
-                for j in range(cols):
-                    for c in range(4):
-                        coef_col[c * cols + j] = coef[c * C + j // L]
-            if f32:
-                _batch_norm_dx(<const float*>cnp.PyArray_DATA(g), ldg,
-                               <const float*>cnp.PyArray_DATA(x), ldx,
-                               <float*>cnp.PyArray_DATA(dx), lddx, rows, cols, C, by_rows, coef,
-                               coef_col, T)
-            else:
                 _batch_norm_dx(<const double*>cnp.PyArray_DATA(g), ldg,
                                <const double*>cnp.PyArray_DATA(x), ldx,
-                               <double*>cnp.PyArray_DATA(dx), lddx, rows, cols, C, by_rows,
-                               coef, coef_col, T)
+                               <double*>cnp.PyArray_DATA(dx), lddx, rows, cols, C, by_rows, mp,
+                               ip, <const double*>w, sp, n, training, <double*>coef, T)
     finally:
         free(parts)
         free(coef)
-        free(coef_col)

@@ -69,15 +69,16 @@ def build_flags():
 # even when the mean lies 1e6 standard deviations from zero.
 
 cdef extern from "_simd.h" nogil:
-    # (s1, s2) = (Σd, Σd²) and (Σg, Σg·d) with d = x - shift; the first takes g = NULL
-    void cynorm_shifted_sums_f(const float* g, const float* x, Py_ssize_t n, double shift,
-                               double* s1, double* s2) noexcept
-    void cynorm_shifted_sums_d(const double* g, const double* x, Py_ssize_t n, double shift,
-                               double* s1, double* s2) noexcept
-    void cynorm_gx_sums_f(const float* g, const float* x, Py_ssize_t n, double shift,
-                          double* s1, double* s2) noexcept
-    void cynorm_gx_sums_d(const double* g, const double* x, Py_ssize_t n, double shift,
-                          double* s1, double* s2) noexcept
+    # (s1, s2) = (Σd, Σd²) and (Σg', Σg'·d) with d = x - shift and g' = g·w (w may be NULL);
+    # the moments take g = w = NULL
+    void cynorm_shifted_sums_f(const float* g, const float* w, const float* x, Py_ssize_t n,
+                               double shift, double* s1, double* s2) noexcept
+    void cynorm_shifted_sums_d(const double* g, const double* w, const double* x, Py_ssize_t n,
+                               double shift, double* s1, double* s2) noexcept
+    void cynorm_gx_sums_f(const float* g, const float* w, const float* x, Py_ssize_t n,
+                          double shift, double* s1, double* s2) noexcept
+    void cynorm_gx_sums_d(const double* g, const double* w, const double* x, Py_ssize_t n,
+                          double shift, double* s1, double* s2) noexcept
 
 
 cdef inline void block_moments(const floating* x, Py_ssize_t n, double* hi, double* lo,
@@ -91,9 +92,9 @@ cdef inline void block_moments(const floating* x, Py_ssize_t n, double* hi, doub
     """
     cdef double shift = x[0], s = 0.0, q = 0.0, inv_n = 1.0 / n
     if floating is float:
-        cynorm_shifted_sums_f(NULL, x, n, shift, &s, &q)
+        cynorm_shifted_sums_f(NULL, NULL, x, n, shift, &s, &q)
     else:
-        cynorm_shifted_sums_d(NULL, x, n, shift, &s, &q)
+        cynorm_shifted_sums_d(NULL, NULL, x, n, shift, &s, &q)
     hi[0] = shift
     lo[0] = s * inv_n
     q = q - s * s * inv_n

@@ -3,6 +3,7 @@
  * Shifted sums of a contiguous block, in float64:
  *   cynorm_shifted_sums:  s1 = sum(x - shift),  s2 = sum((x - shift)^2)      (moments)
  *   cynorm_gx_sums:       s1 = sum(g),          s2 = sum(g * (x - shift))    (backward)
+ * where g is grad_out times w when w is not NULL.
  * Written as plain loops over partial sums, GCC vectorizes the float32 versions by SLP but turns
  * the float64 ones into permute-heavy interleaved loads (3-4x slower).  GCC and Clang get
  * explicit 8 x float64 vectors here (two of them, for latency); every other compiler gets four
@@ -19,8 +20,9 @@
 #define CYNORM_G(d, g) (g)
 #define CYNORM_GD(d, g) ((g) * (d))
 
-/* moments:  cynorm_shifted_sums_{f,d}(NULL, x, n, shift, &sum(d), &sum(d*d))
-   backward: cynorm_gx_sums_{f,d}(g, x, n, shift, &sum(g), &sum(g*d))         with d = x - shift */
+/* moments:  cynorm_shifted_sums_{f,d}(NULL, NULL, x, n, shift, &sum(d), &sum(d*d))
+   backward: cynorm_gx_sums_{f,d}(g, w, x, n, shift, &sum(gw), &sum(gw*d))   with d = x - shift,
+             gw = g * w (w may be NULL: gw = g) */
 #define CYNORM_INSTANTIATE(LOAD_F, LOAD_D)                                                \
     CYNORM_TWO_SUMS(cynorm_shifted_sums_f, float, LOAD_F, CYNORM_D, CYNORM_DD)            \
     CYNORM_TWO_SUMS(cynorm_shifted_sums_d, double, LOAD_D, CYNORM_D, CYNORM_DD)           \
@@ -39,11 +41,11 @@ static inline double cynorm_hsum(cynorm_v8d v) {
 /* s1 += A, s2 += B over x[0:n] (and g[0:n]), where d = x - shift; A and B are expressions in
    d and g: (d, d * d) for the moments, (g, g * d) for the backward sums. */
 #define CYNORM_TWO_SUMS(NAME, T, LOAD8, A, B)                                             \
-static void NAME(const T* g_, const T* x, ptrdiff_t n, double shift, double* s1,          \
-                 double* s2) {                                                            \
+static void NAME(const T* g_, const T* w_, const T* x, ptrdiff_t n, double shift,        \
+                 double* s1, double* s2) {                                                \
     cynorm_v8d zero = {0, 0, 0, 0, 0, 0, 0, 0};                                           \
     cynorm_v8d k = zero + shift, a0 = zero, a1 = zero, q0 = zero, q1 = zero;              \
-    cynorm_v8d d, e, g = zero, h = zero;                                                  \
+    cynorm_v8d d, e, g = zero, h = zero, u, v;                                            \
     ptrdiff_t i = 0;                                                                      \
     double t1, t2, ds, gs = 0;                                                            \
     for (; i + 16 <= n; i += 16) {                                                        \
@@ -52,6 +54,12 @@ static void NAME(const T* g_, const T* x, ptrdiff_t n, double shift, double* s1,
         if (g_) {                                                                         \
             LOAD8(g, g_ + i);                                                             \
             LOAD8(h, g_ + i + 8);                                                         \
+            if (w_) {                                                                     \
+                LOAD8(u, w_ + i);                                                         \
+                LOAD8(v, w_ + i + 8);                                                     \
+                g *= u;                                                                   \
+                h *= v;                                                                   \
+            }                                                                             \
         }                                                                                 \
         d -= k;                                                                           \
         e -= k;                                                                           \
@@ -65,7 +73,7 @@ static void NAME(const T* g_, const T* x, ptrdiff_t n, double shift, double* s1,
     for (; i < n; i++) {                                                                  \
         ds = (double)x[i] - shift;                                                        \
         if (g_)                                                                           \
-            gs = (double)g_[i];                                                           \
+            gs = (double)g_[i] * (w_ ? (double)w_[i] : 1.0);                              \
         t1 += A(ds, gs);                                                                  \
         t2 += B(ds, gs);                                                                  \
     }                                                                                     \
@@ -86,8 +94,8 @@ CYNORM_INSTANTIATE(CYNORM_LOAD8_F, CYNORM_LOAD8_D)
 #else /* portable: four partial sums */
 
 #define CYNORM_TWO_SUMS(NAME, T, LOAD8, A, B)                                             \
-static void NAME(const T* g_, const T* x, ptrdiff_t n, double shift, double* s1,          \
-                 double* s2) {                                                            \
+static void NAME(const T* g_, const T* w_, const T* x, ptrdiff_t n, double shift,        \
+                 double* s1, double* s2) {                                                \
     double a[4] = {0, 0, 0, 0}, q[4] = {0, 0, 0, 0}, d, g = 0;                            \
     ptrdiff_t i = 0;                                                                      \
     int j;                                                                                \
@@ -95,7 +103,7 @@ static void NAME(const T* g_, const T* x, ptrdiff_t n, double shift, double* s1,
         for (j = 0; j < 4; j++) {                                                         \
             d = (double)x[i + j] - shift;                                                 \
             if (g_)                                                                       \
-                g = (double)g_[i + j];                                                    \
+                g = (double)g_[i + j] * (w_ ? (double)w_[i + j] : 1.0);                   \
             a[j] += A(d, g);                                                              \
             q[j] += B(d, g);                                                              \
         }                                                                                 \
@@ -103,7 +111,7 @@ static void NAME(const T* g_, const T* x, ptrdiff_t n, double shift, double* s1,
     for (; i < n; i++) {                                                                  \
         d = (double)x[i] - shift;                                                         \
         if (g_)                                                                           \
-            g = (double)g_[i];                                                            \
+            g = (double)g_[i] * (w_ ? (double)w_[i] : 1.0);                               \
         a[0] += A(d, g);                                                                  \
         q[0] += B(d, g);                                                                  \
     }                                                                                     \
