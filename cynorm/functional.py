@@ -182,7 +182,8 @@ def layer_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight=None, 
         for a in (dw, db):
             if a is not None:
                 a[...] = 0.0
-    grads = [None if a is None else a.sum(axis=0).reshape(nshape).astype(rdt) for a in (dw, db)]
+    grads = [None if a is None else (a[0] if T == 1 else a.sum(axis=0)).reshape(nshape).astype(rdt)
+             for a in (dw, db)]
     return (dx if rdt is cdt else dx.astype(rdt)), grads[0], grads[1]
 
 
@@ -200,7 +201,10 @@ def _saved(value, name, n):
     """Saved statistics: float64, contiguous, n elements (the shape is free)."""
     if value is None:
         raise ValueError(f"{name} is required (the statistics saved by the forward pass)")
-    arr = np.ascontiguousarray(as_array(value, name), dtype=np.float64).reshape(-1)
+    if type(value) is np.ndarray and value.dtype == np.float64 and value.flags.c_contiguous:
+        arr = value.reshape(-1)
+    else:
+        arr = np.ascontiguousarray(as_array(value, name), dtype=np.float64).reshape(-1)
     if arr.size != n:
         raise ValueError(f"{name} must have {n} elements (one per row or feature), got {arr.size}")
     return arr
