@@ -24,15 +24,22 @@ cdef inline void gx_sums(const floating* g, const floating* w, const floating* x
 
 cdef void layer_norm_param_grads(const floating* g, Py_ssize_t ldg, const floating* x,
                                  Py_ssize_t ldx, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t D,
-                                 const double* mean, const double* rstd, double* dw,
-                                 double* db) noexcept nogil:
-    """dw += Σ g·x̂ and db += Σ g over rows r0..r1 (either may be NULL), four rows per sweep."""
-    cdef Py_ssize_t i = r0, j, k
+                                 const double* mean, const double* rstd, double* dw, double* db,
+                                 const unsigned char* mask) noexcept nogil:
+    """dw += Σ g·x̂ and db += Σ g over the rows r0..r1 the mask keeps (dw or db may be NULL),
+    four rows per sweep."""
+    cdef Py_ssize_t i = r0, j, k, idx[4]
     cdef const floating* gr[4]
     cdef const floating* xr[4]
     cdef floating mh[4]
     cdef floating ml[4]
     cdef floating rs[4]
+    if mask != NULL:
+        # rows the mask keeps, one at a time (padding is skipped where it lies)
+        for i in range(r0, r1):
+            if mask[i]:
+                layer_norm_param_grads(g, ldg, x, ldx, i, i + 1, D, mean, rstd, dw, db, NULL)
+        return
     while i < r1:
         if i + 4 <= r1:
             for k in range(4):
@@ -69,9 +76,10 @@ cdef void layer_norm_backward_rows(const floating* g, Py_ssize_t ldg, const floa
                                    Py_ssize_t ldx, floating* dx, Py_ssize_t lddx, Py_ssize_t r0,
                                    Py_ssize_t r1, Py_ssize_t D, const floating* w,
                                    const double* mean, const double* rstd, double* dw,
-                                   double* db) noexcept nogil:
+                                   double* db, const unsigned char* mask) noexcept nogil:
     """Rows r0..r1: the parameter gradients (dw, db may be NULL), then per row the two sums
-    of _simd.h and one pass writing dx.  x - mean is (x - m_hi) - m_lo in the input dtype."""
+    of _simd.h and one pass writing dx.  x - mean is (x - m_hi) - m_lo in the input dtype.
+    Rows the mask marks as padding get dx = 0 and add nothing to dw and db."""
     cdef Py_ssize_t i, j, i0, i1
     cdef const floating* gi
     cdef const floating* xi
@@ -82,7 +90,10 @@ cdef void layer_norm_backward_rows(const floating* g, Py_ssize_t ldg, const floa
         if (i - r0) % 4 == 0 and (dw != NULL or db != NULL):
             # the parameter gradients of the next four rows, while they are in cache
             i1 = i + 4 if i + 4 < r1 else r1
-            layer_norm_param_grads(g, ldg, x, ldx, i, i1, D, mean, rstd, dw, db)
+            layer_norm_param_grads(g, ldg, x, ldx, i, i1, D, mean, rstd, dw, db, mask)
+        if mask != NULL and not mask[i]:
+            zero_row(dx + i * lddx, D)
+            continue
         gi = g + i * ldg
         xi = x + i * ldx
         dxi = dx + i * lddx
@@ -138,8 +149,9 @@ cdef void bn_sums_rows(const floating* g, Py_ssize_t ldg, const floating* x, Py_
 
 cdef void bn_sums_columns(const floating* g, Py_ssize_t ldg, const floating* x, Py_ssize_t ldx,
                           Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t F, const double* mean_col,
-                          double* sg, double* sgx) noexcept nogil:
-    """sg[f] = Σg, sgx[f] = Σg·(x - mean_col[f]) down the columns of rows r0..r1."""
+                          double* sg, double* sgx, const unsigned char* mask) noexcept nogil:
+    """sg[f] = Σg, sgx[f] = Σg·(x - mean_col[f]) down the columns of rows r0..r1 (those the
+    mask keeps)."""
     cdef Py_ssize_t i = r0, f
     cdef const floating* g0
     cdef const floating* g1
@@ -152,6 +164,15 @@ cdef void bn_sums_columns(const floating* g, Py_ssize_t ldg, const floating* x, 
     for f in range(F):
         sg[f] = 0.0
         sgx[f] = 0.0
+    if mask != NULL:
+        for i in range(r0, r1):
+            if mask[i]:
+                g0 = g + i * ldg
+                x0 = x + i * ldx
+                for f in range(F):
+                    sg[f] += g0[f]
+                    sgx[f] += g0[f] * (<double>x0[f] - mean_col[f])
+        return
     # four rows per sweep of the feature axis, as in column_block_centered
     while i + 4 <= r1:
         g0 = g + i * ldg
@@ -181,14 +202,16 @@ cdef void bn_sums_columns(const floating* g, Py_ssize_t ldg, const floating* x, 
 
 cdef void bn_dx_range(const floating* g, Py_ssize_t ldg, const floating* x, Py_ssize_t ldx,
                       floating* dx, Py_ssize_t lddx, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t N,
-                      Py_ssize_t C, bint by_rows, const floating* coef,
-                      bint training) noexcept nogil:
+                      Py_ssize_t C, bint by_rows, const floating* coef, bint training,
+                      const unsigned char* mask) noexcept nogil:
     """dx of rows r0..r1.  coef (4, C) per feature (by rows) or (4, N) per column: mh, k1, k2,
     k3."""
     cdef Py_ssize_t i, c
     cdef Py_ssize_t K = C if by_rows else N
     for i in range(r0, r1):
-        if by_rows:
+        if mask != NULL and not mask[i]:
+            zero_row(dx + i * lddx, N)
+        elif by_rows:
             c = i % C
             bn_dx_row(g + i * ldg, x + i * ldx, dx + i * lddx, N, coef[c], coef[K + c],
                       coef[2 * K + c], coef[3 * K + c], training)
@@ -200,22 +223,24 @@ cdef void bn_dx_range(const floating* g, Py_ssize_t ldg, const floating* x, Py_s
 cdef void _layer_norm_backward(const floating* g, Py_ssize_t ldg, const floating* x,
                                Py_ssize_t ldx, floating* dx, Py_ssize_t lddx, Py_ssize_t M,
                                Py_ssize_t D, const floating* w, const double* mean,
-                               const double* rstd, double* dw, double* db, int T) noexcept nogil:
+                               const double* rstd, double* dw, double* db,
+                               const unsigned char* mask, int T) noexcept nogil:
     # dw, db: T rows of D (or NULL), one per thread
     cdef Py_ssize_t t
     if T <= 1:
-        layer_norm_backward_rows(g, ldg, x, ldx, dx, lddx, 0, M, D, w, mean, rstd, dw, db)
+        layer_norm_backward_rows(g, ldg, x, ldx, dx, lddx, 0, M, D, w, mean, rstd, dw, db,
+                                 mask)
         return
     for t in prange(T, num_threads=T, schedule="static", chunksize=1):
         layer_norm_backward_rows(g, ldg, x, ldx, dx, lddx, chunk(M, t, T), chunk(M, t + 1, T),
                                  D, w, mean, rstd, dw + t * D if dw != NULL else NULL,
-                                 db + t * D if db != NULL else NULL)
+                                 db + t * D if db != NULL else NULL, mask)
 
 
 cdef void _batch_norm_sums(const floating* g, Py_ssize_t ldg, const floating* x, Py_ssize_t ldx,
                            Py_ssize_t M, Py_ssize_t N, Py_ssize_t C, bint by_rows,
                            const double* mean, double* parts, double* sums,
-                           int T) noexcept nogil:
+                           const unsigned char* mask, int T) noexcept nogil:
     """sums (2, C): Σg and Σg·(x - mean) per feature.  parts: 2·M doubles (by rows) or
     T·2·N + N (columns: per-thread sums, then the per-column mean)."""
     cdef Py_ssize_t t, i, a, c, j, L = N // C
@@ -239,11 +264,11 @@ cdef void _batch_norm_sums(const floating* g, Py_ssize_t ldg, const floating* x,
     for j in range(N):
         mean_col[j] = mean[j // L]
     if T <= 1:
-        bn_sums_columns(g, ldg, x, ldx, 0, M, N, mean_col, parts, parts + N)
+        bn_sums_columns(g, ldg, x, ldx, 0, M, N, mean_col, parts, parts + N, mask)
     else:
         for t in prange(T, num_threads=T, schedule="static", chunksize=1):
             bn_sums_columns(g, ldg, x, ldx, chunk(M, t, T), chunk(M, t + 1, T), N, mean_col,
-                            parts + 2 * t * N, parts + 2 * t * N + N)
+                            parts + 2 * t * N, parts + 2 * t * N + N, mask)
     for t in range(T):
         for j in range(N):
             sums[j // L] += parts[2 * t * N + j]
@@ -254,7 +279,7 @@ cdef void _batch_norm_dx(const floating* g, Py_ssize_t ldg, const floating* x, P
                          floating* dx, Py_ssize_t lddx, Py_ssize_t M, Py_ssize_t N,
                          Py_ssize_t C, bint by_rows, const double* mean, const double* invstd,
                          const floating* w, const double* sums, double n, bint training,
-                         floating* coef, int T) noexcept nogil:
+                         floating* coef, const unsigned char* mask, int T) noexcept nogil:
     """Coefficients per feature (expanded per column on the column path), then dx."""
     cdef Py_ssize_t t, c, j, L = N // C, K = C if by_rows else N
     cdef double k1, k2, k3
@@ -270,16 +295,17 @@ cdef void _batch_norm_dx(const floating* g, Py_ssize_t ldg, const floating* x, P
         coef[2 * K + j] = <floating>k2
         coef[3 * K + j] = <floating>(k3 - k2 * <double>ml)   # the mean's remainder, folded
     if T <= 1:
-        bn_dx_range(g, ldg, x, ldx, dx, lddx, 0, M, N, C, by_rows, coef, training)
+        bn_dx_range(g, ldg, x, ldx, dx, lddx, 0, M, N, C, by_rows, coef, training, mask)
         return
     for t in prange(T, num_threads=T, schedule="static", chunksize=1):
         bn_dx_range(g, ldg, x, ldx, dx, lddx, chunk(M, t, T), chunk(M, t + 1, T), N, C, by_rows,
-                    coef, training)
+                    coef, training, mask)
 
 
 def layer_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t D,
                         cnp.ndarray weight, cnp.ndarray mean, cnp.ndarray rstd,
-                        cnp.ndarray dw_parts, cnp.ndarray db_parts, int n_threads):
+                        cnp.ndarray dw_parts, cnp.ndarray db_parts, int n_threads,
+                        cnp.ndarray mask=None):
     """dx from grad_out g and input x (same dtype, rows of D elements) and the saved float64
     mean and rstd (one per row); weight: D elements of x's dtype or None.
 
@@ -296,6 +322,7 @@ def layer_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
     cdef int T = max(1, n_threads)
     cdef double* dw = float64_data(dw_parts, T * D)
     cdef double* db = float64_data(db_parts, T * D)
+    cdef const unsigned char* mk = mask_data(mask, M)
     if is_float32(g) != f32 or is_float32(dx) != f32 or mp == NULL or rp == NULL:
         raise TypeError("layer_norm_backward: inconsistent arrays")
     if dw != NULL:
@@ -309,24 +336,27 @@ def layer_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
             _layer_norm_backward(<const float*>cnp.PyArray_DATA(g), ldg,
                                  <const float*>cnp.PyArray_DATA(x), ldx,
                                  <float*>cnp.PyArray_DATA(dx), lddx, M, D, <const float*>w, mp,
-                                 rp, dw, db, T)
+                                 rp, dw, db, mk, T)
         else:
             _layer_norm_backward(<const double*>cnp.PyArray_DATA(g), ldg,
                                  <const double*>cnp.PyArray_DATA(x), ldx,
                                  <double*>cnp.PyArray_DATA(dx), lddx, M, D, <const double*>w,
-                                 mp, rp, dw, db, T)
+                                 mp, rp, dw, db, mk, T)
 
 
 def batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t rows,
                         Py_ssize_t cols, Py_ssize_t C, bint by_rows, cnp.ndarray mean,
                         cnp.ndarray invstd, cnp.ndarray weight, bint training,
-                        cnp.ndarray sums, int n_threads):
+                        cnp.ndarray sums, int n_threads, cnp.ndarray mask=None):
     """dx of BatchNorm from grad_out g and input x seen as (rows, cols), features laid out as
     in feature_moments; mean and invstd: float64 (C,); weight: C elements of x's dtype or None.
 
     sums: float64 (2, C) that receives Σg and Σg·(x - mean) per feature (None: not wanted,
-    eval only).  Returns nothing; dx is written in place.
+    eval only).  mask (one bool per row, column layout only): padding rows get dx = 0 and
+    are left out of the sums and of the count.  Returns nothing; dx is written in place.
     """
+    cdef const unsigned char* mk = mask_data(mask, rows)
+    cdef Py_ssize_t r
     cdef Py_ssize_t ldx = row_stride(x, rows, cols, False), ldg = row_stride(g, rows, cols, False)
     cdef Py_ssize_t lddx = row_stride(dx, rows, cols, True)
     cdef int f32 = is_float32(x)
@@ -348,7 +378,14 @@ def batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
         if sp != NULL:
             memset(sp, 0, 2 * C * sizeof(double))
         return
+    if by_rows and mk != NULL:
+        raise ValueError("batch_norm_backward: a row mask needs the column layout")
     n = <double>((rows // C) * cols if by_rows else rows * (cols // C))
+    if mk != NULL:
+        n = 0.0
+        for r in range(rows):
+            n += mk[r] != 0
+        n *= cols // C
     parts = <double*>malloc(sizeof(double) * (2 * rows if by_rows else 2 * T * cols + cols))
     coef = malloc(4 * (C if by_rows else cols) * cnp.PyArray_ITEMSIZE(x))
     if parts == NULL or coef == NULL:
@@ -361,20 +398,20 @@ def batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
                 if sp != NULL:
                     _batch_norm_sums(<const float*>cnp.PyArray_DATA(g), ldg,
                                      <const float*>cnp.PyArray_DATA(x), ldx, rows, cols, C,
-                                     by_rows, mp, parts, sp, T)
+                                     by_rows, mp, parts, sp, mk, T)
                 _batch_norm_dx(<const float*>cnp.PyArray_DATA(g), ldg,
                                <const float*>cnp.PyArray_DATA(x), ldx,
                                <float*>cnp.PyArray_DATA(dx), lddx, rows, cols, C, by_rows, mp,
-                               ip, <const float*>w, sp, n, training, <float*>coef, T)
+                               ip, <const float*>w, sp, n, training, <float*>coef, mk, T)
             else:
                 if sp != NULL:
                     _batch_norm_sums(<const double*>cnp.PyArray_DATA(g), ldg,
                                      <const double*>cnp.PyArray_DATA(x), ldx, rows, cols, C,
-                                     by_rows, mp, parts, sp, T)
+                                     by_rows, mp, parts, sp, mk, T)
                 _batch_norm_dx(<const double*>cnp.PyArray_DATA(g), ldg,
                                <const double*>cnp.PyArray_DATA(x), ldx,
                                <double*>cnp.PyArray_DATA(dx), lddx, rows, cols, C, by_rows, mp,
-                               ip, <const double*>w, sp, n, training, <double*>coef, T)
+                               ip, <const double*>w, sp, n, training, <double*>coef, mk, T)
     finally:
         free(parts)
         free(coef)

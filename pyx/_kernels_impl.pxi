@@ -193,45 +193,62 @@ cdef inline void merge_one(double* n_a, double* hi_a, double* lo_a, double* m2_a
     chan_merge(n_a, lo_a, m2_a, n_b, (hi_b - hi_a[0]) + lo_b, m2_b)
 
 
-cdef void column_block_sums(const floating* x, Py_ssize_t ld, Py_ssize_t rb, Py_ssize_t re,
-                            Py_ssize_t F, double* s) noexcept nogil:
-    """s[f] += sum of x[r, f] over rows rb..re."""
-    cdef Py_ssize_t r = rb, f
+cdef enum:
+    MAX_BLOCK_ROWS = 1024   # rows per block of the column reduction, at most
+
+
+cdef inline Py_ssize_t gather_rows(const floating* x, Py_ssize_t ld, Py_ssize_t rb,
+                                   Py_ssize_t re, const unsigned char* mask,
+                                   const floating** rows) noexcept nogil:
+    """Pointers to the rows rb..re of x that the mask keeps (all without a mask); their count.
+
+    Padding rows are skipped where they lie: nothing is copied."""
+    cdef Py_ssize_t r, k = 0
+    for r in range(rb, re):
+        if mask == NULL or mask[r]:
+            rows[k] = x + r * ld
+            k += 1
+    return k
+
+
+cdef void column_block_sums(const floating** rows, Py_ssize_t nr, Py_ssize_t F,
+                            double* s) noexcept nogil:
+    """s[f] += sum of rows[r][f] over the nr rows."""
+    cdef Py_ssize_t r = 0, f
     cdef const floating* r0
     cdef const floating* r1
     cdef const floating* r2
     cdef const floating* r3
     # Four rows per sweep of the feature axis: a quarter of the loads and stores of s.
-    while r + 4 <= re:
-        r0 = x + r * ld
-        r1 = r0 + ld
-        r2 = r1 + ld
-        r3 = r2 + ld
+    while r + 4 <= nr:
+        r0 = rows[r]
+        r1 = rows[r + 1]
+        r2 = rows[r + 2]
+        r3 = rows[r + 3]
         for f in range(F):
             s[f] += (<double>r0[f] + <double>r1[f]) + (<double>r2[f] + <double>r3[f])
         r += 4
-    while r < re:
-        r0 = x + r * ld
+    while r < nr:
+        r0 = rows[r]
         for f in range(F):
             s[f] += r0[f]
         r += 1
 
 
-cdef void column_block_centered(const floating* x, Py_ssize_t ld, Py_ssize_t rb, Py_ssize_t re,
-                                Py_ssize_t F, const double* shift, double* c,
-                                double* q) noexcept nogil:
-    """c[f] += Σ (x[r, f] - shift[f]) and q[f] += Σ (x[r, f] - shift[f])² over rows rb..re."""
-    cdef Py_ssize_t r = rb, f
+cdef void column_block_centered(const floating** rows, Py_ssize_t nr, Py_ssize_t F,
+                                const double* shift, double* c, double* q) noexcept nogil:
+    """c[f] += Σ (rows[r][f] - shift[f]) and q[f] += Σ (rows[r][f] - shift[f])²."""
+    cdef Py_ssize_t r = 0, f
     cdef const floating* r0
     cdef const floating* r1
     cdef const floating* r2
     cdef const floating* r3
     cdef double d0, d1, d2, d3
-    while r + 4 <= re:
-        r0 = x + r * ld
-        r1 = r0 + ld
-        r2 = r1 + ld
-        r3 = r2 + ld
+    while r + 4 <= nr:
+        r0 = rows[r]
+        r1 = rows[r + 1]
+        r2 = rows[r + 2]
+        r3 = rows[r + 3]
         for f in range(F):
             d0 = r0[f] - shift[f]
             d1 = r1[f] - shift[f]
@@ -240,8 +257,8 @@ cdef void column_block_centered(const floating* x, Py_ssize_t ld, Py_ssize_t rb,
             c[f] += (d0 + d1) + (d2 + d3)
             q[f] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
         r += 4
-    while r < re:
-        r0 = x + r * ld
+    while r < nr:
+        r0 = rows[r]
         for f in range(F):
             d0 = r0[f] - shift[f]
             c[f] += d0
@@ -251,45 +268,42 @@ cdef void column_block_centered(const floating* x, Py_ssize_t ld, Py_ssize_t rb,
 
 cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t first,
                                Py_ssize_t last, Py_ssize_t F, Py_ssize_t rows_per_block,
-                               double* count, double* hi, double* lo, double* m2, double* c,
-                               double* q) noexcept nogil:
-    """Per-column moments of rows first..last of a row-major (rows, F) array, row stride ld.
+                               const unsigned char* mask, double* count, double* hi, double* lo,
+                               double* m2, double* c, double* q) noexcept nogil:
+    """Per-column moments of rows first..last of a row-major (rows, F) array, row stride ld,
+    over the rows the mask keeps (every row without a mask).
 
-    Rows are taken in blocks that stay in cache.  The first block gets a corrected two-pass:
-    its means become the shifts hi.  Every later block is one pass of sums of x - hi and
-    (x - hi)², merged into lo and M2 by Chan's formula.  With hi the mean of a block of the
+    Rows are taken in blocks that stay in cache.  The first non-empty block gets a corrected
+    two-pass: its means become the shifts hi.  Every later block is one pass of sums of x - hi
+    and (x - hi)², merged into lo and M2 by Chan's formula.  With hi the mean of a block of the
     same data, the rounding of Σ(x - hi)² stays a few float64 ulps of the total M2.
     """
-    cdef Py_ssize_t rb = first, re, f
+    cdef const floating* rows[MAX_BLOCK_ROWS]
+    cdef Py_ssize_t rb = first, re, f, nr
     cdef double nb, n, inv_nb, wa, wb, rel, m2b, delta
     count[0] = 0.0
-    if first >= last:
-        return
     for f in range(F):
         hi[f] = 0.0
-        c[f] = 0.0
-        q[f] = 0.0
-    re = first + rows_per_block if first + rows_per_block < last else last
-    nb = <double>(re - rb)
-    inv_nb = 1.0 / nb
-    column_block_sums(x, ld, rb, re, F, hi)
-    for f in range(F):
-        hi[f] *= inv_nb
-    column_block_centered(x, ld, rb, re, F, hi, c, q)
-    for f in range(F):
-        lo[f] = c[f] * inv_nb
-        m2b = q[f] - c[f] * c[f] * inv_nb
-        m2[f] = m2b if not m2b < 0.0 else 0.0
-    count[0] = nb
-    rb = re
+        lo[f] = 0.0
+        m2[f] = 0.0
+    if rows_per_block > MAX_BLOCK_ROWS:
+        rows_per_block = MAX_BLOCK_ROWS
     while rb < last:
         re = rb + rows_per_block if rb + rows_per_block < last else last
-        nb = <double>(re - rb)
+        nr = gather_rows(x, ld, rb, re, mask, rows)
+        rb = re
+        if nr == 0:
+            continue
+        nb = <double>nr
         inv_nb = 1.0 / nb
         for f in range(F):
             c[f] = 0.0
             q[f] = 0.0
-        column_block_centered(x, ld, rb, re, F, hi, c, q)
+        if count[0] == 0:
+            column_block_sums(rows, nr, F, hi)
+            for f in range(F):
+                hi[f] *= inv_nb
+        column_block_centered(rows, nr, F, hi, c, q)
         n = count[0] + nb
         wb = nb / n
         wa = count[0] * wb
@@ -301,7 +315,6 @@ cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t firs
             lo[f] += delta * wb
             m2[f] += m2b + delta * delta * wa
         count[0] = n
-        rb = re
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,26 +327,37 @@ cdef inline Py_ssize_t chunk(Py_ssize_t M, Py_ssize_t t, Py_ssize_t T) noexcept 
     return (M * t) // T
 
 
+cdef inline void zero_row(floating* y, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(n):
+        y[j] = 0
+
+
 cdef void layer_norm_rows(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t ldy,
                           Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t D, const floating* w,
-                          const floating* b, double eps, double* mean,
-                          double* rstd) noexcept nogil:
+                          const floating* b, double eps, double* mean, double* rstd,
+                          const unsigned char* mask) noexcept nogil:
+    # padding rows (mask 0) are not computed: written as 0, their statistics left alone
     cdef Py_ssize_t i
     for i in range(r0, r1):
+        if mask != NULL and not mask[i]:
+            zero_row(y + i * ldy, D)
+            continue
         layer_norm_row(x + i * ldx, y + i * ldy, D, w, b, eps,
                        mean + i if mean != NULL else NULL, rstd + i if rstd != NULL else NULL)
 
 
 cdef void _layer_norm(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t ldy,
                       Py_ssize_t M, Py_ssize_t D, const floating* w, const floating* b,
-                      double* mean, double* rstd, double eps, int n_threads) noexcept nogil:
+                      double* mean, double* rstd, double eps, const unsigned char* mask,
+                      int n_threads) noexcept nogil:
     cdef Py_ssize_t t
     if n_threads <= 1:
-        layer_norm_rows(x, ldx, y, ldy, 0, M, D, w, b, eps, mean, rstd)
+        layer_norm_rows(x, ldx, y, ldy, 0, M, D, w, b, eps, mean, rstd, mask)
         return
     for t in prange(n_threads, num_threads=n_threads, schedule="static", chunksize=1):
         layer_norm_rows(x, ldx, y, ldy, chunk(M, t, n_threads), chunk(M, t + 1, n_threads), D,
-                        w, b, eps, mean, rstd)
+                        w, b, eps, mean, rstd, mask)
 
 
 cdef void moments_rows(const floating* x, Py_ssize_t ld, Py_ssize_t r0, Py_ssize_t r1,
@@ -365,8 +389,8 @@ cdef double _row_feature_moments(const floating* x, Py_ssize_t ld, Py_ssize_t M,
 
 cdef double _column_feature_moments(const floating* x, Py_ssize_t ld, Py_ssize_t M,
                                     Py_ssize_t F, Py_ssize_t C, Py_ssize_t T,
-                                    Py_ssize_t rows_per_block, double* parts,
-                                    double* stats) noexcept nogil:
+                                    Py_ssize_t rows_per_block, const unsigned char* mask,
+                                    double* parts, double* stats) noexcept nogil:
     """Moments of the columns of a (M, F) array over T row chunks in parallel, then merged per
     feature into stats (3, C): column j belongs to feature j // (F // C)."""
     cdef Py_ssize_t t, j, c, L = F // C
@@ -375,13 +399,14 @@ cdef double _column_feature_moments(const floating* x, Py_ssize_t ld, Py_ssize_t
     cdef int n_threads = <int>T
     # parts: per chunk [count, pad] + 5 arrays of F doubles (hi, lo, m2, and scratch c, q)
     if T == 1:
-        column_chunk_moments(x, ld, 0, M, F, rows_per_block, parts, parts + 2, parts + 2 + F,
+        column_chunk_moments(x, ld, 0, M, F, rows_per_block, mask, parts, parts + 2,
+                             parts + 2 + F,
                              parts + 2 + 2 * F, parts + 2 + 3 * F, parts + 2 + 4 * F)
     else:
         for t in prange(T, num_threads=n_threads, schedule="static", chunksize=1):
             p = parts + t * (2 + 5 * F)
             column_chunk_moments(x, ld, chunk(M, t, T), chunk(M, t + 1, T), F, rows_per_block,
-                                 p, p + 2, p + 2 + F, p + 2 + 2 * F, p + 2 + 3 * F, p + 2 + 4 * F)
+                                 mask, p, p + 2, p + 2 + F, p + 2 + 2 * F, p + 2 + 3 * F, p + 2 + 4 * F)
     for c in range(C):
         n = 0.0
         for t in range(T):
@@ -405,11 +430,14 @@ cdef void normalize_rows_range(const floating* x, Py_ssize_t ldx, floating* y, P
 
 cdef void normalize_columns_range(const floating* x, Py_ssize_t ldx, floating* y,
                                   Py_ssize_t ldy, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t F,
-                                  Py_ssize_t C, const floating* params) noexcept nogil:
-    # column j of x belongs to feature j // (F // C)
+                                  Py_ssize_t C, const floating* params,
+                                  const unsigned char* mask) noexcept nogil:
+    # column j of x belongs to feature j // (F // C); masked rows are written as 0
     cdef Py_ssize_t i, c, L = F // C
     for i in range(r0, r1):
-        if L == 1:
+        if mask != NULL and not mask[i]:
+            zero_row(y + i * ldy, F)
+        elif L == 1:
             normalize_row_vector(x + i * ldx, y + i * ldy, F, params, params + C, params + 2 * C)
         else:
             for c in range(C):
@@ -419,13 +447,14 @@ cdef void normalize_columns_range(const floating* x, Py_ssize_t ldx, floating* y
 
 cdef void _normalize(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t ldy,
                      Py_ssize_t M, Py_ssize_t N, Py_ssize_t C, bint by_rows,
-                     const floating* params, int n_threads) noexcept nogil:
+                     const floating* params, const unsigned char* mask,
+                     int n_threads) noexcept nogil:
     cdef Py_ssize_t t
     if n_threads <= 1:
         if by_rows:
             normalize_rows_range(x, ldx, y, ldy, 0, M, N, C, params)
         else:
-            normalize_columns_range(x, ldx, y, ldy, 0, M, N, C, params)
+            normalize_columns_range(x, ldx, y, ldy, 0, M, N, C, params, mask)
         return
     for t in prange(n_threads, num_threads=n_threads, schedule="static", chunksize=1):
         if by_rows:
@@ -433,7 +462,7 @@ cdef void _normalize(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t 
                                  chunk(M, t + 1, n_threads), N, C, params)
         else:
             normalize_columns_range(x, ldx, y, ldy, chunk(M, t, n_threads),
-                                    chunk(M, t + 1, n_threads), N, C, params)
+                                    chunk(M, t + 1, n_threads), N, C, params, mask)
 
 
 cdef inline void feature_params(double hi, double lo, double var, double eps, const floating* w,
@@ -531,15 +560,28 @@ cdef inline double* float64_data(cnp.ndarray a, Py_ssize_t n) except? NULL:
     return <double*>cnp.PyArray_DATA(a)
 
 
+cdef inline const unsigned char* mask_data(cnp.ndarray mask, Py_ssize_t rows) except? NULL:
+    """The row mask (one byte per row: bool or uint8, contiguous), or NULL for None."""
+    if mask is None:
+        return NULL
+    if (cnp.PyArray_ITEMSIZE(mask) != 1 or cnp.PyArray_SIZE(mask) != rows
+            or not cnp.PyArray_IS_C_CONTIGUOUS(mask)):
+        raise ValueError(f"the row mask must be a contiguous bool array of {rows} elements")
+    return <const unsigned char*>cnp.PyArray_DATA(mask)
+
+
 def layer_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t D, cnp.ndarray weight,
-               cnp.ndarray bias, cnp.ndarray mean, cnp.ndarray rstd, double eps, int n_threads):
+               cnp.ndarray bias, cnp.ndarray mean, cnp.ndarray rstd, double eps, int n_threads,
+               cnp.ndarray mask=None):
     """y = (x - mean) * rstd * weight + bias over each row of D elements of x.
 
     x and y (same dtype) are C-contiguous or 2-D with contiguous rows; weight and bias are
     contiguous arrays of D elements or None; mean and rstd (float64, one per row) receive the
-    statistics unless they are None.
+    statistics unless they are None.  mask (one bool per row, or None): rows it marks False are
+    padding, not computed and written as 0.
     """
     cdef Py_ssize_t M = cnp.PyArray_SIZE(x) // D if D > 0 else 0
+    cdef const unsigned char* mk = mask_data(mask, M)
     cdef Py_ssize_t ldx = row_stride(x, M, D, False), ldy = row_stride(y, M, D, True)
     cdef int f32 = is_float32(x)
     cdef void* w = optional_data(weight, D, f32)
@@ -553,21 +595,25 @@ def layer_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t D, cnp.ndarray weight,
     with nogil:
         if f32:
             _layer_norm(<const float*>cnp.PyArray_DATA(x), ldx, <float*>cnp.PyArray_DATA(y), ldy,
-                        M, D, <const float*>w, <const float*>b, mp, rp, eps, n_threads)
+                        M, D, <const float*>w, <const float*>b, mp, rp, eps, mk, n_threads)
         else:
             _layer_norm(<const double*>cnp.PyArray_DATA(x), ldx, <double*>cnp.PyArray_DATA(y),
-                        ldy, M, D, <const double*>w, <const double*>b, mp, rp, eps, n_threads)
+                        ldy, M, D, <const double*>w, <const double*>b, mp, rp, eps, mk,
+                        n_threads)
 
 
 def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t C,
-                    bint by_rows, cnp.ndarray stats, int n_threads, Py_ssize_t rows_per_block=64):
+                    bint by_rows, cnp.ndarray stats, int n_threads, Py_ssize_t rows_per_block=64,
+                    cnp.ndarray mask=None):
     """Per-feature moments of x seen as (rows, cols): stats (3, C) float64 receives the mean
     as hi + lo and M2; returns the count per feature.
 
     by_rows: row i belongs to feature i % C (the (N, C, L) layout with long L, rows of L).
     Otherwise column j belongs to feature j // (cols // C) ((N, C) and short L), reduced down
-    the columns over row chunks, one per thread.
+    the columns over row chunks, one per thread; mask (one bool per row, column layout only)
+    keeps the rows it marks True.
     """
+    cdef const unsigned char* mk = mask_data(mask, rows)
     cdef Py_ssize_t ld = row_stride(x, rows, cols, False)
     cdef int f32 = is_float32(x)
     cdef double* st = float64_data(stats, 3 * C)
@@ -576,6 +622,8 @@ def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t 
     cdef double* parts
     if C <= 0 or rows * cols == 0 or (by_rows and rows % C) or (not by_rows and cols % C):
         raise ValueError("feature_moments: inconsistent shape")
+    if by_rows and mk != NULL:
+        raise ValueError("feature_moments: a row mask needs the column layout")
     T = 1 if by_rows else max(1, min(n_threads, rows // 64))
     parts = <double*>malloc(sizeof(double) * (3 * rows if by_rows else T * (2 + 5 * cols)))
     if parts == NULL:
@@ -590,10 +638,10 @@ def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t 
                                          parts, st, n_threads)
             elif f32:
                 n = _column_feature_moments(<const float*>cnp.PyArray_DATA(x), ld, rows, cols, C,
-                                            T, rows_per_block, parts, st)
+                                            T, rows_per_block, mk, parts, st)
             else:
                 n = _column_feature_moments(<const double*>cnp.PyArray_DATA(x), ld, rows, cols,
-                                            C, T, rows_per_block, parts, st)
+                                            C, T, rows_per_block, mk, parts, st)
     finally:
         free(parts)
     return n
@@ -622,7 +670,8 @@ def batch_norm_params(cnp.ndarray stats, double var_scale, cnp.ndarray weight,
 
 def normalize_running(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t cols,
                       bint by_rows, cnp.ndarray running_mean, cnp.ndarray running_var,
-                      cnp.ndarray weight, cnp.ndarray bias, double eps, int n_threads):
+                      cnp.ndarray weight, cnp.ndarray bias, double eps, int n_threads,
+                      cnp.ndarray mask=None):
     """Eval-mode BatchNorm in one call: params from the running statistics, then normalize.
 
     running_mean, running_var, weight and bias are contiguous arrays of C elements in x's
@@ -635,7 +684,10 @@ def normalize_running(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t 
     cdef void* rv = optional_data(running_var, C, f32)
     cdef void* w = optional_data(weight, C, f32)
     cdef void* b = optional_data(bias, C, f32)
+    cdef const unsigned char* mk = mask_data(mask, rows)
     cdef void* params
+    if by_rows and mk != NULL:
+        raise ValueError("normalize_running: a row mask needs the column layout")
     if is_float32(y) != f32 or rm == NULL or rv == NULL:
         raise TypeError("x, y and the running statistics must share one dtype")
     if C <= 0 or (by_rows and rows % C) or (not by_rows and cols % C):
@@ -650,12 +702,12 @@ def normalize_running(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t 
             _running_params(<const float*>rm, <const float*>rv, <const float*>w,
                             <const float*>b, eps, C, <float*>params)
             _normalize(<const float*>cnp.PyArray_DATA(x), ldx, <float*>cnp.PyArray_DATA(y), ldy,
-                       rows, cols, C, by_rows, <const float*>params, n_threads)
+                       rows, cols, C, by_rows, <const float*>params, mk, n_threads)
         else:
             _running_params(<const double*>rm, <const double*>rv, <const double*>w,
                             <const double*>b, eps, C, <double*>params)
             _normalize(<const double*>cnp.PyArray_DATA(x), ldx, <double*>cnp.PyArray_DATA(y),
-                       ldy, rows, cols, C, by_rows, <const double*>params, n_threads)
+                       ldy, rows, cols, C, by_rows, <const double*>params, mk, n_threads)
     free(params)
 
 
@@ -680,7 +732,7 @@ def update_running(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarra
 
 
 def normalize(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t cols,
-              bint by_rows, cnp.ndarray params, int n_threads):
+              bint by_rows, cnp.ndarray params, int n_threads, cnp.ndarray mask=None):
     """y = (x - m_hi) * scale + shift per feature, x and y seen as (rows, cols).
 
     params (3, C) in x's dtype (see feature_params); features laid out as in feature_moments.
@@ -689,6 +741,9 @@ def normalize(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t cols,
     cdef int f32 = is_float32(x)
     cdef Py_ssize_t C = cnp.PyArray_SIZE(params) // 3
     cdef void* p = optional_data(params, 3 * C, f32)
+    cdef const unsigned char* mk = mask_data(mask, rows)
+    if by_rows and mk != NULL:
+        raise ValueError("normalize: a row mask needs the column layout")
     if is_float32(y) != f32:
         raise TypeError("x and y must have the same dtype")
     if C <= 0 or (by_rows and rows % C) or (not by_rows and cols % C):
@@ -698,7 +753,7 @@ def normalize(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t cols,
     with nogil:
         if f32:
             _normalize(<const float*>cnp.PyArray_DATA(x), ldx, <float*>cnp.PyArray_DATA(y), ldy,
-                       rows, cols, C, by_rows, <const float*>p, n_threads)
+                       rows, cols, C, by_rows, <const float*>p, mk, n_threads)
         else:
             _normalize(<const double*>cnp.PyArray_DATA(x), ldx, <double*>cnp.PyArray_DATA(y),
-                       ldy, rows, cols, C, by_rows, <const double*>p, n_threads)
+                       ldy, rows, cols, C, by_rows, <const double*>p, mk, n_threads)

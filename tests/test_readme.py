@@ -13,5 +13,10 @@ def test_python_blocks_run():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks
     namespace = {}
-    for block in blocks:
-        exec(compile(block, str(README), "exec"), namespace)  # noqa: S102
+    try:
+        for block in blocks:
+            exec(compile(block, str(README), "exec"), namespace)  # noqa: S102
+    finally:
+        import cynorm
+
+        cynorm.set_num_threads(None)  # the README sets it; leave the process as it was
