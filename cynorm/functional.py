@@ -76,7 +76,7 @@ def _finish(y, result, shape, rdt, out):
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
-               return_stats=False):
+               return_stats=False, mask=None, lengths=None):
     """Layer normalization over the trailing ``normalized_shape`` dims, as torch.nn.functional.
 
     y = (x - mean) / sqrt(var + eps) * weight + bias, with the biased variance of each row.
@@ -96,6 +96,11 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     return_stats : bool
         Also return the per-row ``mean`` and ``rstd = 1 / sqrt(var + eps)`` (float64, shape
         ``(*, 1, ..., 1)`` like torch's native_layer_norm), for layer_norm_backward.
+    mask : bool array of the batch dims ``x.shape[:-len(normalized_shape)]``, optional
+        True for real tokens.  Padding rows are skipped, not computed: their output is 0 and
+        their saved statistics NaN.
+    lengths : int array (N,), optional
+        Instead of mask, for (N, T, ...) input: sequence n has lengths[n] real tokens.
 
     Returns
     -------
@@ -114,6 +119,9 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     w = param(weight, "weight", nshape, cdt)
     b = param(bias, "bias", nshape, cdt)
     shape = x.shape
+    row_mask = None
+    if mask is not None or lengths is not None:
+        row_mask = _row_mask(mask, lengths, shape[: len(shape) - len(nshape)], "layer_norm")
     if out is not None:
         check_out(out, shape, rdt)
     stats = None
@@ -129,7 +137,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     mean = rstd = None
     if return_stats:
         mean, rstd = stats[0].reshape(rows), stats[1].reshape(rows)
-    _kernels.layer_norm(x, y, cols, w, b, mean, rstd, eps, threads_for(size))
+    _kernels.layer_norm(x, y, cols, w, b, mean, rstd, eps, threads_for(size), row_mask)
     y = _finish(y, result, shape, rdt, out)
     return (y, stats[0], stats[1]) if return_stats else y
 
@@ -153,7 +161,8 @@ def _layer_norm_input(x, normalized_shape, op):
     return x, cdt, rdt, nshape, rows, cols
 
 
-def layer_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight=None, bias=None):
+def layer_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight=None, bias=None, *,
+                        mask=None, lengths=None):
     """Gradients of layer_norm: (grad_input, grad_weight, grad_bias).
 
     ``mean`` and ``rstd`` are the statistics ``layer_norm(..., return_stats=True)`` returned
@@ -161,6 +170,8 @@ def layer_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight=None, 
     ``weight``, grad_bias None without ``bias`` (only its presence matters).  Gradients are
     accumulated in float64 and returned in x's result dtype; grad_weight and grad_bias are
     summed over rows from per-thread partial sums: deterministic for a given thread count.
+    With ``mask`` / ``lengths`` (as in layer_norm), padding rows get a zero gradient and add
+    nothing to grad_weight and grad_bias.
     """
     x, cdt, rdt, nshape, rows, cols = _layer_norm_input(x, normalized_shape,
                                                         "layer_norm_backward")
@@ -170,6 +181,9 @@ def layer_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight=None, 
         param(bias, "bias", nshape, cdt)
     mean = _saved(mean, "mean", rows)
     rstd = _saved(rstd, "rstd", rows)
+    row_mask = None
+    if mask is not None or lengths is not None:
+        row_mask = _row_mask(mask, lengths, x.shape[: x.ndim - len(nshape)], "layer_norm_backward")
     T = threads_for(x.size)
     dw = np.empty((T, cols)) if w is not None else None
     db = np.empty((T, cols)) if bias is not None else None
@@ -177,7 +191,7 @@ def layer_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight=None, 
     if x.size:
         _kernels.layer_norm_backward(_rows_of(g, rows, cols),
                                      _rows_of(to_compute(x, cdt), rows, cols), dx, cols, w,
-                                     mean, rstd, dw, db, T)
+                                     mean, rstd, dw, db, T, row_mask)
     elif dw is not None or db is not None:
         for a in (dw, db):
             if a is not None:
@@ -185,6 +199,34 @@ def layer_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight=None, 
     grads = [None if a is None else (a[0] if T == 1 else a.sum(axis=0)).reshape(nshape).astype(rdt)
              for a in (dw, db)]
     return (dx if rdt is cdt else dx.astype(rdt)), grads[0], grads[1]
+
+
+def _row_mask(mask, lengths, batch_shape, op):
+    """The one validator of padding masks: a contiguous bool array, one element per row of the
+    batch dims (True = real token), from ``mask`` or from ``lengths``."""
+    if mask is not None and lengths is not None:
+        raise ValueError(f"{op}: give mask or lengths, not both")
+    if lengths is not None:
+        if len(batch_shape) != 2:
+            raise ValueError(f"{op}: lengths= needs input of shape (N, T, ...) with batch dims "
+                             f"(N, T), got batch dims {batch_shape}")
+        N, T = batch_shape
+        lens = as_array(lengths, "lengths")
+        if lens.dtype.kind not in "iu":
+            raise TypeError(f"lengths must be an integer array, got dtype {lens.dtype}")
+        if lens.shape != (N,):
+            raise ValueError(f"lengths must have shape ({N},), got {lens.shape}")
+        if lens.size and (lens.min() < 0 or lens.max() > T):
+            raise ValueError(f"lengths must lie in [0, {T}], got values from {lens.min()} to "
+                             f"{lens.max()}")
+        return (np.arange(T) < lens[:, None]).reshape(-1)
+    m = as_array(mask, "mask")
+    if m.dtype != np.bool_:
+        raise TypeError(f"mask must be a bool array (True = real token), got dtype {m.dtype}")
+    if m.shape != tuple(batch_shape):
+        raise ValueError(f"mask must have the input's batch shape {tuple(batch_shape)}, got "
+                         f"{m.shape}")
+    return np.ascontiguousarray(m).reshape(-1)
 
 
 def _grad_like(grad_out, x, cdt):
@@ -217,14 +259,15 @@ def _layout(A, C, L):
     return A, C * L, False
 
 
-def _feature_moments(x, rows, cols, C, by_rows, n_threads):
+def _feature_moments(x, rows, cols, C, by_rows, n_threads, row_mask=None):
     """(count, stats) per feature of x laid out as _layout says: stats (3, C) float64 holds
     the mean as hi + lo (hi carries the magnitude, lo the remainder; see pyx/_kernels_impl.pxi)
     and M2.
     """
     stats = np.empty((3, C))
     rows_per_block = max(8, min(1024, COLUMN_BLOCK_BYTES // (cols * x.itemsize)))
-    n = _kernels.feature_moments(x, rows, cols, C, by_rows, stats, n_threads, rows_per_block)
+    n = _kernels.feature_moments(x, rows, cols, C, by_rows, stats, n_threads, rows_per_block,
+                                 row_mask)
     return n, stats
 
 
@@ -245,7 +288,8 @@ def _buffer(value, name, C):
 
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, axis=1, out=None, return_stats=False):
+               momentum=0.1, eps=1e-5, *, axis=1, out=None, return_stats=False, mask=None,
+               lengths=None):
     """Batch normalization with the features on ``axis``, as torch.nn.functional.batch_norm.
 
     Training: normalizes each feature with the mean and biased variance over every other axis
@@ -272,6 +316,12 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     return_stats : bool
         Also return the per-feature ``mean`` and ``invstd = 1 / sqrt(var + eps)`` (float64,
         shape (C,)) used to normalize, for batch_norm_backward.
+    mask : bool array ``x.shape[:-1]``, optional
+        For feature-last input (``axis=-1``, e.g. (N, T, C)): True for real tokens.  Statistics
+        (and the running update) use the real tokens only; padding positions of the output are
+        written as 0.
+    lengths : int array (N,), optional
+        Instead of mask, for (N, T, C) input: sequence n has lengths[n] real tokens.
 
     Returns
     -------
@@ -286,6 +336,10 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     """
     x, cdt, rdt, C, A, L = _batch_norm_input(x, axis, "batch_norm")
     shape = x.shape
+    row_mask = None
+    if mask is not None or lengths is not None:
+        row_mask = _feature_last_mask(mask, lengths, shape, L, "batch_norm")
+        n_real = int(np.count_nonzero(row_mask))
     n = A * L
     if type(eps) is not float:
         eps = real_scalar(eps, "eps")
@@ -314,6 +368,10 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
                              f"size {shape}")
         if n == 0:
             raise ValueError(f"batch_norm cannot train on an empty batch, got input size {shape}")
+        if row_mask is not None and n_real < 2:
+            raise ValueError("Expected more than 1 value per channel when training, got "
+                             f"{n_real} real token{'' if n_real == 1 else 's'} (the mask marks "
+                             "the rest as padding)")
         if (rm is None) != (rv is None):
             raise ValueError("running_mean and running_var must be given together")
 
@@ -331,13 +389,14 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     x = _rows_of(x, rows, cols)
     if not training and _is_param(rm, cdt) and _is_param(rv, cdt):
         y, result = _output(x, shape, rows, cols, cdt, rdt, out, ())
-        _kernels.normalize_running(x, y, rows, cols, by_rows, rm, rv, w, b, eps, n_threads)
+        _kernels.normalize_running(x, y, rows, cols, by_rows, rm, rv, w, b, eps, n_threads,
+                                   row_mask)
         y = _finish(y, result, shape, rdt, out)
         if return_stats:
             return y, rm.astype(np.float64), _invstd(rv.astype(np.float64), eps)
         return y
     if training:
-        count, stats = _feature_moments(x, rows, cols, C, by_rows, n_threads)
+        count, stats = _feature_moments(x, rows, cols, C, by_rows, n_threads, row_mask)
         if rm is not None:
             if rm.dtype is rv.dtype and rm.dtype.isnative and rm.flags.c_contiguous \
                     and rv.flags.c_contiguous:
@@ -355,11 +414,18 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     params = np.empty((3, C), dtype=cdt)
     _kernels.batch_norm_params(stats, var_scale, w, b, eps, params)
     y, result = _output(x, shape, rows, cols, cdt, rdt, out, ())
-    _kernels.normalize(x, y, rows, cols, by_rows, params, n_threads)
+    _kernels.normalize(x, y, rows, cols, by_rows, params, n_threads, row_mask)
     y = _finish(y, result, shape, rdt, out)
     if return_stats:
         return y, stats[0] + stats[1], _invstd(stats[2] * var_scale, eps)
     return y
+
+
+def _feature_last_mask(mask, lengths, shape, L, op):
+    if L != 1:
+        raise ValueError(f"{op}: mask and lengths need the features on the last axis "
+                         f"(axis=-1, e.g. (N, T, C) input), got input of shape {shape}")
+    return _row_mask(mask, lengths, shape[:-1], op)
 
 
 def _invstd(var, eps):
@@ -388,13 +454,15 @@ def _batch_norm_input(x, axis, op):
 
 
 def batch_norm_backward(grad_out, x, mean, invstd, weight=None, training=True, *, axis=1,
-                        bias=None):
+                        bias=None, mask=None, lengths=None):
     """Gradients of batch_norm: (grad_input, grad_weight, grad_bias).
 
     ``mean`` and ``invstd`` (C,) are what ``batch_norm(..., return_stats=True)`` returned: the
     batch statistics in training, the running ones in eval (constants there:
     ``dx = grad_out * weight * invstd``).  grad_weight is None without ``weight``, grad_bias
     None without ``bias`` (only its presence matters).  Sums are accumulated in float64.
+    With ``mask`` / ``lengths`` (as in batch_norm), padding positions get a zero gradient and are
+    left out of the sums and counts.
     """
     x, cdt, rdt, C, A, L = _batch_norm_input(x, axis, "batch_norm_backward")
     g = _grad_like(grad_out, x, cdt)
@@ -404,6 +472,9 @@ def batch_norm_backward(grad_out, x, mean, invstd, weight=None, training=True, *
     mean = _saved(mean, "mean", C)
     invstd = _saved(invstd, "invstd", C)
     training = bool(training)
+    row_mask = None
+    if mask is not None or lengths is not None:
+        row_mask = _feature_last_mask(mask, lengths, x.shape, L, "batch_norm_backward")
     rows, cols, by_rows = _layout(A, C, L)
     want_sums = training or w is not None or bias is not None
     sums = np.zeros((2, C)) if want_sums else None
@@ -412,7 +483,7 @@ def batch_norm_backward(grad_out, x, mean, invstd, weight=None, training=True, *
         _kernels.batch_norm_backward(_rows_of(g, rows, cols),
                                      _rows_of(to_compute(x, cdt), rows, cols), dx, rows, cols, C,
                                      by_rows, mean, invstd, w, training, sums,
-                                     threads_for(x.size, BATCH_NORM_SERIAL_BELOW))
+                                     threads_for(x.size, BATCH_NORM_SERIAL_BELOW), row_mask)
     grad_w = None if w is None else (sums[1] * invstd).astype(rdt)
     grad_b = None if bias is None else sums[0].astype(rdt)
     return (dx if rdt is cdt else dx.astype(rdt)), grad_w, grad_b

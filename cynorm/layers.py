@@ -100,8 +100,8 @@ class _Module:
             own[key][...] = arr
         return self
 
-    def __call__(self, x):
-        return self.forward(x)
+    def __call__(self, x, **kwargs):
+        return self.forward(x, **kwargs)
 
     def _need_saved(self):
         if self._saved is None:
@@ -145,21 +145,24 @@ class LayerNorm(_Module):
             self.weight = None
             self.bias = None
 
-    def forward(self, x):
-        """Normalize x.  In training mode the input and its statistics are kept for backward."""
+    def forward(self, x, *, mask=None, lengths=None):
+        """Normalize x (padding rows skipped and written as 0 with mask= or lengths=).  In
+        training mode the input and its statistics are kept for backward."""
         if not self.training:
-            return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+            return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps,
+                              mask=mask, lengths=lengths)
         y, mean, rstd = layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps,
-                                   return_stats=True)
-        self._saved = (x, mean, rstd)
+                                   return_stats=True, mask=mask, lengths=lengths)
+        self._saved = (x, mean, rstd, mask, lengths)
         return y
 
     def backward(self, grad_out):
         """grad_input of the last training forward; sets grad_weight and grad_bias (None for a
         missing parameter).  The input is kept by reference: do not modify it in between."""
-        x, mean, rstd = self._need_saved()
+        x, mean, rstd, mask, lengths = self._need_saved()
         dx, self.grad_weight, self.grad_bias = layer_norm_backward(
-            grad_out, x, mean, rstd, self.normalized_shape, self.weight, self.bias)
+            grad_out, x, mean, rstd, self.normalized_shape, self.weight, self.bias, mask=mask,
+            lengths=lengths)
         return dx
 
     def __repr__(self):
@@ -217,7 +220,9 @@ class BatchNorm(_Module):
             want = " or ".join(f"{d}D" for d in self._ndims)
             raise ValueError(f"expected {want} input (got {x.ndim}D input)")
 
-    def forward(self, x):
+    def forward(self, x, *, mask=None, lengths=None):
+        """Normalize x; with mask= or lengths= (feature-last (N, T, C) input, axis=-1) the
+        statistics come from the real tokens only and padding positions are written as 0."""
         x = as_array(x)
         self._check_input_dim(x)
         if x.ndim >= 2:
@@ -234,7 +239,8 @@ class BatchNorm(_Module):
         if not self.training:
             momentum = 0.0 if self.momentum is None else self.momentum
             return batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                              use_batch, momentum, self.eps, axis=self.axis)
+                              use_batch, momentum, self.eps, axis=self.axis, mask=mask,
+                              lengths=lengths)
         with self._lock:
             if self.track_running_stats:
                 tracked = int(self.num_batches_tracked) + 1
@@ -243,18 +249,19 @@ class BatchNorm(_Module):
                 momentum = 0.0
             y, mean, invstd = batch_norm(x, self.running_mean, self.running_var, self.weight,
                                          self.bias, True, momentum, self.eps, axis=self.axis,
-                                         return_stats=True)
+                                         return_stats=True, mask=mask, lengths=lengths)
             if self.track_running_stats:
                 self.num_batches_tracked[...] = tracked
-            self._saved = (x, mean, invstd)
+            self._saved = (x, mean, invstd, mask, lengths)
         return y
 
     def backward(self, grad_out):
         """grad_input of the last training forward (batch statistics); sets grad_weight and
         grad_bias.  The input is kept by reference: do not modify it in between."""
-        x, mean, invstd = self._need_saved()
+        x, mean, invstd, mask, lengths = self._need_saved()
         dx, self.grad_weight, self.grad_bias = batch_norm_backward(
-            grad_out, x, mean, invstd, self.weight, True, axis=self.axis, bias=self.bias)
+            grad_out, x, mean, invstd, self.weight, True, axis=self.axis, bias=self.bias,
+            mask=mask, lengths=lengths)
         return dx
 
     def __repr__(self):
