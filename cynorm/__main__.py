@@ -1,4 +1,5 @@
-"""`python -m cynorm` / `cynorm`: the build and a demo batch; `cynorm bench`: the speed report."""
+"""`python -m cynorm` / `cynorm`: the build and a demo batch; `cynorm bench`: the speed report;
+`cynorm demo`: BatchNorm against LayerNorm on padded variable-length batches."""
 import argparse
 import sys
 
@@ -29,11 +30,16 @@ def main(argv=None):
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv and argv[0] == "demo":
+        from .diagnostics import main as demo_main
+
+        return demo_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="cynorm", description=__doc__,
         epilog="commands: info (default): show_config() and a demo batch; "
-               "bench [--full ...]: benchmark report (cynorm bench --help)")
-    parser.add_argument("command", nargs="?", default="info", choices=["info", "bench"])
+               "bench [--full ...]: benchmark report (cynorm bench --help); "
+               "demo: BatchNorm against LayerNorm on padded variable-length batches")
+    parser.add_argument("command", nargs="?", default="info", choices=["info", "bench", "demo"])
     parser.parse_args(argv)
     return _demo()
 

@@ -26,7 +26,12 @@ EPS = 1e-5
 L3_BYTES = 32 << 20  # the L3 of the reference machine; larger inputs are "far larger than cache"
 OPS = {"ln": "LN forward", "bn_train": "BN train", "bn_eval": "BN eval",
        "ln_bwd": "LN backward", "bn_bwd_train": "BN backward train",
-       "bn_bwd_eval": "BN backward eval"}
+       "bn_bwd_eval": "BN backward eval", "bn_masked": "BN train masked (N, T, C)",
+       "ln_masked": "LN forward masked"}
+# Padding-mask cases: cynorm with the mask against a reference call, with the target ratio.
+#   bn_masked: against BN (cynorm) on the real tokens alone, concatenated: at most 1.10x
+#   ln_masked: half the tokens padding, against LN on the whole padded batch: at most 0.60x
+MASK_TARGETS = {"bn_masked": 1.10, "ln_masked": 0.60}
 LN_SHAPES = [((5, 10), -1), ((64, 128), -1), ((4096, 768), -1), ((32, 512, 1024), -1),
              ((16384, 4096), -1)]
 BN_SHAPES = [((5, 10), 1), ((64, 128), 1), ((4096, 768), 1), ((32, 512, 1024), 1),
@@ -37,7 +42,10 @@ QUICK = {"ln": [(5, 10), (64, 128), (4096, 768), (16384, 4096)],
          "bn_eval": [(64, 128), (4096, 768), (16384, 4096)],
          "ln_bwd": [(64, 128), (4096, 768), (16384, 4096)],
          "bn_bwd_train": [(64, 128), (4096, 768), (32, 256, 1024), (64, 512, 768)],
-         "bn_bwd_eval": [(4096, 768)]}
+         "bn_bwd_eval": [(4096, 768)],
+         "bn_masked": [(64, 512, 768)],
+         "ln_masked": [(64, 512, 768)]}
+MASK_SHAPES = [((16, 128, 64), -1), ((64, 512, 768), -1)]
 CONTENDERS = ("cynorm", "cynorm_out", "numpy", "torch")
 
 
@@ -89,7 +97,11 @@ def cases(full=False, ops=None, dtypes=None, sizes=None):
     dtypes = list(dtypes or (["float32", "float64"] if full else ["float32"]))
     out = []
     for op in ops:
-        for shape, axis in (LN_SHAPES if op.startswith("ln") else BN_SHAPES):
+        if op in MASK_TARGETS:
+            grid = MASK_SHAPES
+        else:
+            grid = LN_SHAPES if op.startswith("ln") else BN_SHAPES
+        for shape, axis in grid:
             if not full and shape not in QUICK[op]:
                 continue
             for dtype in dtypes:
@@ -113,6 +125,8 @@ def contenders(case, torch=None, seed=0):
     x = (3.0 + 2.0 * rng.standard_normal(case.shape, dtype=np.float32)).astype(case.dtype)
     if case.op.endswith("bwd") or "_bwd_" in case.op:
         return _backward_contenders(case, x, rng, torch)
+    if case.op in MASK_TARGETS:
+        return _mask_contenders(case, x, rng, torch)
     out = np.empty_like(x)
     fns = {}
     if case.op == "ln":
@@ -261,6 +275,79 @@ def _backward_contenders(case, x, rng, torch):
     return fns
 
 
+def _mask_contenders(case, x, rng, torch):
+    """cynorm with a padding mask, the reference call it is held against, NumPy and torch."""
+    import cynorm
+
+    N, T, C = case.shape
+    if case.op == "ln_masked":
+        lengths = np.full(N, T // 2)  # half the tokens are padding
+    else:
+        lengths = rng.integers(1, T + 1, N)
+    mask = np.arange(T) < lengths[:, None]
+    real = np.ascontiguousarray(x[mask])
+    fns = {}
+    if case.op == "ln_masked":
+        fns["cynorm"] = lambda: cynorm.layer_norm(x, C, lengths=lengths)
+        fns["cynorm_reference"] = lambda: cynorm.layer_norm(x, C)
+
+        def numpy_ln_masked():
+            y = np.zeros_like(x)
+            r = x[mask]
+            y[mask] = (r - r.mean(-1, keepdims=True)) / np.sqrt(r.var(-1, keepdims=True) + EPS)
+            return y
+
+        fns["numpy"] = numpy_ln_masked
+        if torch is not None:
+            tx = torch.from_numpy(x)
+
+            def torch_ln():  # torch has no mask: the whole padded batch
+                with torch.no_grad():
+                    return torch.nn.functional.layer_norm(tx, (C,), eps=EPS)
+
+            fns["torch"] = torch_ln
+        return fns
+    rm, rv = np.zeros(C, case.dtype), np.ones(C, case.dtype)
+    fns["cynorm"] = lambda: cynorm.batch_norm(x, rm, rv, training=True, axis=-1, lengths=lengths)
+    fns["cynorm_reference"] = lambda: cynorm.batch_norm(real, rm, rv, training=True)
+
+    def numpy_bn_masked():
+        y = np.zeros_like(x)
+        r = x[mask]
+        y[mask] = (r - r.mean(0)) / np.sqrt(r.var(0) + EPS)
+        return y
+
+    fns["numpy"] = numpy_bn_masked
+    if torch is not None:
+        treal = torch.from_numpy(real)
+        trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+
+        def torch_bn_real():  # torch has no mask: BN on the real tokens alone
+            with torch.no_grad():
+                return torch.nn.functional.batch_norm(treal, trm, trv, training=True, eps=EPS)
+
+        fns["torch"] = torch_bn_real
+    return fns
+
+
+def mask_table(results):
+    """The padding-mask cases: cynorm with the mask against its reference call and target."""
+    rows = [r for r in results if r["op"] in MASK_TARGETS]
+    if not rows:
+        return []
+    lines = ["| case | cynorm with mask | reference | ratio | target | NumPy (mask) | "
+             "torch (no mask) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r["times"]
+        ref = "BN on the real tokens alone" if r["op"] == "bn_masked" else \
+            "LN on the whole padded batch"
+        ratio = t["cynorm"] / t["cynorm_reference"]
+        lines.append(f"| {r['label']} | {_fmt(t['cynorm'])} | {_fmt(t['cynorm_reference'])} "
+                     f"({ref}) | {ratio:.2f} | ≤ {MASK_TARGETS[r['op']]:.2f} | "
+                     f"{_fmt(t.get('numpy'))} | {_fmt(t.get('torch'))} |")
+    return lines
+
+
 def copy_contenders(nbytes, torch=None):
     """Same-size copies into a preallocated array (NumPy, 1 thread; torch, all threads): the
     memory roof, timed in the same interleaved rounds as the case itself."""
@@ -373,6 +460,8 @@ def table(results):
              "roof / cynorm out= (backward: cynorm) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        if r["op"] in MASK_TARGETS:
+            continue
         t = r["times"]
         c, co, n, tt = (t.get(k) for k in CONTENDERS)
         roof = r.get("roof")
@@ -390,7 +479,7 @@ def summary(results):
     lines = []
     for other in ("numpy", "torch"):
         ratios = [(r["times"][other] / r["times"]["cynorm"], r["label"]) for r in results
-                  if r["times"].get(other)]
+                  if r["times"].get(other) and r["op"] not in MASK_TARGETS]
         if ratios:
             gm = math.exp(sum(math.log(v) for v, _ in ratios) / len(ratios))
             worst = min(ratios)
@@ -415,6 +504,9 @@ def write_report(info, results, folder):
                 "numpy", "torch", "python", "platform", "build_flags"):
         md.append(f"- {key}: {info.get(key)}")
     md += ["", "## Results", ""] + table(results) + ["", "## Summary", ""] + summary(results)
+    masks = mask_table(results)
+    if masks:
+        md += ["", "## Padding masks", ""] + masks
     if plots:
         md += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     with open(os.path.join(folder, "report.md"), "w") as f:
@@ -505,6 +597,9 @@ def main(argv=None):
           f"{info['torch'] or 'not installed'}, NumPy {info['numpy']}, CPU {info['cpu']}\n")
     print("\n".join(table(results)))
     print("\n" + "\n".join(summary(results)))
+    masks = mask_table(results)
+    if masks:
+        print("\nPadding masks:\n" + "\n".join(masks))
     path = write_report(info, results, args.out)
     print(f"\nreport: {path}")
     return 0

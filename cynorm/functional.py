@@ -37,14 +37,16 @@ def _rows_of(a, rows, cols):
     return as_rows(a, rows, cols)
 
 
-def _output(x, shape, rows, cols, cdt, rdt, out, params):
+def _output(x, shape, rows, cols, cdt, rdt, out, params, zeroed=False):
     """(array the kernel writes, the array to return, or None to cast / copy into out).
 
     The kernel writes straight into ``out`` when it has the compute dtype, a (rows, cols) view
     with contiguous rows, and shares no memory with the inputs, or is exactly x (in place).
     """
     if out is None:
-        y = np.empty(shape, dtype=cdt)
+        # zeroed: with a padding mask the kernels leave padding rows alone, and fresh zeroed
+        # pages that are never touched cost no page fault
+        y = np.zeros(shape, dtype=cdt) if zeroed else np.empty(shape, dtype=cdt)
         return y, (y if rdt is cdt else None)
     if rdt is cdt and out is x and not any(p is not None and np.may_share_memory(out, p)
                                            for p in params):
@@ -133,11 +135,13 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
         y = np.empty(shape, dtype=rdt) if out is None else out
         return (y, stats[0], stats[1]) if return_stats else y
     x = _rows_of(to_compute(x, cdt), rows, cols)
-    y, result = _output(x, shape, rows, cols, cdt, rdt, out, (w, b))
+    fresh = out is None and row_mask is not None
+    y, result = _output(x, shape, rows, cols, cdt, rdt, out, (w, b), zeroed=fresh)
     mean = rstd = None
     if return_stats:
         mean, rstd = stats[0].reshape(rows), stats[1].reshape(rows)
-    _kernels.layer_norm(x, y, cols, w, b, mean, rstd, eps, threads_for(size), row_mask)
+    _kernels.layer_norm(x, y, cols, w, b, mean, rstd, eps, threads_for(size), row_mask,
+                        not fresh)
     y = _finish(y, result, shape, rdt, out)
     return (y, stats[0], stats[1]) if return_stats else y
 
@@ -387,10 +391,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     n_threads = threads_for(size, BATCH_NORM_SERIAL_BELOW)
     rows, cols, by_rows = _layout(A, C, L)
     x = _rows_of(x, rows, cols)
+    fresh = out is None and row_mask is not None
     if not training and _is_param(rm, cdt) and _is_param(rv, cdt):
-        y, result = _output(x, shape, rows, cols, cdt, rdt, out, ())
+        y, result = _output(x, shape, rows, cols, cdt, rdt, out, (), zeroed=fresh)
         _kernels.normalize_running(x, y, rows, cols, by_rows, rm, rv, w, b, eps, n_threads,
-                                   row_mask)
+                                   row_mask, not fresh)
         y = _finish(y, result, shape, rdt, out)
         if return_stats:
             return y, rm.astype(np.float64), _invstd(rv.astype(np.float64), eps)
@@ -413,8 +418,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         var_scale = 1.0
     params = np.empty((3, C), dtype=cdt)
     _kernels.batch_norm_params(stats, var_scale, w, b, eps, params)
-    y, result = _output(x, shape, rows, cols, cdt, rdt, out, ())
-    _kernels.normalize(x, y, rows, cols, by_rows, params, n_threads, row_mask)
+    y, result = _output(x, shape, rows, cols, cdt, rdt, out, (), zeroed=fresh)
+    _kernels.normalize(x, y, rows, cols, by_rows, params, n_threads, row_mask, not fresh)
     y = _finish(y, result, shape, rdt, out)
     if return_stats:
         return y, stats[0] + stats[1], _invstd(stats[2] * var_scale, eps)

@@ -336,12 +336,14 @@ cdef inline void zero_row(floating* y, Py_ssize_t n) noexcept nogil:
 cdef void layer_norm_rows(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t ldy,
                           Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t D, const floating* w,
                           const floating* b, double eps, double* mean, double* rstd,
-                          const unsigned char* mask) noexcept nogil:
-    # padding rows (mask 0) are not computed: written as 0, their statistics left alone
+                          const unsigned char* mask, bint write_padding) noexcept nogil:
+    # padding rows (mask 0) are not computed: written as 0 (or left alone when y is known to
+    # hold zeros already), their statistics left alone
     cdef Py_ssize_t i
     for i in range(r0, r1):
         if mask != NULL and not mask[i]:
-            zero_row(y + i * ldy, D)
+            if write_padding:
+                zero_row(y + i * ldy, D)
             continue
         layer_norm_row(x + i * ldx, y + i * ldy, D, w, b, eps,
                        mean + i if mean != NULL else NULL, rstd + i if rstd != NULL else NULL)
@@ -350,14 +352,14 @@ cdef void layer_norm_rows(const floating* x, Py_ssize_t ldx, floating* y, Py_ssi
 cdef void _layer_norm(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t ldy,
                       Py_ssize_t M, Py_ssize_t D, const floating* w, const floating* b,
                       double* mean, double* rstd, double eps, const unsigned char* mask,
-                      int n_threads) noexcept nogil:
+                      bint write_padding, int n_threads) noexcept nogil:
     cdef Py_ssize_t t
     if n_threads <= 1:
-        layer_norm_rows(x, ldx, y, ldy, 0, M, D, w, b, eps, mean, rstd, mask)
+        layer_norm_rows(x, ldx, y, ldy, 0, M, D, w, b, eps, mean, rstd, mask, write_padding)
         return
     for t in prange(n_threads, num_threads=n_threads, schedule="static", chunksize=1):
         layer_norm_rows(x, ldx, y, ldy, chunk(M, t, n_threads), chunk(M, t + 1, n_threads), D,
-                        w, b, eps, mean, rstd, mask)
+                        w, b, eps, mean, rstd, mask, write_padding)
 
 
 cdef void moments_rows(const floating* x, Py_ssize_t ld, Py_ssize_t r0, Py_ssize_t r1,
@@ -431,12 +433,14 @@ cdef void normalize_rows_range(const floating* x, Py_ssize_t ldx, floating* y, P
 cdef void normalize_columns_range(const floating* x, Py_ssize_t ldx, floating* y,
                                   Py_ssize_t ldy, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t F,
                                   Py_ssize_t C, const floating* params,
-                                  const unsigned char* mask) noexcept nogil:
-    # column j of x belongs to feature j // (F // C); masked rows are written as 0
+                                  const unsigned char* mask, bint write_padding) noexcept nogil:
+    # column j of x belongs to feature j // (F // C); masked rows are written as 0 (or left
+    # alone when y is known to hold zeros)
     cdef Py_ssize_t i, c, L = F // C
     for i in range(r0, r1):
         if mask != NULL and not mask[i]:
-            zero_row(y + i * ldy, F)
+            if write_padding:
+                zero_row(y + i * ldy, F)
         elif L == 1:
             normalize_row_vector(x + i * ldx, y + i * ldy, F, params, params + C, params + 2 * C)
         else:
@@ -447,14 +451,14 @@ cdef void normalize_columns_range(const floating* x, Py_ssize_t ldx, floating* y
 
 cdef void _normalize(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t ldy,
                      Py_ssize_t M, Py_ssize_t N, Py_ssize_t C, bint by_rows,
-                     const floating* params, const unsigned char* mask,
+                     const floating* params, const unsigned char* mask, bint write_padding,
                      int n_threads) noexcept nogil:
     cdef Py_ssize_t t
     if n_threads <= 1:
         if by_rows:
             normalize_rows_range(x, ldx, y, ldy, 0, M, N, C, params)
         else:
-            normalize_columns_range(x, ldx, y, ldy, 0, M, N, C, params, mask)
+            normalize_columns_range(x, ldx, y, ldy, 0, M, N, C, params, mask, write_padding)
         return
     for t in prange(n_threads, num_threads=n_threads, schedule="static", chunksize=1):
         if by_rows:
@@ -462,7 +466,8 @@ cdef void _normalize(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t 
                                  chunk(M, t + 1, n_threads), N, C, params)
         else:
             normalize_columns_range(x, ldx, y, ldy, chunk(M, t, n_threads),
-                                    chunk(M, t + 1, n_threads), N, C, params, mask)
+                                    chunk(M, t + 1, n_threads), N, C, params, mask,
+                                    write_padding)
 
 
 cdef inline void feature_params(double hi, double lo, double var, double eps, const floating* w,
@@ -572,13 +577,14 @@ cdef inline const unsigned char* mask_data(cnp.ndarray mask, Py_ssize_t rows) ex
 
 def layer_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t D, cnp.ndarray weight,
                cnp.ndarray bias, cnp.ndarray mean, cnp.ndarray rstd, double eps, int n_threads,
-               cnp.ndarray mask=None):
+               cnp.ndarray mask=None, bint write_padding=True):
     """y = (x - mean) * rstd * weight + bias over each row of D elements of x.
 
     x and y (same dtype) are C-contiguous or 2-D with contiguous rows; weight and bias are
     contiguous arrays of D elements or None; mean and rstd (float64, one per row) receive the
     statistics unless they are None.  mask (one bool per row, or None): rows it marks False are
-    padding, not computed and written as 0.
+    padding, not computed and written as 0 (not written at all with write_padding=False, for
+    a y that holds zeros already: fresh zeroed pages then stay untouched).
     """
     cdef Py_ssize_t M = cnp.PyArray_SIZE(x) // D if D > 0 else 0
     cdef const unsigned char* mk = mask_data(mask, M)
@@ -595,11 +601,12 @@ def layer_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t D, cnp.ndarray weight,
     with nogil:
         if f32:
             _layer_norm(<const float*>cnp.PyArray_DATA(x), ldx, <float*>cnp.PyArray_DATA(y), ldy,
-                        M, D, <const float*>w, <const float*>b, mp, rp, eps, mk, n_threads)
+                        M, D, <const float*>w, <const float*>b, mp, rp, eps, mk,
+                        write_padding, n_threads)
         else:
             _layer_norm(<const double*>cnp.PyArray_DATA(x), ldx, <double*>cnp.PyArray_DATA(y),
                         ldy, M, D, <const double*>w, <const double*>b, mp, rp, eps, mk,
-                        n_threads)
+                        write_padding, n_threads)
 
 
 def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t C,
@@ -671,7 +678,7 @@ def batch_norm_params(cnp.ndarray stats, double var_scale, cnp.ndarray weight,
 def normalize_running(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t cols,
                       bint by_rows, cnp.ndarray running_mean, cnp.ndarray running_var,
                       cnp.ndarray weight, cnp.ndarray bias, double eps, int n_threads,
-                      cnp.ndarray mask=None):
+                      cnp.ndarray mask=None, bint write_padding=True):
     """Eval-mode BatchNorm in one call: params from the running statistics, then normalize.
 
     running_mean, running_var, weight and bias are contiguous arrays of C elements in x's
@@ -702,12 +709,14 @@ def normalize_running(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t 
             _running_params(<const float*>rm, <const float*>rv, <const float*>w,
                             <const float*>b, eps, C, <float*>params)
             _normalize(<const float*>cnp.PyArray_DATA(x), ldx, <float*>cnp.PyArray_DATA(y), ldy,
-                       rows, cols, C, by_rows, <const float*>params, mk, n_threads)
+                       rows, cols, C, by_rows, <const float*>params, mk, write_padding,
+                       n_threads)
         else:
             _running_params(<const double*>rm, <const double*>rv, <const double*>w,
                             <const double*>b, eps, C, <double*>params)
             _normalize(<const double*>cnp.PyArray_DATA(x), ldx, <double*>cnp.PyArray_DATA(y),
-                       ldy, rows, cols, C, by_rows, <const double*>params, mk, n_threads)
+                       ldy, rows, cols, C, by_rows, <const double*>params, mk, write_padding,
+                       n_threads)
     free(params)
 
 
@@ -732,7 +741,8 @@ def update_running(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarra
 
 
 def normalize(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t cols,
-              bint by_rows, cnp.ndarray params, int n_threads, cnp.ndarray mask=None):
+              bint by_rows, cnp.ndarray params, int n_threads, cnp.ndarray mask=None,
+              bint write_padding=True):
     """y = (x - m_hi) * scale + shift per feature, x and y seen as (rows, cols).
 
     params (3, C) in x's dtype (see feature_params); features laid out as in feature_moments.
@@ -753,7 +763,8 @@ def normalize(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t cols,
     with nogil:
         if f32:
             _normalize(<const float*>cnp.PyArray_DATA(x), ldx, <float*>cnp.PyArray_DATA(y), ldy,
-                       rows, cols, C, by_rows, <const float*>p, mk, n_threads)
+                       rows, cols, C, by_rows, <const float*>p, mk, write_padding, n_threads)
         else:
             _normalize(<const double*>cnp.PyArray_DATA(x), ldx, <double*>cnp.PyArray_DATA(y),
-                       ldy, rows, cols, C, by_rows, <const double*>p, mk, n_threads)
+                       ldy, rows, cols, C, by_rows, <const double*>p, mk, write_padding,
+                       n_threads)
