@@ -19,7 +19,7 @@ def _layer_dtype(dtype):
 class _Module:
     """What LayerNorm and BatchNorm share: train/eval, alpha/beta, state_dict."""
 
-    _state_names = ()  # keys of state_dict, in torch's order
+    _state_names: tuple[str, ...] = ()  # keys of state_dict, in torch's order
 
     def __init__(self):
         self.training = True
@@ -182,7 +182,7 @@ class BatchNorm(_Module):
     """
 
     _state_names = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-    _ndims = None  # allowed input ndim, set by the 1d/2d/3d subclasses
+    _ndims: tuple[int, ...] | None = None  # allowed input ndim, set by the 1d/2d/3d subclasses
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, axis=1, dtype=np.float32):

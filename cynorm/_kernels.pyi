@@ -1,0 +1,50 @@
+# Stub of the compiled module cynorm._kernels (pyx/_kernels.pyx + _kernels_impl.pxi +
+# _backward.pxi); cynorm._kernels_avx2 and _kernels_avx512 are the same module built for wider
+# vector units.  C types in comments.  Arrays: float32 or float64 ndarrays, one dtype per call.
+import numpy as np
+from numpy.typing import NDArray
+
+ISA: str  # "baseline", "avx2" or "avx512"
+__test__: dict[str, str]  # Cython's doctest table
+
+_F = NDArray[np.floating]
+_F64 = NDArray[np.float64]
+_Mask = NDArray[np.bool_] | NDArray[np.uint8]
+
+def openmp_enabled() -> bool: ...
+def omp_max_threads() -> int: ...
+def cpu_supports(level: int) -> bool: ...  # level: int
+def build_flags() -> str: ...
+def layer_norm(
+    x: _F, y: _F, D: int, weight: _F | None, bias: _F | None, mean: _F64 | None,
+    rstd: _F64 | None, eps: float, n_threads: int, mask: _Mask | None = None,
+    write_padding: bool = True,
+) -> None: ...  # D: Py_ssize_t, eps: double, n_threads: int
+def feature_moments(
+    x: _F, rows: int, cols: int, C: int, by_rows: bool, stats: _F64, n_threads: int,
+    rows_per_block: int = 64, mask: _Mask | None = None,
+) -> float: ...  # returns the count (double)
+def batch_norm_params(
+    stats: _F64, var_scale: float, weight: _F | None, bias: _F | None, eps: float, params: _F
+) -> None: ...
+def normalize_running(
+    x: _F, y: _F, rows: int, cols: int, by_rows: bool, running_mean: _F, running_var: _F,
+    weight: _F | None, bias: _F | None, eps: float, n_threads: int,
+    mask: _Mask | None = None, write_padding: bool = True,
+) -> None: ...
+def update_running(
+    running_mean: _F, running_var: _F, stats: _F64, count: float, momentum: float
+) -> None: ...
+def normalize(
+    x: _F, y: _F, rows: int, cols: int, by_rows: bool, params: _F, n_threads: int,
+    mask: _Mask | None = None, write_padding: bool = True,
+) -> None: ...
+def layer_norm_backward(
+    g: _F, x: _F, dx: _F, D: int, weight: _F | None, mean: _F64, rstd: _F64,
+    dw_parts: _F64 | None, db_parts: _F64 | None, n_threads: int, mask: _Mask | None = None,
+) -> None: ...
+def batch_norm_backward(
+    g: _F, x: _F, dx: _F, rows: int, cols: int, C: int, by_rows: bool, mean: _F64,
+    invstd: _F64, weight: _F | None, training: bool, sums: _F64 | None, n_threads: int,
+    mask: _Mask | None = None,
+) -> None: ...
