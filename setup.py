@@ -83,6 +83,9 @@ WANT_VARIANTS = (
 
 class BuildExt(build_ext):
     def build_extensions(self):
+        # Always compile: objects left by an earlier build may have other flags (OpenMP on or
+        # off, debug checks), and setuptools would reuse them as "up to date".
+        self.force = True
         choice = os.environ.get("CYNORM_OPENMP", "").strip()
         is_msvc = self.compiler.compiler_type == "msvc"
         flags = None
