@@ -117,6 +117,15 @@ def _numpy_bn_axes(case):
     return tuple(i for i in range(len(case.shape)) if i != axis), axis
 
 
+def _bn_setup(case, rng):
+    """(reduced axes, feature axis, C, weight, bias, running_mean, running_var) of a BN case."""
+    axes, axis = _numpy_bn_axes(case)
+    C = case.shape[axis]
+    w = rng.uniform(0.5, 2, C).astype(case.dtype)
+    b = rng.standard_normal(C).astype(case.dtype)
+    return axes, axis, C, w, b, np.zeros(C, case.dtype), np.ones(C, case.dtype)
+
+
 def contenders(case, torch=None, seed=0):
     """{name: zero-argument callable} for one case, on fresh random data (not zeros)."""
     import cynorm
@@ -153,12 +162,7 @@ def contenders(case, torch=None, seed=0):
             fns["torch"] = torch_ln
         return fns
 
-    axes, axis = _numpy_bn_axes(case)
-    C = case.shape[axis]
-    w = rng.uniform(0.5, 2, C).astype(case.dtype)
-    b = rng.standard_normal(C).astype(case.dtype)
-    rm = np.zeros(C, case.dtype)
-    rv = np.ones(C, case.dtype)
+    axes, axis, C, w, b, rm, rv = _bn_setup(case, rng)
     training = case.op == "bn_train"
     bshape = [1] * len(case.shape)
     bshape[axis] = C
@@ -230,11 +234,7 @@ def _backward_contenders(case, x, rng, torch):
             fns["torch"] = torch_ln_bwd
         return fns
 
-    axes, axis = _numpy_bn_axes(case)
-    C = case.shape[axis]
-    w = rng.uniform(0.5, 2, C).astype(case.dtype)
-    b = rng.standard_normal(C).astype(case.dtype)
-    rm, rv = np.zeros(C, case.dtype), np.ones(C, case.dtype)
+    axes, axis, C, w, b, rm, rv = _bn_setup(case, rng)
     training = case.op == "bn_bwd_train"
     _, mean, invstd = cynorm.batch_norm(x, rm.copy(), rv.copy(), w, b, training, 0.1, EPS,
                                         axis=case.axis, return_stats=True)

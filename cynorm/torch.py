@@ -49,8 +49,7 @@ class _LayerNormFunction(torch.autograd.Function):
         mean, rstd, normalized_shape = ctx.stats
         dx, dw, db = F.layer_norm_backward(_np(grad_out), _np(x), mean, rstd, normalized_shape,
                                            _np(weight), _np(bias))
-        return (_tensor(dx, x), None, _tensor(dw, weight) if weight is not None else None,
-                _tensor(db, bias) if bias is not None else None, None)
+        return _tensor(dx, x), None, _tensor(dw, weight), _tensor(db, bias), None
 
 
 class _BatchNormFunction(torch.autograd.Function):
@@ -70,8 +69,7 @@ class _BatchNormFunction(torch.autograd.Function):
         mean, invstd, training = ctx.stats
         dx, dw, db = F.batch_norm_backward(_np(grad_out), _np(x), mean, invstd, _np(weight),
                                            training, axis=1, bias=_np(bias))
-        return (_tensor(dx, x), None, None, _tensor(dw, weight) if weight is not None else None,
-                _tensor(db, bias) if bias is not None else None, None, None, None)
+        return _tensor(dx, x), None, None, _tensor(dw, weight), _tensor(db, bias), None, None, None
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
