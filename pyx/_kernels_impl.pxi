@@ -528,7 +528,8 @@ cdef inline int is_float32(cnp.ndarray a) except -1:
 
 
 cdef Py_ssize_t row_stride(cnp.ndarray a, Py_ssize_t rows, Py_ssize_t cols,
-                           bint writable) except -1:
+                           bint writable) except? -1:
+    # except? -1: a reversed view one element wide has a row stride of -1, not an error
     """Elements from one row to the next of ``a`` seen as (rows, cols) with contiguous rows.
 
     ``a`` is either C-contiguous (any ndim) or 2-D with unit inner stride.

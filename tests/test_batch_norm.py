@@ -281,3 +281,16 @@ def test_eval_with_running_statistics_of_any_kind(rng, ref_batch_norm, kind):
     y = cynorm.batch_norm(x, rm, rv, w, b, training=False)
     ref = ref_batch_norm(x, 1, w, b, mean=np.asarray(rm, np.float64), var=np.asarray(rv, np.float64))
     assert max_err(y, ref) <= 1e-4 * np.abs(ref).max()
+
+
+def test_reversed_single_column_view(rng, ref_batch_norm, ref_layer_norm):
+    # A reversed view one element wide has a row stride of -1 element: a legal stride, once
+    # mistaken for an error code by the kernels (found by the property tests).
+    base = hostile(rng, (7, 1), np.float32)
+    x = base[::-1]
+    assert x.strides[0] == -4
+    assert max_err(cynorm.batch_norm(x, training=True), ref_batch_norm(x, 1)) <= 1e-5
+    eval_ref = x.astype(np.float64) / np.sqrt(1 + 1e-5)
+    assert max_err(cynorm.batch_norm(x, np.zeros(1), np.ones(1)), eval_ref) <= \
+        1e-6 * np.abs(eval_ref).max()
+    assert max_err(cynorm.layer_norm(x, 1, bias=np.ones(1)), np.ones((7, 1))) == 0

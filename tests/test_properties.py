@@ -1,0 +1,157 @@
+"""Property-based tests: any shape, dtype, layout and eps gives the float64 reference's answer
+or a clear exception, never a crash.  CYNORM_HYPOTHESIS_PROFILE=long runs many more examples."""
+import os
+
+import numpy as np
+import pytest
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+import cynorm  # noqa: E402
+from conftest import reference_norm  # noqa: E402
+
+settings.register_profile("quick", max_examples=60, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=2000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("CYNORM_HYPOTHESIS_PROFILE", "quick"))
+
+DTYPES = [np.float32, np.float64, np.float16, np.int32, np.bool_]
+
+
+@st.composite
+def arrays(draw, min_dims=1, max_dims=5):
+    """Arrays of any small shape (0- and 1-sized dims included), dtype and layout: C order,
+    Fortran order, strided and reversed views, unaligned buffers."""
+    shape = draw(hnp.array_shapes(min_dims=min_dims, max_dims=max_dims, min_side=0, max_side=6))
+    dtype = draw(st.sampled_from(DTYPES))
+    offset = draw(st.sampled_from([0.0, 3.0, -1e3, 1e4]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    if dtype == np.bool_:
+        base = rng.random(shape) < 0.5
+    elif np.dtype(dtype).kind == "i":
+        base = rng.integers(-50, 50, shape).astype(dtype)
+    else:
+        scale = 1.0 if dtype == np.float16 else draw(st.sampled_from([1e-3, 1.0, 50.0]))
+        base = (offset * (dtype != np.float16) + scale * rng.standard_normal(shape)).astype(dtype)
+    layout = draw(st.sampled_from(["c", "f", "strided", "reversed", "unaligned"]))
+    if layout == "f":
+        return np.asfortranarray(base)
+    if layout == "strided" and base.ndim:
+        big = np.zeros(tuple(2 * s for s in shape), dtype=base.dtype)
+        view = big[tuple(slice(None, None, 2) for _ in shape)]
+        view[...] = base
+        return view
+    if layout == "reversed" and base.ndim:
+        return base[::-1].copy()[::-1]
+    if layout == "unaligned" and base.dtype.itemsize > 1 and base.size:
+        buf = np.zeros(base.nbytes + 1, np.uint8)
+        view = buf[1:].view(base.dtype).reshape(base.shape)
+        view[...] = base
+        return view
+    return base
+
+
+def _tol(x):
+    kind = np.asarray(x).dtype
+    if kind == np.float16:
+        return 5e-3
+    if kind == np.float32:
+        return 1e-4
+    return 1e-9
+
+
+@given(x=arrays(), k=st.integers(1, 3), eps=st.sampled_from([1e-5, 1e-2, 1.0]),
+       affine=st.booleans())
+def test_layer_norm_property(x, k, eps, affine):
+    k = min(k, x.ndim)
+    nshape = x.shape[x.ndim - k:]
+    w = np.linspace(0.5, 2, int(np.prod(nshape))).reshape(nshape) if affine else None
+    b = np.linspace(-1, 1, int(np.prod(nshape))).reshape(nshape) if affine else None
+    y = cynorm.layer_norm(x, nshape, w, b, eps)
+    assert y.shape == x.shape
+    assert y.dtype == (x.dtype if x.dtype.kind == "f" else np.float64)
+    if x.size:
+        ref = reference_norm(x.astype(np.float64), tuple(range(x.ndim - k, x.ndim)), w, b, eps,
+                             nshape)
+        scale = max(1.0, float(np.abs(ref).max()))
+        assert np.max(np.abs(y.astype(np.float64) - ref)) <= _tol(x) * scale
+
+
+@given(x=arrays(min_dims=2), axis=st.integers(-5, 4), training=st.booleans(),
+       eps=st.sampled_from([1e-5, 1e-1]))
+def test_batch_norm_property(x, axis, training, eps):
+    if not -x.ndim <= axis < x.ndim:
+        with pytest.raises(np.exceptions.AxisError):
+            cynorm.batch_norm(x, training=True, axis=axis)
+        return
+    C = x.shape[axis]
+    n = int(np.prod([s for i, s in enumerate(x.shape) if i != axis % x.ndim]))  # per feature
+    rm, rv = np.zeros(C), np.ones(C)
+    if training and n <= 1:
+        with pytest.raises(ValueError):
+            cynorm.batch_norm(x, rm, rv, training=True, eps=eps, axis=axis)
+        assert (rm == 0).all() and (rv == 1).all()
+        return
+    y = cynorm.batch_norm(x, rm, rv, training=training, eps=eps, axis=axis)
+    assert y.shape == x.shape
+    assert y.dtype == (x.dtype if x.dtype.kind == "f" else np.float64)
+    if x.size:
+        ax = axis % x.ndim
+        axes = tuple(i for i in range(x.ndim) if i != ax)
+        shape = [1] * x.ndim
+        shape[ax] = C
+        x64 = x.astype(np.float64)
+        if training:
+            ref = reference_norm(x64, axes, eps=eps)
+        else:
+            ref = x64 / np.sqrt(1.0 + eps)
+        scale = max(1.0, float(np.abs(ref).max()))
+        assert np.max(np.abs(y.astype(np.float64) - ref)) <= _tol(x) * scale
+
+
+@given(x=arrays(min_dims=3, max_dims=3), data=st.data())
+def test_masks_property(x, data):
+    N, T, C = x.shape
+    lengths = np.array(data.draw(st.lists(st.integers(0, T), min_size=N, max_size=N)),
+                       dtype=np.int64)
+    mask = np.arange(T) < lengths[:, None]
+    y = cynorm.layer_norm(x, C, lengths=lengths)
+    assert y.shape == x.shape and not y[~mask].any()
+    if mask.any() and C:
+        np.testing.assert_allclose(y[mask], cynorm.layer_norm(x[mask], C), rtol=0, atol=0)
+    n_real = int(mask.sum())
+    if C == 0:
+        return
+    if n_real < 2:
+        with pytest.raises(ValueError, match="more than 1 value|empty batch"):
+            cynorm.batch_norm(x, training=True, axis=-1, mask=mask)
+        return
+    z = cynorm.batch_norm(x, training=True, axis=-1, mask=mask)
+    assert not z[~mask].any()
+    ref = cynorm.batch_norm(np.ascontiguousarray(x[mask]), training=True)
+    np.testing.assert_allclose(z[mask].astype(np.float64), ref.astype(np.float64),
+                               atol=_tol(x) * max(1.0, float(np.abs(ref).max())))
+
+
+@given(x=arrays(min_dims=2, max_dims=3), bad=st.sampled_from(
+    ["shape", "weight", "out_shape", "out_dtype", "mask_dtype"]))
+def test_bad_arguments_raise_clear_errors(x, bad):
+    nshape = x.shape[-1:]
+    kwargs = {}
+    if bad == "shape":
+        nshape = (x.shape[-1] + 1,)
+    elif bad == "weight":
+        kwargs["weight"] = np.ones(x.shape[-1] + 2)
+    elif bad == "out_shape":
+        kwargs["out"] = np.empty(x.shape + (1,))
+    elif bad == "out_dtype":
+        kwargs["out"] = np.empty(x.shape, dtype=np.complex64)
+    else:
+        kwargs["mask"] = np.ones(x.shape[:-1], dtype=np.int8)
+    with pytest.raises((ValueError, TypeError)):
+        cynorm.layer_norm(x, nshape, **kwargs)
