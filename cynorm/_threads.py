@@ -2,10 +2,11 @@
 
 ``get_num_threads()`` is what every kernel call uses.  In order of precedence:
 
-1. ``set_num_threads(n)`` / ``with cynorm.num_threads(n):``, set by the user;
-2. in a process forked after cynorm was imported: 1.  GNU libgomp's thread team does not
-   survive ``fork()``; a child that enters a parallel region waits for it forever.  The child
-   runs serially unless it calls ``set_num_threads`` itself;
+1. in a process forked after cynorm was imported: 1, whatever else was asked.  GNU libgomp's
+   thread team does not survive ``fork()``; a child that enters a parallel region with more
+   than one thread waits for it forever.  (Workers that want threads: start them with the
+   'spawn' or 'forkserver' method of multiprocessing.)
+2. ``set_num_threads(n)`` / ``with cynorm.num_threads(n):``, set by the user;
 3. otherwise ``omp_get_max_threads()``, which honours ``OMP_NUM_THREADS`` and threadpoolctl's
    limits, capped by the CPUs this process may use (affinity mask and cgroup CPU quota).
 """
@@ -57,13 +58,13 @@ _CPU_LIMIT = _cpu_limit()
 
 def get_num_threads():
     """Number of threads cynorm's kernels use for a large input."""
+    if _global["forked_child"]:
+        return 1
     n = getattr(_state, "user", None)
     if n is None:
         n = _global["user"]
     if n is not None:
         return n
-    if _global["forked_child"]:
-        return 1
     return max(1, min(_kernels.omp_max_threads(), _CPU_LIMIT))
 
 
@@ -85,7 +86,6 @@ def _check_n(n):
 def set_num_threads(n):
     """Use ``n`` threads in every later call (None: back to the default)."""
     _global["user"] = _check_n(n)
-    _global["forked_child"] = False
 
 
 @contextlib.contextmanager
