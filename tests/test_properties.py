@@ -155,3 +155,74 @@ def test_bad_arguments_raise_clear_errors(x, bad):
         kwargs["mask"] = np.ones(x.shape[:-1], dtype=np.int8)
     with pytest.raises((ValueError, TypeError)):
         cynorm.layer_norm(x, nshape, **kwargs)
+
+
+def _ln_backward_reference(g, x, nshape, w):
+    """float64 LayerNorm backward from the formula, rows of the trailing dims."""
+    k = len(nshape)
+    D = int(np.prod(nshape))
+    x2 = x.reshape(-1, D).astype(np.float64)
+    g2 = g.reshape(-1, D).astype(np.float64)
+    w1 = np.ones(D) if w is None else np.asarray(w, np.float64).reshape(D)
+    mean = x2.mean(axis=1, keepdims=True)
+    rstd = 1 / np.sqrt(((x2 - mean) ** 2).mean(axis=1, keepdims=True) + 1e-5)
+    xh = (x2 - mean) * rstd
+    gw = g2 * w1
+    dx = rstd * (gw - gw.mean(1, keepdims=True) - xh * (gw * xh).mean(1, keepdims=True))
+    return dx.reshape(x.shape), (g2 * xh).sum(0).reshape(nshape) if k else None
+
+
+@given(x=arrays(min_dims=1, max_dims=4), k=st.integers(1, 2), affine=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_layer_norm_backward_property(x, k, affine, seed):
+    if x.dtype.kind != "f" or x.dtype == np.float16:
+        x = x.astype(np.float64)
+    k = min(k, x.ndim)
+    nshape = x.shape[x.ndim - k:]
+    g = np.random.default_rng(seed).standard_normal(x.shape).astype(x.dtype)
+    w = np.linspace(0.5, 2, int(np.prod(nshape))).reshape(nshape).astype(x.dtype) \
+        if affine else None
+    _, mean, rstd = cynorm.layer_norm(x, nshape, w, None, return_stats=True)
+    dx, dw, db = cynorm.layer_norm_backward(g, x, mean, rstd, nshape, w, w)
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    assert (dw is None) == (w is None)
+    if x.size:
+        ref_dx, ref_dw = _ln_backward_reference(g, x, nshape, w)
+        scale = max(1.0, float(np.abs(ref_dx).max()))
+        tol = 2e-3 if x.dtype == np.float32 else 1e-6
+        assert np.max(np.abs(dx - ref_dx)) <= tol * scale
+        if w is not None:
+            assert np.max(np.abs(dw - ref_dw)) <= tol * max(1.0, float(np.abs(ref_dw).max()))
+            np.testing.assert_allclose(db, g.reshape(-1, w.size).sum(0).reshape(nshape),
+                                       rtol=tol, atol=tol * max(1.0, float(np.abs(g).sum())))
+
+
+@given(x=arrays(min_dims=2, max_dims=4), training=st.booleans(), seed=st.integers(0, 2**16))
+def test_batch_norm_backward_property(x, training, seed):
+    if x.dtype.kind != "f" or x.dtype == np.float16:
+        x = x.astype(np.float64)
+    C = x.shape[1]
+    n = x.size // C if C else 0
+    if C == 0 or n < 2:
+        return
+    g = np.random.default_rng(seed).standard_normal(x.shape).astype(x.dtype)
+    w = np.linspace(0.5, 2, C).astype(x.dtype)
+    rm, rv = np.zeros(C), np.full(C, 2.0)
+    _, mean, invstd = cynorm.batch_norm(x, rm, rv, w, w, training, return_stats=True)
+    dx, dw, db = cynorm.batch_norm_backward(g, x, mean, invstd, w, training, bias=w)
+    axes = tuple(i for i in range(x.ndim) if i != 1)
+    shape = [1] * x.ndim
+    shape[1] = C
+    x64, g64 = x.astype(np.float64), g.astype(np.float64)
+    m, inv = mean.reshape(shape), invstd.reshape(shape)
+    xh = (x64 - m) * inv
+    sg, sgx = g64.sum(axes), (g64 * xh).sum(axes)
+    wr = w.astype(np.float64).reshape(shape)
+    if training:
+        ref = wr * inv * (g64 - sg.reshape(shape) / n - xh * sgx.reshape(shape) / n)
+    else:
+        ref = g64 * wr * inv
+    tol = 2e-3 if x.dtype == np.float32 else 1e-6
+    assert np.max(np.abs(dx - ref)) <= tol * max(1.0, float(np.abs(ref).max()))
+    np.testing.assert_allclose(db, sg, rtol=tol, atol=tol * max(1.0, float(np.abs(g64).sum())))
+    np.testing.assert_allclose(dw, sgx, rtol=tol, atol=tol * max(1.0, float(np.abs(sgx).max())))
