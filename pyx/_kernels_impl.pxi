@@ -145,6 +145,8 @@ cdef inline void layer_norm_row(const floating* x, floating* y, Py_ssize_t n,
     cdef Py_ssize_t j
     row_moments(x, n, &hi, &lo, &m2)
     rstd = 1.0 / sqrt(m2 / n + eps)
+    if isinf(m2):   # squares overflowed float64 (|x| near 1e154 or more): no silent zeros
+        rstd = NAN
     if mean_out != NULL:
         mean_out[0] = hi + lo
         rstd_out[0] = rstd
@@ -481,6 +483,8 @@ cdef inline void feature_params(double hi, double lo, double var, double eps, co
     cdef double invstd = 1.0 / sqrt(var + eps), scale
     cdef floating mh, ml
     if isinf(invstd):   # var + eps == 0: no defined output, NaN as torch gives
+        invstd = NAN
+    if isinf(var):      # the squares overflowed float64: NaN, never silent zeros
         invstd = NAN
     split_mean(hi, lo, &mh, &ml)
     scale = invstd * w[c] if w != NULL else invstd
