@@ -149,9 +149,10 @@ cdef void bn_sums_rows(const floating* g, Py_ssize_t ldg, const floating* x, Py_
 
 cdef void bn_sums_columns(const floating* g, Py_ssize_t ldg, const floating* x, Py_ssize_t ldx,
                           Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t F, const double* mean_col,
-                          double* sg, double* sgx, const unsigned char* mask) noexcept nogil:
+                          double* sg, double* sgx, const unsigned char* mask,
+                          bint zero=True) noexcept nogil:
     """sg[f] = Σg, sgx[f] = Σg·(x - mean_col[f]) down the columns of rows r0..r1 (those the
-    mask keeps)."""
+    mask keeps); with zero=False added to what sg and sgx hold."""
     cdef Py_ssize_t i = r0, f
     cdef const floating* g0
     cdef const floating* g1
@@ -161,9 +162,10 @@ cdef void bn_sums_columns(const floating* g, Py_ssize_t ldg, const floating* x, 
     cdef const floating* x1
     cdef const floating* x2
     cdef const floating* x3
-    for f in range(F):
-        sg[f] = 0.0
-        sgx[f] = 0.0
+    if zero:
+        for f in range(F):
+            sg[f] = 0.0
+            sgx[f] = 0.0
     if mask != NULL:
         for i in range(r0, r1):
             if mask[i]:
@@ -237,16 +239,41 @@ cdef void _layer_norm_backward(const floating* g, Py_ssize_t ldg, const floating
                                  db + t * D if db != NULL else NULL, mask)
 
 
+cdef void bn_reduce_sums(bint by_rows, Py_ssize_t M, Py_ssize_t N, Py_ssize_t C, int T,
+                         const double* parts, double* sums) noexcept nogil:
+    """Per-feature sums (2, C) from the per-row (by rows) or per-thread, per-column parts."""
+    cdef Py_ssize_t t, i, a, c, j, L = N // C
+    for c in range(2 * C):
+        sums[c] = 0.0
+    if by_rows:
+        for c in range(C):
+            for a in range(M // C):
+                i = a * C + c
+                sums[c] += parts[2 * i]
+                sums[C + c] += parts[2 * i + 1]
+        return
+    for t in range(T):
+        for j in range(N):
+            sums[j // L] += parts[2 * t * N + j]
+            sums[C + j // L] += parts[2 * t * N + N + j]
+
+
+cdef double* column_means(Py_ssize_t N, Py_ssize_t C, const double* mean,
+                          double* out) noexcept nogil:
+    cdef Py_ssize_t j, L = N // C
+    for j in range(N):
+        out[j] = mean[j // L]
+    return out
+
+
 cdef void _batch_norm_sums(const floating* g, Py_ssize_t ldg, const floating* x, Py_ssize_t ldx,
                            Py_ssize_t M, Py_ssize_t N, Py_ssize_t C, bint by_rows,
                            const double* mean, double* parts, double* sums,
                            const unsigned char* mask, int T) noexcept nogil:
     """sums (2, C): Σg and Σg·(x - mean) per feature.  parts: 2·M doubles (by rows) or
     T·2·N + N (columns: per-thread sums, then the per-column mean)."""
-    cdef Py_ssize_t t, i, a, c, j, L = N // C
+    cdef Py_ssize_t t
     cdef double* mean_col
-    for c in range(2 * C):
-        sums[c] = 0.0
     if by_rows:
         if T <= 1:
             bn_sums_rows(g, ldg, x, ldx, 0, M, N, C, mean, parts)
@@ -254,34 +281,22 @@ cdef void _batch_norm_sums(const floating* g, Py_ssize_t ldg, const floating* x,
             for t in prange(T, num_threads=T, schedule="static", chunksize=1):
                 bn_sums_rows(g, ldg, x, ldx, chunk(M, t, T), chunk(M, t + 1, T), N, C, mean,
                              parts)
-        for c in range(C):
-            for a in range(M // C):
-                i = a * C + c
-                sums[c] += parts[2 * i]
-                sums[C + c] += parts[2 * i + 1]
-        return
-    mean_col = parts + 2 * T * N
-    for j in range(N):
-        mean_col[j] = mean[j // L]
-    if T <= 1:
-        bn_sums_columns(g, ldg, x, ldx, 0, M, N, mean_col, parts, parts + N, mask)
     else:
-        for t in prange(T, num_threads=T, schedule="static", chunksize=1):
-            bn_sums_columns(g, ldg, x, ldx, chunk(M, t, T), chunk(M, t + 1, T), N, mean_col,
-                            parts + 2 * t * N, parts + 2 * t * N + N, mask)
-    for t in range(T):
-        for j in range(N):
-            sums[j // L] += parts[2 * t * N + j]
-            sums[C + j // L] += parts[2 * t * N + N + j]
+        mean_col = column_means(N, C, mean, parts + 2 * T * N)
+        if T <= 1:
+            bn_sums_columns(g, ldg, x, ldx, 0, M, N, mean_col, parts, parts + N, mask)
+        else:
+            for t in prange(T, num_threads=T, schedule="static", chunksize=1):
+                bn_sums_columns(g, ldg, x, ldx, chunk(M, t, T), chunk(M, t + 1, T), N,
+                                mean_col, parts + 2 * t * N, parts + 2 * t * N + N, mask)
+    bn_reduce_sums(by_rows, M, N, C, T, parts, sums)
 
 
-cdef void _batch_norm_dx(const floating* g, Py_ssize_t ldg, const floating* x, Py_ssize_t ldx,
-                         floating* dx, Py_ssize_t lddx, Py_ssize_t M, Py_ssize_t N,
-                         Py_ssize_t C, bint by_rows, const double* mean, const double* invstd,
-                         const floating* w, const double* sums, double n, bint training,
-                         floating* coef, const unsigned char* mask, int T) noexcept nogil:
-    """Coefficients per feature (expanded per column on the column path), then dx."""
-    cdef Py_ssize_t t, c, j, L = N // C, K = C if by_rows else N
+cdef void bn_coefficients(Py_ssize_t N, Py_ssize_t C, bint by_rows, const double* mean,
+                          const double* invstd, const floating* w, const double* sums, double n,
+                          bint training, floating* coef) noexcept nogil:
+    """Per feature (by rows) or per column: mh, k1, k2, k3 with dx = k1·g + k2·(x - mh) + k3."""
+    cdef Py_ssize_t c, j, L = N // C, K = C if by_rows else N
     cdef double k1, k2, k3
     cdef floating mh, ml
     for j in range(K):
@@ -294,12 +309,66 @@ cdef void _batch_norm_dx(const floating* g, Py_ssize_t ldg, const floating* x, P
         coef[K + j] = <floating>k1
         coef[2 * K + j] = <floating>k2
         coef[3 * K + j] = <floating>(k3 - k2 * <double>ml)   # the mean's remainder, folded
+
+
+cdef void _batch_norm_dx(const floating* g, Py_ssize_t ldg, const floating* x, Py_ssize_t ldx,
+                         floating* dx, Py_ssize_t lddx, Py_ssize_t M, Py_ssize_t N,
+                         Py_ssize_t C, bint by_rows, const floating* coef, bint training,
+                         const unsigned char* mask, int T) noexcept nogil:
+    cdef Py_ssize_t t
     if T <= 1:
         bn_dx_range(g, ldg, x, ldx, dx, lddx, 0, M, N, C, by_rows, coef, training, mask)
         return
     for t in prange(T, num_threads=T, schedule="static", chunksize=1):
         bn_dx_range(g, ldg, x, ldx, dx, lddx, chunk(M, t, T), chunk(M, t + 1, T), N, C, by_rows,
                     coef, training, mask)
+
+
+cdef enum:
+    FUSED_ROWS = 16   # rows per step of the eval pass: their sums, then their dx, in cache
+
+
+cdef void bn_eval_fused_range(const floating* g, Py_ssize_t ldg, const floating* x,
+                              Py_ssize_t ldx, floating* dx, Py_ssize_t lddx, Py_ssize_t r0,
+                              Py_ssize_t r1, Py_ssize_t N, Py_ssize_t C, bint by_rows,
+                              const double* mean, const double* mean_col, const floating* coef,
+                              double* parts, double* sg, double* sgx,
+                              const unsigned char* mask) noexcept nogil:
+    """Eval backward of rows r0..r1 in one pass over g and x: the sums for the parameter
+    gradients and dx = k1·g, a few rows at a time while they are in cache."""
+    cdef Py_ssize_t rb = r0, re, f
+    if not by_rows:
+        for f in range(N):
+            sg[f] = 0.0
+            sgx[f] = 0.0
+    while rb < r1:
+        re = rb + FUSED_ROWS if rb + FUSED_ROWS < r1 else r1
+        if by_rows:
+            bn_sums_rows(g, ldg, x, ldx, rb, re, N, C, mean, parts)
+        else:
+            bn_sums_columns(g, ldg, x, ldx, rb, re, N, mean_col, sg, sgx, mask, False)
+        bn_dx_range(g, ldg, x, ldx, dx, lddx, rb, re, N, C, by_rows, coef, False, mask)
+        rb = re
+
+
+cdef void _batch_norm_eval_fused(const floating* g, Py_ssize_t ldg, const floating* x,
+                                 Py_ssize_t ldx, floating* dx, Py_ssize_t lddx, Py_ssize_t M,
+                                 Py_ssize_t N, Py_ssize_t C, bint by_rows, const double* mean,
+                                 const floating* coef, double* parts, double* sums,
+                                 const unsigned char* mask, int T) noexcept nogil:
+    cdef Py_ssize_t t
+    cdef double* mean_col = NULL
+    if not by_rows:
+        mean_col = column_means(N, C, mean, parts + 2 * T * N)
+    if T <= 1:
+        bn_eval_fused_range(g, ldg, x, ldx, dx, lddx, 0, M, N, C, by_rows, mean, mean_col, coef,
+                            parts, parts, parts + N, mask)
+    else:
+        for t in prange(T, num_threads=T, schedule="static", chunksize=1):
+            bn_eval_fused_range(g, ldg, x, ldx, dx, lddx, chunk(M, t, T), chunk(M, t + 1, T), N,
+                                C, by_rows, mean, mean_col, coef, parts, parts + 2 * t * N,
+                                parts + 2 * t * N + N, mask)
+    bn_reduce_sums(by_rows, M, N, C, T, parts, sums)
 
 
 def layer_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t D,
@@ -395,23 +464,43 @@ def batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
     try:
         with nogil:
             if f32:
-                if sp != NULL:
-                    _batch_norm_sums(<const float*>cnp.PyArray_DATA(g), ldg,
-                                     <const float*>cnp.PyArray_DATA(x), ldx, rows, cols, C,
-                                     by_rows, mp, parts, sp, mk, T)
-                _batch_norm_dx(<const float*>cnp.PyArray_DATA(g), ldg,
-                               <const float*>cnp.PyArray_DATA(x), ldx,
-                               <float*>cnp.PyArray_DATA(dx), lddx, rows, cols, C, by_rows, mp,
-                               ip, <const float*>w, sp, n, training, <float*>coef, mk, T)
+                if not training and sp != NULL:
+                    bn_coefficients(cols, C, by_rows, mp, ip, <const float*>w, sp, n, False,
+                                    <float*>coef)
+                    _batch_norm_eval_fused(<const float*>cnp.PyArray_DATA(g), ldg,
+                                           <const float*>cnp.PyArray_DATA(x), ldx,
+                                           <float*>cnp.PyArray_DATA(dx), lddx, rows, cols, C,
+                                           by_rows, mp, <float*>coef, parts, sp, mk, T)
+                else:
+                    if sp != NULL:
+                        _batch_norm_sums(<const float*>cnp.PyArray_DATA(g), ldg,
+                                         <const float*>cnp.PyArray_DATA(x), ldx, rows, cols, C,
+                                         by_rows, mp, parts, sp, mk, T)
+                    bn_coefficients(cols, C, by_rows, mp, ip, <const float*>w, sp, n, training,
+                                    <float*>coef)
+                    _batch_norm_dx(<const float*>cnp.PyArray_DATA(g), ldg,
+                                   <const float*>cnp.PyArray_DATA(x), ldx,
+                                   <float*>cnp.PyArray_DATA(dx), lddx, rows, cols, C, by_rows,
+                                   <float*>coef, training, mk, T)
             else:
-                if sp != NULL:
-                    _batch_norm_sums(<const double*>cnp.PyArray_DATA(g), ldg,
-                                     <const double*>cnp.PyArray_DATA(x), ldx, rows, cols, C,
-                                     by_rows, mp, parts, sp, mk, T)
-                _batch_norm_dx(<const double*>cnp.PyArray_DATA(g), ldg,
-                               <const double*>cnp.PyArray_DATA(x), ldx,
-                               <double*>cnp.PyArray_DATA(dx), lddx, rows, cols, C, by_rows, mp,
-                               ip, <const double*>w, sp, n, training, <double*>coef, mk, T)
+                if not training and sp != NULL:
+                    bn_coefficients(cols, C, by_rows, mp, ip, <const double*>w, sp, n, False,
+                                    <double*>coef)
+                    _batch_norm_eval_fused(<const double*>cnp.PyArray_DATA(g), ldg,
+                                           <const double*>cnp.PyArray_DATA(x), ldx,
+                                           <double*>cnp.PyArray_DATA(dx), lddx, rows, cols, C,
+                                           by_rows, mp, <double*>coef, parts, sp, mk, T)
+                else:
+                    if sp != NULL:
+                        _batch_norm_sums(<const double*>cnp.PyArray_DATA(g), ldg,
+                                         <const double*>cnp.PyArray_DATA(x), ldx, rows, cols, C,
+                                         by_rows, mp, parts, sp, mk, T)
+                    bn_coefficients(cols, C, by_rows, mp, ip, <const double*>w, sp, n,
+                                    training, <double*>coef)
+                    _batch_norm_dx(<const double*>cnp.PyArray_DATA(g), ldg,
+                                   <const double*>cnp.PyArray_DATA(x), ldx,
+                                   <double*>cnp.PyArray_DATA(dx), lddx, rows, cols, C, by_rows,
+                                   <double*>coef, training, mk, T)
     finally:
         free(parts)
         free(coef)
