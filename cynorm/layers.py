@@ -3,7 +3,7 @@ import threading
 
 import numpy as np
 
-from ._validation import as_array, normalized_shape as _normalized_shape, real_scalar
+from ._validation import as_array, feature_axis, normalized_shape as _normalized_shape, real_scalar
 from .functional import batch_norm, batch_norm_backward, layer_norm, layer_norm_backward
 
 __all__ = ["LayerNorm", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -227,9 +227,9 @@ class BatchNorm(_Module):
         self._check_input_dim(x)
         if x.ndim >= 2:
             try:
-                ax = np.lib.array_utils.normalize_axis_index(self.axis, x.ndim)
+                ax = feature_axis(self.axis, x.ndim)
             except np.exceptions.AxisError:
-                ax = None
+                ax = None  # batch_norm raises it, with the same message as for the function
             if ax is not None and x.shape[ax] != self.num_features:
                 raise ValueError(
                     f"{type(self).__name__}({self.num_features}) expected {self.num_features} "
