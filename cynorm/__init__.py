@@ -19,6 +19,7 @@ except ImportError as exc:  # pragma: no cover - depends on how the package was 
     ) from exc
 
 from ._config import show_config
+from ._moments import Moments, moments
 from ._threads import get_num_threads, num_threads, set_num_threads
 from .functional import batch_norm, batch_norm_backward, layer_norm, layer_norm_backward
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, LayerNorm
@@ -34,6 +35,8 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "Moments",
+    "moments",
     "show_config",
     "get_num_threads",
     "set_num_threads",

@@ -416,14 +416,40 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         stats[1] = 0.0
         stats[2] = rv
         var_scale = 1.0
+    y = _apply_stats(x, shape, rows, cols, by_rows, cdt, rdt, stats, var_scale, w, b, eps,
+                     n_threads, out, row_mask, fresh)
+    if return_stats:
+        return y, stats[0] + stats[1], _invstd(stats[2] * var_scale, eps)
+    return y
+
+
+def _apply_stats(x, shape, rows, cols, by_rows, cdt, rdt, stats, var_scale, w, b, eps,
+                 n_threads, out=None, row_mask=None, fresh=False):
+    """y = (x - mean) * weight / sqrt(var + eps) + bias, from float64 stats (3, C): the mean as
+    hi + lo and the variance times 1 / var_scale; x already laid out as _layout says."""
+    C = stats.shape[1]
     params = np.empty((3, C), dtype=cdt)
     _kernels.batch_norm_params(stats, var_scale, w, b, eps, params)
     y, result = _output(x, shape, rows, cols, cdt, rdt, out, (), zeroed=fresh)
     _kernels.normalize(x, y, rows, cols, by_rows, params, n_threads, row_mask, not fresh)
-    y = _finish(y, result, shape, rdt, out)
-    if return_stats:
-        return y, stats[0] + stats[1], _invstd(stats[2] * var_scale, eps)
-    return y
+    return _finish(y, result, shape, rdt, out)
+
+
+def _batch_norm_with_stats(x, stats, weight, bias, eps, axis):
+    """Normalize x with float64 stats (3, C): mean hi, mean lo, variance (e.g. the moments of
+    a larger whole, which a rounded float64 mean would lose precision of)."""
+    x, cdt, rdt, C, A, L = _batch_norm_input(x, axis, "batch_norm")
+    w = param(weight, "weight", (C,), cdt)
+    b = param(bias, "bias", (C,), cdt)
+    shape = x.shape
+    if x.size == 0:
+        return np.empty(shape, dtype=rdt)
+    x = to_compute(x, cdt)
+    rows, cols, by_rows = _layout(A, C, L)
+    x = _rows_of(x, rows, cols)
+    stats = np.ascontiguousarray(stats, dtype=np.float64)
+    return _apply_stats(x, shape, rows, cols, by_rows, cdt, rdt, stats, 1.0, w, b, eps,
+                        threads_for(x.size, BATCH_NORM_SERIAL_BELOW))
 
 
 def _feature_last_mask(mask, lengths, shape, L, op):

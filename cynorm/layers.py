@@ -3,8 +3,22 @@ import threading
 
 import numpy as np
 
-from ._validation import as_array, feature_axis, normalized_shape as _normalized_shape, real_scalar
-from .functional import batch_norm, batch_norm_backward, layer_norm, layer_norm_backward
+from ._moments import _moments
+from ._validation import (
+    as_array,
+    dtypes,
+    feature_axis,
+    normalized_shape as _normalized_shape,
+    real_scalar,
+    to_compute,
+)
+from .functional import (
+    _feature_last_mask,
+    batch_norm,
+    batch_norm_backward,
+    layer_norm,
+    layer_norm_backward,
+)
 
 __all__ = ["LayerNorm", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -179,6 +193,10 @@ class BatchNorm(_Module):
     average when ``momentum`` is None; in eval the running statistics normalize.  With
     ``track_running_stats=False`` there are no buffers and batch statistics are always used.
     Training calls on one layer from several threads are serialized by a lock.
+
+    ``partial_fit(x)`` / ``fit(batches)`` gather exact statistics (count, mean, M2 per feature,
+    as ``moments_``) over any number of batches instead of a moving average, and write them to
+    the running statistics, which eval mode then uses.
     """
 
     _state_names = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -208,6 +226,7 @@ class BatchNorm(_Module):
             self.running_mean = None
             self.running_var = None
             self.num_batches_tracked = None
+        self.moments_ = None
 
     def reset_running_stats(self):
         if self.track_running_stats:
@@ -220,11 +239,12 @@ class BatchNorm(_Module):
             want = " or ".join(f"{d}D" for d in self._ndims)
             raise ValueError(f"expected {want} input (got {x.ndim}D input)")
 
-    def forward(self, x, *, mask=None, lengths=None):
-        """Normalize x; with mask= or lengths= (feature-last (N, T, C) input, axis=-1) the
-        statistics come from the real tokens only and padding positions are written as 0."""
+    def _check_input(self, x):
+        """x as an array with this layer's ndim and num_features on its axis (or the error);
+        the feature axis, or None when batch_norm is to raise the axis error itself."""
         x = as_array(x)
         self._check_input_dim(x)
+        ax = None
         if x.ndim >= 2:
             try:
                 ax = feature_axis(self.axis, x.ndim)
@@ -235,6 +255,12 @@ class BatchNorm(_Module):
                     f"{type(self).__name__}({self.num_features}) expected {self.num_features} "
                     f"features on axis {self.axis}, got input of shape {x.shape}"
                 )
+        return x, ax
+
+    def forward(self, x, *, mask=None, lengths=None):
+        """Normalize x; with mask= or lengths= (feature-last (N, T, C) input, axis=-1) the
+        statistics come from the real tokens only and padding positions are written as 0."""
+        x, _ = self._check_input(x)
         use_batch = self.training or self.running_mean is None
         if not self.training:
             momentum = 0.0 if self.momentum is None else self.momentum
@@ -254,6 +280,64 @@ class BatchNorm(_Module):
                 self.num_batches_tracked[...] = tracked
             self._saved = (x, mean, invstd, mask, lengths)
         return y
+
+    def partial_fit(self, x, *, mask=None, lengths=None):
+        """Add the batch x to the exact statistics in ``moments_`` and write them to
+        ``running_mean`` and ``running_var`` (unbiased, as torch keeps it; left alone until two
+        values per feature were seen).  Nothing is normalized and the mode is not changed:
+        call ``eval()`` to normalize with the fitted statistics.  mask / lengths as in forward.
+        """
+        if not self.track_running_stats:
+            raise ValueError(f"{type(self).__name__}.partial_fit needs "
+                             "track_running_stats=True (there are no running statistics)")
+        x, ax = self._check_input(x)
+        if x.ndim < 2 or ax is None:
+            feature_axis(self.axis, max(x.ndim, 1))  # the AxisError, or the ndim error below
+            raise ValueError(f"{type(self).__name__}.partial_fit expects an input with at least "
+                             f"2 dims, got shape {x.shape}")
+        cdt, _ = dtypes(x.dtype, "BatchNorm.partial_fit")
+        red = tuple(i for i in range(x.ndim) if i != ax)
+        row_mask = None
+        if mask is not None or lengths is not None:
+            L = 1 if ax == x.ndim - 1 else 0
+            row_mask = _feature_last_mask(mask, lengths, x.shape, L, "BatchNorm.partial_fit")
+        batch = _moments(to_compute(x, cdt) if x.size else x, red, [ax], (self.num_features,),
+                         row_mask)
+        with self._lock:
+            total = batch if self.moments_ is None else self.moments_.merge(batch)
+            count = float(total.count[0])
+            if count >= 1:
+                mean = total.mean
+                var = total.var(1) if count >= 2 else None
+                self.running_mean[...] = mean
+                if var is not None:
+                    self.running_var[...] = var
+            self.moments_ = total
+            self.num_batches_tracked[...] += 1
+        return self
+
+    def fit(self, data, *, mask=None, lengths=None):
+        """Exact statistics of ``data`` (one array, or an iterable of batches such as a
+        generator or a list of arrays), from scratch: ``moments_`` is reset, then
+        ``partial_fit`` runs on each batch.  mask / lengths only with a single array."""
+        single = isinstance(data, np.ndarray) or hasattr(data, "__array__") or (
+            isinstance(data, (list, tuple))
+            and not all(isinstance(b, np.ndarray) or hasattr(b, "__array__") for b in data))
+        if not single and (mask is not None or lengths is not None):
+            raise ValueError("fit: mask and lengths go with a single array; for batches call "
+                             "partial_fit(batch, mask=...) on each")
+        with self._lock:
+            self.moments_ = None
+            self.num_batches_tracked[...] = 0
+        if single:
+            return self.partial_fit(data, mask=mask, lengths=lengths)
+        seen = False
+        for batch in data:
+            self.partial_fit(batch)
+            seen = True
+        if not seen:
+            raise ValueError("fit: no batches")
+        return self
 
     def backward(self, grad_out):
         """grad_input of the last training forward (batch statistics); sets grad_weight and
