@@ -9,15 +9,16 @@ FULL = os.environ.get("CYNORM_BENCH_FULL", "0") not in ("", "0")
 GRID = bench.cases(full=FULL)
 
 
-@pytest.mark.parametrize("contender", bench.CONTENDERS + ("memory_copy",))
-@pytest.mark.parametrize("case", GRID, ids=lambda c: c.id)
+PAIRS = [pytest.param(case, name, id=f"{case.id}-{name}") for case in GRID
+         for name in case.contenders + (("memory_copy",) if case.size_class != "small" else ())]
+
+
+@pytest.mark.parametrize("case,contender", PAIRS)
 def test_speed(benchmark, torch_or_none, case, contender):
     benchmark.group = case.label
     benchmark.extra_info.update(case=case.id, size_class=case.size_class, nbytes=case.nbytes,
                                 bytes_moved=case.bytes_moved)
     if contender == "memory_copy":
-        if case.size_class == "small":
-            pytest.skip("no memory roof for inputs this small")
         src = np.random.default_rng(0).standard_normal(case.nbytes // 8)
         dst = np.empty_like(src)
 

@@ -14,6 +14,7 @@ cache, part of the second read still comes from cache, so cynorm can beat that m
 """
 import dataclasses
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -27,7 +28,10 @@ L3_BYTES = 32 << 20  # the L3 of the reference machine; larger inputs are "far l
 OPS = {"ln": "LN forward", "bn_train": "BN train", "bn_eval": "BN eval",
        "ln_bwd": "LN backward", "bn_bwd_train": "BN backward train",
        "bn_bwd_eval": "BN backward eval", "bn_masked": "BN train masked (N, T, C)",
-       "ln_masked": "LN forward masked"}
+       "ln_masked": "LN forward masked", "moments": "moments axis=0",
+       "scaler": "scaler fit_transform"}
+# Cases held against scikit-learn's StandardScaler instead of NumPy / torch.
+SKLEARN_OPS = ("scaler",)
 # Padding-mask cases: cynorm with the mask against a reference call, with the target ratio.
 #   bn_masked: against BN (cynorm) on the real tokens alone, concatenated: at most 1.10x
 #   ln_masked: half the tokens padding, against LN on the whole padded batch: at most 0.60x
@@ -44,8 +48,12 @@ QUICK = {"ln": [(5, 10), (64, 128), (4096, 768), (16384, 4096)],
          "bn_bwd_train": [(64, 128), (4096, 768), (32, 256, 1024), (64, 512, 768)],
          "bn_bwd_eval": [(4096, 768)],
          "bn_masked": [(64, 512, 768)],
-         "ln_masked": [(64, 512, 768)]}
+         "ln_masked": [(64, 512, 768)],
+         "moments": [(4096, 768), (100000, 64)],
+         "scaler": [(4096, 768), (100000, 64)]}
 MASK_SHAPES = [((16, 128, 64), -1), ((64, 512, 768), -1)]
+# statistics of (N, C) tables, the StandardScaler workload
+TABLE_SHAPES = [((1000, 20), 1), ((4096, 768), 1), ((100000, 64), 1), ((1000000, 32), 1)]
 CONTENDERS = ("cynorm", "cynorm_out", "numpy", "torch")
 
 
@@ -71,6 +79,17 @@ class Case:
         return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
     @property
+    def contenders(self):
+        """The names ``contenders()`` returns for this case (torch's only when installed)."""
+        if self.op in SKLEARN_OPS:
+            return ("cynorm", "sklearn")
+        if self.op in MASK_TARGETS:
+            return ("cynorm", "cynorm_reference", "numpy", "torch")
+        if "bwd" in self.op or self.op == "moments":
+            return ("cynorm", "numpy", "torch")
+        return CONTENDERS
+
+    @property
     def size_class(self):
         if math.prod(self.shape) < 100_000:
             return "small"
@@ -87,6 +106,10 @@ class Case:
             return 3 * self.nbytes
         if self.op.startswith("bn_bwd"):
             return (5 if big else 3) * self.nbytes
+        if self.op == "moments":
+            return self.nbytes  # one read, nothing written
+        if self.op in SKLEARN_OPS:  # statistics (one read), then transform (read and write)
+            return 3 * self.nbytes
         reads = 2 if self.op == "bn_train" and big else 1
         return (reads + 1) * self.nbytes
 
@@ -97,8 +120,12 @@ def cases(full=False, ops=None, dtypes=None, sizes=None):
     dtypes = list(dtypes or (["float32", "float64"] if full else ["float32"]))
     out = []
     for op in ops:
+        if op in SKLEARN_OPS and importlib.util.find_spec("sklearn") is None:
+            continue  # scikit-learn is not installed: nothing to hold cynorm against
         if op in MASK_TARGETS:
             grid = MASK_SHAPES
+        elif op in ("moments",) + SKLEARN_OPS:
+            grid = TABLE_SHAPES
         else:
             grid = LN_SHAPES if op.startswith("ln") else BN_SHAPES
         for shape, axis in grid:
@@ -136,6 +163,8 @@ def contenders(case, torch=None, seed=0):
         return _backward_contenders(case, x, rng, torch)
     if case.op in MASK_TARGETS:
         return _mask_contenders(case, x, rng, torch)
+    if case.op in ("moments",) + SKLEARN_OPS:
+        return _table_contenders(case, x, torch)
     out = np.empty_like(x)
     fns = {}
     if case.op == "ln":
@@ -330,6 +359,46 @@ def _mask_contenders(case, x, rng, torch):
     return fns
 
 
+def _table_contenders(case, x, torch):
+    """Statistics of an (N, C) table: moments against NumPy and torch; BatchNormScaler
+    (eps=0: StandardScaler's arithmetic) against scikit-learn's StandardScaler."""
+    import cynorm
+
+    fns = {}
+    if case.op == "moments":
+        fns["cynorm"] = lambda: cynorm.moments(x, 0)
+        fns["numpy"] = lambda: (x.mean(axis=0), x.var(axis=0))
+        if torch is not None:
+            tx = torch.from_numpy(x)
+            fns["torch"] = lambda: torch.var_mean(tx, 0, correction=0)
+        return fns
+    from cynorm.sklearn import BatchNormScaler
+
+    fns["cynorm"] = lambda: BatchNormScaler(eps=0.0).fit_transform(x)
+    try:
+        from sklearn.preprocessing import StandardScaler
+    except ImportError:
+        return fns
+    fns["sklearn"] = lambda: StandardScaler().fit_transform(x)
+    return fns
+
+
+def sklearn_table(results):
+    """cynorm's BatchNormScaler against scikit-learn's StandardScaler."""
+    rows = [r for r in results if r["op"] in SKLEARN_OPS]
+    if not rows:
+        return []
+    lines = ["| case | cynorm BatchNormScaler | sklearn StandardScaler | vs sklearn | roof |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        t = r["times"]
+        sk = t.get("sklearn")
+        lines.append(f"| {r['label']} | {_fmt(t['cynorm'])} | {_fmt(sk)} | "
+                     + (f"{sk / t['cynorm']:.2f}× | " if sk else "— | ")
+                     + f"{_fmt(r.get('roof'))} |")
+    return lines
+
+
 def mask_table(results):
     """The padding-mask cases: cynorm with the mask against its reference call and target."""
     rows = [r for r in results if r["op"] in MASK_TARGETS]
@@ -460,7 +529,7 @@ def table(results):
              "roof / cynorm out= (backward: cynorm) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        if r["op"] in MASK_TARGETS:
+        if r["op"] in MASK_TARGETS or r["op"] in SKLEARN_OPS:
             continue
         t = r["times"]
         c, co, n, tt = (t.get(k) for k in CONTENDERS)
@@ -479,7 +548,8 @@ def summary(results):
     lines = []
     for other in ("numpy", "torch"):
         ratios = [(r["times"][other] / r["times"]["cynorm"], r["label"]) for r in results
-                  if r["times"].get(other) and r["op"] not in MASK_TARGETS]
+                  if r["times"].get(other) and r["op"] not in MASK_TARGETS
+                  and r["op"] not in SKLEARN_OPS]
         if ratios:
             gm = math.exp(sum(math.log(v) for v, _ in ratios) / len(ratios))
             worst = min(ratios)
@@ -507,6 +577,9 @@ def write_report(info, results, folder):
     masks = mask_table(results)
     if masks:
         md += ["", "## Padding masks", ""] + masks
+    scalers = sklearn_table(results)
+    if scalers:
+        md += ["", "## scikit-learn", ""] + scalers
     if plots:
         md += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     with open(os.path.join(folder, "report.md"), "w") as f:
@@ -600,6 +673,9 @@ def main(argv=None):
     masks = mask_table(results)
     if masks:
         print("\nPadding masks:\n" + "\n".join(masks))
+    scalers = sklearn_table(results)
+    if scalers:
+        print("\nscikit-learn:\n" + "\n".join(scalers))
     path = write_report(info, results, args.out)
     print(f"\nreport: {path}")
     return 0

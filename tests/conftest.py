@@ -25,6 +25,33 @@ def torch():
     return pytest.importorskip("torch")
 
 
+def optional(module):
+    """An optional dependency (scikit-learn, dask, distributed), or a skip; with
+    CYNORM_REQUIRE_EXTRAS=1 (as in .ci/run) a missing one is a failure."""
+    if os.environ.get("CYNORM_REQUIRE_EXTRAS", "0") not in ("", "0"):
+        import importlib  # noqa: PLC0415
+
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
+def reference_moments(x, axes, mask=None):
+    """(count, mean, biased var) over ``axes`` in float64, the mean carried beyond float64
+    resolution; with a mask over the reduced axes, of the positions it marks True."""
+    x = np.asarray(x, np.float64)
+    axes = tuple(sorted(a % x.ndim for a in axes))
+    keep = [i for i in range(x.ndim) if i not in axes]
+    xt = np.transpose(x, list(axes) + keep)
+    flat = xt.reshape((-1,) + xt.shape[len(axes):])
+    if mask is not None:
+        flat = flat[np.asarray(mask).reshape(-1)]
+    m0 = flat.mean(axis=0)
+    d = flat - m0
+    r = d.mean(axis=0)
+    d = d - r
+    return flat.shape[0], m0 + r, np.mean(d * d, axis=0)
+
+
 def _centered(x, axes):
     """x - mean(x) over axes, the mean carried to beyond float64 resolution.
 

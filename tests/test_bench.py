@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import optional
 from cynorm import bench
 
 
@@ -35,6 +36,27 @@ def test_contenders_compute_the_same_thing(case, torch):
         assert len(got) == len(ref)
         for a, b in zip(got, ref):
             np.testing.assert_allclose(np.asarray(a), b, atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("case", [c for op in bench.OPS
+                                  for c in bench.cases(ops=[op], sizes=["small"])[:1]]
+                         + [bench.Case("moments", (300, 7), "float64"),
+                            bench.Case("scaler", (300, 7), "float32")], ids=lambda c: c.id)
+def test_case_lists_its_contenders(case, torch):
+    assert tuple(bench.contenders(case, torch)) == case.contenders
+
+
+def test_table_contenders_compute_the_same_thing(torch):
+    optional("sklearn")
+    fns = bench.contenders(bench.Case("moments", (500, 9), "float64"), torch)
+    m = fns["cynorm"]()
+    mean, var = fns["numpy"]()
+    tv, tm = fns["torch"]()
+    for other_mean, other_var in ((mean, var), (tm.numpy(), tv.numpy())):
+        np.testing.assert_allclose(m.mean, other_mean, rtol=1e-12)
+        np.testing.assert_allclose(m.var(), other_var, rtol=1e-10)
+    fns = bench.contenders(bench.Case("scaler", (500, 9), "float32"), torch)
+    np.testing.assert_allclose(fns["cynorm"](), fns["sklearn"](), atol=2e-5)
 
 
 def test_run_and_report(tmp_path):

@@ -31,6 +31,17 @@ def test_stubs_match_the_compiled_modules():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_import_cynorm_leaves_the_optional_dependencies_alone():
+    r = _run("""
+        import sys
+        import cynorm
+        cynorm.moments(cynorm.layer_norm([[1.0, 2.0], [3.0, 5.0]], 2), 0)
+        loaded = [m for m in ("torch", "dask", "distributed", "sklearn") if m in sys.modules]
+        assert not loaded, loaded
+    """)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def _run(code):
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, timeout=180)
