@@ -255,7 +255,13 @@ def moments(x, axis=0, *, mask=None):
 
 
 def _moments(x, red, keep, fshape, row_mask=None):
-    from .functional import BATCH_NORM_SERIAL_BELOW, _feature_moments, _layout, _rows_of
+    from .functional import (
+        BATCH_NORM_SERIAL_BELOW,
+        _feature_moments,
+        _layout,
+        _rescaled,
+        _rows_of,
+    )
 
     C = math.prod(fshape)
     R = math.prod(x.shape[i] for i in red)
@@ -272,8 +278,11 @@ def _moments(x, red, keep, fshape, row_mask=None):
         A, L = R, 1
     rows, cols, by_rows = _layout(A, C, L)
     x = _rows_of(x, rows, cols)
-    n, stats = _feature_moments(x, rows, cols, C, by_rows,
-                                threads_for(x.size, BATCH_NORM_SERIAL_BELOW), row_mask)
+    n_threads = threads_for(x.size, BATCH_NORM_SERIAL_BELOW)
+    n, stats = _feature_moments(x, rows, cols, C, by_rows, n_threads, row_mask)
+    if n < 0:  # an M2 beyond float64: the mean from scaled data, the M2 inf (not NaN)
+        n = -n
+        _rescaled(x, A, C, L, rows, cols, by_rows, n_threads, row_mask, stats)
     count = np.full(fshape, float(n))
     return Moments._trusted(count, stats[0].reshape(fshape), stats[1].reshape(fshape),
                             stats[2].reshape(fshape))

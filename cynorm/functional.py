@@ -26,6 +26,8 @@ __all__ = ["layer_norm", "batch_norm", "layer_norm_backward", "batch_norm_backwa
 ROW_PATH_MIN = 64
 # BatchNorm runs two parallel regions (statistics, then normalization): threads pay off later.
 BATCH_NORM_SERIAL_BELOW = 1 << 17
+# M2 beyond (FLT_MAX / 2)^2: a float32 x - mean may overflow (as F32_BIG_M2 in the kernels).
+F32_BIG_M2 = 2.89e76
 # Rows per block of the column reduction: about this many bytes stay in L2 between its passes.
 COLUMN_BLOCK_BYTES = 1 << 17
 
@@ -266,7 +268,7 @@ def _layout(A, C, L):
 def _feature_moments(x, rows, cols, C, by_rows, n_threads, row_mask=None):
     """(count, stats) per feature of x laid out as _layout says: stats (3, C) float64 holds
     the mean as hi + lo (hi carries the magnitude, lo the remainder; see pyx/_kernels_impl.pxi)
-    and M2.
+    and M2.  A negative count says some M2 is not finite (overflow, or inf / NaN in x).
     """
     stats = np.empty((3, C))
     rows_per_block = max(8, min(1024, COLUMN_BLOCK_BYTES // (cols * x.itemsize)))
@@ -402,6 +404,22 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         return y
     if training:
         count, stats = _feature_moments(x, rows, cols, C, by_rows, n_threads, row_mask)
+        if count < 0:  # an M2 overflowed float64: those features are redone scaled down
+            count = -count
+            scaled = _rescaled(x, A, C, L, rows, cols, by_rows, n_threads, row_mask, stats)
+            if scaled is not None:
+                xs, stats_s, s = scaled
+                y = _apply_stats(xs, shape, rows, cols, by_rows, cdt, rdt,
+                                 _scaled_params_stats(stats_s, count, eps, s), 1.0, w, b, 0.0,
+                                 n_threads, out, row_mask, fresh)
+                if rm is not None:
+                    rm[...] = (1.0 - momentum) * rm + momentum * (stats[0] + stats[1])
+                    with np.errstate(over="ignore"):
+                        rv[...] = (1.0 - momentum) * rv + momentum * (stats[2] / (count - 1.0))
+                if return_stats:
+                    return y, stats[0] + stats[1], _invstd(stats_s[2] / count + eps * s * s,
+                                                           0.0) * s
+                return y
         if rm is not None:
             if rm.dtype is rv.dtype and rm.dtype.isnative and rm.flags.c_contiguous \
                     and rv.flags.c_contiguous:
@@ -421,6 +439,37 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     if return_stats:
         return y, stats[0] + stats[1], _invstd(stats[2] * var_scale, eps)
     return y
+
+
+def _rescaled(x, A, C, L, rows, cols, by_rows, n_threads, row_mask, stats):
+    """Features whose M2 overflowed float64 (|x| near 1e154 and beyond, float64 input) or
+    whose deviations may overflow float32 (within a factor 2 of its maximum), redone on x
+    times 2^-k per feature (exact).  Fills stats with the unscaled moments (an M2
+    beyond float64 becomes inf) and returns (scaled x laid out as x, scaled stats, 2^-k per
+    feature); None when no feature can be rescued (they hold inf or NaN)."""
+    x3 = np.asarray(x).reshape(A, C, L)
+    real = x3 if row_mask is None else x3[row_mask.reshape(A)]
+    amax = np.max(np.abs(real), axis=(0, 2)) if real.size else np.zeros(C)
+    big = F32_BIG_M2 if x.dtype == np.float32 else np.finfo(np.float64).max
+    bad = ~(stats[2] <= big) & np.isfinite(amax) & (amax > 0)
+    if not bad.any():
+        return None
+    _, e = np.frexp(np.where(bad, amax, 1.0))
+    s = np.where(bad, np.ldexp(1.0, -e.astype(np.int64) + 1), 1.0)  # largest becomes [1, 2)
+    xs = _rows_of(np.ascontiguousarray(x3 * s.reshape(1, C, 1), dtype=x.dtype), rows, cols)
+    n, stats_s = _feature_moments(xs, rows, cols, C, by_rows, n_threads, row_mask)
+    with np.errstate(over="ignore"):
+        stats[0] = np.where(bad, stats_s[0] / s, stats[0])
+        stats[1] = np.where(bad, stats_s[1] / s, stats[1])
+        stats[2] = np.where(bad, stats_s[2] / s / s, stats[2])
+    return xs, stats_s, s
+
+
+def _scaled_params_stats(stats_s, count, eps, s):
+    """(3, C) stats for _apply_stats with eps=0: the scaled mean and var + eps, both times s."""
+    out = stats_s.copy()
+    out[2] = stats_s[2] / count + eps * s * s
+    return out
 
 
 def _apply_stats(x, shape, rows, cols, by_rows, cdt, rdt, stats, var_scale, w, b, eps,

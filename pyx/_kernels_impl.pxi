@@ -24,7 +24,7 @@
 cimport cython
 cimport numpy as cnp
 from cython.parallel cimport prange
-from libc.math cimport sqrt, isinf, NAN
+from libc.math cimport sqrt, isinf, isfinite, fabs, ilogb, ldexp, NAN
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 
@@ -137,16 +137,36 @@ cdef inline void split_mean(double hi, double lo, floating* m_hi, floating* m_lo
     m_lo[0] = <floating>((hi - <double>m_hi[0]) + lo)
 
 
+# Below this M2 (2^-900) the squares of a float64 row may have lost bits to underflow.
+cdef double TINY_M2 = 1.2e-271
+# Above this M2 ((FLT_MAX / 2)^2) a float32 deviation x - mean may overflow float32.
+cdef double F32_BIG_M2 = 2.89e76
+# Below this variance (4 / FLT_MAX^2) 1 / sqrt(var + eps) overflows float32.
+cdef double F32_TINY_VAR = 3.4e-77
+
+
 cdef inline void layer_norm_row(const floating* x, floating* y, Py_ssize_t n,
                                 const floating* w, const floating* b, double eps,
                                 double* mean_out, double* rstd_out) noexcept nogil:
     cdef double hi = 0.0, lo = 0.0, m2 = 0.0, rstd
     cdef floating mh, ml, rs
     cdef Py_ssize_t j
+    cdef bint rescale
     row_moments(x, n, &hi, &lo, &m2)
-    rstd = 1.0 / sqrt(m2 / n + eps)
-    if isinf(m2):   # squares overflowed float64 (|x| near 1e154 or more): no silent zeros
-        rstd = NAN
+    if floating is float:
+        # deviations near FLT_MAX would overflow x - mean in float32, or 1 / std would
+        rescale = not m2 <= F32_BIG_M2 or (m2 > 0.0 and m2 / n + eps < F32_TINY_VAR)
+    else:
+        # squares overflowed float64 (|x| near 1e154 or more), or underflowed (subnormal
+        # spreads) with no eps to hide it
+        rescale = not isfinite(m2) or (m2 < TINY_M2 and eps < TINY_M2 and m2 > 0.0) or (
+            m2 == 0.0 and eps == 0.0)
+    if rescale and rescaled_row(x, y, n, w, b, eps, mean_out, rstd_out):
+        return
+    if isfinite(m2):
+        rstd = 1.0 / sqrt(m2 / n + eps)
+    else:
+        rstd = NAN   # inf or NaN in the row itself: NaN out, never silent zeros
     if mean_out != NULL:
         mean_out[0] = hi + lo
         rstd_out[0] = rstd
@@ -164,6 +184,42 @@ cdef inline void layer_norm_row(const floating* x, floating* y, Py_ssize_t n,
     else:
         for j in range(n):
             y[j] = ((x[j] - mh) - ml) * rs
+
+
+cdef int rescaled_row(const floating* x, floating* y, Py_ssize_t n, const floating* w,
+                      const floating* b, double eps, double* mean_out,
+                      double* rstd_out) noexcept nogil:
+    """LayerNorm of a finite row whose statistics leave the float range (float64: M2
+    overflows or underflows; float32: x - mean may overflow), computed on the row times 2^k
+    (exact for a power of two) with eps times 2^2k: the output is the same, the statistics are
+    scaled back.  0 (nothing done) for rows of zeros, rows holding inf or NaN, rows already
+    of unit size (no recursion), or when no scratch memory is left."""
+    cdef double amax = 0.0, a
+    cdef floating* buf
+    cdef Py_ssize_t j
+    cdef int k
+    for j in range(n):
+        a = fabs(<double>x[j])
+        if not a <= 1.7976931348623157e308:
+            return 0
+        if a > amax:
+            amax = a
+    if amax == 0.0:
+        return 0
+    k = -ilogb(amax)   # the largest element becomes 1 <= |x| < 2
+    if k == 0:
+        return 0
+    buf = <floating*>malloc(n * sizeof(floating))
+    if buf == NULL:
+        return 0
+    for j in range(n):
+        buf[j] = <floating>ldexp(<double>x[j], k)
+    layer_norm_row(<const floating*>buf, y, n, w, b, ldexp(eps, 2 * k), mean_out, rstd_out)
+    free(buf)
+    if mean_out != NULL:
+        mean_out[0] = ldexp(mean_out[0], -k)
+        rstd_out[0] = ldexp(rstd_out[0], k)
+    return 1
 
 
 cdef inline void normalize_row_scalar(const floating* x, floating* y, Py_ssize_t n,
@@ -618,7 +674,7 @@ def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t 
                     bint by_rows, cnp.ndarray stats, int n_threads, Py_ssize_t rows_per_block=64,
                     cnp.ndarray mask=None):
     """Per-feature moments of x seen as (rows, cols): stats (3, C) float64 receives the mean
-    as hi + lo and M2; returns the count per feature.
+    as hi + lo and M2; returns the count per feature, negated when some M2 is not finite.
 
     by_rows: row i belongs to feature i % C (the (N, C, L) layout with long L, rows of L).
     Otherwise column j belongs to feature j // (cols // C) ((N, C) and short L), reduced down
@@ -629,7 +685,7 @@ def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t 
     cdef Py_ssize_t ld = row_stride(x, rows, cols, False)
     cdef int f32 = is_float32(x)
     cdef double* st = float64_data(stats, 3 * C)
-    cdef Py_ssize_t T
+    cdef Py_ssize_t T, j
     cdef double n
     cdef double* parts
     if C <= 0 or rows * cols == 0 or (by_rows and rows % C) or (not by_rows and cols % C):
@@ -656,6 +712,11 @@ def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t 
                                             C, T, rows_per_block, mk, parts, st)
     finally:
         free(parts)
+    for j in range(C):
+        if not (st[2 * C + j] <= (F32_BIG_M2 if f32 else 1.7976931348623157e308)):
+            # an M2 overflowed float64, a float32 x - mean may overflow float32, or the data
+            # hold inf / NaN: the caller decides
+            return -n
     return n
 
 

@@ -294,16 +294,3 @@ def test_reversed_single_column_view(rng, ref_batch_norm, ref_layer_norm):
     assert max_err(cynorm.batch_norm(x, np.zeros(1), np.ones(1)), eval_ref) <= \
         1e-6 * np.abs(eval_ref).max()
     assert max_err(cynorm.layer_norm(x, 1, bias=np.ones(1)), np.ones((7, 1))) == 0
-
-
-def test_float64_overflow_is_loud_not_silent():
-    # Squares of float64 values near 1e154 and beyond overflow: the variance is inf and the
-    # output would come out as silent zeros.  Until a rescaling guard lands they are NaN.
-    x = np.array([[1e200], [-1e200], [3.0], [0.0]])
-    assert np.isnan(cynorm.batch_norm(x, training=True)).all()
-    assert np.isnan(cynorm.layer_norm(x.T, 4)).all()
-    # float32 inputs near their maximum are fine: the statistics are float64
-    xf = np.array([[3e38, -3e38, 1e38, 0.0]], np.float32)
-    y = cynorm.layer_norm(xf, 4)
-    ref = (xf.astype(np.float64) - xf.astype(np.float64).mean()) / xf.astype(np.float64).std()
-    np.testing.assert_allclose(y, ref, rtol=1e-5)
