@@ -1,4 +1,5 @@
 """Layer classes with torch.nn's semantics, holding NumPy parameters and buffers."""
+import os
 import threading
 
 import numpy as np
@@ -74,12 +75,25 @@ class _Module:
         """Copies of the parameters and buffers under torch's key names."""
         return {k: np.array(v, copy=True) for k, v in self._state().items()}
 
+    def save_state_dict(self, file):
+        """Write ``state_dict()`` to an .npz (``np.savez``); ``load_state_dict(file)`` reads it."""
+        np.savez(file, **self.state_dict())
+
     def load_state_dict(self, state_dict, strict=True):
-        """Load arrays under torch's key names (e.g. ``{k: v.numpy() for k, v in sd.items()}``).
+        """Load arrays under torch's key names (e.g. ``{k: v.numpy() for k, v in sd.items()}``),
+        or an .npz file (a path), read with ``allow_pickle=False``: nothing is ever unpickled.
 
         Every key is checked before anything is written: on any error the layer is unchanged.
         With ``strict=False`` missing and unexpected keys are ignored (shapes are still checked).
+        Values must be real numeric arrays (integers for ``num_batches_tracked``).
         """
+        if isinstance(state_dict, (str, bytes, os.PathLike)):
+            with np.load(state_dict, allow_pickle=False) as data:
+                try:
+                    arrays = {k: data[k] for k in data.files}
+                except ValueError as exc:  # an object array: it would need unpickling
+                    raise ValueError(f"{os.fsdecode(state_dict)}: {exc}") from None
+            return self.load_state_dict(arrays, strict)
         if not hasattr(state_dict, "items"):
             raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
         own = self._state()
@@ -106,7 +120,7 @@ class _Module:
                     f"size mismatch for {key}: copying a param with shape {arr.shape}, "
                     f"the shape in current model is {target.shape}"
                 )
-            allowed = "iu" if target.dtype.kind in "iu" else "biuf"
+            allowed = "iu" if target.dtype.kind in "iu" else "iuf"
             if arr.dtype.kind not in allowed:
                 raise TypeError(f"{key}: expected a {target.dtype} compatible array, got {arr.dtype}")
             staged[key] = arr

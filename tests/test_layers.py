@@ -114,6 +114,8 @@ def test_load_state_dict_errors_leave_layer_unchanged(rng):
         ({**good, "extra": np.ones(3)}, KeyError, "unexpected"),
         ({**good, "weight": np.array(["a", "b", "c"])}, TypeError, "weight"),
         ({**good, "num_batches_tracked": np.array(1.5)}, TypeError, "num_batches_tracked"),
+        ({**good, "running_var": np.ones(3, complex)}, TypeError, "running_var"),
+        ({**good, "bias": np.ones(3, bool)}, TypeError, "bias"),
     ]
     for sd, err, match in bad_cases:
         sd["running_mean"] = np.full(3, 7.0)  # would be written first if loading were not atomic
@@ -123,6 +125,45 @@ def test_load_state_dict_errors_leave_layer_unchanged(rng):
             np.testing.assert_array_equal(getattr(bn, k), v)
     with pytest.raises(TypeError, match="mapping"):
         bn.load_state_dict([1, 2])
+
+
+def test_state_dict_from_an_npz_file(rng, tmp_path, torch):
+    tbn = torch.nn.BatchNorm1d(3)
+    tbn(torch.randn(20, 3))
+    path = tmp_path / "from_torch.npz"
+    np.savez(path, **{k: v.numpy() for k, v in tbn.state_dict().items()})
+    bn = cynorm.BatchNorm1d(3)
+    bn.load_state_dict(path)
+    bn.load_state_dict(str(path))
+    for k, v in tbn.state_dict().items():
+        np.testing.assert_allclose(getattr(bn, k), v.numpy())
+    bn.save_state_dict(tmp_path / "mine.npz")
+    again = cynorm.BatchNorm1d(3).load_state_dict(tmp_path / "mine.npz")
+    for k, v in bn.state_dict().items():
+        np.testing.assert_array_equal(getattr(again, k), v)
+
+
+def test_state_dict_npz_written_by_someone_else(rng, tmp_path):
+    bn = cynorm.BatchNorm1d(3)
+    bn(rng.standard_normal((10, 3)).astype(np.float32))
+    before = bn.state_dict()
+    good = {k: np.array(v) for k, v in before.items()}
+    cases = [
+        # an object array would need unpickling: refused, never loaded
+        ({**good, "running_mean": np.array([object()] * 3, dtype=object)}, ValueError, "pickle"),
+        ({**good, "running_var": np.ones((3, 1))}, ValueError, "size mismatch"),
+        ({**good, "weight": np.array(["a", "b", "c"])}, TypeError, "weight"),
+        ({**good, "running_var": np.ones(3, complex)}, TypeError, "running_var"),
+    ]
+    for i, (sd, err, match) in enumerate(cases):
+        path = tmp_path / f"bad{i}.npz"
+        np.savez(path, **sd)
+        with pytest.raises(err, match=match):
+            bn.load_state_dict(path)
+        for k, v in before.items():
+            np.testing.assert_array_equal(getattr(bn, k), v)
+    with pytest.raises(FileNotFoundError):
+        bn.load_state_dict(tmp_path / "missing.npz")
 
 
 def test_state_dict_round_trip_and_identity(rng):

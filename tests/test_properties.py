@@ -138,6 +138,39 @@ def test_masks_property(x, data):
                                atol=_tol(x) * max(1.0, float(np.abs(ref).max())))
 
 
+@given(x=arrays(min_dims=1), data=st.data())
+def test_moments_property(x, data):
+    axes = tuple(sorted(data.draw(st.sets(st.integers(0, x.ndim - 1)))))
+    use_mask = data.draw(st.booleans())
+    rshape = tuple(x.shape[i] for i in axes)
+    mask = None
+    if use_mask:
+        seed = data.draw(st.integers(0, 2**16))
+        mask = np.random.default_rng(seed).random(rshape) < 0.6
+    m = cynorm.moments(x, axes, mask=mask)
+    keep = [i for i in range(x.ndim) if i not in axes]
+    assert m.shape == tuple(x.shape[i] for i in keep)
+    x64 = np.moveaxis(x.astype(np.float64), keep, list(range(x.ndim - len(keep), x.ndim)))
+    flat = x64.reshape((int(np.prod(rshape)),) + m.shape)
+    if mask is not None:
+        flat = flat[mask.reshape(-1)]
+    np.testing.assert_array_equal(m.count, flat.shape[0])
+    if flat.shape[0] and flat.size:
+        scale = max(1.0, float(np.abs(flat).max()))
+        assert np.max(np.abs(m.mean - flat.mean(axis=0))) <= 1e-12 * scale
+        assert np.max(np.abs(m.var() - flat.var(axis=0))) <= 1e-12 * scale * scale
+    # split along the first reduced axis anywhere: the merge is the whole
+    if axes and mask is None:
+        cut = data.draw(st.integers(0, x.shape[axes[0]]))
+        a, b = np.split(x, [cut], axis=axes[0])
+        merged = cynorm.moments(a, axes) + cynorm.moments(b, axes)
+        np.testing.assert_array_equal(merged.count, m.count)
+        if m.count.size and m.count.flat[0]:
+            scale = max(1.0, float(np.abs(x.astype(np.float64)).max()))
+            assert np.max(np.abs(merged.mean - m.mean)) <= 1e-12 * scale
+            assert np.max(np.abs(merged.var() - m.var())) <= 1e-12 * scale * scale
+
+
 @given(x=arrays(min_dims=2, max_dims=3), bad=st.sampled_from(
     ["shape", "weight", "out_shape", "out_dtype", "mask_dtype"]))
 def test_bad_arguments_raise_clear_errors(x, bad):

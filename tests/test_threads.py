@@ -78,6 +78,60 @@ def test_forked_child_does_not_hang():
     assert r.stdout.strip().endswith("ok")
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_fork_while_other_threads_are_inside_kernels():
+    # Two Python threads keep OpenMP teams busy in LayerNorm and BatchNorm kernels while the
+    # main thread forks, again and again; every child runs kernels and exits, none hangs.
+    code = """
+        import os, sys, threading, time
+        import numpy as np, cynorm
+        x = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)
+        expect_ln = cynorm.layer_norm(x[:128], 2048)
+        expect_bn = cynorm.batch_norm(x[:128], training=True)
+        stop = threading.Event()
+        calls = [0, 0]
+
+        def spin(k):
+            while not stop.is_set():
+                cynorm.layer_norm(x, 2048) if k == 0 else cynorm.batch_norm(x, training=True)
+                calls[k] += 1
+
+        workers = [threading.Thread(target=spin, args=(k,)) for k in (0, 1)]
+        for t in workers: t.start()
+        time.sleep(0.1)
+        for i in range(8):
+            pid = os.fork()
+            if pid == 0:
+                code = 3
+                try:
+                    ok = (cynorm.get_num_threads() == 1
+                          and np.abs(cynorm.layer_norm(x[:128], 2048) - expect_ln).max() < 1e-5
+                          and np.abs(cynorm.batch_norm(x[:128], training=True)
+                                     - expect_bn).max() < 1e-5)
+                    code = 0 if ok else 2
+                finally:
+                    os._exit(code)
+            deadline = time.time() + 60
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if time.time() > deadline:
+                    os.kill(pid, 9)
+                    print("child", i, "hung"); sys.exit(1)
+                time.sleep(0.005)
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (i, status)
+            time.sleep(0.02)
+        stop.set()
+        for t in workers: t.join(60)
+        assert min(calls) > 0, calls
+        print("ok", calls)
+    """
+    r = _run(code, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ok" in r.stdout
+
+
 def test_threads_from_python_threads_agree(rng):
     from concurrent.futures import ThreadPoolExecutor
     xs = [rng.standard_normal((300, 256)).astype(np.float32) for _ in range(8)]
