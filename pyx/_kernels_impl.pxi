@@ -79,6 +79,20 @@ cdef extern from "_simd.h" nogil:
                           double shift, double* s1, double* s2) noexcept
     void cynorm_gx_sums_d(const double* g, const double* w, const double* x, Py_ssize_t n,
                           double shift, double* s1, double* s2) noexcept
+    # the output loops with streaming stores (outputs far larger than the cache)
+    void cynorm_sfence() noexcept
+    void cynorm_apply_nt_f(const float* x, float* y, Py_ssize_t n, float mh, float ml,
+                           float rs, const float* w, const float* b) noexcept
+    void cynorm_apply_nt_d(const double* x, double* y, Py_ssize_t n, double mh, double ml,
+                           double rs, const double* w, const double* b) noexcept
+    void cynorm_apply_nt_f_vec(const float* x, float* y, Py_ssize_t n, const float* mh,
+                               const float* sc, const float* sh) noexcept
+    void cynorm_apply_nt_d_vec(const double* x, double* y, Py_ssize_t n, const double* mh,
+                               const double* sc, const double* sh) noexcept
+    void cynorm_apply_nt_f_scalar(const float* x, float* y, Py_ssize_t n, float mh, float sc,
+                                  float sh) noexcept
+    void cynorm_apply_nt_d_scalar(const double* x, double* y, Py_ssize_t n, double mh,
+                                  double sc, double sh) noexcept
 
 
 cdef inline void block_moments(const floating* x, Py_ssize_t n, double* hi, double* lo,
@@ -137,6 +151,10 @@ cdef inline void split_mean(double hi, double lo, floating* m_hi, floating* m_lo
     m_lo[0] = <floating>((hi - <double>m_hi[0]) + lo)
 
 
+# Outputs of at least this many bytes are written with streaming stores (see _simd.h): they
+# cannot stay in the 32 MiB L3 anyway, and a normal store would read each line first.
+cdef Py_ssize_t STREAM_BYTES = 24 << 20
+
 # Below this M2 (2^-900) the squares of a float64 row may have lost bits to underflow.
 cdef double TINY_M2 = 1.2e-271
 # Above this M2 ((FLT_MAX / 2)^2) a float32 deviation x - mean may overflow float32.
@@ -147,7 +165,8 @@ cdef double F32_TINY_VAR = 3.4e-77
 
 cdef inline void layer_norm_row(const floating* x, floating* y, Py_ssize_t n,
                                 const floating* w, const floating* b, double eps,
-                                double* mean_out, double* rstd_out) noexcept nogil:
+                                double* mean_out, double* rstd_out,
+                                bint stream=False) noexcept nogil:
     cdef double hi = 0.0, lo = 0.0, m2 = 0.0, rstd
     cdef floating mh, ml, rs
     cdef Py_ssize_t j
@@ -161,7 +180,7 @@ cdef inline void layer_norm_row(const floating* x, floating* y, Py_ssize_t n,
         # spreads) with no eps to hide it
         rescale = not isfinite(m2) or (m2 < TINY_M2 and eps < TINY_M2 and m2 > 0.0) or (
             m2 == 0.0 and eps == 0.0)
-    if rescale and rescaled_row(x, y, n, w, b, eps, mean_out, rstd_out):
+    if rescale and rescaled_row(x, y, n, w, b, eps, mean_out, rstd_out, stream):
         return
     if isfinite(m2):
         rstd = 1.0 / sqrt(m2 / n + eps)
@@ -172,7 +191,12 @@ cdef inline void layer_norm_row(const floating* x, floating* y, Py_ssize_t n,
         rstd_out[0] = rstd
     split_mean(hi, lo, &mh, &ml)
     rs = <floating>rstd
-    if w != NULL and b != NULL:
+    if stream:
+        if floating is float:
+            cynorm_apply_nt_f(x, y, n, mh, ml, rs, w, b)
+        else:
+            cynorm_apply_nt_d(x, y, n, mh, ml, rs, w, b)
+    elif w != NULL and b != NULL:
         for j in range(n):
             y[j] = ((x[j] - mh) - ml) * (rs * w[j]) + b[j]
     elif w != NULL:
@@ -188,7 +212,7 @@ cdef inline void layer_norm_row(const floating* x, floating* y, Py_ssize_t n,
 
 cdef int rescaled_row(const floating* x, floating* y, Py_ssize_t n, const floating* w,
                       const floating* b, double eps, double* mean_out,
-                      double* rstd_out) noexcept nogil:
+                      double* rstd_out, bint stream) noexcept nogil:
     """LayerNorm of a finite row whose statistics leave the float range (float64: M2
     overflows or underflows; float32: x - mean may overflow), computed on the row times 2^k
     (exact for a power of two) with eps times 2^2k: the output is the same, the statistics are
@@ -214,7 +238,8 @@ cdef int rescaled_row(const floating* x, floating* y, Py_ssize_t n, const floati
         return 0
     for j in range(n):
         buf[j] = <floating>ldexp(<double>x[j], k)
-    layer_norm_row(<const floating*>buf, y, n, w, b, ldexp(eps, 2 * k), mean_out, rstd_out)
+    layer_norm_row(<const floating*>buf, y, n, w, b, ldexp(eps, 2 * k), mean_out, rstd_out,
+                   stream)
     free(buf)
     if mean_out != NULL:
         mean_out[0] = ldexp(mean_out[0], -k)
@@ -223,16 +248,29 @@ cdef int rescaled_row(const floating* x, floating* y, Py_ssize_t n, const floati
 
 
 cdef inline void normalize_row_scalar(const floating* x, floating* y, Py_ssize_t n,
-                                      floating mh, floating scale, floating shift) noexcept nogil:
+                                      floating mh, floating scale, floating shift,
+                                      bint stream=False) noexcept nogil:
     cdef Py_ssize_t j
+    if stream:
+        if floating is float:
+            cynorm_apply_nt_f_scalar(x, y, n, mh, scale, shift)
+        else:
+            cynorm_apply_nt_d_scalar(x, y, n, mh, scale, shift)
+        return
     for j in range(n):
         y[j] = (x[j] - mh) * scale + shift
 
 
 cdef inline void normalize_row_vector(const floating* x, floating* y, Py_ssize_t n,
                                       const floating* mh, const floating* scale,
-                                      const floating* shift) noexcept nogil:
+                                      const floating* shift, bint stream=False) noexcept nogil:
     cdef Py_ssize_t j
+    if stream:
+        if floating is float:
+            cynorm_apply_nt_f_vec(x, y, n, mh, scale, shift)
+        else:
+            cynorm_apply_nt_d_vec(x, y, n, mh, scale, shift)
+        return
     for j in range(n):
         y[j] = (x[j] - mh[j]) * scale[j] + shift[j]
 
@@ -394,7 +432,8 @@ cdef inline void zero_row(floating* y, Py_ssize_t n) noexcept nogil:
 cdef void layer_norm_rows(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t ldy,
                           Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t D, const floating* w,
                           const floating* b, double eps, double* mean, double* rstd,
-                          const unsigned char* mask, bint write_padding) noexcept nogil:
+                          const unsigned char* mask, bint write_padding,
+                          bint stream) noexcept nogil:
     # padding rows (mask 0) are not computed: written as 0 (or left alone when y is known to
     # hold zeros already), their statistics left alone
     cdef Py_ssize_t i
@@ -404,7 +443,10 @@ cdef void layer_norm_rows(const floating* x, Py_ssize_t ldx, floating* y, Py_ssi
                 zero_row(y + i * ldy, D)
             continue
         layer_norm_row(x + i * ldx, y + i * ldy, D, w, b, eps,
-                       mean + i if mean != NULL else NULL, rstd + i if rstd != NULL else NULL)
+                       mean + i if mean != NULL else NULL, rstd + i if rstd != NULL else NULL,
+                       stream)
+    if stream:
+        cynorm_sfence()
 
 
 cdef void _layer_norm(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t ldy,
@@ -412,12 +454,14 @@ cdef void _layer_norm(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t
                       double* mean, double* rstd, double eps, const unsigned char* mask,
                       bint write_padding, int n_threads) noexcept nogil:
     cdef Py_ssize_t t
+    cdef bint stream = M * D * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
     if n_threads <= 1:
-        layer_norm_rows(x, ldx, y, ldy, 0, M, D, w, b, eps, mean, rstd, mask, write_padding)
+        layer_norm_rows(x, ldx, y, ldy, 0, M, D, w, b, eps, mean, rstd, mask, write_padding,
+                        stream)
         return
     for t in prange(n_threads, num_threads=n_threads, schedule="static", chunksize=1):
         layer_norm_rows(x, ldx, y, ldy, chunk(M, t, n_threads), chunk(M, t + 1, n_threads), D,
-                        w, b, eps, mean, rstd, mask, write_padding)
+                        w, b, eps, mean, rstd, mask, write_padding, stream)
 
 
 cdef void moments_rows(const floating* x, Py_ssize_t ld, Py_ssize_t r0, Py_ssize_t r1,
@@ -479,19 +523,22 @@ cdef double _column_feature_moments(const floating* x, Py_ssize_t ld, Py_ssize_t
 
 cdef void normalize_rows_range(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t ldy,
                                Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t L, Py_ssize_t C,
-                               const floating* params) noexcept nogil:
+                               const floating* params, bint stream) noexcept nogil:
     # params rows: m_hi, scale, shift; row i of x belongs to feature i % C
     cdef Py_ssize_t i, c
     for i in range(r0, r1):
         c = i % C
         normalize_row_scalar(x + i * ldx, y + i * ldy, L, params[c], params[C + c],
-                             params[2 * C + c])
+                             params[2 * C + c], stream)
+    if stream:
+        cynorm_sfence()
 
 
 cdef void normalize_columns_range(const floating* x, Py_ssize_t ldx, floating* y,
                                   Py_ssize_t ldy, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t F,
                                   Py_ssize_t C, const floating* params,
-                                  const unsigned char* mask, bint write_padding) noexcept nogil:
+                                  const unsigned char* mask, bint write_padding,
+                                  bint stream) noexcept nogil:
     # column j of x belongs to feature j // (F // C); masked rows are written as 0 (or left
     # alone when y is known to hold zeros)
     cdef Py_ssize_t i, c, L = F // C
@@ -500,11 +547,14 @@ cdef void normalize_columns_range(const floating* x, Py_ssize_t ldx, floating* y
             if write_padding:
                 zero_row(y + i * ldy, F)
         elif L == 1:
-            normalize_row_vector(x + i * ldx, y + i * ldy, F, params, params + C, params + 2 * C)
+            normalize_row_vector(x + i * ldx, y + i * ldy, F, params, params + C, params + 2 * C,
+                                 stream)
         else:
             for c in range(C):
                 normalize_row_scalar(x + i * ldx + c * L, y + i * ldy + c * L, L, params[c],
-                                     params[C + c], params[2 * C + c])
+                                     params[C + c], params[2 * C + c], stream)
+    if stream:
+        cynorm_sfence()
 
 
 cdef void _normalize(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t ldy,
@@ -512,20 +562,22 @@ cdef void _normalize(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t 
                      const floating* params, const unsigned char* mask, bint write_padding,
                      int n_threads) noexcept nogil:
     cdef Py_ssize_t t
+    cdef bint stream = M * N * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
     if n_threads <= 1:
         if by_rows:
-            normalize_rows_range(x, ldx, y, ldy, 0, M, N, C, params)
+            normalize_rows_range(x, ldx, y, ldy, 0, M, N, C, params, stream)
         else:
-            normalize_columns_range(x, ldx, y, ldy, 0, M, N, C, params, mask, write_padding)
+            normalize_columns_range(x, ldx, y, ldy, 0, M, N, C, params, mask, write_padding,
+                                    stream)
         return
     for t in prange(n_threads, num_threads=n_threads, schedule="static", chunksize=1):
         if by_rows:
             normalize_rows_range(x, ldx, y, ldy, chunk(M, t, n_threads),
-                                 chunk(M, t + 1, n_threads), N, C, params)
+                                 chunk(M, t + 1, n_threads), N, C, params, stream)
         else:
             normalize_columns_range(x, ldx, y, ldy, chunk(M, t, n_threads),
                                     chunk(M, t + 1, n_threads), N, C, params, mask,
-                                    write_padding)
+                                    write_padding, stream)
 
 
 cdef inline void feature_params(double hi, double lo, double var, double eps, const floating* w,

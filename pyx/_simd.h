@@ -123,4 +123,133 @@ CYNORM_INSTANTIATE(, )
 
 #endif
 
+/* Non-temporal stores for outputs far larger than the cache: a normal store first reads the
+ * line it writes into (read-for-ownership), so writing y costs a read of y as well; streaming
+ * stores skip that read and leave the cache to the data still to come.  cynorm_sfence() orders
+ * them before the thread leaves the kernel.  Without x86 intrinsics, plain stores. */
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__)) \
+    && defined(__SSE2__)
+#include <immintrin.h>
+#include <stdint.h>
+#if defined(__AVX512F__)
+#define CYNORM_NT_BYTES 64
+#define CYNORM_STREAM_F(p, v) _mm512_stream_ps((p), (__m512)(v))
+#define CYNORM_STREAM_D(p, v) _mm512_stream_pd((p), (__m512d)(v))
+#elif defined(__AVX__)
+#define CYNORM_NT_BYTES 32
+#define CYNORM_STREAM_F(p, v) _mm256_stream_ps((p), (__m256)(v))
+#define CYNORM_STREAM_D(p, v) _mm256_stream_pd((p), (__m256d)(v))
+#else
+#define CYNORM_NT_BYTES 16
+#define CYNORM_STREAM_F(p, v) _mm_stream_ps((p), (__m128)(v))
+#define CYNORM_STREAM_D(p, v) _mm_stream_pd((p), (__m128d)(v))
+#endif
+static inline void cynorm_sfence(void) { _mm_sfence(); }
+
+typedef float cynorm_ntf __attribute__((vector_size(CYNORM_NT_BYTES)));
+typedef double cynorm_ntd __attribute__((vector_size(CYNORM_NT_BYTES)));
+
+/* y = ((x - mh) - ml) * (rs * w) + b, LayerNorm's row (w, b may be NULL), and
+ * y = (x - mh) * scale + shift with per-element mh / scale / shift (BatchNorm on (N, C) rows,
+ * VEC) or one value each (BatchNorm on rows of L, scalar: ml = 0, w = b = NULL) */
+#define CYNORM_APPLY_NT(NAME, T, VT, STREAM)                                              \
+static void NAME(const T* x, T* y, ptrdiff_t n, T mh, T ml, T rs, const T* w,             \
+                 const T* b) {                                                            \
+    const ptrdiff_t L = CYNORM_NT_BYTES / (ptrdiff_t)sizeof(T);                           \
+    ptrdiff_t j = 0;                                                                      \
+    VT xv, wv, bv, r;                                                                     \
+    while (j < n && j < L && ((uintptr_t)(y + j) % CYNORM_NT_BYTES)) {                    \
+        y[j] = ((x[j] - mh) - ml) * (w ? rs * w[j] : rs) + (b ? b[j] : (T)0);             \
+        j++;                                                                              \
+    }                                                                                     \
+    if (((uintptr_t)(y + j) % CYNORM_NT_BYTES) == 0) {                                    \
+        for (; j + L <= n; j += L) {                                                      \
+            memcpy(&xv, x + j, sizeof xv);                                                \
+            r = (xv - mh) - ml;                                                           \
+            if (w) {                                                                      \
+                memcpy(&wv, w + j, sizeof wv);                                            \
+                r = r * (rs * wv);                                                        \
+            } else {                                                                      \
+                r = r * rs;                                                               \
+            }                                                                             \
+            if (b) {                                                                      \
+                memcpy(&bv, b + j, sizeof bv);                                            \
+                r = r + bv;                                                               \
+            }                                                                             \
+            STREAM(y + j, r);                                                             \
+        }                                                                                 \
+    }                                                                                     \
+    for (; j < n; j++)                                                                    \
+        y[j] = ((x[j] - mh) - ml) * (w ? rs * w[j] : rs) + (b ? b[j] : (T)0);             \
+}                                                                                         \
+static void NAME##_vec(const T* x, T* y, ptrdiff_t n, const T* mh, const T* sc,          \
+                       const T* sh) {                                                     \
+    const ptrdiff_t L = CYNORM_NT_BYTES / (ptrdiff_t)sizeof(T);                           \
+    ptrdiff_t j = 0;                                                                      \
+    VT xv, mv, sv, hv;                                                                    \
+    while (j < n && j < L && ((uintptr_t)(y + j) % CYNORM_NT_BYTES)) {                    \
+        y[j] = (x[j] - mh[j]) * sc[j] + sh[j];                                            \
+        j++;                                                                              \
+    }                                                                                     \
+    if (((uintptr_t)(y + j) % CYNORM_NT_BYTES) == 0) {                                    \
+        for (; j + L <= n; j += L) {                                                      \
+            memcpy(&xv, x + j, sizeof xv);                                                \
+            memcpy(&mv, mh + j, sizeof mv);                                               \
+            memcpy(&sv, sc + j, sizeof sv);                                               \
+            memcpy(&hv, sh + j, sizeof hv);                                               \
+            STREAM(y + j, (xv - mv) * sv + hv);                                           \
+        }                                                                                 \
+    }                                                                                     \
+    for (; j < n; j++)                                                                    \
+        y[j] = (x[j] - mh[j]) * sc[j] + sh[j];                                            \
+}                                                                                         \
+static void NAME##_scalar(const T* x, T* y, ptrdiff_t n, T mh, T sc, T sh) {            \
+    const ptrdiff_t L = CYNORM_NT_BYTES / (ptrdiff_t)sizeof(T);                           \
+    ptrdiff_t j = 0;                                                                      \
+    VT xv;                                                                                \
+    while (j < n && j < L && ((uintptr_t)(y + j) % CYNORM_NT_BYTES)) {                    \
+        y[j] = (x[j] - mh) * sc + sh;                                                     \
+        j++;                                                                              \
+    }                                                                                     \
+    if (((uintptr_t)(y + j) % CYNORM_NT_BYTES) == 0) {                                    \
+        for (; j + L <= n; j += L) {                                                      \
+            memcpy(&xv, x + j, sizeof xv);                                                \
+            STREAM(y + j, (xv - mh) * sc + sh);                                           \
+        }                                                                                 \
+    }                                                                                     \
+    for (; j < n; j++)                                                                    \
+        y[j] = (x[j] - mh) * sc + sh;                                                     \
+}
+
+CYNORM_APPLY_NT(cynorm_apply_nt_f, float, cynorm_ntf, CYNORM_STREAM_F)
+CYNORM_APPLY_NT(cynorm_apply_nt_d, double, cynorm_ntd, CYNORM_STREAM_D)
+
+#else /* no streaming stores: the same arithmetic, plain stores */
+
+static inline void cynorm_sfence(void) {}
+
+#define CYNORM_APPLY_PLAIN(NAME, T)                                                       \
+static void NAME(const T* x, T* y, ptrdiff_t n, T mh, T ml, T rs, const T* w,             \
+                 const T* b) {                                                            \
+    ptrdiff_t j;                                                                          \
+    for (j = 0; j < n; j++)                                                               \
+        y[j] = ((x[j] - mh) - ml) * (w ? rs * w[j] : rs) + (b ? b[j] : (T)0);             \
+}                                                                                         \
+static void NAME##_vec(const T* x, T* y, ptrdiff_t n, const T* mh, const T* sc,          \
+                       const T* sh) {                                                     \
+    ptrdiff_t j;                                                                          \
+    for (j = 0; j < n; j++)                                                               \
+        y[j] = (x[j] - mh[j]) * sc[j] + sh[j];                                            \
+}                                                                                         \
+static void NAME##_scalar(const T* x, T* y, ptrdiff_t n, T mh, T sc, T sh) {            \
+    ptrdiff_t j;                                                                          \
+    for (j = 0; j < n; j++)                                                               \
+        y[j] = (x[j] - mh) * sc + sh;                                                     \
+}
+
+CYNORM_APPLY_PLAIN(cynorm_apply_nt_f, float)
+CYNORM_APPLY_PLAIN(cynorm_apply_nt_d, double)
+
+#endif
+
 #endif /* CYNORM_SIMD_H */
