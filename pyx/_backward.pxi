@@ -47,6 +47,10 @@ cdef void layer_norm_param_grads(const floating* g, Py_ssize_t ldg, const floati
                 xr[k] = x + (i + k) * ldx
                 split_mean(mean[i + k], 0.0, &mh[k], &ml[k])
                 rs[k] = <floating>rstd[i + k]
+            if floating is float:
+                cynorm_ln_paramgrads4_f(gr, xr, mh, ml, rs, dw, db, D)
+                i += 4
+                continue
             if dw != NULL:
                 for j in range(D):
                     dw[j] += ((gr[0][j] * (((xr[0][j] - mh[0]) - ml[0]) * rs[0])
@@ -87,29 +91,29 @@ cdef void layer_norm_backward_rows(const floating* g, Py_ssize_t ldg, const floa
     cdef double m, rs, sg = 0.0, sgx = 0.0
     cdef floating mh, ml, rsf, af, cf
     for i in range(r0, r1):
-        if (i - r0) % 4 == 0 and (dw != NULL or db != NULL):
-            # the parameter gradients of the next four rows, while they are in cache
-            i1 = i + 4 if i + 4 < r1 else r1
-            layer_norm_param_grads(g, ldg, x, ldx, i, i1, D, mean, rstd, dw, db, mask)
         if mask != NULL and not mask[i]:
             zero_row(dx + i * lddx, D)
-            continue
-        gi = g + i * ldg
-        xi = x + i * ldx
-        dxi = dx + i * lddx
-        m = mean[i]
-        rs = rstd[i]
-        split_mean(m, 0.0, &mh, &ml)
-        rsf = <floating>rs
-        gx_sums(gi, w, xi, D, m, &sg, &sgx)
-        af = <floating>(sg / D)
-        cf = <floating>(rs * rs * rs * sgx / D)
-        if w != NULL:
-            for j in range(D):
-                dxi[j] = rsf * (gi[j] * w[j] - af) - cf * ((xi[j] - mh) - ml)
         else:
-            for j in range(D):
-                dxi[j] = rsf * (gi[j] - af) - cf * ((xi[j] - mh) - ml)
+            gi = g + i * ldg
+            xi = x + i * ldx
+            dxi = dx + i * lddx
+            m = mean[i]
+            rs = rstd[i]
+            split_mean(m, 0.0, &mh, &ml)
+            rsf = <floating>rs
+            gx_sums(gi, w, xi, D, m, &sg, &sgx)
+            af = <floating>(sg / D)
+            cf = <floating>(rs * rs * rs * sgx / D)
+            if w != NULL:
+                for j in range(D):
+                    dxi[j] = rsf * (gi[j] * w[j] - af) - cf * ((xi[j] - mh) - ml)
+            else:
+                for j in range(D):
+                    dxi[j] = rsf * (gi[j] - af) - cf * ((xi[j] - mh) - ml)
+        if (dw != NULL or db != NULL) and ((i - r0) % 4 == 3 or i == r1 - 1):
+            # the parameter gradients of the last four rows, while they are in cache
+            i0 = i - (i - r0) % 4
+            layer_norm_param_grads(g, ldg, x, ldx, i0, i + 1, D, mean, rstd, dw, db, mask)
 
 
 cdef inline void bn_dx_row(const floating* g, const floating* x, floating* dx, Py_ssize_t n,
@@ -148,12 +152,18 @@ cdef void bn_sums_rows(const floating* g, Py_ssize_t ldg, const floating* x, Py_
 
 
 cdef void bn_sums_columns(const floating* g, Py_ssize_t ldg, const floating* x, Py_ssize_t ldx,
-                          Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t F, const double* mean_col,
+                          Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t F, const floating* mean_col,
                           double* sg, double* sgx, const unsigned char* mask,
                           bint zero=True) noexcept nogil:
     """sg[f] = Σg, sgx[f] = Σg·(x - mean_col[f]) down the columns of rows r0..r1 (those the
-    mask keeps); with zero=False added to what sg and sgx hold."""
+    mask keeps); with zero=False added to what sg and sgx hold.
+
+    float32: mean_col is the mean rounded to float32 (bn_mean_correction adds back what that
+    rounding moved), and four rows are combined in float32 before each float64 addition: the
+    float64 sums then cost one conversion per four rows instead of two per element, and the
+    error stays at float32 rounding of each four-row partial, not growing with the rows."""
     cdef Py_ssize_t i = r0, f
+    cdef floating m
     cdef const floating* g0
     cdef const floating* g1
     cdef const floating* g2
@@ -173,7 +183,7 @@ cdef void bn_sums_columns(const floating* g, Py_ssize_t ldg, const floating* x, 
                 x0 = x + i * ldx
                 for f in range(F):
                     sg[f] += g0[f]
-                    sgx[f] += g0[f] * (<double>x0[f] - mean_col[f])
+                    sgx[f] += <double>(g0[f] * (x0[f] - mean_col[f]))
         return
     # four rows per sweep of the feature axis, as in column_block_centered
     while i + 4 <= r1:
@@ -185,20 +195,22 @@ cdef void bn_sums_columns(const floating* g, Py_ssize_t ldg, const floating* x, 
         x1 = x0 + ldx
         x2 = x1 + ldx
         x3 = x2 + ldx
-        for f in range(F):
-            sg[f] += (<double>g0[f] + <double>g1[f]) + (<double>g2[f] + <double>g3[f])
-        for f in range(F):
-            sgx[f] += ((g0[f] * (<double>x0[f] - mean_col[f])
-                        + g1[f] * (<double>x1[f] - mean_col[f]))
-                       + (g2[f] * (<double>x2[f] - mean_col[f])
-                          + g3[f] * (<double>x3[f] - mean_col[f])))
+        if floating is float:
+            cynorm_bn_colsums4_f(g0, g1, g2, g3, x0, x1, x2, x3, mean_col, sg, sgx, F)
+        else:
+            for f in range(F):
+                sg[f] += (g0[f] + g1[f]) + (g2[f] + g3[f])
+            for f in range(F):
+                m = mean_col[f]
+                sgx[f] += ((g0[f] * (x0[f] - m) + g1[f] * (x1[f] - m))
+                           + (g2[f] * (x2[f] - m) + g3[f] * (x3[f] - m)))
         i += 4
     while i < r1:
         g0 = g + i * ldg
         x0 = x + i * ldx
         for f in range(F):
             sg[f] += g0[f]
-            sgx[f] += g0[f] * (<double>x0[f] - mean_col[f])
+            sgx[f] += <double>(g0[f] * (x0[f] - mean_col[f]))
         i += 1
 
 
@@ -258,12 +270,22 @@ cdef void bn_reduce_sums(bint by_rows, Py_ssize_t M, Py_ssize_t N, Py_ssize_t C,
             sums[C + j // L] += parts[2 * t * N + N + j]
 
 
-cdef double* column_means(Py_ssize_t N, Py_ssize_t C, const double* mean,
-                          double* out) noexcept nogil:
+cdef floating* column_means(Py_ssize_t N, Py_ssize_t C, const double* mean,
+                            floating* out) noexcept nogil:
+    """The mean of each column's feature, in the data's dtype (see bn_mean_correction)."""
     cdef Py_ssize_t j, L = N // C
     for j in range(N):
-        out[j] = mean[j // L]
+        out[j] = <floating>mean[j // L]
     return out
+
+
+cdef void bn_mean_correction(Py_ssize_t C, const double* mean, double* sums,
+                             floating dtype_tag) noexcept nogil:
+    """Σg·(x - mean) from Σg·(x - m) with m = mean rounded to float32: + (m - mean)·Σg."""
+    cdef Py_ssize_t c
+    if floating is float:
+        for c in range(C):
+            sums[C + c] += (<double><float>mean[c] - mean[c]) * sums[c]
 
 
 cdef void _batch_norm_sums(const floating* g, Py_ssize_t ldg, const floating* x, Py_ssize_t ldx,
@@ -273,7 +295,7 @@ cdef void _batch_norm_sums(const floating* g, Py_ssize_t ldg, const floating* x,
     """sums (2, C): Σg and Σg·(x - mean) per feature.  parts: 2·M doubles (by rows) or
     T·2·N + N (columns: per-thread sums, then the per-column mean)."""
     cdef Py_ssize_t t
-    cdef double* mean_col
+    cdef floating* mean_col
     if by_rows:
         if T <= 1:
             bn_sums_rows(g, ldg, x, ldx, 0, M, N, C, mean, parts)
@@ -282,7 +304,7 @@ cdef void _batch_norm_sums(const floating* g, Py_ssize_t ldg, const floating* x,
                 bn_sums_rows(g, ldg, x, ldx, chunk(M, t, T), chunk(M, t + 1, T), N, C, mean,
                              parts)
     else:
-        mean_col = column_means(N, C, mean, parts + 2 * T * N)
+        mean_col = column_means(N, C, mean, <floating*>(parts + 2 * T * N))
         if T <= 1:
             bn_sums_columns(g, ldg, x, ldx, 0, M, N, mean_col, parts, parts + N, mask)
         else:
@@ -290,6 +312,8 @@ cdef void _batch_norm_sums(const floating* g, Py_ssize_t ldg, const floating* x,
                 bn_sums_columns(g, ldg, x, ldx, chunk(M, t, T), chunk(M, t + 1, T), N,
                                 mean_col, parts + 2 * t * N, parts + 2 * t * N + N, mask)
     bn_reduce_sums(by_rows, M, N, C, T, parts, sums)
+    if not by_rows:
+        bn_mean_correction(C, mean, sums, <floating>0)
 
 
 cdef void bn_coefficients(Py_ssize_t N, Py_ssize_t C, bint by_rows, const double* mean,
@@ -331,7 +355,7 @@ cdef enum:
 cdef void bn_eval_fused_range(const floating* g, Py_ssize_t ldg, const floating* x,
                               Py_ssize_t ldx, floating* dx, Py_ssize_t lddx, Py_ssize_t r0,
                               Py_ssize_t r1, Py_ssize_t N, Py_ssize_t C, bint by_rows,
-                              const double* mean, const double* mean_col, const floating* coef,
+                              const double* mean, const floating* mean_col, const floating* coef,
                               double* parts, double* sg, double* sgx,
                               const unsigned char* mask) noexcept nogil:
     """Eval backward of rows r0..r1 in one pass over g and x: the sums for the parameter
@@ -357,9 +381,9 @@ cdef void _batch_norm_eval_fused(const floating* g, Py_ssize_t ldg, const floati
                                  const floating* coef, double* parts, double* sums,
                                  const unsigned char* mask, int T) noexcept nogil:
     cdef Py_ssize_t t
-    cdef double* mean_col = NULL
+    cdef floating* mean_col = NULL
     if not by_rows:
-        mean_col = column_means(N, C, mean, parts + 2 * T * N)
+        mean_col = column_means(N, C, mean, <floating*>(parts + 2 * T * N))
     if T <= 1:
         bn_eval_fused_range(g, ldg, x, ldx, dx, lddx, 0, M, N, C, by_rows, mean, mean_col, coef,
                             parts, parts, parts + N, mask)
@@ -369,6 +393,8 @@ cdef void _batch_norm_eval_fused(const floating* g, Py_ssize_t ldg, const floati
                                 C, by_rows, mean, mean_col, coef, parts, parts + 2 * t * N,
                                 parts + 2 * t * N + N, mask)
     bn_reduce_sums(by_rows, M, N, C, T, parts, sums)
+    if not by_rows:
+        bn_mean_correction(C, mean, sums, <floating>0)
 
 
 def layer_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t D,

@@ -79,6 +79,13 @@ cdef extern from "_simd.h" nogil:
                           double shift, double* s1, double* s2) noexcept
     void cynorm_gx_sums_d(const double* g, const double* w, const double* x, Py_ssize_t n,
                           double shift, double* s1, double* s2) noexcept
+    void cynorm_bn_colsums4_f(const float* g0, const float* g1, const float* g2,
+                              const float* g3, const float* x0, const float* x1,
+                              const float* x2, const float* x3, const float* m, double* sg,
+                              double* sgx, Py_ssize_t F) noexcept
+    void cynorm_ln_paramgrads4_f(const float** g, const float** x, const float* mh,
+                                 const float* ml, const float* rs, double* dw, double* db,
+                                 Py_ssize_t D) noexcept
     # the output loops with streaming stores (outputs far larger than the cache)
     void cynorm_sfence() noexcept
     void cynorm_apply_nt_f(const float* x, float* y, Py_ssize_t n, float mh, float ml,

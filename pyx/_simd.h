@@ -123,6 +123,85 @@ CYNORM_INSTANTIATE(, )
 
 #endif
 
+/* BatchNorm backward, four rows of an (N, F) float32 array at a time, down the columns:
+ *   sg[f] += (g0 + g1) + (g2 + g3),   sgx[f] += (g0 (x0 - m) + g1 (x1 - m)) + (g2 (x2 - m) + g3 (x3 - m))
+ * the four-row partials in float32, added to the float64 sums (one conversion per four rows). */
+static void cynorm_bn_colsums4_f(const float* g0, const float* g1, const float* g2,
+                                 const float* g3, const float* x0, const float* x1,
+                                 const float* x2, const float* x3, const float* m,
+                                 double* sg, double* sgx, ptrdiff_t F) {
+    ptrdiff_t f = 0;
+#if defined(__GNUC__) || defined(__clang__)
+    cynorm_v8f a0, a1, a2, a3, b0, b1, b2, b3, mv, s, q;
+    cynorm_v8d sd, qd;
+    for (; f + 8 <= F; f += 8) {
+        memcpy(&a0, g0 + f, 32); memcpy(&a1, g1 + f, 32);
+        memcpy(&a2, g2 + f, 32); memcpy(&a3, g3 + f, 32);
+        memcpy(&b0, x0 + f, 32); memcpy(&b1, x1 + f, 32);
+        memcpy(&b2, x2 + f, 32); memcpy(&b3, x3 + f, 32);
+        memcpy(&mv, m + f, 32);
+        s = (a0 + a1) + (a2 + a3);
+        q = (a0 * (b0 - mv) + a1 * (b1 - mv)) + (a2 * (b2 - mv) + a3 * (b3 - mv));
+        memcpy(&sd, sg + f, 64);
+        memcpy(&qd, sgx + f, 64);
+        sd += __builtin_convertvector(s, cynorm_v8d);
+        qd += __builtin_convertvector(q, cynorm_v8d);
+        memcpy(sg + f, &sd, 64);
+        memcpy(sgx + f, &qd, 64);
+    }
+#endif
+    for (; f < F; f++) {
+        sg[f] += (double)((g0[f] + g1[f]) + (g2[f] + g3[f]));
+        sgx[f] += (double)((g0[f] * (x0[f] - m[f]) + g1[f] * (x1[f] - m[f]))
+                           + (g2[f] * (x2[f] - m[f]) + g3[f] * (x3[f] - m[f])));
+    }
+}
+
+/* LayerNorm backward, the parameter gradients of four rows at a time (dw or db may be NULL):
+ *   dw[j] += Σ_k g_k[j] ((x_k[j] - mh_k) - ml_k) rs_k,   db[j] += Σ_k g_k[j]
+ * the four-row partials in float32, added to the float64 sums. */
+static void cynorm_ln_paramgrads4_f(const float* const* g, const float* const* x,
+                                    const float* mh, const float* ml, const float* rs,
+                                    double* dw, double* db, ptrdiff_t D) {
+    ptrdiff_t j = 0;
+    float t;
+#if defined(__GNUC__) || defined(__clang__)
+    cynorm_v8f a0, a1, a2, a3, b0, b1, b2, b3, s;
+    cynorm_v8d acc;
+    for (; j + 8 <= D; j += 8) {
+        memcpy(&a0, g[0] + j, 32); memcpy(&a1, g[1] + j, 32);
+        memcpy(&a2, g[2] + j, 32); memcpy(&a3, g[3] + j, 32);
+        if (dw) {
+            memcpy(&b0, x[0] + j, 32); memcpy(&b1, x[1] + j, 32);
+            memcpy(&b2, x[2] + j, 32); memcpy(&b3, x[3] + j, 32);
+            s = (a0 * (((b0 - mh[0]) - ml[0]) * rs[0]) + a1 * (((b1 - mh[1]) - ml[1]) * rs[1]))
+                + (a2 * (((b2 - mh[2]) - ml[2]) * rs[2])
+                   + a3 * (((b3 - mh[3]) - ml[3]) * rs[3]));
+            memcpy(&acc, dw + j, 64);
+            acc += __builtin_convertvector(s, cynorm_v8d);
+            memcpy(dw + j, &acc, 64);
+        }
+        if (db) {
+            s = (a0 + a1) + (a2 + a3);
+            memcpy(&acc, db + j, 64);
+            acc += __builtin_convertvector(s, cynorm_v8d);
+            memcpy(db + j, &acc, 64);
+        }
+    }
+#endif
+    for (; j < D; j++) {
+        if (dw) {
+            t = (g[0][j] * (((x[0][j] - mh[0]) - ml[0]) * rs[0])
+                 + g[1][j] * (((x[1][j] - mh[1]) - ml[1]) * rs[1]))
+                + (g[2][j] * (((x[2][j] - mh[2]) - ml[2]) * rs[2])
+                   + g[3][j] * (((x[3][j] - mh[3]) - ml[3]) * rs[3]));
+            dw[j] += (double)t;
+        }
+        if (db)
+            db[j] += (double)((g[0][j] + g[1][j]) + (g[2][j] + g[3][j]));
+    }
+}
+
 /* Non-temporal stores for outputs far larger than the cache: a normal store first reads the
  * line it writes into (read-for-ownership), so writing y costs a read of y as well; streaming
  * stores skip that read and leave the cache to the data still to come.  cynorm_sfence() orders
