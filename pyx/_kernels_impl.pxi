@@ -174,11 +174,20 @@ cdef inline void layer_norm_row(const floating* x, floating* y, Py_ssize_t n,
                                 const floating* w, const floating* b, double eps,
                                 double* mean_out, double* rstd_out,
                                 bint stream=False) noexcept nogil:
-    cdef double hi = 0.0, lo = 0.0, m2 = 0.0, rstd
+    cdef double hi = 0.0, lo = 0.0, m2 = 0.0
+    row_moments(x, n, &hi, &lo, &m2)
+    layer_norm_finish(x, y, n, w, b, eps, hi, lo, m2, 1.0 / sqrt(m2 / n + eps), mean_out,
+                      rstd_out, stream)
+
+
+cdef inline void layer_norm_finish(const floating* x, floating* y, Py_ssize_t n,
+                                   const floating* w, const floating* b, double eps, double hi,
+                                   double lo, double m2, double rstd, double* mean_out,
+                                   double* rstd_out, bint stream) noexcept nogil:
+    """The rest of a row once its moments (and rstd = 1 / sqrt(m2 / n + eps)) are known."""
     cdef floating mh, ml, rs
     cdef Py_ssize_t j
     cdef bint rescale
-    row_moments(x, n, &hi, &lo, &m2)
     if floating is float:
         # deviations near FLT_MAX would overflow x - mean in float32, or 1 / std would
         rescale = not m2 <= F32_BIG_M2 or (m2 > 0.0 and m2 / n + eps < F32_TINY_VAR)
@@ -189,9 +198,7 @@ cdef inline void layer_norm_row(const floating* x, floating* y, Py_ssize_t n,
             m2 == 0.0 and eps == 0.0)
     if rescale and rescaled_row(x, y, n, w, b, eps, mean_out, rstd_out, stream):
         return
-    if isfinite(m2):
-        rstd = 1.0 / sqrt(m2 / n + eps)
-    else:
+    if not isfinite(m2):
         rstd = NAN   # inf or NaN in the row itself: NaN out, never silent zeros
     if mean_out != NULL:
         mean_out[0] = hi + lo
@@ -426,6 +433,11 @@ cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t firs
 # drivers run it on the calling thread, or on n_threads contiguous ranges under prange.  (A
 # one-thread prange still costs a thread-team round trip, ~0.6 µs, a third of a small call.)
 
+cdef enum:
+    SHORT_ROW = 512    # LayerNorm rows up to this long are done SHORT_ROWS at a time
+    SHORT_ROWS = 8
+
+
 cdef inline Py_ssize_t chunk(Py_ssize_t M, Py_ssize_t t, Py_ssize_t T) noexcept nogil:
     return (M * t) // T
 
@@ -443,15 +455,43 @@ cdef void layer_norm_rows(const floating* x, Py_ssize_t ldx, floating* y, Py_ssi
                           bint stream) noexcept nogil:
     # padding rows (mask 0) are not computed: written as 0 (or left alone when y is known to
     # hold zeros already), their statistics left alone
-    cdef Py_ssize_t i
-    for i in range(r0, r1):
-        if mask != NULL and not mask[i]:
-            if write_padding:
-                zero_row(y + i * ldy, D)
-            continue
-        layer_norm_row(x + i * ldx, y + i * ldy, D, w, b, eps,
-                       mean + i if mean != NULL else NULL, rstd + i if rstd != NULL else NULL,
-                       stream)
+    cdef Py_ssize_t i, e, k
+    cdef double hi[SHORT_ROWS]
+    cdef double lo[SHORT_ROWS]
+    cdef double m2[SHORT_ROWS]
+    cdef double rs[SHORT_ROWS]
+    if D > SHORT_ROW:
+        for i in range(r0, r1):
+            if mask != NULL and not mask[i]:
+                if write_padding:
+                    zero_row(y + i * ldy, D)
+                continue
+            layer_norm_row(x + i * ldx, y + i * ldy, D, w, b, eps,
+                           mean + i if mean != NULL else NULL,
+                           rstd + i if rstd != NULL else NULL, stream)
+    else:
+        # short rows, a few at a time: their moments, then the divisions and square roots
+        # together (one vector instruction instead of a latency chain per row), then the rest
+        i = r0
+        while i < r1:
+            e = i + SHORT_ROWS if i + SHORT_ROWS < r1 else r1
+            for k in range(e - i):
+                hi[k] = 0.0
+                lo[k] = 0.0
+                m2[k] = 0.0
+                if mask == NULL or mask[i + k]:
+                    row_moments(x + (i + k) * ldx, D, &hi[k], &lo[k], &m2[k])
+            for k in range(SHORT_ROWS):
+                rs[k] = 1.0 / sqrt(m2[k] / D + eps)
+            for k in range(e - i):
+                if mask != NULL and not mask[i + k]:
+                    if write_padding:
+                        zero_row(y + (i + k) * ldy, D)
+                    continue
+                layer_norm_finish(x + (i + k) * ldx, y + (i + k) * ldy, D, w, b, eps, hi[k],
+                                  lo[k], m2[k], rs[k], mean + i + k if mean != NULL else NULL,
+                                  rstd + i + k if rstd != NULL else NULL, stream)
+            i = e
     if stream:
         cynorm_sfence()
 
