@@ -88,6 +88,8 @@ cdef extern from "_simd.h" nogil:
                                  Py_ssize_t D) noexcept
     # the output loops with streaming stores (outputs far larger than the cache)
     void cynorm_sfence() noexcept
+    void cynorm_zero_nt_f(float* y, Py_ssize_t n) noexcept
+    void cynorm_zero_nt_d(double* y, Py_ssize_t n) noexcept
     void cynorm_apply_nt_f(const float* x, float* y, Py_ssize_t n, float mh, float ml,
                            float rs, const float* w, const float* b) noexcept
     void cynorm_apply_nt_d(const double* x, double* y, Py_ssize_t n, double mh, double ml,
@@ -442,8 +444,14 @@ cdef inline Py_ssize_t chunk(Py_ssize_t M, Py_ssize_t t, Py_ssize_t T) noexcept 
     return (M * t) // T
 
 
-cdef inline void zero_row(floating* y, Py_ssize_t n) noexcept nogil:
+cdef inline void zero_row(floating* y, Py_ssize_t n, bint stream=False) noexcept nogil:
     cdef Py_ssize_t j
+    if stream:
+        if floating is float:
+            cynorm_zero_nt_f(y, n)
+        else:
+            cynorm_zero_nt_d(y, n)
+        return
     for j in range(n):
         y[j] = 0
 
@@ -464,7 +472,7 @@ cdef void layer_norm_rows(const floating* x, Py_ssize_t ldx, floating* y, Py_ssi
         for i in range(r0, r1):
             if mask != NULL and not mask[i]:
                 if write_padding:
-                    zero_row(y + i * ldy, D)
+                    zero_row(y + i * ldy, D, stream)
                 continue
             layer_norm_row(x + i * ldx, y + i * ldy, D, w, b, eps,
                            mean + i if mean != NULL else NULL,
@@ -486,7 +494,7 @@ cdef void layer_norm_rows(const floating* x, Py_ssize_t ldx, floating* y, Py_ssi
             for k in range(e - i):
                 if mask != NULL and not mask[i + k]:
                     if write_padding:
-                        zero_row(y + (i + k) * ldy, D)
+                        zero_row(y + (i + k) * ldy, D, stream)
                     continue
                 layer_norm_finish(x + (i + k) * ldx, y + (i + k) * ldy, D, w, b, eps, hi[k],
                                   lo[k], m2[k], rs[k], mean + i + k if mean != NULL else NULL,
@@ -592,7 +600,7 @@ cdef void normalize_columns_range(const floating* x, Py_ssize_t ldx, floating* y
     for i in range(r0, r1):
         if mask != NULL and not mask[i]:
             if write_padding:
-                zero_row(y + i * ldy, F)
+                zero_row(y + i * ldy, F, stream)
         elif L == 1:
             normalize_row_vector(x + i * ldx, y + i * ldy, F, params, params + C, params + 2 * C,
                                  stream)

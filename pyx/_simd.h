@@ -300,6 +300,23 @@ static void NAME##_scalar(const T* x, T* y, ptrdiff_t n, T mh, T sc, T sh) {    
         y[j] = (x[j] - mh) * sc + sh;                                                     \
 }
 
+/* y[0:n] = 0 with streaming stores (padding rows of a large output) */
+#define CYNORM_ZERO_NT(NAME, T, VT, STREAM)                                               \
+static void NAME(T* y, ptrdiff_t n) {                                                     \
+    const ptrdiff_t L = CYNORM_NT_BYTES / (ptrdiff_t)sizeof(T);                           \
+    ptrdiff_t j = 0;                                                                      \
+    VT z = {0};                                                                           \
+    while (j < n && j < L && ((uintptr_t)(y + j) % CYNORM_NT_BYTES))                      \
+        y[j++] = 0;                                                                       \
+    if (((uintptr_t)(y + j) % CYNORM_NT_BYTES) == 0)                                      \
+        for (; j + L <= n; j += L)                                                        \
+            STREAM(y + j, z);                                                             \
+    for (; j < n; j++)                                                                    \
+        y[j] = 0;                                                                         \
+}
+
+CYNORM_ZERO_NT(cynorm_zero_nt_f, float, cynorm_ntf, CYNORM_STREAM_F)
+CYNORM_ZERO_NT(cynorm_zero_nt_d, double, cynorm_ntd, CYNORM_STREAM_D)
 CYNORM_APPLY_NT(cynorm_apply_nt_f, float, cynorm_ntf, CYNORM_STREAM_F)
 CYNORM_APPLY_NT(cynorm_apply_nt_d, double, cynorm_ntd, CYNORM_STREAM_D)
 
@@ -326,6 +343,8 @@ static void NAME##_scalar(const T* x, T* y, ptrdiff_t n, T mh, T sc, T sh) {    
         y[j] = (x[j] - mh) * sc + sh;                                                     \
 }
 
+static void cynorm_zero_nt_f(float* y, ptrdiff_t n) { memset(y, 0, n * sizeof(float)); }
+static void cynorm_zero_nt_d(double* y, ptrdiff_t n) { memset(y, 0, n * sizeof(double)); }
 CYNORM_APPLY_PLAIN(cynorm_apply_nt_f, float)
 CYNORM_APPLY_PLAIN(cynorm_apply_nt_d, double)
 
