@@ -17,6 +17,7 @@ import numpy as np
 
 from ._threads import threads_for
 from ._validation import as_array, dtypes, to_compute
+from .functional import BATCH_NORM_SERIAL_BELOW, _feature_moments, _layout, _rescaled, _rows_of
 
 __all__ = ["Moments", "moments"]
 
@@ -255,14 +256,6 @@ def moments(x, axis=0, *, mask=None):
 
 
 def _moments(x, red, keep, fshape, row_mask=None):
-    from .functional import (
-        BATCH_NORM_SERIAL_BELOW,
-        _feature_moments,
-        _layout,
-        _rescaled,
-        _rows_of,
-    )
-
     C = math.prod(fshape)
     R = math.prod(x.shape[i] for i in red)
     if C == 0 or R == 0 or (row_mask is not None and not row_mask.any()):

@@ -105,7 +105,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     ``cynorm.dask.moments`` or ``BatchNorm.partial_fit``.  Any chunking works.
     """
     x = _as_dask(x)
-    dtypes(x.dtype, "dask.batch_norm")
+    rdt = dtypes(x.dtype, "dask.batch_norm")[1]
     if x.ndim < 2:
         raise ValueError(f"batch_norm expects an input with at least 2 dims, got shape "
                          f"{x.shape}")
@@ -135,7 +135,6 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         if v is not None and tuple(np.shape(v)) != (C,):
             raise ValueError(f"{name} must have shape ({C},), got {tuple(np.shape(v))}")
     params = _broadcast_params((mean, mean_lo, var, weight, bias), ax, x.ndim, x.chunks[ax])
-    rdt = dtypes(x.dtype, "dask.batch_norm")[1]
     return da.map_blocks(_batch_norm_block, x, *params, eps=eps, axis=ax, dtype=rdt,
                          meta=np.empty((0,) * x.ndim, dtype=rdt))
 

@@ -305,8 +305,9 @@ class BatchNorm(_Module):
             raise ValueError(f"{type(self).__name__}.partial_fit needs "
                              "track_running_stats=True (there are no running statistics)")
         x, ax = self._check_input(x)
-        if x.ndim < 2 or ax is None:
-            feature_axis(self.axis, max(x.ndim, 1))  # the AxisError, or the ndim error below
+        if ax is None:
+            if x.ndim >= 2:
+                feature_axis(self.axis, x.ndim)  # raises the AxisError
             raise ValueError(f"{type(self).__name__}.partial_fit expects an input with at least "
                              f"2 dims, got shape {x.shape}")
         cdt, _ = dtypes(x.dtype, "BatchNorm.partial_fit")
