@@ -404,22 +404,10 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         return y
     if training:
         count, stats = _feature_moments(x, rows, cols, C, by_rows, n_threads, row_mask)
-        if count < 0:  # an M2 overflowed float64: those features are redone scaled down
+        scaled = None
+        if count < 0:  # statistics beyond the float range: those features redone scaled
             count = -count
             scaled = _rescaled(x, A, C, L, rows, cols, by_rows, n_threads, row_mask, stats)
-            if scaled is not None:
-                xs, stats_s, s = scaled
-                y = _apply_stats(xs, shape, rows, cols, by_rows, cdt, rdt,
-                                 _scaled_params_stats(stats_s, count, eps, s), 1.0, w, b, 0.0,
-                                 n_threads, out, row_mask, fresh)
-                if rm is not None:
-                    rm[...] = (1.0 - momentum) * rm + momentum * (stats[0] + stats[1])
-                    with np.errstate(over="ignore"):
-                        rv[...] = (1.0 - momentum) * rv + momentum * (stats[2] / (count - 1.0))
-                if return_stats:
-                    return y, stats[0] + stats[1], _invstd(stats_s[2] / count + eps * s * s,
-                                                           0.0) * s
-                return y
         if rm is not None:
             if rm.dtype is rv.dtype and rm.dtype.isnative and rm.flags.c_contiguous \
                     and rv.flags.c_contiguous:
@@ -428,6 +416,15 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
                 rm[...] = (1.0 - momentum) * rm + momentum * (stats[0] + stats[1])
                 rv[...] = (1.0 - momentum) * rv + momentum * (stats[2] / (count - 1.0))
         var_scale = 1.0 / count
+        if scaled is not None:
+            # normalize the scaled copy with its own statistics: the same output, no overflow
+            xs, stats_s, s = scaled
+            y = _apply_stats(xs, shape, rows, cols, by_rows, cdt, rdt,
+                             _scaled_params_stats(stats_s, count, eps, s), 1.0, w, b, 0.0,
+                             n_threads, out, row_mask, fresh)
+            if return_stats:
+                return y, stats[0] + stats[1], _invstd(stats_s[2] / count + eps * s * s, 0.0) * s
+            return y
     else:
         stats = np.empty((3, C))
         stats[0] = rm
