@@ -599,11 +599,15 @@ def _plots(results, folder):
     labels = [r["label"] for r in results]
     fig, ax = plt.subplots(figsize=(10, 0.35 * len(results) + 1.5))
     ypos = np.arange(len(results))
-    for k, (other, color) in enumerate((("numpy", "tab:blue"), ("torch", "tab:orange"))):
+    series = [("numpy", "NumPy", "tab:blue"), ("torch", "torch", "tab:orange")]
+    if any(r["times"].get("sklearn") for r in results):
+        series.append(("sklearn", "scikit-learn", "tab:green"))
+    height = 0.8 / len(series)
+    for k, (other, name, color) in enumerate(series):
         vals = [r["times"][other] / r["times"]["cynorm"] if r["times"].get(other) else np.nan
                 for r in results]
-        ax.barh(ypos + (k - 0.5) * 0.4, vals, height=0.4, color=color,
-                label=f"vs {'NumPy' if other == 'numpy' else 'torch'}")
+        ax.barh(ypos + (k - (len(series) - 1) / 2) * height, vals, height=height, color=color,
+                label=f"vs {name}")
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set_xscale("log")
     ax.set_yticks(ypos, labels, fontsize=7)
