@@ -109,6 +109,9 @@ class BuildExt(build_ext):
         cflags = base + (flags[0] if flags else [])
         lflags = flags[1] if flags else []
         for ext in self.extensions:
+            if ext.name.split(".")[1] in FRONT_END:  # Python code: no OpenMP, no ISA flags
+                ext.extra_compile_args = ["/O2"] if is_msvc else ["-O2"]
+                continue
             summary = "compile: %s; link: %s" % (
                 " ".join(cflags + ISA_VARIANTS.get(ext.name, [])), " ".join(lflags) or "-")
             ext.extra_compile_args = cflags + ISA_VARIANTS.get(ext.name, [])
@@ -120,6 +123,13 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
+# The Python front end (argument checks, dtype policy, dispatch) compiled from its .py sources:
+# a small call's cost is mostly this code, and compiled it runs about a third faster (measured
+# LayerNorm (5, 10) 3.0 -> 2.0 us a call).  The .py files stay the source of truth and are
+# shipped too; Python semantics are kept (no C division or typing directives here).
+FRONT_END = ["_validation", "_threads", "functional", "layers", "_moments"]
+FRONT_END_DIRECTIVES = {"language_level": 3, "binding": True, "embedsignature": False}
+
 names = ["cynorm._kernels"] + (list(ISA_VARIANTS) if WANT_VARIANTS else [])
 extensions = [
     Extension(name, ["pyx/%s.pyx" % name.split(".")[1]], include_dirs=["pyx", np.get_include()],
@@ -127,12 +137,14 @@ extensions = [
     for name in names
 ]
 
+front_end = [Extension("cynorm." + name, ["cynorm/%s.py" % name]) for name in FRONT_END]
+
 setup(
     ext_modules=cythonize(
         extensions,
         compiler_directives=DIRECTIVES,
         include_path=["pyx"],
         gdb_debug=False,
-    ),
+    ) + cythonize(front_end, compiler_directives=FRONT_END_DIRECTIVES, build_dir="build/front"),
     cmdclass={"build_ext": BuildExt},
 )

@@ -1,4 +1,6 @@
 """show_config(): what was built and how it will run."""
+import importlib.machinery
+import pathlib
 import platform
 import sys
 
@@ -20,6 +22,17 @@ def _cpu_model():
     return platform.processor() or "unknown"
 
 
+def compiled_front_end():
+    """The package's .py modules that also exist compiled (setup.py's FRONT_END): Python imports
+    the compiled one."""
+    pkg = pathlib.Path(__file__).parent
+    return sorted(
+        p.stem for p in pkg.glob("*.py")
+        if any((pkg / (p.stem + suffix)).exists()
+               for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+    )
+
+
 def config_info():
     """The facts show_config prints, as a dict."""
     return {
@@ -33,6 +46,7 @@ def config_info():
         "isa_available": available(),
         "threads": get_num_threads(),
         "build_flags": _kernels.build_flags(),
+        "front_end": compiled_front_end(),
     }
 
 
@@ -48,3 +62,4 @@ def show_config():
     print(f"  threads      {info['threads']}")
     print(f"  kernels      {info['isa']} (built and runnable here: {', '.join(info['isa_available'])})")
     print(f"  build flags  {info['build_flags']}")
+    print(f"  front end    compiled: {', '.join(info['front_end']) or 'none (interpreted)'}")

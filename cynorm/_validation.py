@@ -102,6 +102,8 @@ def same_memory(a, b):
 def normalized_shape(value):
     if type(value) is int and value >= 0:
         return (value,)
+    if type(value) is tuple and len(value) == 1 and type(value[0]) is int and value[0] >= 0:
+        return value
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         shape = (operator.index(value),)
     else:

@@ -163,7 +163,7 @@ def _layer_norm_input(x, normalized_shape, op):
             f"[*, {', '.join(map(str, nshape))}], but got input of size {list(shape)}"
         )
     cols = nshape[0] if k == 1 else math.prod(nshape)
-    rows = math.prod(shape[: len(shape) - k])
+    rows = x.size // cols if cols else math.prod(shape[: len(shape) - k])
     return x, cdt, rdt, nshape, rows, cols
 
 

@@ -1,4 +1,5 @@
 """The installed package: metadata, type stubs, OpenMP runtimes side by side."""
+import importlib
 import importlib.metadata
 import os
 import pathlib
@@ -29,6 +30,25 @@ def test_stubs_match_the_compiled_modules():
     r = subprocess.run([sys.executable, "-m", "mypy.stubtest", *modules], capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_front_end_is_compiled_from_the_current_sources():
+    # setup.py compiles the Python front end (argument checks, dispatch) from its .py files;
+    # Python imports the compiled module, so one older than its source would run stale code
+    # (an editable install not rebuilt after an edit).
+    from cynorm import _config, functional
+
+    compiled = _config.compiled_front_end()
+    assert {"functional", "_validation", "layers"} <= set(compiled), compiled
+    assert not functional.__file__.endswith(".py")
+    pkg = pathlib.Path(cynorm.__file__).parent
+    in_tree = (pkg.parent / "setup.py").exists()  # a wheel's files get install-time mtimes
+    for name in compiled:
+        mod = importlib.import_module(f"cynorm.{name}")
+        built = pathlib.Path(mod.__file__)
+        assert built.suffix != ".py", name
+        assert not in_tree or built.stat().st_mtime >= (pkg / f"{name}.py").stat().st_mtime, (
+            f"cynorm/{name}.py is newer than its compiled module: rebuild (pip install -e .)")
 
 
 def test_import_cynorm_leaves_the_optional_dependencies_alone():
