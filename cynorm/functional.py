@@ -50,23 +50,26 @@ def _output(x, shape, rows, cols, cdt, rdt, out, params, zeroed=False):
         # pages that are never touched cost no page fault
         y = np.zeros(shape, dtype=cdt) if zeroed else np.empty(shape, dtype=cdt)
         return y, (y if rdt is cdt else None)
-    if rdt is cdt and out is x and not any(p is not None and np.may_share_memory(out, p)
-                                           for p in params):
-        return out, out  # in place on a C-contiguous x
-    if rdt is cdt:
+    if rdt is cdt and not _overlaps_any(out, params):
+        if out is x:
+            return out, out  # in place on a C-contiguous x
         y2 = out if out.flags.c_contiguous else view_rows(out, rows, cols)
         if y2 is not None:
-            if not np.may_share_memory(out, x) and not any(
-                p is not None and np.may_share_memory(out, p) for p in params
-            ):
+            if not np.may_share_memory(out, x):
                 return y2, out
             x2 = x if x.ndim == 2 or not x.flags.c_contiguous else x.reshape(rows, cols)
             y2v = y2 if y2.ndim == 2 else y2.reshape(rows, cols)
-            if same_memory(x2, y2v) and not any(
-                p is not None and np.may_share_memory(out, p) for p in params
-            ):
+            if same_memory(x2, y2v):
                 return y2, out
     return np.empty((rows, cols), dtype=cdt), None
+
+
+def _overlaps_any(out, params):
+    """Whether out may share memory with one of the (optional) parameter arrays."""
+    for p in params:
+        if p is not None and np.may_share_memory(out, p):
+            return True
+    return False
 
 
 def _finish(y, result, shape, rdt, out):
