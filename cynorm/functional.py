@@ -362,9 +362,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         rm, rv = running_mean, running_var
         if rm is None or rv is None:
             raise ValueError("running_mean and running_var must be given when not training")
-        for value, name in ((rm, "running_mean"), (rv, "running_var")):
-            if (value.shape if type(value) is np.ndarray else np.shape(value)) != (C,):
-                raise ValueError(f"{name} should contain {C} elements not {np.size(value)}")
+        _check_running(rm, "running_mean", C)
+        _check_running(rv, "running_var", C)
     w = param(weight, "weight", (C,), cdt)
     b = param(bias, "bias", (C,), cdt)
     if out is not None:
@@ -567,6 +566,12 @@ def batch_norm_backward(grad_out, x, mean, invstd, weight=None, training=True, *
     grad_w = None if w is None else (sums[1] * invstd).astype(rdt)
     grad_b = None if bias is None else sums[0].astype(rdt)
     return (dx if rdt is cdt else dx.astype(rdt)), grad_w, grad_b
+
+
+def _check_running(value, name, C):
+    """Eval-mode running statistics (any array_like, read only) must hold C values."""
+    if (value.shape if type(value) is np.ndarray else np.shape(value)) != (C,):
+        raise ValueError(f"{name} should contain {C} elements not {np.size(value)}")
 
 
 def _is_param(a, cdt):
