@@ -616,7 +616,7 @@ def _plots(results, folder):
     ax.legend(loc="lower right")
     ax.set_title("cynorm speed-up per case")
     fig.tight_layout()
-    fig.savefig(os.path.join(folder, "speedup.png"), dpi=110)
+    fig.savefig(os.path.join(folder, "speedup.png"), dpi=110, bbox_inches="tight")
     plt.close(fig)
     made.append("speedup.png")
 
@@ -642,7 +642,7 @@ def _plots(results, folder):
             ax.set_title(f"{OPS[op]} {dtype}")
             ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.join(folder, "time_vs_size.png"), dpi=110)
+        fig.savefig(os.path.join(folder, "time_vs_size.png"), dpi=110, bbox_inches="tight")
         plt.close(fig)
         made.append("time_vs_size.png")
     return made
