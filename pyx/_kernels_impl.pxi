@@ -86,6 +86,7 @@ cdef extern from "_simd.h" nogil:
     void cynorm_ln_paramgrads4_f(const float** g, const float** x, const float* mh,
                                  const float* ml, const float* rs, double* dw, double* db,
                                  Py_ssize_t D) noexcept
+    void cynorm_prefetch(const void* p) noexcept
     # the output loops with streaming stores (outputs far larger than the cache)
     void cynorm_sfence() noexcept
     void cynorm_zero_nt_f(float* y, Py_ssize_t n) noexcept
@@ -347,27 +348,45 @@ cdef void column_block_sums(const floating** rows, Py_ssize_t nr, Py_ssize_t F,
         r += 1
 
 
+cdef inline void centered4(const floating* r0, const floating* r1, const floating* r2,
+                           const floating* r3, const double* shift, double* c, double* q,
+                           Py_ssize_t fb, Py_ssize_t fe) noexcept nogil:
+    """Columns fb..fe of four rows into c and q (see column_block_centered)."""
+    cdef Py_ssize_t f
+    cdef double d0, d1, d2, d3
+    for f in range(fb, fe):
+        d0 = r0[f] - shift[f]
+        d1 = r1[f] - shift[f]
+        d2 = r2[f] - shift[f]
+        d3 = r3[f] - shift[f]
+        c[f] += (d0 + d1) + (d2 + d3)
+        q[f] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+
+
 cdef void column_block_centered(const floating** rows, Py_ssize_t nr, Py_ssize_t F,
                                 const double* shift, double* c, double* q) noexcept nogil:
     """c[f] += Σ (rows[r][f] - shift[f]) and q[f] += Σ (rows[r][f] - shift[f])²."""
-    cdef Py_ssize_t r = 0, f
+    cdef Py_ssize_t r = 0, f, fb, fe
+    cdef Py_ssize_t line = 64 // sizeof(floating)
     cdef const floating* r0
-    cdef const floating* r1
-    cdef const floating* r2
-    cdef const floating* r3
-    cdef double d0, d1, d2, d3
+    cdef double d0
     while r + 4 <= nr:
-        r0 = rows[r]
-        r1 = rows[r + 1]
-        r2 = rows[r + 2]
-        r3 = rows[r + 3]
-        for f in range(F):
-            d0 = r0[f] - shift[f]
-            d1 = r1[f] - shift[f]
-            d2 = r2[f] - shift[f]
-            d3 = r3[f] - shift[f]
-            c[f] += (d0 + d1) + (d2 + d3)
-            q[f] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        if floating is double and r + 8 <= nr:
+            # float64 rows: a cache line of each of the four rows at a time, asking for the
+            # same line of the next four (short row streams restarting every four rows are
+            # too short for the hardware prefetcher).  Measured (4096, 768) float64: 1.96 ->
+            # 1.50 ms on 1 thread; float32 rows lost by it (0.55 -> 0.59 ms), so they do not.
+            fb = 0
+            while fb < F:
+                fe = fb + line if fb + line < F else F
+                cynorm_prefetch(rows[r + 4] + fb)
+                cynorm_prefetch(rows[r + 5] + fb)
+                cynorm_prefetch(rows[r + 6] + fb)
+                cynorm_prefetch(rows[r + 7] + fb)
+                centered4(rows[r], rows[r + 1], rows[r + 2], rows[r + 3], shift, c, q, fb, fe)
+                fb = fe
+        else:
+            centered4(rows[r], rows[r + 1], rows[r + 2], rows[r + 3], shift, c, q, 0, F)
         r += 4
     while r < nr:
         r0 = rows[r]

@@ -123,6 +123,13 @@ CYNORM_INSTANTIATE(, )
 
 #endif
 
+/* A hint to load the cache line holding p (never faults, whatever p is). */
+#if defined(__GNUC__) || defined(__clang__)
+#define cynorm_prefetch(p) __builtin_prefetch(p)
+#else
+#define cynorm_prefetch(p) ((void)(p))
+#endif
+
 /* BatchNorm backward, four rows of an (N, F) float32 array at a time, down the columns:
  *   sg[f] += (g0 + g1) + (g2 + g3),   sgx[f] += (g0 (x0 - m) + g1 (x1 - m)) + (g2 (x2 - m) + g3 (x3 - m))
  * the four-row partials in float32, added to the float64 sums (one conversion per four rows). */
@@ -134,7 +141,20 @@ static void cynorm_bn_colsums4_f(const float* g0, const float* g1, const float* 
 #if defined(__GNUC__) || defined(__clang__)
     cynorm_v8f a0, a1, a2, a3, b0, b1, b2, b3, mv, s, q;
     cynorm_v8d sd, qd;
+    /* the next four rows (rows are contiguous runs, so they follow: g3 + (g3 - g2) ...): ask
+       for them one cache line ahead of use each, since these short row streams (a few KB
+       each) restart every four rows, too short for the hardware prefetcher to catch
+       (prefetching an address past the array is harmless: it never faults) */
+    const ptrdiff_t lg = g1 - g0, lx = x1 - x0;
+    const float* gn = g3 + lg;
+    const float* xn = x3 + lx;
     for (; f + 8 <= F; f += 8) {
+        if ((f & 15) == 0) {
+            __builtin_prefetch(gn + f); __builtin_prefetch(gn + lg + f);
+            __builtin_prefetch(gn + 2 * lg + f); __builtin_prefetch(gn + 3 * lg + f);
+            __builtin_prefetch(xn + f); __builtin_prefetch(xn + lx + f);
+            __builtin_prefetch(xn + 2 * lx + f); __builtin_prefetch(xn + 3 * lx + f);
+        }
         memcpy(&a0, g0 + f, 32); memcpy(&a1, g1 + f, 32);
         memcpy(&a2, g2 + f, 32); memcpy(&a3, g3 + f, 32);
         memcpy(&b0, x0 + f, 32); memcpy(&b1, x1 + f, 32);
