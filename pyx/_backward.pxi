@@ -101,7 +101,10 @@ cdef void layer_norm_backward_rows(const floating* g, Py_ssize_t ldg, const floa
             rs = rstd[i]
             split_mean(m, 0.0, &mh, &ml)
             rsf = <floating>rs
-            gx_sums(gi, w, xi, D, m, &sg, &sgx)
+            if floating is float:
+                cynorm_ln_gx_sums_f(gi, w, xi, D, mh, ml, &sg, &sgx)
+            else:
+                gx_sums(gi, w, xi, D, m, &sg, &sgx)
             af = <floating>(sg / D)
             cf = <floating>(rs * rs * rs * sgx / D)
             if w != NULL:

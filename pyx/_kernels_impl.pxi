@@ -87,6 +87,8 @@ cdef extern from "_simd.h" nogil:
                                  const float* ml, const float* rs, double* dw, double* db,
                                  Py_ssize_t D) noexcept
     void cynorm_prefetch(const void* p) noexcept
+    void cynorm_ln_gx_sums_f(const float* g, const float* w, const float* x, Py_ssize_t n,
+                             float mh, float ml, double* sg, double* sgx) noexcept
     # the output loops with streaming stores (outputs far larger than the cache)
     void cynorm_sfence() noexcept
     void cynorm_zero_nt_f(float* y, Py_ssize_t n) noexcept

@@ -177,6 +177,47 @@ static void cynorm_bn_colsums4_f(const float* g0, const float* g1, const float* 
     }
 }
 
+/* LayerNorm backward sums of one float32 row, with g' = g w (w may be NULL) and
+ * d = (x - mh) - ml (the row mean split in two floats, as dx uses it):
+ *   sg = Σ g',   sgx = Σ g' d
+ * g' and g' d in float32, two of each added in float32 before each float64 addition: two
+ * conversions per sixteen elements instead of six (the error is float32 rounding of single
+ * terms, not growing with the row). */
+static void cynorm_ln_gx_sums_f(const float* g, const float* w, const float* x, ptrdiff_t n,
+                                float mh, float ml, double* sg, double* sgx) {
+    ptrdiff_t i = 0;
+    double t1 = 0.0, t2 = 0.0;
+    float gw, d;
+#if defined(__GNUC__) || defined(__clang__)
+    cynorm_v8f z = {0, 0, 0, 0, 0, 0, 0, 0};
+    cynorm_v8f vh = z + mh, vl = z + ml, a, b, c, e, u, v;
+    cynorm_v8d zd = {0, 0, 0, 0, 0, 0, 0, 0}, s1 = zd, s2 = zd;
+    for (; i + 16 <= n; i += 16) {
+        memcpy(&a, g + i, 32); memcpy(&b, g + i + 8, 32);
+        if (w) {
+            memcpy(&u, w + i, 32); memcpy(&v, w + i + 8, 32);
+            a *= u;
+            b *= v;
+        }
+        memcpy(&c, x + i, 32); memcpy(&e, x + i + 8, 32);
+        c = (c - vh) - vl;
+        e = (e - vh) - vl;
+        s1 += __builtin_convertvector(a + b, cynorm_v8d);
+        s2 += __builtin_convertvector(a * c + b * e, cynorm_v8d);
+    }
+    t1 = cynorm_hsum(s1);
+    t2 = cynorm_hsum(s2);
+#endif
+    for (; i < n; i++) {
+        gw = w ? g[i] * w[i] : g[i];
+        d = (x[i] - mh) - ml;
+        t1 += (double)gw;
+        t2 += (double)(gw * d);
+    }
+    *sg = t1;
+    *sgx = t2;
+}
+
 /* LayerNorm backward, the parameter gradients of four rows at a time (dw or db may be NULL):
  *   dw[j] += Σ_k g_k[j] ((x_k[j] - mh_k) - ml_k) rs_k,   db[j] += Σ_k g_k[j]
  * the four-row partials in float32, added to the float64 sums. */
