@@ -26,8 +26,6 @@ __all__ = ["layer_norm", "batch_norm", "layer_norm_backward", "batch_norm_backwa
 ROW_PATH_MIN = 64
 # BatchNorm runs two parallel regions (statistics, then normalization): threads pay off later.
 BATCH_NORM_SERIAL_BELOW = 1 << 17
-# M2 beyond (FLT_MAX / 2)^2: a float32 x - mean may overflow (as F32_BIG_M2 in the kernels).
-F32_BIG_M2 = 2.89e76
 # Rows per block of the column reduction: about this many bytes stay in L2 between its passes.
 COLUMN_BLOCK_BYTES = 1 << 17
 
@@ -449,7 +447,7 @@ def _rescaled(x, A, C, L, rows, cols, by_rows, n_threads, row_mask, stats):
     x3 = np.asarray(x).reshape(A, C, L)
     real = x3 if row_mask is None else x3[row_mask.reshape(A)]
     amax = np.max(np.abs(real), axis=(0, 2)) if real.size else np.zeros(C)
-    big = F32_BIG_M2 if x.dtype == np.float32 else np.finfo(np.float64).max
+    big = _kernels.FLOAT32_BIG_M2 if x.dtype == np.float32 else np.finfo(np.float64).max
     bad = ~(stats[2] <= big) & np.isfinite(amax) & (amax > 0)
     if not bad.any():
         return None

@@ -171,6 +171,8 @@ cdef Py_ssize_t STREAM_BYTES = 24 << 20
 cdef double TINY_M2 = 1.2e-271
 # Above this M2 ((FLT_MAX / 2)^2) a float32 deviation x - mean may overflow float32.
 cdef double F32_BIG_M2 = 2.89e76
+# the same threshold for the Python side (functional._rescaled)
+FLOAT32_BIG_M2 = F32_BIG_M2
 # Below this variance (4 / FLT_MAX^2) 1 / sqrt(var + eps) overflows float32.
 cdef double F32_TINY_VAR = 3.4e-77
 

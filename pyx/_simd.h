@@ -150,10 +150,10 @@ static void cynorm_bn_colsums4_f(const float* g0, const float* g1, const float* 
     const float* xn = x3 + lx;
     for (; f + 8 <= F; f += 8) {
         if ((f & 15) == 0) {
-            __builtin_prefetch(gn + f); __builtin_prefetch(gn + lg + f);
-            __builtin_prefetch(gn + 2 * lg + f); __builtin_prefetch(gn + 3 * lg + f);
-            __builtin_prefetch(xn + f); __builtin_prefetch(xn + lx + f);
-            __builtin_prefetch(xn + 2 * lx + f); __builtin_prefetch(xn + 3 * lx + f);
+            cynorm_prefetch(gn + f); cynorm_prefetch(gn + lg + f);
+            cynorm_prefetch(gn + 2 * lg + f); cynorm_prefetch(gn + 3 * lg + f);
+            cynorm_prefetch(xn + f); cynorm_prefetch(xn + lx + f);
+            cynorm_prefetch(xn + 2 * lx + f); cynorm_prefetch(xn + 3 * lx + f);
         }
         memcpy(&a0, g0 + f, 32); memcpy(&a1, g1 + f, 32);
         memcpy(&a2, g2 + f, 32); memcpy(&a3, g3 + f, 32);
