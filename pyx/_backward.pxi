@@ -157,9 +157,11 @@ cdef void bn_sums_rows(const floating* g, Py_ssize_t ldg, const floating* x, Py_
 cdef void bn_sums_columns(const floating* g, Py_ssize_t ldg, const floating* x, Py_ssize_t ldx,
                           Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t F, const floating* mean_col,
                           double* sg, double* sgx, const unsigned char* mask,
-                          bint zero=True) noexcept nogil:
+                          floating* dx=NULL, Py_ssize_t lddx=0,
+                          const floating* k1=NULL) noexcept nogil:
     """sg[f] = Σg, sgx[f] = Σg·(x - mean_col[f]) down the columns of rows r0..r1 (those the
-    mask keeps); with zero=False added to what sg and sgx hold.
+    mask keeps).  With dx not NULL, also eval mode's dx of these rows in the same sweep:
+    dx = k1[f]·g (0 on the rows the mask drops).
 
     float32: mean_col is the mean rounded to float32 (bn_mean_correction adds back what that
     rounding moved), and four rows are combined in float32 before each float64 addition: the
@@ -175,10 +177,10 @@ cdef void bn_sums_columns(const floating* g, Py_ssize_t ldg, const floating* x, 
     cdef const floating* x1
     cdef const floating* x2
     cdef const floating* x3
-    if zero:
-        for f in range(F):
-            sg[f] = 0.0
-            sgx[f] = 0.0
+    cdef floating* d0 = NULL
+    for f in range(F):
+        sg[f] = 0.0
+        sgx[f] = 0.0
     if mask != NULL:
         for i in range(r0, r1):
             if mask[i]:
@@ -187,6 +189,10 @@ cdef void bn_sums_columns(const floating* g, Py_ssize_t ldg, const floating* x, 
                 for f in range(F):
                     sg[f] += g0[f]
                     sgx[f] += <double>(g0[f] * (x0[f] - mean_col[f]))
+                if dx != NULL:
+                    bn_dx_vector(g0, x0, dx + i * lddx, F, NULL, k1, NULL, NULL, False)
+            elif dx != NULL:
+                zero_row(dx + i * lddx, F)
         return
     # four rows per sweep of the feature axis, as in column_block_centered
     while i + 4 <= r1:
@@ -198,8 +204,11 @@ cdef void bn_sums_columns(const floating* g, Py_ssize_t ldg, const floating* x, 
         x1 = x0 + ldx
         x2 = x1 + ldx
         x3 = x2 + ldx
+        if dx != NULL:
+            d0 = dx + i * lddx
         if floating is float:
-            cynorm_bn_colsums4_f(g0, g1, g2, g3, x0, x1, x2, x3, mean_col, sg, sgx, F)
+            cynorm_bn_colsums4_f(g0, g1, g2, g3, x0, x1, x2, x3, mean_col, sg, sgx, F, k1, d0,
+                                 lddx)
         else:
             for f in range(F):
                 sg[f] += (g0[f] + g1[f]) + (g2[f] + g3[f])
@@ -207,6 +216,12 @@ cdef void bn_sums_columns(const floating* g, Py_ssize_t ldg, const floating* x, 
                 m = mean_col[f]
                 sgx[f] += ((g0[f] * (x0[f] - m) + g1[f] * (x1[f] - m))
                            + (g2[f] * (x2[f] - m) + g3[f] * (x3[f] - m)))
+            if d0 != NULL:
+                for f in range(F):
+                    d0[f] = k1[f] * g0[f]
+                    d0[lddx + f] = k1[f] * g1[f]
+                    d0[2 * lddx + f] = k1[f] * g2[f]
+                    d0[3 * lddx + f] = k1[f] * g3[f]
         i += 4
     while i < r1:
         g0 = g + i * ldg
@@ -214,6 +229,8 @@ cdef void bn_sums_columns(const floating* g, Py_ssize_t ldg, const floating* x, 
         for f in range(F):
             sg[f] += g0[f]
             sgx[f] += <double>(g0[f] * (x0[f] - mean_col[f]))
+        if dx != NULL:
+            bn_dx_vector(g0, x0, dx + i * lddx, F, NULL, k1, NULL, NULL, False)
         i += 1
 
 
@@ -352,7 +369,7 @@ cdef void _batch_norm_dx(const floating* g, Py_ssize_t ldg, const floating* x, P
 
 
 cdef enum:
-    FUSED_ROWS = 16   # rows per step of the eval pass: their sums, then their dx, in cache
+    FUSED_ROWS = 16   # rows per step of the eval pass by rows: their sums, then their dx
 
 
 cdef void bn_eval_fused_range(const floating* g, Py_ssize_t ldg, const floating* x,
@@ -362,18 +379,16 @@ cdef void bn_eval_fused_range(const floating* g, Py_ssize_t ldg, const floating*
                               double* parts, double* sg, double* sgx,
                               const unsigned char* mask) noexcept nogil:
     """Eval backward of rows r0..r1 in one pass over g and x: the sums for the parameter
-    gradients and dx = k1·g, a few rows at a time while they are in cache."""
-    cdef Py_ssize_t rb = r0, re, f
+    gradients and dx = k1·g; by columns in the same sweep, by rows a few rows at a time while
+    they are in cache."""
+    cdef Py_ssize_t rb = r0, re
     if not by_rows:
-        for f in range(N):
-            sg[f] = 0.0
-            sgx[f] = 0.0
+        bn_sums_columns(g, ldg, x, ldx, r0, r1, N, mean_col, sg, sgx, mask, dx, lddx,
+                        coef + N)
+        return
     while rb < r1:
         re = rb + FUSED_ROWS if rb + FUSED_ROWS < r1 else r1
-        if by_rows:
-            bn_sums_rows(g, ldg, x, ldx, rb, re, N, C, mean, parts)
-        else:
-            bn_sums_columns(g, ldg, x, ldx, rb, re, N, mean_col, sg, sgx, mask, False)
+        bn_sums_rows(g, ldg, x, ldx, rb, re, N, C, mean, parts)
         bn_dx_range(g, ldg, x, ldx, dx, lddx, rb, re, N, C, by_rows, coef, False, mask)
         rb = re
 

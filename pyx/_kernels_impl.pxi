@@ -82,7 +82,8 @@ cdef extern from "_simd.h" nogil:
     void cynorm_bn_colsums4_f(const float* g0, const float* g1, const float* g2,
                               const float* g3, const float* x0, const float* x1,
                               const float* x2, const float* x3, const float* m, double* sg,
-                              double* sgx, Py_ssize_t F) noexcept
+                              double* sgx, Py_ssize_t F, const float* k, float* d0,
+                              Py_ssize_t ld) noexcept
     void cynorm_ln_paramgrads4_f(const float** g, const float** x, const float* mh,
                                  const float* ml, const float* rs, double* dw, double* db,
                                  Py_ssize_t D) noexcept

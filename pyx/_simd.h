@@ -132,14 +132,17 @@ CYNORM_INSTANTIATE(, )
 
 /* BatchNorm backward, four rows of an (N, F) float32 array at a time, down the columns:
  *   sg[f] += (g0 + g1) + (g2 + g3),   sgx[f] += (g0 (x0 - m) + g1 (x1 - m)) + (g2 (x2 - m) + g3 (x3 - m))
- * the four-row partials in float32, added to the float64 sums (one conversion per four rows). */
+ * the four-row partials in float32, added to the float64 sums (one conversion per four rows).
+ * With d0 not NULL, also eval mode's dx of the four rows, d_r[f] = k[f] g_r[f] (rows of dx ld
+ * apart): written while g is in registers, in the same sweep (one pass over g, x and dx). */
 static void cynorm_bn_colsums4_f(const float* g0, const float* g1, const float* g2,
                                  const float* g3, const float* x0, const float* x1,
                                  const float* x2, const float* x3, const float* m,
-                                 double* sg, double* sgx, ptrdiff_t F) {
+                                 double* sg, double* sgx, ptrdiff_t F,
+                                 const float* k, float* d0, ptrdiff_t ld) {
     ptrdiff_t f = 0;
 #if defined(__GNUC__) || defined(__clang__)
-    cynorm_v8f a0, a1, a2, a3, b0, b1, b2, b3, mv, s, q;
+    cynorm_v8f a0, a1, a2, a3, b0, b1, b2, b3, mv, s, q, kv, t;
     cynorm_v8d sd, qd;
     /* the next four rows (rows are contiguous runs, so they follow: g3 + (g3 - g2) ...): ask
        for them one cache line ahead of use each, since these short row streams (a few KB
@@ -160,6 +163,13 @@ static void cynorm_bn_colsums4_f(const float* g0, const float* g1, const float* 
         memcpy(&b0, x0 + f, 32); memcpy(&b1, x1 + f, 32);
         memcpy(&b2, x2 + f, 32); memcpy(&b3, x3 + f, 32);
         memcpy(&mv, m + f, 32);
+        if (d0) {
+            memcpy(&kv, k + f, 32);
+            t = kv * a0; memcpy(d0 + f, &t, 32);
+            t = kv * a1; memcpy(d0 + ld + f, &t, 32);
+            t = kv * a2; memcpy(d0 + 2 * ld + f, &t, 32);
+            t = kv * a3; memcpy(d0 + 3 * ld + f, &t, 32);
+        }
         s = (a0 + a1) + (a2 + a3);
         q = (a0 * (b0 - mv) + a1 * (b1 - mv)) + (a2 * (b2 - mv) + a3 * (b3 - mv));
         memcpy(&sd, sg + f, 64);
@@ -171,6 +181,12 @@ static void cynorm_bn_colsums4_f(const float* g0, const float* g1, const float* 
     }
 #endif
     for (; f < F; f++) {
+        if (d0) {
+            d0[f] = k[f] * g0[f];
+            d0[ld + f] = k[f] * g1[f];
+            d0[2 * ld + f] = k[f] * g2[f];
+            d0[3 * ld + f] = k[f] * g3[f];
+        }
         sg[f] += (double)((g0[f] + g1[f]) + (g2[f] + g3[f]));
         sgx[f] += (double)((g0[f] * (x0[f] - m[f]) + g1[f] * (x1[f] - m[f]))
                            + (g2[f] * (x2[f] - m[f]) + g3[f] * (x3[f] - m[f])));

@@ -96,14 +96,18 @@ def test_constant_feature(rng, torch):
         np.testing.assert_allclose(a, r, atol=1e-9)
 
 
-@pytest.mark.parametrize("shape,axis", [((40000, 8), 1), ((32, 8, 600), 1), ((64, 80, 48), -1)])
-def test_thread_counts(rng, shape, axis):
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape,axis", [((40000, 8), 1), ((32, 8, 600), 1), ((64, 80, 48), -1),
+                                        ((4099, 37), 1)])
+def test_thread_counts(rng, shape, axis, training):
     x = hostile(rng, shape, np.float32)
     g = rng.standard_normal(shape).astype(np.float32)
     C = shape[axis]
-    w, b = np.ones(C, np.float32), np.zeros(C, np.float32)
-    _, mean, invstd = cynorm.batch_norm(x, None, None, w, b, True, axis=axis, return_stats=True)
-    run = lambda: cynorm.batch_norm_backward(g, x, mean, invstd, w, True, axis=axis, bias=b)  # noqa: E731
+    w, b = rng.uniform(0.5, 2, C).astype(np.float32), np.zeros(C, np.float32)
+    rm, rv = np.full(C, x.mean(), np.float32), np.full(C, x.var(), np.float32)
+    _, mean, invstd = cynorm.batch_norm(x, rm, rv, w, b, training, axis=axis, return_stats=True)
+    run = lambda: cynorm.batch_norm_backward(g, x, mean, invstd, w, training, axis=axis,  # noqa: E731
+                                             bias=b)
     with cynorm.num_threads(2):
         first, again = run(), run()
     with cynorm.num_threads(1):
@@ -111,6 +115,16 @@ def test_thread_counts(rng, shape, axis):
     for a, c, s in zip(first, again, single):
         np.testing.assert_array_equal(a, c)
         np.testing.assert_allclose(a, s, rtol=1e-4, atol=1e-5)
+    if not training:
+        # eval, the statistics are constants: dx = g·w·invstd, against float64
+        per_feature = [1] * x.ndim
+        per_feature[axis] = C
+        other = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+        g64, d64 = g.astype(np.float64), x - np.reshape(mean, per_feature)
+        ref = (g64 * np.reshape(w * invstd, per_feature), (g64 * d64).sum(other) * invstd,
+               g64.sum(other))
+        for a, r in zip(first, ref):
+            assert rel_err(a, r) <= 1e-5
 
 
 def test_errors(rng):

@@ -79,19 +79,22 @@ def test_layer_norm_skips_padding_rows(rng):
         assert rel_err(a, r) <= 1e-12
 
 
+@pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_batch_norm_backward_equals_torch_on_the_real_tokens(rng, torch, dtype):
+def test_batch_norm_backward_equals_torch_on_the_real_tokens(rng, torch, dtype, training):
     x, lengths, mask = _batch(rng, N=5, T=11, C=4, dtype=dtype, offset=0.0)
     real = x[mask]
     g = rng.standard_normal(x.shape).astype(dtype)
     w, b = rng.uniform(0.5, 2, 4).astype(dtype), rng.standard_normal(4).astype(dtype)
-    _, mean, invstd = cynorm.batch_norm(x, None, None, w, b, True, axis=-1, mask=mask,
-                                        return_stats=True)
-    dx, dw, db = cynorm.batch_norm_backward(g, x, mean, invstd, w, True, axis=-1, bias=b,
+    rm, rv = rng.standard_normal(4).astype(dtype), rng.uniform(0.5, 2, 4).astype(dtype)
+    _, mean, invstd = cynorm.batch_norm(x, rm.copy(), rv.copy(), w, b, training, axis=-1,
+                                        mask=mask, return_stats=True)
+    dx, dw, db = cynorm.batch_norm_backward(g, x, mean, invstd, w, training, axis=-1, bias=b,
                                             mask=mask)
     tx = torch.tensor(real, requires_grad=True)
     tw, tb = torch.tensor(w, requires_grad=True), torch.tensor(b, requires_grad=True)
-    torch.nn.functional.batch_norm(tx, None, None, tw, tb, True).backward(torch.tensor(g[mask]))
+    torch.nn.functional.batch_norm(tx, torch.tensor(rm), torch.tensor(rv), tw, tb,
+                                   training).backward(torch.tensor(g[mask]))
     tol = 1e-5 if dtype == np.float32 else 1e-12
     assert (dx[~mask] == 0).all()
     for a, r in ((dx[mask], tx.grad), (dw, tw.grad), (db, tb.grad)):
