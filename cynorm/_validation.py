@@ -8,6 +8,8 @@ import operator
 
 import numpy as np
 
+from ._kernels import plain
+
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 _F16 = np.dtype(np.float16)
@@ -71,8 +73,7 @@ def param(value, name, shape, cdt=_F64):
     """weight / bias / running statistics as a C-contiguous array of the given shape and dtype."""
     if value is None:
         return None
-    if (type(value) is np.ndarray and value.dtype is cdt and value.shape == shape
-            and value.flags.c_contiguous):
+    if plain(value, cdt, shape):
         return value
     arr = as_array(value, name)
     if arr.shape != shape:

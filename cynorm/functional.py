@@ -13,6 +13,7 @@ from ._validation import (
     feature_axis,
     normalized_shape as _normalized_shape,
     param,
+    plain,
     real_scalar,
     same_memory,
     to_compute,
@@ -353,6 +354,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     if type(momentum) is not float:
         momentum = real_scalar(momentum, "momentum")
     training = bool(training)
+    direct = False  # eval with running statistics the kernel reads as they are
     if training:
         rm = _buffer(running_mean, "running_mean", C)
         rv = _buffer(running_var, "running_var", C)
@@ -360,8 +362,10 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         rm, rv = running_mean, running_var
         if rm is None or rv is None:
             raise ValueError("running_mean and running_var must be given when not training")
-        _check_running(rm, "running_mean", C)
-        _check_running(rv, "running_var", C)
+        direct = plain(rm, cdt, (C,)) and plain(rv, cdt, (C,))
+        if not direct:
+            _check_running(rm, "running_mean", C)
+            _check_running(rv, "running_var", C)
     w = param(weight, "weight", (C,), cdt)
     b = param(bias, "bias", (C,), cdt)
     if out is not None:
@@ -394,7 +398,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     rows, cols, by_rows = _layout(A, C, L)
     x = _rows_of(x, rows, cols)
     fresh = out is None and row_mask is not None
-    if not training and _is_param(rm, cdt) and _is_param(rv, cdt):
+    if not training and direct:
         y, result = _output(x, shape, rows, cols, cdt, rdt, out, (), zeroed=fresh)
         _kernels.normalize_running(x, y, rows, cols, by_rows, rm, rv, w, b, eps, n_threads,
                                    row_mask, not fresh)
@@ -570,8 +574,3 @@ def _check_running(value, name, C):
     """Eval-mode running statistics (any array_like, read only) must hold C values."""
     if (value.shape if type(value) is np.ndarray else np.shape(value)) != (C,):
         raise ValueError(f"{name} should contain {C} elements not {np.size(value)}")
-
-
-def _is_param(a, cdt):
-    """An ndarray the kernels can read as is: compute dtype, C-contiguous."""
-    return type(a) is np.ndarray and a.dtype is cdt and a.flags.c_contiguous
