@@ -105,7 +105,8 @@ cdef extern from "_simd.h" nogil:
                               Py_ssize_t ld) noexcept
     void cynorm_ln_paramgrads4_f(const float** g, const float** x, const float* mh,
                                  const float* ml, const float* rs, double* dw, double* db,
-                                 Py_ssize_t D) noexcept
+                                 Py_ssize_t D, const float* w, const float* af,
+                                 const float* cf, float** dx) noexcept
     void cynorm_prefetch(const void* p) noexcept
     void cynorm_ln_gx_sums_f(const float* g, const float* w, const float* x, Py_ssize_t n,
                              float mh, float ml, double* sg, double* sgx) noexcept

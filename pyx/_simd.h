@@ -236,30 +236,42 @@ static void cynorm_ln_gx_sums_f(const float* g, const float* w, const float* x, 
 
 /* LayerNorm backward, the parameter gradients of four rows at a time (dw or db may be NULL):
  *   dw[j] += Σ_k g_k[j] ((x_k[j] - mh_k) - ml_k) rs_k,   db[j] += Σ_k g_k[j]
- * the four-row partials in float32, added to the float64 sums. */
+ * the four-row partials in float32, added to the float64 sums.  With dx not NULL, also the
+ * four rows' dx in the same sweep, from their row sums af_k = mean(g'), cf_k (w may be NULL):
+ *   dx_k[j] = rs_k (g_k[j] w[j] - af_k) - cf_k ((x_k[j] - mh_k) - ml_k) */
 static void cynorm_ln_paramgrads4_f(const float* const* g, const float* const* x,
                                     const float* mh, const float* ml, const float* rs,
-                                    double* dw, double* db, ptrdiff_t D) {
+                                    double* dw, double* db, ptrdiff_t D, const float* w,
+                                    const float* af, const float* cf, float* const* dx) {
     ptrdiff_t j = 0;
-    float t;
+    int k;
+    float t, d[4];
 #if defined(__GNUC__) || defined(__clang__)
-    cynorm_v8f a0, a1, a2, a3, b0, b1, b2, b3, s;
+    cynorm_v8f a[4], b[4], s, wv;
     cynorm_v8d acc;
     for (; j + 8 <= D; j += 8) {
-        memcpy(&a0, g[0] + j, 32); memcpy(&a1, g[1] + j, 32);
-        memcpy(&a2, g[2] + j, 32); memcpy(&a3, g[3] + j, 32);
+        for (k = 0; k < 4; k++) {
+            memcpy(&a[k], g[k] + j, 32);
+            memcpy(&b[k], x[k] + j, 32);
+            b[k] = (b[k] - mh[k]) - ml[k];
+        }
+        if (dx) {
+            if (w)
+                memcpy(&wv, w + j, 32);
+            for (k = 0; k < 4; k++) {
+                s = rs[k] * ((w ? a[k] * wv : a[k]) - af[k]) - cf[k] * b[k];
+                memcpy(dx[k] + j, &s, 32);
+            }
+        }
         if (dw) {
-            memcpy(&b0, x[0] + j, 32); memcpy(&b1, x[1] + j, 32);
-            memcpy(&b2, x[2] + j, 32); memcpy(&b3, x[3] + j, 32);
-            s = (a0 * (((b0 - mh[0]) - ml[0]) * rs[0]) + a1 * (((b1 - mh[1]) - ml[1]) * rs[1]))
-                + (a2 * (((b2 - mh[2]) - ml[2]) * rs[2])
-                   + a3 * (((b3 - mh[3]) - ml[3]) * rs[3]));
+            s = (a[0] * (b[0] * rs[0]) + a[1] * (b[1] * rs[1]))
+                + (a[2] * (b[2] * rs[2]) + a[3] * (b[3] * rs[3]));
             memcpy(&acc, dw + j, 64);
             acc += __builtin_convertvector(s, cynorm_v8d);
             memcpy(dw + j, &acc, 64);
         }
         if (db) {
-            s = (a0 + a1) + (a2 + a3);
+            s = (a[0] + a[1]) + (a[2] + a[3]);
             memcpy(&acc, db + j, 64);
             acc += __builtin_convertvector(s, cynorm_v8d);
             memcpy(db + j, &acc, 64);
@@ -267,11 +279,14 @@ static void cynorm_ln_paramgrads4_f(const float* const* g, const float* const* x
     }
 #endif
     for (; j < D; j++) {
+        for (k = 0; k < 4; k++)
+            d[k] = (x[k][j] - mh[k]) - ml[k];
+        if (dx)
+            for (k = 0; k < 4; k++)
+                dx[k][j] = rs[k] * ((w ? g[k][j] * w[j] : g[k][j]) - af[k]) - cf[k] * d[k];
         if (dw) {
-            t = (g[0][j] * (((x[0][j] - mh[0]) - ml[0]) * rs[0])
-                 + g[1][j] * (((x[1][j] - mh[1]) - ml[1]) * rs[1]))
-                + (g[2][j] * (((x[2][j] - mh[2]) - ml[2]) * rs[2])
-                   + g[3][j] * (((x[3][j] - mh[3]) - ml[3]) * rs[3]));
+            t = (g[0][j] * (d[0] * rs[0]) + g[1][j] * (d[1] * rs[1]))
+                + (g[2][j] * (d[2] * rs[2]) + g[3][j] * (d[3] * rs[3]));
             dw[j] += (double)t;
         }
         if (db)
