@@ -47,6 +47,6 @@ def layer_norm_backward(
 ) -> None: ...
 def batch_norm_backward(
     g: _F, x: _F, dx: _F, rows: int, cols: int, C: int, by_rows: bool, mean: _F64,
-    invstd: _F64, weight: _F | None, training: bool, sums: _F64 | None, n_threads: int,
-    mask: _Mask | None = None,
+    invstd: _F64, weight: _F | None, training: bool, grad_weight: _F | None,
+    grad_bias: _F | None, n_threads: int, mask: _Mask | None = None,
 ) -> None: ...

@@ -6,6 +6,7 @@ import numpy as np
 from ._isa import kernels as _kernels
 from ._threads import threads_for
 from ._validation import (
+    _F64,
     as_array,
     as_rows,
     check_out,
@@ -239,6 +240,8 @@ def _row_mask(mask, lengths, batch_shape, op):
 
 def _grad_like(grad_out, x, cdt):
     """grad_out checked against x's shape, in the compute dtype."""
+    if plain(grad_out, cdt, x.shape):
+        return grad_out
     g = as_array(grad_out, "grad_out")
     if g.shape != x.shape:
         raise ValueError(f"grad_out must have the shape of x, {x.shape}, got {g.shape}")
@@ -251,6 +254,8 @@ def _saved(value, name, n):
     """Saved statistics: float64, contiguous, n elements (the shape is free)."""
     if value is None:
         raise ValueError(f"{name} is required (the statistics saved by the forward pass)")
+    if plain(value, _F64, (n,)):
+        return value
     if type(value) is np.ndarray and value.dtype == np.float64 and value.flags.c_contiguous:
         arr = value.reshape(-1)
     else:
@@ -557,17 +562,23 @@ def batch_norm_backward(grad_out, x, mean, invstd, weight=None, training=True, *
     if mask is not None or lengths is not None:
         row_mask = _feature_last_mask(mask, lengths, x.shape, L, "batch_norm_backward")
     rows, cols, by_rows = _layout(A, C, L)
-    want_sums = training or w is not None or bias is not None
-    sums = np.zeros((2, C)) if want_sums else None
+    grad_w = None if w is None else np.empty(C, dtype=cdt)
+    grad_b = None if bias is None else np.empty(C, dtype=cdt)
     dx = np.empty(x.shape, dtype=cdt)
     if x.size:
         _kernels.batch_norm_backward(_rows_of(g, rows, cols),
                                      _rows_of(to_compute(x, cdt), rows, cols), dx, rows, cols, C,
-                                     by_rows, mean, invstd, w, training, sums,
+                                     by_rows, mean, invstd, w, training, grad_w, grad_b,
                                      threads_for(x.size, BATCH_NORM_SERIAL_BELOW), row_mask)
-    grad_w = None if w is None else (sums[1] * invstd).astype(rdt)
-    grad_b = None if bias is None else sums[0].astype(rdt)
-    return (dx if rdt is cdt else dx.astype(rdt)), grad_w, grad_b
+    else:  # sums over nothing
+        if grad_w is not None:
+            grad_w[...] = 0.0 * invstd
+        if grad_b is not None:
+            grad_b[...] = 0.0
+    if rdt is cdt:
+        return dx, grad_w, grad_b
+    return dx.astype(rdt), (None if w is None else grad_w.astype(rdt)), (
+        None if bias is None else grad_b.astype(rdt))
 
 
 def _check_running(value, name, C):

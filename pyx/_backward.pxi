@@ -439,6 +439,17 @@ cdef void _batch_norm_eval_fused(const floating* g, Py_ssize_t ldg, const floati
         bn_mean_correction(C, mean, sums, <floating>0)
 
 
+cdef void bn_param_grads(Py_ssize_t C, const double* sums, const double* invstd, floating* gw,
+                         floating* gb) noexcept nogil:
+    """grad_weight = invstd·Σg·(x - mean), grad_bias = Σg (either may be NULL)."""
+    cdef Py_ssize_t c
+    for c in range(C):
+        if gw != NULL:
+            gw[c] = <floating>(sums[C + c] * invstd[c])
+        if gb != NULL:
+            gb[c] = <floating>sums[c]
+
+
 def layer_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t D,
                         cnp.ndarray weight, cnp.ndarray mean, cnp.ndarray rstd,
                         cnp.ndarray dw_parts, cnp.ndarray db_parts, int n_threads,
@@ -484,37 +495,36 @@ def layer_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
 def batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t rows,
                         Py_ssize_t cols, Py_ssize_t C, bint by_rows, cnp.ndarray mean,
                         cnp.ndarray invstd, cnp.ndarray weight, bint training,
-                        cnp.ndarray sums, int n_threads, cnp.ndarray mask=None):
+                        cnp.ndarray grad_weight, cnp.ndarray grad_bias, int n_threads,
+                        cnp.ndarray mask=None):
     """dx of BatchNorm from grad_out g and input x seen as (rows, cols), features laid out as
     in feature_moments; mean and invstd: float64 (C,); weight: C elements of x's dtype or None.
 
-    sums: float64 (2, C) that receives Σg and Σg·(x - mean) per feature (None: not wanted,
-    eval only).  mask (one bool per row, column layout only): padding rows get dx = 0 and
-    are left out of the sums and of the count.  Returns nothing; dx is written in place.
+    grad_weight, grad_bias: C elements of x's dtype that receive invstd·Σg·(x - mean) and Σg
+    per feature (sums in float64), or None.  mask (one bool per row, column layout only):
+    padding rows get dx = 0 and are left out of the sums and of the count.  Returns nothing;
+    dx is written in place.
     """
     cdef const unsigned char* mk = mask_data(mask, rows)
-    cdef Py_ssize_t r
+    cdef Py_ssize_t r, off
     cdef Py_ssize_t ldx = row_stride(x, rows, cols, False), ldg = row_stride(g, rows, cols, False)
     cdef Py_ssize_t lddx = row_stride(dx, rows, cols, True)
     cdef int f32 = is_float32(x)
     cdef void* w = optional_data(weight, C, f32)
     cdef double* mp = float64_data(mean, C)
     cdef double* ip = float64_data(invstd, C)
-    cdef double* sp = float64_data(sums, 2 * C)
+    cdef void* gw = optional_data(grad_weight, C, f32)
+    cdef void* gb = optional_data(grad_bias, C, f32)
+    cdef bint want_sums = training or gw != NULL or gb != NULL
     cdef int T = max(1, n_threads)
     cdef double n
     cdef double* parts = NULL
+    cdef double* sp = NULL
     cdef void* coef = NULL
     if is_float32(g) != f32 or is_float32(dx) != f32 or mp == NULL or ip == NULL:
         raise TypeError("batch_norm_backward: inconsistent arrays")
     if C <= 0 or (by_rows and rows % C) or (not by_rows and cols % C):
         raise ValueError("batch_norm_backward: inconsistent shape")
-    if training and sp == NULL:
-        raise ValueError("batch_norm_backward: training needs the sums array")
-    if rows * cols == 0:
-        if sp != NULL:
-            memset(sp, 0, 2 * C * sizeof(double))
-        return
     if by_rows and mk != NULL:
         raise ValueError("batch_norm_backward: a row mask needs the column layout")
     n = <double>((rows // C) * cols if by_rows else rows * (cols // C))
@@ -523,15 +533,21 @@ def batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
         for r in range(rows):
             n += mk[r] != 0
         n *= cols // C
-    parts = <double*>malloc(sizeof(double) * (2 * rows if by_rows else 2 * T * cols + cols))
+    # parts: the per-row or per-thread partial sums, then the sums (2, C)
+    off = 2 * rows if by_rows else 2 * T * cols + cols
+    parts = <double*>malloc(sizeof(double) * (off + 2 * C))
     coef = malloc(4 * (C if by_rows else cols) * cnp.PyArray_ITEMSIZE(x))
     if parts == NULL or coef == NULL:
         free(parts)
         free(coef)
         raise MemoryError()
+    if want_sums:
+        sp = parts + off
     try:
         with nogil:
-            if f32:
+            if rows * cols == 0:
+                memset(parts + off, 0, 2 * C * sizeof(double))
+            elif f32:
                 if not training and sp != NULL:
                     bn_coefficients(cols, C, by_rows, mp, ip, <const float*>w, sp, n, False,
                                     <float*>coef)
@@ -569,6 +585,10 @@ def batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
                                    <const double*>cnp.PyArray_DATA(x), ldx,
                                    <double*>cnp.PyArray_DATA(dx), lddx, rows, cols, C, by_rows,
                                    <double*>coef, training, mk, T)
+            if f32:
+                bn_param_grads(C, parts + off, ip, <float*>gw, <float*>gb)
+            else:
+                bn_param_grads(C, parts + off, ip, <double*>gw, <double*>gb)
     finally:
         free(parts)
         free(coef)

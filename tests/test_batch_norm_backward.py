@@ -127,6 +127,32 @@ def test_thread_counts(rng, shape, axis, training):
             assert rel_err(a, r) <= 1e-5
 
 
+def test_empty_batch():
+    x = np.empty((0, 4))
+    _, mean, invstd = cynorm.batch_norm(x, np.zeros(4), np.full(4, 4.0), return_stats=True)
+    dx, dw, db = cynorm.batch_norm_backward(np.empty((0, 4)), x, mean, invstd, np.ones(4),
+                                            False, bias=np.zeros(4))
+    assert dx.shape == (0, 4)
+    for a in (dw, db):
+        assert a.shape == (4,) and a.dtype == np.float64 and (a == 0).all()
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_float16_in_float16_out(rng, training):
+    x = (rng.standard_normal((64, 6)) * 2 + 3).astype(np.float16)
+    g = rng.standard_normal((64, 6)).astype(np.float16)
+    w, b = rng.uniform(0.5, 2, 6).astype(np.float16), rng.standard_normal(6).astype(np.float16)
+    rm, rv = np.full(6, 3.0, np.float32), np.full(6, 4.0, np.float32)
+    _, mean, invstd = cynorm.batch_norm(x, rm, rv, w, b, training, return_stats=True)
+    got = cynorm.batch_norm_backward(g, x, mean, invstd, w, training, bias=b)
+    x64, g64, w64 = (a.astype(np.float64) for a in (x, g, w))
+    _, m64, i64 = cynorm.batch_norm(x64, rm.astype(np.float64), rv.astype(np.float64), w64,
+                                    b.astype(np.float64), training, return_stats=True)
+    ref = cynorm.batch_norm_backward(g64, x64, m64, i64, w64, training, bias=b)
+    for a, r in zip(got, ref):
+        assert a.dtype == np.float16 and rel_err(a, r) <= 2e-3
+
+
 def test_errors(rng):
     x = rng.standard_normal((6, 3))
     _, mean, invstd = cynorm.batch_norm(x, training=True, return_stats=True)
