@@ -43,7 +43,7 @@ def normalize(
 ) -> None: ...
 def layer_norm_backward(
     g: _F, x: _F, dx: _F, D: int, weight: _F | None, mean: _F64, rstd: _F64,
-    dw_parts: _F64 | None, db_parts: _F64 | None, n_threads: int, mask: _Mask | None = None,
+    grad_weight: _F | None, grad_bias: _F | None, n_threads: int, mask: _Mask | None = None,
 ) -> None: ...
 def batch_norm_backward(
     g: _F, x: _F, dx: _F, rows: int, cols: int, C: int, by_rows: bool, mean: _F64,

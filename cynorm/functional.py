@@ -193,21 +193,16 @@ def layer_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight=None, 
     row_mask = None
     if mask is not None or lengths is not None:
         row_mask = _row_mask(mask, lengths, x.shape[: x.ndim - len(nshape)], "layer_norm_backward")
-    T = threads_for(x.size)
-    dw = np.empty((T, cols)) if w is not None else None
-    db = np.empty((T, cols)) if bias is not None else None
+    grad_w = None if w is None else np.empty(nshape, dtype=cdt)
+    grad_b = None if bias is None else np.empty(nshape, dtype=cdt)
     dx = np.empty(x.shape, dtype=cdt)
-    if x.size:
-        _kernels.layer_norm_backward(_rows_of(g, rows, cols),
-                                     _rows_of(to_compute(x, cdt), rows, cols), dx, cols, w,
-                                     mean, rstd, dw, db, T, row_mask)
-    elif dw is not None or db is not None:
-        for a in (dw, db):
-            if a is not None:
-                a[...] = 0.0
-    grads = [None if a is None else (a[0] if T == 1 else a.sum(axis=0)).reshape(nshape).astype(rdt)
-             for a in (dw, db)]
-    return (dx if rdt is cdt else dx.astype(rdt)), grads[0], grads[1]
+    _kernels.layer_norm_backward(_rows_of(g, rows, cols), _rows_of(to_compute(x, cdt), rows, cols),
+                                 dx, cols, w, mean, rstd, grad_w, grad_b, threads_for(x.size),
+                                 row_mask)
+    if rdt is cdt:
+        return dx, grad_w, grad_b
+    return dx.astype(rdt), (None if w is None else grad_w.astype(rdt)), (
+        None if bias is None else grad_b.astype(rdt))
 
 
 def _row_mask(mask, lengths, batch_shape, op):

@@ -450,15 +450,30 @@ cdef void bn_param_grads(Py_ssize_t C, const double* sums, const double* invstd,
             gb[c] = <floating>sums[c]
 
 
+cdef void sum_parts(const double* parts, int T, Py_ssize_t D, floating* out) noexcept nogil:
+    """out[j] = Σ_t parts[t·D + j] (the threads' partial sums in order); nothing when out or
+    parts is NULL."""
+    cdef Py_ssize_t j
+    cdef int t
+    cdef double s
+    if parts == NULL or out == NULL:
+        return
+    for j in range(D):
+        s = parts[j]
+        for t in range(1, T):
+            s += parts[t * D + j]
+        out[j] = <floating>s
+
+
 def layer_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t D,
                         cnp.ndarray weight, cnp.ndarray mean, cnp.ndarray rstd,
-                        cnp.ndarray dw_parts, cnp.ndarray db_parts, int n_threads,
+                        cnp.ndarray grad_weight, cnp.ndarray grad_bias, int n_threads,
                         cnp.ndarray mask=None):
     """dx from grad_out g and input x (same dtype, rows of D elements) and the saved float64
     mean and rstd (one per row); weight: D elements of x's dtype or None.
 
-    dw_parts, db_parts: float64 (T, D) arrays, T = n_threads, that receive per-thread partial
-    sums of g·x̂ and g (sum them over axis 0), or None.
+    grad_weight, grad_bias: D elements of x's dtype that receive Σ g·x̂ and Σ g over the rows,
+    or None: summed in float64, per thread, then the threads' sums in order.
     """
     cdef Py_ssize_t M = cnp.PyArray_SIZE(x) // D if D > 0 else 0
     cdef Py_ssize_t ldx = row_stride(x, M, D, False), ldg = row_stride(g, M, D, False)
@@ -467,29 +482,42 @@ def layer_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
     cdef void* w = optional_data(weight, D, f32)
     cdef double* mp = float64_data(mean, M)
     cdef double* rp = float64_data(rstd, M)
+    cdef void* gw = optional_data(grad_weight, D, f32)
+    cdef void* gb = optional_data(grad_bias, D, f32)
     cdef int T = max(1, n_threads)
-    cdef double* dw = float64_data(dw_parts, T * D)
-    cdef double* db = float64_data(db_parts, T * D)
+    cdef double* parts = NULL
+    cdef double* dw = NULL
+    cdef double* db = NULL
     cdef const unsigned char* mk = mask_data(mask, M)
     if is_float32(g) != f32 or is_float32(dx) != f32 or mp == NULL or rp == NULL:
         raise TypeError("layer_norm_backward: inconsistent arrays")
-    if dw != NULL:
-        memset(dw, 0, T * D * sizeof(double))
-    if db != NULL:
-        memset(db, 0, T * D * sizeof(double))
-    if M == 0:
-        return
-    with nogil:
-        if f32:
-            _layer_norm_backward(<const float*>cnp.PyArray_DATA(g), ldg,
-                                 <const float*>cnp.PyArray_DATA(x), ldx,
-                                 <float*>cnp.PyArray_DATA(dx), lddx, M, D, <const float*>w, mp,
-                                 rp, dw, db, mk, T)
-        else:
-            _layer_norm_backward(<const double*>cnp.PyArray_DATA(g), ldg,
-                                 <const double*>cnp.PyArray_DATA(x), ldx,
-                                 <double*>cnp.PyArray_DATA(dx), lddx, M, D, <const double*>w,
-                                 mp, rp, dw, db, mk, T)
+    if gw != NULL or gb != NULL:
+        # per-thread partial sums (zeroed), T rows of D for each gradient
+        parts = <double*>calloc(2 * T * D + 1, sizeof(double))
+        if parts == NULL:
+            raise MemoryError()
+        dw = parts if gw != NULL else NULL
+        db = parts + T * D if gb != NULL else NULL
+    try:
+        with nogil:
+            if f32:
+                if M > 0:
+                    _layer_norm_backward(<const float*>cnp.PyArray_DATA(g), ldg,
+                                         <const float*>cnp.PyArray_DATA(x), ldx,
+                                         <float*>cnp.PyArray_DATA(dx), lddx, M, D,
+                                         <const float*>w, mp, rp, dw, db, mk, T)
+                sum_parts(dw, T, D, <float*>gw)
+                sum_parts(db, T, D, <float*>gb)
+            else:
+                if M > 0:
+                    _layer_norm_backward(<const double*>cnp.PyArray_DATA(g), ldg,
+                                         <const double*>cnp.PyArray_DATA(x), ldx,
+                                         <double*>cnp.PyArray_DATA(dx), lddx, M, D,
+                                         <const double*>w, mp, rp, dw, db, mk, T)
+                sum_parts(dw, T, D, <double*>gw)
+                sum_parts(db, T, D, <double*>gb)
+    finally:
+        free(parts)
 
 
 def batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t rows,

@@ -25,7 +25,7 @@ cimport cython
 cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.math cimport sqrt, isinf, isfinite, fabs, ilogb, ldexp, NAN
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memset
 
 from _common cimport (floating, omp_get_max_threads, cynorm_cpu_supports, CYNORM_HAVE_OPENMP,
