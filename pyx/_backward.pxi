@@ -109,7 +109,9 @@ cdef void layer_norm_backward_rows(const floating* g, Py_ssize_t ldg, const floa
                 rs = rstd[r0 + k]
                 split_mean(mean[r0 + k], 0.0, &mh4[k], &ml4[k])
                 rs4[k] = <float>rs
-                cynorm_ln_gx_sums_f(g4[k], w, x4[k], D, mh4[k], ml4[k], &sg, &sgx)
+                # (asking for the same row of the next four meanwhile)
+                cynorm_ln_gx_sums_f(g4[k], w, x4[k], D, mh4[k], ml4[k], &sg, &sgx, 4 * ldg,
+                                    4 * ldx)
                 af4[k] = <float>(sg / D)
                 cf4[k] = <float>(rs * rs * rs * sgx / D)
             cynorm_ln_paramgrads4_f(g4, x4, mh4, ml4, rs4, dw, db, D, w, af4, cf4, dx4)
@@ -126,7 +128,7 @@ cdef void layer_norm_backward_rows(const floating* g, Py_ssize_t ldg, const floa
             split_mean(m, 0.0, &mh, &ml)
             rsf = <floating>rs
             if floating is float:
-                cynorm_ln_gx_sums_f(gi, w, xi, D, mh, ml, &sg, &sgx)
+                cynorm_ln_gx_sums_f(gi, w, xi, D, mh, ml, &sg, &sgx, 0, 0)
             else:
                 gx_sums(gi, w, xi, D, m, &sg, &sgx)
             af = <floating>(sg / D)

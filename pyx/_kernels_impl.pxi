@@ -109,7 +109,8 @@ cdef extern from "_simd.h" nogil:
                                  const float* cf, float** dx) noexcept
     void cynorm_prefetch(const void* p) noexcept
     void cynorm_ln_gx_sums_f(const float* g, const float* w, const float* x, Py_ssize_t n,
-                             float mh, float ml, double* sg, double* sgx) noexcept
+                             float mh, float ml, double* sg, double* sgx, Py_ssize_t ahead_g,
+                             Py_ssize_t ahead_x) noexcept
     # the output loops with streaming stores (outputs far larger than the cache)
     void cynorm_sfence() noexcept
     void cynorm_zero_nt_f(float* y, Py_ssize_t n) noexcept

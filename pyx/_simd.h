@@ -200,7 +200,8 @@ static void cynorm_bn_colsums4_f(const float* g0, const float* g1, const float* 
  * conversions per sixteen elements instead of six (the error is float32 rounding of single
  * terms, not growing with the row). */
 static void cynorm_ln_gx_sums_f(const float* g, const float* w, const float* x, ptrdiff_t n,
-                                float mh, float ml, double* sg, double* sgx) {
+                                float mh, float ml, double* sg, double* sgx, ptrdiff_t ahead_g,
+                                ptrdiff_t ahead_x) {
     ptrdiff_t i = 0;
     double t1 = 0.0, t2 = 0.0;
     float gw, d;
@@ -209,6 +210,10 @@ static void cynorm_ln_gx_sums_f(const float* g, const float* w, const float* x, 
     cynorm_v8f vh = z + mh, vl = z + ml, a, b, c, e, u, v;
     cynorm_v8d zd = {0, 0, 0, 0, 0, 0, 0, 0}, s1 = zd, s2 = zd;
     for (; i + 16 <= n; i += 16) {
+        if (ahead_g) {  /* a later row of g and x, a line at a time (0: none) */
+            cynorm_prefetch(g + i + ahead_g);
+            cynorm_prefetch(x + i + ahead_x);
+        }
         memcpy(&a, g + i, 32); memcpy(&b, g + i + 8, 32);
         if (w) {
             memcpy(&u, w + i, 32); memcpy(&v, w + i + 8, 32);
@@ -246,51 +251,66 @@ static void cynorm_ln_paramgrads4_f(const float* const* g, const float* const* x
     ptrdiff_t j = 0;
     int k;
     float t, d[4];
-#if defined(__GNUC__) || defined(__clang__)
-    cynorm_v8f a[4], b[4], s, wv;
-    cynorm_v8d acc;
-    for (; j + 8 <= D; j += 8) {
+    /* the row pointers and per-row scalars in locals: stores to dx, dw and db could alias
+       the arrays they came from, which would make the compiler reload them every step */
+    const float* gr[4] = {g[0], g[1], g[2], g[3]};
+    const float* xr[4] = {x[0], x[1], x[2], x[3]};
+    float* dr[4] = {NULL, NULL, NULL, NULL};
+    float h[4] = {mh[0], mh[1], mh[2], mh[3]}, l[4] = {ml[0], ml[1], ml[2], ml[3]};
+    float r[4] = {rs[0], rs[1], rs[2], rs[3]}, p[4] = {0, 0, 0, 0}, q[4] = {0, 0, 0, 0};
+    if (dx)
         for (k = 0; k < 4; k++) {
-            memcpy(&a[k], g[k] + j, 32);
-            memcpy(&b[k], x[k] + j, 32);
-            b[k] = (b[k] - mh[k]) - ml[k];
+            dr[k] = dx[k];
+            p[k] = af[k];
+            q[k] = cf[k];
         }
-        if (dx) {
-            if (w)
-                memcpy(&wv, w + j, 32);
+#if defined(__GNUC__) || defined(__clang__)
+    {
+        cynorm_v8f a[4], b[4], s, wv;
+        cynorm_v8d acc;
+        for (; j + 8 <= D; j += 8) {
             for (k = 0; k < 4; k++) {
-                s = rs[k] * ((w ? a[k] * wv : a[k]) - af[k]) - cf[k] * b[k];
-                memcpy(dx[k] + j, &s, 32);
+                memcpy(&a[k], gr[k] + j, 32);
+                memcpy(&b[k], xr[k] + j, 32);
+                b[k] = (b[k] - h[k]) - l[k];
             }
-        }
-        if (dw) {
-            s = (a[0] * (b[0] * rs[0]) + a[1] * (b[1] * rs[1]))
-                + (a[2] * (b[2] * rs[2]) + a[3] * (b[3] * rs[3]));
-            memcpy(&acc, dw + j, 64);
-            acc += __builtin_convertvector(s, cynorm_v8d);
-            memcpy(dw + j, &acc, 64);
-        }
-        if (db) {
-            s = (a[0] + a[1]) + (a[2] + a[3]);
-            memcpy(&acc, db + j, 64);
-            acc += __builtin_convertvector(s, cynorm_v8d);
-            memcpy(db + j, &acc, 64);
+            if (dx) {
+                if (w)
+                    memcpy(&wv, w + j, 32);
+                for (k = 0; k < 4; k++) {
+                    s = r[k] * ((w ? a[k] * wv : a[k]) - p[k]) - q[k] * b[k];
+                    memcpy(dr[k] + j, &s, 32);
+                }
+            }
+            if (dw) {
+                s = (a[0] * (b[0] * r[0]) + a[1] * (b[1] * r[1]))
+                    + (a[2] * (b[2] * r[2]) + a[3] * (b[3] * r[3]));
+                memcpy(&acc, dw + j, 64);
+                acc += __builtin_convertvector(s, cynorm_v8d);
+                memcpy(dw + j, &acc, 64);
+            }
+            if (db) {
+                s = (a[0] + a[1]) + (a[2] + a[3]);
+                memcpy(&acc, db + j, 64);
+                acc += __builtin_convertvector(s, cynorm_v8d);
+                memcpy(db + j, &acc, 64);
+            }
         }
     }
 #endif
     for (; j < D; j++) {
         for (k = 0; k < 4; k++)
-            d[k] = (x[k][j] - mh[k]) - ml[k];
+            d[k] = (xr[k][j] - h[k]) - l[k];
         if (dx)
             for (k = 0; k < 4; k++)
-                dx[k][j] = rs[k] * ((w ? g[k][j] * w[j] : g[k][j]) - af[k]) - cf[k] * d[k];
+                dr[k][j] = r[k] * ((w ? gr[k][j] * w[j] : gr[k][j]) - p[k]) - q[k] * d[k];
         if (dw) {
-            t = (g[0][j] * (d[0] * rs[0]) + g[1][j] * (d[1] * rs[1]))
-                + (g[2][j] * (d[2] * rs[2]) + g[3][j] * (d[3] * rs[3]));
+            t = (gr[0][j] * (d[0] * r[0]) + gr[1][j] * (d[1] * r[1]))
+                + (gr[2][j] * (d[2] * r[2]) + gr[3][j] * (d[3] * r[3]));
             dw[j] += (double)t;
         }
         if (db)
-            db[j] += (double)((g[0][j] + g[1][j]) + (g[2][j] + g[3][j]));
+            db[j] += (double)((gr[0][j] + gr[1][j]) + (gr[2][j] + gr[3][j]));
     }
 }
 
