@@ -34,6 +34,19 @@
 typedef double cynorm_v8d __attribute__((vector_size(64)));
 typedef float cynorm_v8f __attribute__((vector_size(32)));
 
+/* eight floats to eight doubles: one vcvtps2pd ymm -> zmm with AVX-512 (GCC 12 splits
+   __builtin_convertvector into two halves and a vinsertf64x4 there) */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline cynorm_v8d cynorm_widen(cynorm_v8f v) {
+    return (cynorm_v8d)_mm512_cvtps_pd((__m256)v);
+}
+#else
+static inline cynorm_v8d cynorm_widen(cynorm_v8f v) {
+    return __builtin_convertvector(v, cynorm_v8d);
+}
+#endif
+
 static inline double cynorm_hsum(cynorm_v8d v) {
     return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
 }
@@ -86,7 +99,7 @@ static void NAME(const T* g_, const T* w_, const T* x, ptrdiff_t n, double shift
     do {                                                                                  \
         cynorm_v8f f_;                                                                    \
         memcpy(&f_, (p), sizeof(cynorm_v8f));                                             \
-        (v) = __builtin_convertvector(f_, cynorm_v8d);                                    \
+        (v) = cynorm_widen(f_);                                                           \
     } while (0)
 
 CYNORM_INSTANTIATE(CYNORM_LOAD8_F, CYNORM_LOAD8_D)
@@ -174,8 +187,8 @@ static void cynorm_bn_colsums4_f(const float* g0, const float* g1, const float* 
         q = (a0 * (b0 - mv) + a1 * (b1 - mv)) + (a2 * (b2 - mv) + a3 * (b3 - mv));
         memcpy(&sd, sg + f, 64);
         memcpy(&qd, sgx + f, 64);
-        sd += __builtin_convertvector(s, cynorm_v8d);
-        qd += __builtin_convertvector(q, cynorm_v8d);
+        sd += cynorm_widen(s);
+        qd += cynorm_widen(q);
         memcpy(sg + f, &sd, 64);
         memcpy(sgx + f, &qd, 64);
     }
@@ -223,8 +236,8 @@ static void cynorm_ln_gx_sums_f(const float* g, const float* w, const float* x, 
         memcpy(&c, x + i, 32); memcpy(&e, x + i + 8, 32);
         c = (c - vh) - vl;
         e = (e - vh) - vl;
-        s1 += __builtin_convertvector(a + b, cynorm_v8d);
-        s2 += __builtin_convertvector(a * c + b * e, cynorm_v8d);
+        s1 += cynorm_widen(a + b);
+        s2 += cynorm_widen(a * c + b * e);
     }
     t1 = cynorm_hsum(s1);
     t2 = cynorm_hsum(s2);
@@ -286,13 +299,13 @@ static void cynorm_ln_paramgrads4_f(const float* const* g, const float* const* x
                 s = (a[0] * (b[0] * r[0]) + a[1] * (b[1] * r[1]))
                     + (a[2] * (b[2] * r[2]) + a[3] * (b[3] * r[3]));
                 memcpy(&acc, dw + j, 64);
-                acc += __builtin_convertvector(s, cynorm_v8d);
+                acc += cynorm_widen(s);
                 memcpy(dw + j, &acc, 64);
             }
             if (db) {
                 s = (a[0] + a[1]) + (a[2] + a[3]);
                 memcpy(&acc, db + j, 64);
-                acc += __builtin_convertvector(s, cynorm_v8d);
+                acc += cynorm_widen(s);
                 memcpy(db + j, &acc, 64);
             }
         }
