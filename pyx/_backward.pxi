@@ -243,11 +243,10 @@ cdef void bn_sums_columns(const floating* g, Py_ssize_t ldg, const floating* x, 
                 sgx[f] += ((g0[f] * (x0[f] - m) + g1[f] * (x1[f] - m))
                            + (g2[f] * (x2[f] - m) + g3[f] * (x3[f] - m)))
             if d0 != NULL:
-                for f in range(F):
-                    d0[f] = k1[f] * g0[f]
-                    d0[lddx + f] = k1[f] * g1[f]
-                    d0[2 * lddx + f] = k1[f] * g2[f]
-                    d0[3 * lddx + f] = k1[f] * g3[f]
+                bn_dx_vector(g0, x0, d0, F, NULL, k1, NULL, NULL, False)
+                bn_dx_vector(g1, x1, d0 + lddx, F, NULL, k1, NULL, NULL, False)
+                bn_dx_vector(g2, x2, d0 + 2 * lddx, F, NULL, k1, NULL, NULL, False)
+                bn_dx_vector(g3, x3, d0 + 3 * lddx, F, NULL, k1, NULL, NULL, False)
         i += 4
     while i < r1:
         g0 = g + i * ldg
