@@ -199,10 +199,7 @@ def layer_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight=None, 
     _kernels.layer_norm_backward(_rows_of(g, rows, cols), _rows_of(to_compute(x, cdt), rows, cols),
                                  dx, cols, w, mean, rstd, grad_w, grad_b, threads_for(x.size),
                                  row_mask)
-    if rdt is cdt:
-        return dx, grad_w, grad_b
-    return dx.astype(rdt), (None if w is None else grad_w.astype(rdt)), (
-        None if bias is None else grad_b.astype(rdt))
+    return _in_result_dtype(rdt, cdt, dx, grad_w, grad_b)
 
 
 def _row_mask(mask, lengths, batch_shape, op):
@@ -570,10 +567,14 @@ def batch_norm_backward(grad_out, x, mean, invstd, weight=None, training=True, *
             grad_w[...] = 0.0 * invstd
         if grad_b is not None:
             grad_b[...] = 0.0
+    return _in_result_dtype(rdt, cdt, dx, grad_w, grad_b)
+
+
+def _in_result_dtype(rdt, cdt, *arrays):
+    """The arrays computed in cdt, in the result dtype rdt (None stays None)."""
     if rdt is cdt:
-        return dx, grad_w, grad_b
-    return dx.astype(rdt), (None if w is None else grad_w.astype(rdt)), (
-        None if bias is None else grad_b.astype(rdt))
+        return arrays
+    return tuple(None if a is None else a.astype(rdt) for a in arrays)
 
 
 def _check_running(value, name, C):
