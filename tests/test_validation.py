@@ -7,6 +7,10 @@ import cynorm
 from cynorm import _kernels
 
 
+class _Sub(np.ndarray):
+    pass
+
+
 def test_plain_accepts_only_what_the_kernels_read_as_is():
     f64, f32 = np.dtype(np.float64), np.dtype(np.float32)
     a = np.zeros((3, 4))
@@ -19,7 +23,7 @@ def test_plain_accepts_only_what_the_kernels_read_as_is():
     assert not _kernels.plain(a[:, ::2], f64, (3, 2))               # strides
     assert not _kernels.plain(np.asfortranarray(a), f64, (3, 4))    # order
     assert not _kernels.plain(a.tolist(), f64, (3, 4))              # not an ndarray
-    assert not _kernels.plain(np.matrix(a), f64, (3, 4))            # a subclass
+    assert not _kernels.plain(a.view(_Sub), f64, (3, 4))            # a subclass
     assert not _kernels.plain(None, f64, (3, 4))
     assert _kernels.plain(np.zeros(0), f64, (0,))
 
