@@ -185,9 +185,19 @@ cdef inline void split_mean(double hi, double lo, floating* m_hi, floating* m_lo
     m_lo[0] = <floating>((hi - <double>m_hi[0]) + lo)
 
 
-# Outputs of at least this many bytes are written with streaming stores (see _simd.h): they
-# cannot stay in the 32 MiB L3 anyway, and a normal store would read each line first.
+# Outputs of at least STREAM_BYTES are written with streaming stores (see _simd.h): they
+# cannot stay in the 32 MiB L3 anyway, and a normal store would read each line first.  On one
+# thread from STREAM_BYTES_ONE_THREAD: one core reads its L3 no faster than memory (measured,
+# LN (4096, 768) float32 and a reader of y after it: call 0.79-0.89 of the time with streaming
+# stores, call and reader together 0.97-1.07), where two cores read y back from the L3 faster
+# than they wrote it (benchmarks/RESULTS.md, items 28 and 36).
 cdef Py_ssize_t STREAM_BYTES = 24 << 20
+cdef Py_ssize_t STREAM_BYTES_ONE_THREAD = 8 << 20
+
+
+cdef inline bint streamed(Py_ssize_t nbytes, int n_threads) noexcept nogil:
+    """Whether an output of nbytes written by n_threads threads takes streaming stores."""
+    return nbytes >= (STREAM_BYTES_ONE_THREAD if n_threads <= 1 else STREAM_BYTES)
 
 # Below this M2 (2^-900) the squares of a float64 row may have lost bits to underflow.
 cdef double TINY_M2 = 1.2e-271
@@ -554,7 +564,7 @@ cdef void _layer_norm(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t
                       double* mean, double* rstd, double eps, const unsigned char* mask,
                       bint write_padding, int n_threads) noexcept nogil:
     cdef Py_ssize_t t
-    cdef bint stream = M * D * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
+    cdef bint stream = streamed(M * D * <Py_ssize_t>sizeof(floating), n_threads)
     if n_threads <= 1:
         layer_norm_rows(x, ldx, y, ldy, 0, M, D, w, b, eps, mean, rstd, mask, write_padding,
                         stream)
@@ -662,7 +672,7 @@ cdef void _normalize(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t 
                      const floating* params, const unsigned char* mask, bint write_padding,
                      int n_threads) noexcept nogil:
     cdef Py_ssize_t t
-    cdef bint stream = M * N * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
+    cdef bint stream = streamed(M * N * <Py_ssize_t>sizeof(floating), n_threads)
     if n_threads <= 1:
         if by_rows:
             normalize_rows_range(x, ldx, y, ldy, 0, M, N, C, params, stream)

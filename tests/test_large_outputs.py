@@ -1,0 +1,83 @@
+"""Outputs large enough for the kernels' streaming stores (from 8 MiB on one thread, 24 MiB on
+more): the same values as the normal stores, at every alignment of the output's rows."""
+import numpy as np
+import pytest
+
+import cynorm
+from conftest import TOL, hostile, max_err
+
+ONE_THREAD_STREAMS = (1100, 2049)       # 9.0 MB of float32: streamed on 1 thread, not on 2
+EVERY_COUNT_STREAMS = (3100, 2049)      # 25.4 MB of float32: streamed on any thread count
+
+
+def unaligned_like(x):
+    """An uninitialized array of x's shape and dtype whose data is not 64-byte aligned."""
+    buf = np.empty(x.size + 1, x.dtype)
+    return buf[1:].reshape(x.shape)
+
+
+def run(n_threads, f, x, **kw):
+    """f(x, out=...) on n_threads threads into a fresh, an unaligned and a garbage-filled out."""
+    with cynorm.num_threads(n_threads):
+        fresh = f(x, **kw)
+        odd = unaligned_like(x)
+        odd.fill(np.nan)
+        assert f(x, out=odd, **kw) is odd
+    np.testing.assert_array_equal(odd, fresh)
+    return fresh
+
+
+@pytest.mark.parametrize("shape", [ONE_THREAD_STREAMS, EVERY_COUNT_STREAMS])
+def test_layer_norm(rng, ref_layer_norm, shape):
+    x = hostile(rng, shape, np.float32)
+    w = rng.uniform(0.5, 2, shape[1]).astype(np.float32)
+    b = rng.uniform(-1, 1, shape[1]).astype(np.float32)
+    f = lambda x, **kw: cynorm.layer_norm(x, shape[1], w, b, **kw)  # noqa: E731
+    y1, y2 = run(1, f, x), run(2, f, x)
+    np.testing.assert_array_equal(y1, y2)   # rows are normalized alike on any thread count
+    assert max_err(y1, ref_layer_norm(x, shape[1], w, b)) <= 4 * TOL[np.dtype(np.float32)]
+
+
+@pytest.mark.parametrize("shape", [ONE_THREAD_STREAMS, EVERY_COUNT_STREAMS])
+@pytest.mark.parametrize("layout", ["(N, C)", "(N, C, L)", "(N, T, C)"])
+def test_batch_norm_eval(rng, ref_batch_norm, shape, layout):
+    x, axis = {"(N, C)": (hostile(rng, shape, np.float32), 1),
+               "(N, C, L)": (hostile(rng, (shape[0], 3, shape[1]), np.float32)[:, :, :683], 1),
+               "(N, T, C)": (hostile(rng, (shape[0] // 4, 4, shape[1]), np.float32), -1)}[layout]
+    x = np.ascontiguousarray(x)
+    C = x.shape[axis]
+    rm = (np.mean(x, axis=tuple(i for i in range(x.ndim) if i != axis % x.ndim))
+          + rng.standard_normal(C)).astype(np.float32)
+    rv = rng.uniform(0.5, 2, C).astype(np.float32) * np.float32(np.var(x[:64]))
+    w = rng.uniform(0.5, 2, C).astype(np.float32)
+    b = rng.uniform(-1, 1, C).astype(np.float32)
+    f = lambda x, **kw: cynorm.batch_norm(x, rm, rv, w, b, training=False, axis=axis, **kw)  # noqa: E731
+    y1, y2 = run(1, f, x), run(2, f, x)
+    np.testing.assert_array_equal(y1, y2)
+    want = ref_batch_norm(x, axis, w, b, 1e-5, rm, rv)
+    assert max_err(y1, want) <= 4 * TOL[np.dtype(np.float32)] * max(1.0, np.abs(want).max())
+
+
+@pytest.mark.parametrize("shape", [ONE_THREAD_STREAMS, EVERY_COUNT_STREAMS])
+def test_batch_norm_training(rng, ref_batch_norm, shape):
+    x = hostile(rng, shape, np.float32)
+    w = rng.uniform(0.5, 2, shape[1]).astype(np.float32)
+    b = rng.uniform(-1, 1, shape[1]).astype(np.float32)
+    f = lambda x, **kw: cynorm.batch_norm(x, None, None, w, b, training=True, **kw)  # noqa: E731
+    want = ref_batch_norm(x, 1, w, b)
+    for n in (1, 2):
+        assert max_err(run(n, f, x), want) <= 4 * TOL[np.dtype(np.float32)]
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_padding_rows_of_large_outputs(rng, ref_layer_norm, n_threads):
+    # masked rows are zeroed with streaming stores as well, in garbage-filled outputs
+    x = hostile(rng, EVERY_COUNT_STREAMS, np.float32)
+    mask = rng.random(x.shape[0]) < 0.7
+    f = lambda x, **kw: cynorm.layer_norm(x, x.shape[1], mask=mask, **kw)  # noqa: E731
+    y = run(n_threads, f, x)
+    assert not y[~mask].any()
+    assert max_err(y[mask], ref_layer_norm(x[mask], x.shape[1])) <= 4 * TOL[np.dtype(np.float32)]
+    g = lambda x, **kw: cynorm.batch_norm(x, None, None, training=True, mask=mask, **kw)  # noqa: E731
+    y = run(n_threads, g, x)
+    assert not y[~mask].any()
