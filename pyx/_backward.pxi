@@ -48,7 +48,7 @@ cdef void layer_norm_param_grads(const floating* g, Py_ssize_t ldg, const floati
                 split_mean(mean[i + k], 0.0, &mh[k], &ml[k])
                 rs[k] = <floating>rstd[i + k]
             if floating is float:
-                cynorm_ln_paramgrads4_f(gr, xr, mh, ml, rs, dw, db, D, NULL, NULL, NULL, NULL)
+                cynorm_ln_paramgrads4_f(gr, xr, mh, ml, rs, dw, db, D, NULL, NULL, NULL, NULL, 0)
                 i += 4
                 continue
             if dw != NULL:
@@ -80,10 +80,12 @@ cdef void layer_norm_backward_rows(const floating* g, Py_ssize_t ldg, const floa
                                    Py_ssize_t ldx, floating* dx, Py_ssize_t lddx, Py_ssize_t r0,
                                    Py_ssize_t r1, Py_ssize_t D, const floating* w,
                                    const double* mean, const double* rstd, double* dw,
-                                   double* db, const unsigned char* mask) noexcept nogil:
+                                   double* db, const unsigned char* mask,
+                                   bint stream) noexcept nogil:
     """Rows r0..r1: per row the two sums of _simd.h, then one pass writing dx, and the
     parameter gradients (dw, db may be NULL) every four rows while they are in cache; float32
-    without a mask: four rows' sums, then one sweep writing their dx and parameter gradients.
+    without a mask: four rows' sums, then one sweep writing their dx (streaming stores with
+    stream) and parameter gradients.
     x - mean is (x - m_hi) - m_lo in the input dtype.  Rows the mask marks as padding get
     dx = 0 and add nothing to dw and db."""
     cdef Py_ssize_t i, j, k, i0, i1
@@ -114,8 +116,10 @@ cdef void layer_norm_backward_rows(const floating* g, Py_ssize_t ldg, const floa
                                     4 * ldx)
                 af4[k] = <float>(sg / D)
                 cf4[k] = <float>(rs * rs * rs * sgx / D)
-            cynorm_ln_paramgrads4_f(g4, x4, mh4, ml4, rs4, dw, db, D, w, af4, cf4, dx4)
+            cynorm_ln_paramgrads4_f(g4, x4, mh4, ml4, rs4, dw, db, D, w, af4, cf4, dx4, stream)
             r0 += 4
+        if stream:
+            cynorm_sfence()
     for i in range(r0, r1):
         if mask != NULL and not mask[i]:
             zero_row(dx + i * lddx, D)
@@ -147,10 +151,16 @@ cdef void layer_norm_backward_rows(const floating* g, Py_ssize_t ldg, const floa
 
 cdef inline void bn_dx_row(const floating* g, const floating* x, floating* dx, Py_ssize_t n,
                            floating mh, floating k1, floating k2, floating k3,
-                           bint training) noexcept nogil:
-    # one feature: dx = k1·g + k2·(x - mh) + k3 (training), k1·g (eval)
+                           bint training, bint stream=False) noexcept nogil:
+    # one feature: dx = k1·g + k2·(x - mh) + k3 (training; streaming stores with stream),
+    # k1·g (eval)
     cdef Py_ssize_t j
-    if training:
+    if training and stream:
+        if floating is float:
+            cynorm_bn_dx_nt_f_scalar(g, x, dx, n, mh, k1, k2, k3)
+        else:
+            cynorm_bn_dx_nt_d_scalar(g, x, dx, n, mh, k1, k2, k3)
+    elif training:
         for j in range(n):
             dx[j] = k1 * g[j] + (k2 * (x[j] - mh) + k3)
     else:
@@ -160,9 +170,15 @@ cdef inline void bn_dx_row(const floating* g, const floating* x, floating* dx, P
 
 cdef inline void bn_dx_vector(const floating* g, const floating* x, floating* dx, Py_ssize_t n,
                               const floating* mh, const floating* k1, const floating* k2,
-                              const floating* k3, bint training) noexcept nogil:
+                              const floating* k3, bint training,
+                              bint stream=False) noexcept nogil:
     cdef Py_ssize_t j
-    if training:
+    if training and stream:
+        if floating is float:
+            cynorm_bn_dx_nt_f_vec(g, x, dx, n, mh, k1, k2, k3)
+        else:
+            cynorm_bn_dx_nt_d_vec(g, x, dx, n, mh, k1, k2, k3)
+    elif training:
         for j in range(n):
             dx[j] = k1[j] * g[j] + (k2[j] * (x[j] - mh[j]) + k3[j])
     else:
@@ -184,7 +200,7 @@ cdef void bn_sums_columns(const floating* g, Py_ssize_t ldg, const floating* x, 
                           Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t F, const floating* mean_col,
                           double* sg, double* sgx, const unsigned char* mask,
                           floating* dx=NULL, Py_ssize_t lddx=0,
-                          const floating* k1=NULL) noexcept nogil:
+                          const floating* k1=NULL, bint stream=False) noexcept nogil:
     """sg[f] = Σg, sgx[f] = Σg·(x - mean_col[f]) down the columns of rows r0..r1 (those the
     mask keeps).  With dx not NULL, also eval mode's dx of these rows in the same sweep:
     dx = k1[f]·g (0 on the rows the mask drops).
@@ -234,7 +250,7 @@ cdef void bn_sums_columns(const floating* g, Py_ssize_t ldg, const floating* x, 
             d0 = dx + i * lddx
         if floating is float:
             cynorm_bn_colsums4_f(g0, g1, g2, g3, x0, x1, x2, x3, mean_col, sg, sgx, F, k1, d0,
-                                 lddx)
+                                 lddx, stream)
         else:
             for f in range(F):
                 sg[f] += (g0[f] + g1[f]) + (g2[f] + g3[f])
@@ -257,14 +273,16 @@ cdef void bn_sums_columns(const floating* g, Py_ssize_t ldg, const floating* x, 
         if dx != NULL:
             bn_dx_vector(g0, x0, dx + i * lddx, F, NULL, k1, NULL, NULL, False)
         i += 1
+    if stream:
+        cynorm_sfence()
 
 
 cdef void bn_dx_range(const floating* g, Py_ssize_t ldg, const floating* x, Py_ssize_t ldx,
                       floating* dx, Py_ssize_t lddx, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t N,
                       Py_ssize_t C, bint by_rows, const floating* coef, bint training,
-                      const unsigned char* mask) noexcept nogil:
+                      const unsigned char* mask, bint stream=False) noexcept nogil:
     """dx of rows r0..r1.  coef (4, C) per feature (by rows) or (4, N) per column: mh, k1, k2,
-    k3."""
+    k3.  stream: streaming stores (training)."""
     cdef Py_ssize_t i, c
     cdef Py_ssize_t K = C if by_rows else N
     for i in range(r0, r1):
@@ -273,10 +291,12 @@ cdef void bn_dx_range(const floating* g, Py_ssize_t ldg, const floating* x, Py_s
         elif by_rows:
             c = i % C
             bn_dx_row(g + i * ldg, x + i * ldx, dx + i * lddx, N, coef[c], coef[K + c],
-                      coef[2 * K + c], coef[3 * K + c], training)
+                      coef[2 * K + c], coef[3 * K + c], training, stream)
         else:
             bn_dx_vector(g + i * ldg, x + i * ldx, dx + i * lddx, N, coef, coef + K,
-                         coef + 2 * K, coef + 3 * K, training)
+                         coef + 2 * K, coef + 3 * K, training, stream)
+    if stream:
+        cynorm_sfence()
 
 
 cdef void _layer_norm_backward(const floating* g, Py_ssize_t ldg, const floating* x,
@@ -286,14 +306,15 @@ cdef void _layer_norm_backward(const floating* g, Py_ssize_t ldg, const floating
                                const unsigned char* mask, int T) noexcept nogil:
     # dw, db: T rows of D (or NULL), one per thread
     cdef Py_ssize_t t
+    cdef bint stream = streamed(M * D * <Py_ssize_t>sizeof(floating), T)
     if T <= 1:
         layer_norm_backward_rows(g, ldg, x, ldx, dx, lddx, 0, M, D, w, mean, rstd, dw, db,
-                                 mask)
+                                 mask, stream)
         return
     for t in prange(T, num_threads=T, schedule="static", chunksize=1):
         layer_norm_backward_rows(g, ldg, x, ldx, dx, lddx, chunk(M, t, T), chunk(M, t + 1, T),
                                  D, w, mean, rstd, dw + t * D if dw != NULL else NULL,
-                                 db + t * D if db != NULL else NULL, mask)
+                                 db + t * D if db != NULL else NULL, mask, stream)
 
 
 cdef void bn_reduce_sums(bint by_rows, Py_ssize_t M, Py_ssize_t N, Py_ssize_t C, int T,
@@ -385,12 +406,14 @@ cdef void _batch_norm_dx(const floating* g, Py_ssize_t ldg, const floating* x, P
                          Py_ssize_t C, bint by_rows, const floating* coef, bint training,
                          const unsigned char* mask, int T) noexcept nogil:
     cdef Py_ssize_t t
+    cdef bint stream = streamed(M * N * <Py_ssize_t>sizeof(floating), T)
     if T <= 1:
-        bn_dx_range(g, ldg, x, ldx, dx, lddx, 0, M, N, C, by_rows, coef, training, mask)
+        bn_dx_range(g, ldg, x, ldx, dx, lddx, 0, M, N, C, by_rows, coef, training, mask,
+                    stream)
         return
     for t in prange(T, num_threads=T, schedule="static", chunksize=1):
         bn_dx_range(g, ldg, x, ldx, dx, lddx, chunk(M, t, T), chunk(M, t + 1, T), N, C, by_rows,
-                    coef, training, mask)
+                    coef, training, mask, stream)
 
 
 cdef enum:
@@ -402,14 +425,14 @@ cdef void bn_eval_fused_range(const floating* g, Py_ssize_t ldg, const floating*
                               Py_ssize_t r1, Py_ssize_t N, Py_ssize_t C, bint by_rows,
                               const double* mean, const floating* mean_col, const floating* coef,
                               double* parts, double* sg, double* sgx,
-                              const unsigned char* mask) noexcept nogil:
+                              const unsigned char* mask, bint stream) noexcept nogil:
     """Eval backward of rows r0..r1 in one pass over g and x: the sums for the parameter
-    gradients and dx = k1·g; by columns in the same sweep, by rows a few rows at a time while
-    they are in cache."""
+    gradients and dx = k1·g; by columns in the same sweep (float32: streaming stores with
+    stream), by rows a few rows at a time while they are in cache."""
     cdef Py_ssize_t rb = r0, re
     if not by_rows:
         bn_sums_columns(g, ldg, x, ldx, r0, r1, N, mean_col, sg, sgx, mask, dx, lddx,
-                        coef + N)
+                        coef + N, stream)
         return
     while rb < r1:
         re = rb + FUSED_ROWS if rb + FUSED_ROWS < r1 else r1
@@ -425,16 +448,20 @@ cdef void _batch_norm_eval_fused(const floating* g, Py_ssize_t ldg, const floati
                                  const unsigned char* mask, int T) noexcept nogil:
     cdef Py_ssize_t t
     cdef floating* mean_col = NULL
+    cdef Py_ssize_t nbytes = M * N * <Py_ssize_t>sizeof(floating)
+    # (one thread streaming four rows' dx at once, 32 bytes each, was 1.11-1.13x slower on
+    # (16384, 4096) float32 than normal stores, and 0.87-0.91x on (4096, 768): item 37)
+    cdef bint stream = streamed(nbytes, T) and not (T <= 1 and nbytes >= STREAM_BYTES)
     if not by_rows:
         mean_col = column_means(N, C, mean, <floating*>(parts + 2 * T * N))
     if T <= 1:
         bn_eval_fused_range(g, ldg, x, ldx, dx, lddx, 0, M, N, C, by_rows, mean, mean_col, coef,
-                            parts, parts, parts + N, mask)
+                            parts, parts, parts + N, mask, stream)
     else:
         for t in prange(T, num_threads=T, schedule="static", chunksize=1):
             bn_eval_fused_range(g, ldg, x, ldx, dx, lddx, chunk(M, t, T), chunk(M, t + 1, T), N,
                                 C, by_rows, mean, mean_col, coef, parts, parts + 2 * t * N,
-                                parts + 2 * t * N + N, mask)
+                                parts + 2 * t * N + N, mask, stream)
     bn_reduce_sums(by_rows, M, N, C, T, parts, sums)
     if not by_rows:
         bn_mean_correction(C, mean, sums, <floating>0)

@@ -102,11 +102,11 @@ cdef extern from "_simd.h" nogil:
                               const float* g3, const float* x0, const float* x1,
                               const float* x2, const float* x3, const float* m, double* sg,
                               double* sgx, Py_ssize_t F, const float* k, float* d0,
-                              Py_ssize_t ld) noexcept
+                              Py_ssize_t ld, int nt) noexcept
     void cynorm_ln_paramgrads4_f(const float** g, const float** x, const float* mh,
                                  const float* ml, const float* rs, double* dw, double* db,
                                  Py_ssize_t D, const float* w, const float* af,
-                                 const float* cf, float** dx) noexcept
+                                 const float* cf, float** dx, int nt) noexcept
     void cynorm_prefetch(const void* p) noexcept
     void cynorm_ln_gx_sums_f(const float* g, const float* w, const float* x, Py_ssize_t n,
                              float mh, float ml, double* sg, double* sgx, Py_ssize_t ahead_g,
@@ -127,6 +127,16 @@ cdef extern from "_simd.h" nogil:
                                   float sh) noexcept
     void cynorm_apply_nt_d_scalar(const double* x, double* y, Py_ssize_t n, double mh,
                                   double sc, double sh) noexcept
+    void cynorm_bn_dx_nt_f_vec(const float* g, const float* x, float* dx, Py_ssize_t n,
+                               const float* mh, const float* k1, const float* k2,
+                               const float* k3) noexcept
+    void cynorm_bn_dx_nt_d_vec(const double* g, const double* x, double* dx, Py_ssize_t n,
+                               const double* mh, const double* k1, const double* k2,
+                               const double* k3) noexcept
+    void cynorm_bn_dx_nt_f_scalar(const float* g, const float* x, float* dx, Py_ssize_t n,
+                                  float mh, float k1, float k2, float k3) noexcept
+    void cynorm_bn_dx_nt_d_scalar(const double* g, const double* x, double* dx, Py_ssize_t n,
+                                  double mh, double k1, double k2, double k3) noexcept
 
 
 cdef inline void block_moments(const floating* x, Py_ssize_t n, double* hi, double* lo,

@@ -14,6 +14,7 @@
 
 #include <stddef.h>
 #include <string.h>
+#include <stdint.h>
 
 #define CYNORM_D(d, g) (d)
 #define CYNORM_DD(d, g) ((d) * (d))
@@ -143,66 +144,104 @@ CYNORM_INSTANTIATE(, )
 #define cynorm_prefetch(p) ((void)(p))
 #endif
 
+/* Eight floats v to p: a streaming store when nt (p then 32-byte aligned, see cynorm_nt_head),
+   a plain one otherwise (the backward sweeps' dx, from the same size as the forward outputs) */
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__AVX__)
+#include <immintrin.h>
+#define CYNORM_CAN_STREAM8 1
+#define CYNORM_PUT8F(p, v, nt)                                                            \
+    do { if (nt) _mm256_stream_ps((p), (__m256)(v)); else memcpy((p), &(v), 32); } while (0)
+#else
+#define CYNORM_CAN_STREAM8 0
+#define CYNORM_PUT8F(p, v, nt) memcpy((p), &(v), 32)
+#endif
+
+/* How many elements of float rows ld apart come before each row is 32-byte aligned (at most
+   n), or -1: no streaming stores for them (rows aligned differently, or none here) */
+static inline ptrdiff_t cynorm_nt_head(const float* p, ptrdiff_t ld, ptrdiff_t n) {
+    uintptr_t a = (uintptr_t)p % 32;
+    ptrdiff_t h;
+    if (!CYNORM_CAN_STREAM8 || a % sizeof(float) || (ld * (ptrdiff_t)sizeof(float)) % 32)
+        return -1;
+    h = (ptrdiff_t)((32 - a) % 32 / sizeof(float));
+    return h < n ? h : n;
+}
+
 /* BatchNorm backward, four rows of an (N, F) float32 array at a time, down the columns:
  *   sg[f] += (g0 + g1) + (g2 + g3),   sgx[f] += (g0 (x0 - m) + g1 (x1 - m)) + (g2 (x2 - m) + g3 (x3 - m))
  * the four-row partials in float32, added to the float64 sums (one conversion per four rows).
  * With d0 not NULL, also eval mode's dx of the four rows, d_r[f] = k[f] g_r[f] (rows of dx ld
- * apart): written while g is in registers, in the same sweep (one pass over g, x and dx). */
+ * apart): written while g is in registers, in the same sweep (one pass over g, x and dx), with
+ * streaming stores when nt (as in cynorm_ln_paramgrads4_f). */
 static void cynorm_bn_colsums4_f(const float* g0, const float* g1, const float* g2,
                                  const float* g3, const float* x0, const float* x1,
                                  const float* x2, const float* x3, const float* m,
                                  double* sg, double* sgx, ptrdiff_t F,
-                                 const float* k, float* d0, ptrdiff_t ld) {
-    ptrdiff_t f = 0;
-#if defined(__GNUC__) || defined(__clang__)
-    cynorm_v8f a0, a1, a2, a3, b0, b1, b2, b3, mv, s, q, kv, t;
-    cynorm_v8d sd, qd;
-    /* the next four rows (rows are contiguous runs, so they follow: g3 + (g3 - g2) ...): ask
-       for them one cache line ahead of use each, since these short row streams (a few KB
-       each) restart every four rows, too short for the hardware prefetcher to catch
-       (prefetching an address past the array is harmless: it never faults) */
-    const ptrdiff_t lg = g1 - g0, lx = x1 - x0;
-    const float* gn = g3 + lg;
-    const float* xn = x3 + lx;
-    for (; f + 8 <= F; f += 8) {
-        if ((f & 15) == 0) {
-            cynorm_prefetch(gn + f); cynorm_prefetch(gn + lg + f);
-            cynorm_prefetch(gn + 2 * lg + f); cynorm_prefetch(gn + 3 * lg + f);
-            cynorm_prefetch(xn + f); cynorm_prefetch(xn + lx + f);
-            cynorm_prefetch(xn + 2 * lx + f); cynorm_prefetch(xn + 3 * lx + f);
-        }
-        memcpy(&a0, g0 + f, 32); memcpy(&a1, g1 + f, 32);
-        memcpy(&a2, g2 + f, 32); memcpy(&a3, g3 + f, 32);
-        memcpy(&b0, x0 + f, 32); memcpy(&b1, x1 + f, 32);
-        memcpy(&b2, x2 + f, 32); memcpy(&b3, x3 + f, 32);
-        memcpy(&mv, m + f, 32);
-        if (d0) {
-            memcpy(&kv, k + f, 32);
-            t = kv * a0; memcpy(d0 + f, &t, 32);
-            t = kv * a1; memcpy(d0 + ld + f, &t, 32);
-            t = kv * a2; memcpy(d0 + 2 * ld + f, &t, 32);
-            t = kv * a3; memcpy(d0 + 3 * ld + f, &t, 32);
-        }
-        s = (a0 + a1) + (a2 + a3);
-        q = (a0 * (b0 - mv) + a1 * (b1 - mv)) + (a2 * (b2 - mv) + a3 * (b3 - mv));
-        memcpy(&sd, sg + f, 64);
-        memcpy(&qd, sgx + f, 64);
-        sd += cynorm_widen(s);
-        qd += cynorm_widen(q);
-        memcpy(sg + f, &sd, 64);
-        memcpy(sgx + f, &qd, 64);
+                                 const float* k, float* d0, ptrdiff_t ld, int nt) {
+    ptrdiff_t f = 0, end = 0;
+    int pass;
+    if (nt) {
+        end = d0 ? cynorm_nt_head(d0, ld, F) : -1;
+        nt = end >= 0;
+        end = nt ? end : 0;
     }
-#endif
-    for (; f < F; f++) {
-        if (d0) {
-            d0[f] = k[f] * g0[f];
-            d0[ld + f] = k[f] * g1[f];
-            d0[2 * ld + f] = k[f] * g2[f];
-            d0[3 * ld + f] = k[f] * g3[f];
+    for (pass = 0; pass < 2; pass++) {
+        /* one at a time: the columns before the aligned part (pass 0), the rest (pass 1) */
+        for (; f < end; f++) {
+            if (d0) {
+                d0[f] = k[f] * g0[f];
+                d0[ld + f] = k[f] * g1[f];
+                d0[2 * ld + f] = k[f] * g2[f];
+                d0[3 * ld + f] = k[f] * g3[f];
+            }
+            sg[f] += (double)((g0[f] + g1[f]) + (g2[f] + g3[f]));
+            sgx[f] += (double)((g0[f] * (x0[f] - m[f]) + g1[f] * (x1[f] - m[f]))
+                               + (g2[f] * (x2[f] - m[f]) + g3[f] * (x3[f] - m[f])));
         }
-        sg[f] += (double)((g0[f] + g1[f]) + (g2[f] + g3[f]));
-        sgx[f] += (double)((g0[f] * (x0[f] - m[f]) + g1[f] * (x1[f] - m[f]))
-                           + (g2[f] * (x2[f] - m[f]) + g3[f] * (x3[f] - m[f])));
+        end = F;
+        if (pass)
+            break;
+#if defined(__GNUC__) || defined(__clang__)
+        {
+            cynorm_v8f a0, a1, a2, a3, b0, b1, b2, b3, mv, s, q, kv, t;
+            cynorm_v8d sd, qd;
+            /* the next four rows (rows are contiguous runs, so they follow: g3 + (g3 - g2)
+               ...): ask for them one cache line ahead of use each, since these short row
+               streams (a few KB each) restart every four rows, too short for the hardware
+               prefetcher to catch (prefetching an address past the array never faults) */
+            const ptrdiff_t lg = g1 - g0, lx = x1 - x0;
+            const float* gn = g3 + lg;
+            const float* xn = x3 + lx;
+            for (; f + 8 <= F; f += 8) {
+                if ((f & 15) == 0) {
+                    cynorm_prefetch(gn + f); cynorm_prefetch(gn + lg + f);
+                    cynorm_prefetch(gn + 2 * lg + f); cynorm_prefetch(gn + 3 * lg + f);
+                    cynorm_prefetch(xn + f); cynorm_prefetch(xn + lx + f);
+                    cynorm_prefetch(xn + 2 * lx + f); cynorm_prefetch(xn + 3 * lx + f);
+                }
+                memcpy(&a0, g0 + f, 32); memcpy(&a1, g1 + f, 32);
+                memcpy(&a2, g2 + f, 32); memcpy(&a3, g3 + f, 32);
+                memcpy(&b0, x0 + f, 32); memcpy(&b1, x1 + f, 32);
+                memcpy(&b2, x2 + f, 32); memcpy(&b3, x3 + f, 32);
+                memcpy(&mv, m + f, 32);
+                if (d0) {
+                    memcpy(&kv, k + f, 32);
+                    t = kv * a0; CYNORM_PUT8F(d0 + f, t, nt);
+                    t = kv * a1; CYNORM_PUT8F(d0 + ld + f, t, nt);
+                    t = kv * a2; CYNORM_PUT8F(d0 + 2 * ld + f, t, nt);
+                    t = kv * a3; CYNORM_PUT8F(d0 + 3 * ld + f, t, nt);
+                }
+                s = (a0 + a1) + (a2 + a3);
+                q = (a0 * (b0 - mv) + a1 * (b1 - mv)) + (a2 * (b2 - mv) + a3 * (b3 - mv));
+                memcpy(&sd, sg + f, 64);
+                memcpy(&qd, sgx + f, 64);
+                sd += cynorm_widen(s);
+                qd += cynorm_widen(q);
+                memcpy(sg + f, &sd, 64);
+                memcpy(sgx + f, &qd, 64);
+            }
+        }
+#endif
     }
 }
 
@@ -256,13 +295,16 @@ static void cynorm_ln_gx_sums_f(const float* g, const float* w, const float* x, 
  *   dw[j] += Σ_k g_k[j] ((x_k[j] - mh_k) - ml_k) rs_k,   db[j] += Σ_k g_k[j]
  * the four-row partials in float32, added to the float64 sums.  With dx not NULL, also the
  * four rows' dx in the same sweep, from their row sums af_k = mean(g'), cf_k (w may be NULL):
- *   dx_k[j] = rs_k (g_k[j] w[j] - af_k) - cf_k ((x_k[j] - mh_k) - ml_k) */
+ *   dx_k[j] = rs_k (g_k[j] w[j] - af_k) - cf_k ((x_k[j] - mh_k) - ml_k)
+ * written with streaming stores when nt (the elements before the rows' 32-byte boundary, and
+ * after the last whole vector, one at a time). */
 static void cynorm_ln_paramgrads4_f(const float* const* g, const float* const* x,
                                     const float* mh, const float* ml, const float* rs,
                                     double* dw, double* db, ptrdiff_t D, const float* w,
-                                    const float* af, const float* cf, float* const* dx) {
-    ptrdiff_t j = 0;
-    int k;
+                                    const float* af, const float* cf, float* const* dx,
+                                    int nt) {
+    ptrdiff_t j = 0, end = 0;
+    int k, pass;
     float t, d[4];
     /* the row pointers and per-row scalars in locals: stores to dx, dw and db could alias
        the arrays they came from, which would make the compiler reload them every step */
@@ -277,53 +319,64 @@ static void cynorm_ln_paramgrads4_f(const float* const* g, const float* const* x
             p[k] = af[k];
             q[k] = cf[k];
         }
-#if defined(__GNUC__) || defined(__clang__)
-    {
-        cynorm_v8f a[4], b[4], s, wv;
-        cynorm_v8d acc;
-        for (; j + 8 <= D; j += 8) {
-            for (k = 0; k < 4; k++) {
-                memcpy(&a[k], gr[k] + j, 32);
-                memcpy(&b[k], xr[k] + j, 32);
-                b[k] = (b[k] - h[k]) - l[k];
+    if (nt) {
+        end = dx ? cynorm_nt_head(dr[0], dr[1] - dr[0], D) : -1;
+        nt = end >= 0;
+        end = nt ? end : 0;
+    }
+    for (pass = 0; pass < 2; pass++) {
+        /* one at a time: the elements before the aligned part (pass 0), the rest (pass 1) */
+        for (; j < end; j++) {
+            for (k = 0; k < 4; k++)
+                d[k] = (xr[k][j] - h[k]) - l[k];
+            if (dx)
+                for (k = 0; k < 4; k++)
+                    dr[k][j] = r[k] * ((w ? gr[k][j] * w[j] : gr[k][j]) - p[k]) - q[k] * d[k];
+            if (dw) {
+                t = (gr[0][j] * (d[0] * r[0]) + gr[1][j] * (d[1] * r[1]))
+                    + (gr[2][j] * (d[2] * r[2]) + gr[3][j] * (d[3] * r[3]));
+                dw[j] += (double)t;
             }
-            if (dx) {
-                if (w)
-                    memcpy(&wv, w + j, 32);
+            if (db)
+                db[j] += (double)((gr[0][j] + gr[1][j]) + (gr[2][j] + gr[3][j]));
+        }
+        end = D;
+        if (pass)
+            break;
+#if defined(__GNUC__) || defined(__clang__)
+        {
+            cynorm_v8f a[4], b[4], s, wv;
+            cynorm_v8d acc;
+            for (; j + 8 <= D; j += 8) {
                 for (k = 0; k < 4; k++) {
-                    s = r[k] * ((w ? a[k] * wv : a[k]) - p[k]) - q[k] * b[k];
-                    memcpy(dr[k] + j, &s, 32);
+                    memcpy(&a[k], gr[k] + j, 32);
+                    memcpy(&b[k], xr[k] + j, 32);
+                    b[k] = (b[k] - h[k]) - l[k];
+                }
+                if (dx) {
+                    if (w)
+                        memcpy(&wv, w + j, 32);
+                    for (k = 0; k < 4; k++) {
+                        s = r[k] * ((w ? a[k] * wv : a[k]) - p[k]) - q[k] * b[k];
+                        CYNORM_PUT8F(dr[k] + j, s, nt);
+                    }
+                }
+                if (dw) {
+                    s = (a[0] * (b[0] * r[0]) + a[1] * (b[1] * r[1]))
+                        + (a[2] * (b[2] * r[2]) + a[3] * (b[3] * r[3]));
+                    memcpy(&acc, dw + j, 64);
+                    acc += cynorm_widen(s);
+                    memcpy(dw + j, &acc, 64);
+                }
+                if (db) {
+                    s = (a[0] + a[1]) + (a[2] + a[3]);
+                    memcpy(&acc, db + j, 64);
+                    acc += cynorm_widen(s);
+                    memcpy(db + j, &acc, 64);
                 }
             }
-            if (dw) {
-                s = (a[0] * (b[0] * r[0]) + a[1] * (b[1] * r[1]))
-                    + (a[2] * (b[2] * r[2]) + a[3] * (b[3] * r[3]));
-                memcpy(&acc, dw + j, 64);
-                acc += cynorm_widen(s);
-                memcpy(dw + j, &acc, 64);
-            }
-            if (db) {
-                s = (a[0] + a[1]) + (a[2] + a[3]);
-                memcpy(&acc, db + j, 64);
-                acc += cynorm_widen(s);
-                memcpy(db + j, &acc, 64);
-            }
         }
-    }
 #endif
-    for (; j < D; j++) {
-        for (k = 0; k < 4; k++)
-            d[k] = (xr[k][j] - h[k]) - l[k];
-        if (dx)
-            for (k = 0; k < 4; k++)
-                dr[k][j] = r[k] * ((w ? gr[k][j] * w[j] : gr[k][j]) - p[k]) - q[k] * d[k];
-        if (dw) {
-            t = (gr[0][j] * (d[0] * r[0]) + gr[1][j] * (d[1] * r[1]))
-                + (gr[2][j] * (d[2] * r[2]) + gr[3][j] * (d[3] * r[3]));
-            dw[j] += (double)t;
-        }
-        if (db)
-            db[j] += (double)((gr[0][j] + gr[1][j]) + (gr[2][j] + gr[3][j]));
     }
 }
 
@@ -440,6 +493,54 @@ static void NAME(T* y, ptrdiff_t n) {                                           
         y[j] = 0;                                                                         \
 }
 
+/* BatchNorm training backward, dx = k1 g + (k2 (x - mh) + k3), per-element coefficients
+ * (feature-last rows, _vec) or one of each (rows of one feature, _scalar) */
+#define CYNORM_BN_DX_NT(NAME, T, VT, STREAM)                                              \
+static void NAME##_vec(const T* g, const T* x, T* dx, ptrdiff_t n, const T* mh,          \
+                       const T* k1, const T* k2, const T* k3) {                           \
+    const ptrdiff_t L = CYNORM_NT_BYTES / (ptrdiff_t)sizeof(T);                           \
+    ptrdiff_t j = 0;                                                                      \
+    VT gv, xv, mv, av, bv, cv;                                                            \
+    while (j < n && j < L && ((uintptr_t)(dx + j) % CYNORM_NT_BYTES)) {                   \
+        dx[j] = k1[j] * g[j] + (k2[j] * (x[j] - mh[j]) + k3[j]);                          \
+        j++;                                                                              \
+    }                                                                                     \
+    if (((uintptr_t)(dx + j) % CYNORM_NT_BYTES) == 0) {                                   \
+        for (; j + L <= n; j += L) {                                                      \
+            memcpy(&gv, g + j, sizeof gv);                                                \
+            memcpy(&xv, x + j, sizeof xv);                                                \
+            memcpy(&mv, mh + j, sizeof mv);                                               \
+            memcpy(&av, k1 + j, sizeof av);                                               \
+            memcpy(&bv, k2 + j, sizeof bv);                                               \
+            memcpy(&cv, k3 + j, sizeof cv);                                               \
+            STREAM(dx + j, av * gv + (bv * (xv - mv) + cv));                              \
+        }                                                                                 \
+    }                                                                                     \
+    for (; j < n; j++)                                                                    \
+        dx[j] = k1[j] * g[j] + (k2[j] * (x[j] - mh[j]) + k3[j]);                          \
+}                                                                                         \
+static void NAME##_scalar(const T* g, const T* x, T* dx, ptrdiff_t n, T mh, T k1, T k2,  \
+                          T k3) {                                                         \
+    const ptrdiff_t L = CYNORM_NT_BYTES / (ptrdiff_t)sizeof(T);                           \
+    ptrdiff_t j = 0;                                                                      \
+    VT gv, xv;                                                                            \
+    while (j < n && j < L && ((uintptr_t)(dx + j) % CYNORM_NT_BYTES)) {                   \
+        dx[j] = k1 * g[j] + (k2 * (x[j] - mh) + k3);                                      \
+        j++;                                                                              \
+    }                                                                                     \
+    if (((uintptr_t)(dx + j) % CYNORM_NT_BYTES) == 0) {                                   \
+        for (; j + L <= n; j += L) {                                                      \
+            memcpy(&gv, g + j, sizeof gv);                                                \
+            memcpy(&xv, x + j, sizeof xv);                                                \
+            STREAM(dx + j, k1 * gv + (k2 * (xv - mh) + k3));                              \
+        }                                                                                 \
+    }                                                                                     \
+    for (; j < n; j++)                                                                    \
+        dx[j] = k1 * g[j] + (k2 * (x[j] - mh) + k3);                                      \
+}
+
+CYNORM_BN_DX_NT(cynorm_bn_dx_nt_f, float, cynorm_ntf, CYNORM_STREAM_F)
+CYNORM_BN_DX_NT(cynorm_bn_dx_nt_d, double, cynorm_ntd, CYNORM_STREAM_D)
 CYNORM_ZERO_NT(cynorm_zero_nt_f, float, cynorm_ntf, CYNORM_STREAM_F)
 CYNORM_ZERO_NT(cynorm_zero_nt_d, double, cynorm_ntd, CYNORM_STREAM_D)
 CYNORM_APPLY_NT(cynorm_apply_nt_f, float, cynorm_ntf, CYNORM_STREAM_F)
@@ -472,6 +573,23 @@ static void cynorm_zero_nt_f(float* y, ptrdiff_t n) { memset(y, 0, n * sizeof(fl
 static void cynorm_zero_nt_d(double* y, ptrdiff_t n) { memset(y, 0, n * sizeof(double)); }
 CYNORM_APPLY_PLAIN(cynorm_apply_nt_f, float)
 CYNORM_APPLY_PLAIN(cynorm_apply_nt_d, double)
+
+#define CYNORM_BN_DX_PLAIN(NAME, T)                                                       \
+static void NAME##_vec(const T* g, const T* x, T* dx, ptrdiff_t n, const T* mh,          \
+                       const T* k1, const T* k2, const T* k3) {                           \
+    ptrdiff_t j;                                                                          \
+    for (j = 0; j < n; j++)                                                               \
+        dx[j] = k1[j] * g[j] + (k2[j] * (x[j] - mh[j]) + k3[j]);                          \
+}                                                                                         \
+static void NAME##_scalar(const T* g, const T* x, T* dx, ptrdiff_t n, T mh, T k1, T k2,  \
+                          T k3) {                                                         \
+    ptrdiff_t j;                                                                          \
+    for (j = 0; j < n; j++)                                                               \
+        dx[j] = k1 * g[j] + (k2 * (x[j] - mh) + k3);                                      \
+}
+
+CYNORM_BN_DX_PLAIN(cynorm_bn_dx_nt_f, float)
+CYNORM_BN_DX_PLAIN(cynorm_bn_dx_nt_d, double)
 
 #endif
 

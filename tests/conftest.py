@@ -127,6 +127,24 @@ def ref_batch_norm():
     return ref
 
 
+def reference_norm_backward(g, x, axes, weight, param_shape, eps=1e-5):
+    """(dx, dweight, dbias) of reference_norm over ``axes`` (the batch's own statistics), in
+    float64: dx = invstd·(g' - mean(g') - x̂·mean(g'·x̂)) with g' = g·weight, and the parameter
+    gradients Σ g·x̂ and Σ g over the axes the parameters (of ``param_shape``) broadcast along."""
+    axes = tuple(sorted(a % np.ndim(x) for a in axes))
+    g = np.asarray(g, np.float64)
+    d = _centered(x, axes)
+    invstd = 1.0 / np.sqrt(np.mean(d * d, axis=axes, keepdims=True) + eps)
+    xhat = d * invstd
+    w = 1.0 if weight is None else np.asarray(weight, np.float64).reshape(param_shape)
+    gw = g * w
+    dx = invstd * (gw - gw.mean(axis=axes, keepdims=True)
+                   - xhat * np.mean(gw * xhat, axis=axes, keepdims=True))
+    pshape = (1,) * (np.ndim(x) - len(param_shape)) + tuple(param_shape)
+    along = tuple(i for i in range(np.ndim(x)) if pshape[i] == 1)
+    return dx, (g * xhat).sum(axis=along), g.sum(axis=along)
+
+
 def hostile(rng, shape, dtype=np.float64, offset=None, scale=None):
     """Random data with an offset and a scale that hurt naive formulas."""
     if offset is None:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import cynorm
-from conftest import TOL, hostile, max_err
+from conftest import TOL, hostile, max_err, reference_norm_backward, rel_err
 
 ONE_THREAD_STREAMS = (1100, 2049)       # 9.0 MB of float32: streamed on 1 thread, not on 2
 EVERY_COUNT_STREAMS = (3100, 2049)      # 25.4 MB of float32: streamed on any thread count
@@ -81,3 +81,48 @@ def test_padding_rows_of_large_outputs(rng, ref_layer_norm, n_threads):
     g = lambda x, **kw: cynorm.batch_norm(x, None, None, training=True, mask=mask, **kw)  # noqa: E731
     y = run(n_threads, g, x)
     assert not y[~mask].any()
+
+
+@pytest.mark.parametrize("shape", [(1100, 2048), (3100, 2048), (1100, 2049)])
+def test_layer_norm_backward(rng, shape):
+    # rows of 2048 floats are all aligned alike: their dx is streamed after a few elements one
+    # at a time; rows of 2049 are not (normal stores)
+    x = hostile(rng, shape, np.float32)
+    g = rng.standard_normal(shape).astype(np.float32)
+    w = rng.uniform(0.5, 2, shape[1]).astype(np.float32)
+    _, mean, rstd = cynorm.layer_norm(x, shape[1], w, return_stats=True)
+    ref = reference_norm_backward(g, x, (1,), w, (shape[1],))
+    for n in (1, 2):
+        with cynorm.num_threads(n):
+            got = cynorm.layer_norm_backward(g, x, mean, rstd, shape[1], w, np.zeros_like(w))
+        for a, r in zip(got, ref):
+            assert a.dtype == np.float32 and rel_err(a, r) <= 1e-5
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape,axis", [((1100, 2048), 1), ((3100, 2048), 1), ((1100, 2049), 1),
+                                        ((1100, 2, 1027), 1), ((275, 4, 2048), -1)])
+def test_batch_norm_backward(rng, shape, axis, training):
+    x = hostile(rng, shape, np.float32)
+    g = rng.standard_normal(shape).astype(np.float32)
+    C = shape[axis]
+    other = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    w = rng.uniform(0.5, 2, C).astype(np.float32)
+    rm = np.float32(x.mean(other) + 0.1 * x.std(other))
+    rv = np.float32(x.var(other) * 1.5)
+    _, mean, invstd = cynorm.batch_norm(x, rm, rv, w, None, training, axis=axis,
+                                        return_stats=True)
+    pshape = [1] * x.ndim
+    pshape[axis] = C
+    if training:
+        ref = reference_norm_backward(g, x, other, w, pshape[1:] if axis == 1 else (C,))
+    else:   # the statistics are constants: dx = g·w·invstd
+        g64 = g.astype(np.float64)
+        ref = (g64 * np.reshape(w * invstd, pshape),
+               (g64 * (x - np.reshape(mean, pshape))).sum(other) * invstd, g64.sum(other))
+    for n in (1, 2):
+        with cynorm.num_threads(n):
+            got = cynorm.batch_norm_backward(g, x, mean, invstd, w, training, axis=axis,
+                                             bias=np.zeros_like(w))
+        for a, r in zip(got, ref):
+            assert a.dtype == np.float32 and rel_err(a, r) <= 1e-5
