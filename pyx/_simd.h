@@ -212,8 +212,9 @@ static void cynorm_bn_colsums4_f(const float* g0, const float* g1, const float* 
             const ptrdiff_t lg = g1 - g0, lx = x1 - x0;
             const float* gn = g3 + lg;
             const float* xn = x3 + lx;
+            const ptrdiff_t f0 = f;
             for (; f + 8 <= F; f += 8) {
-                if ((f & 15) == 0) {
+                if (((f - f0) & 15) == 0) {
                     cynorm_prefetch(gn + f); cynorm_prefetch(gn + lg + f);
                     cynorm_prefetch(gn + 2 * lg + f); cynorm_prefetch(gn + 3 * lg + f);
                     cynorm_prefetch(xn + f); cynorm_prefetch(xn + lx + f);
