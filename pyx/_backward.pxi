@@ -186,6 +186,14 @@ cdef inline void bn_dx_vector(const floating* g, const floating* x, floating* dx
             dx[j] = k1[j] * g[j]
 
 
+cdef inline bint bn_dx_streamed(Py_ssize_t nbytes, int T) noexcept nogil:
+    """Whether BatchNorm's dx takes streaming stores: on one thread, from the size the forward
+    streams at up to the size every thread count streams at.  Beyond that (dx far larger than
+    the cache) they measured no faster than normal stores, on 1 and 2 threads: 0.95-1.13 of
+    the time for eval, 0.99-1.06 for training (benchmarks/RESULTS.md, item 37)."""
+    return T <= 1 and STREAM_BYTES_ONE_THREAD <= nbytes < STREAM_BYTES
+
+
 cdef void bn_sums_rows(const floating* g, Py_ssize_t ldg, const floating* x, Py_ssize_t ldx,
                        Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t L, Py_ssize_t C,
                        const double* mean, double* parts) noexcept nogil:
@@ -406,7 +414,7 @@ cdef void _batch_norm_dx(const floating* g, Py_ssize_t ldg, const floating* x, P
                          Py_ssize_t C, bint by_rows, const floating* coef, bint training,
                          const unsigned char* mask, int T) noexcept nogil:
     cdef Py_ssize_t t
-    cdef bint stream = streamed(M * N * <Py_ssize_t>sizeof(floating), T)
+    cdef bint stream = bn_dx_streamed(M * N * <Py_ssize_t>sizeof(floating), T)
     if T <= 1:
         bn_dx_range(g, ldg, x, ldx, dx, lddx, 0, M, N, C, by_rows, coef, training, mask,
                     stream)
@@ -448,10 +456,7 @@ cdef void _batch_norm_eval_fused(const floating* g, Py_ssize_t ldg, const floati
                                  const unsigned char* mask, int T) noexcept nogil:
     cdef Py_ssize_t t
     cdef floating* mean_col = NULL
-    cdef Py_ssize_t nbytes = M * N * <Py_ssize_t>sizeof(floating)
-    # (one thread streaming four rows' dx at once, 32 bytes each, was 1.11-1.13x slower on
-    # (16384, 4096) float32 than normal stores, and 0.87-0.91x on (4096, 768): item 37)
-    cdef bint stream = streamed(nbytes, T) and not (T <= 1 and nbytes >= STREAM_BYTES)
+    cdef bint stream = bn_dx_streamed(M * N * <Py_ssize_t>sizeof(floating), T)
     if not by_rows:
         mean_col = column_means(N, C, mean, <floating*>(parts + 2 * T * N))
     if T <= 1:
