@@ -243,15 +243,16 @@ def _grad_like(grad_out, x, cdt):
 
 
 def _saved(value, name, n):
-    """Saved statistics: float64, contiguous, n elements (the shape is free)."""
+    """Saved statistics: float64, contiguous, n elements (the shape is free: the kernels read
+    n contiguous values; read only)."""
     if value is None:
         raise ValueError(f"{name} is required (the statistics saved by the forward pass)")
     if plain(value, _F64, (n,)):
         return value
     if type(value) is np.ndarray and value.dtype == np.float64 and value.flags.c_contiguous:
-        arr = value.reshape(-1)
+        arr = value
     else:
-        arr = np.ascontiguousarray(as_array(value, name), dtype=np.float64).reshape(-1)
+        arr = np.ascontiguousarray(as_array(value, name), dtype=np.float64)
     if arr.size != n:
         raise ValueError(f"{name} must have {n} elements (one per row or feature), got {arr.size}")
     return arr

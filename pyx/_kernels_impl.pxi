@@ -789,12 +789,15 @@ cdef inline void* optional_data(cnp.ndarray a, Py_ssize_t n, int want_float32) e
     return cnp.PyArray_DATA(a)
 
 
-cdef inline double* float64_data(cnp.ndarray a, Py_ssize_t n) except? NULL:
+cdef inline double* float64_data(cnp.ndarray a, Py_ssize_t n, bint written=True) except? NULL:
+    """n contiguous float64 of a, or NULL for None; writable unless only read (not written)."""
     if a is None:
         return NULL
     if (cnp.PyArray_TYPE(a) != cnp.NPY_FLOAT64 or cnp.PyArray_SIZE(a) < n
-            or not cnp.PyArray_IS_C_CONTIGUOUS(a) or not cnp.PyArray_ISWRITEABLE(a)):
-        raise ValueError(f"expected a writable contiguous float64 array of {n} elements")
+            or not cnp.PyArray_IS_C_CONTIGUOUS(a)
+            or (written and not cnp.PyArray_ISWRITEABLE(a))):
+        raise ValueError(f"expected a {'writable ' if written else ''}contiguous float64 array "
+                         f"of {n} elements")
     return <double*>cnp.PyArray_DATA(a)
 
 

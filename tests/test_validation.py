@@ -76,3 +76,21 @@ def test_backward_arguments_in_any_layout(rng, dtype):
                                                        w.tolist(), bias=b), bn):
             assert got.dtype == dtype
             np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
+
+
+def test_read_only_saved_statistics(rng):
+    # backward only reads what the forward saved: read-only arrays (a memory map opened for
+    # reading, a frozen cache) are accepted, and give the same gradients
+    x = rng.standard_normal((12, 7))
+    g = rng.standard_normal(x.shape)
+    _, lm, lr = cynorm.layer_norm(x, 7, return_stats=True)
+    _, bm, bi = cynorm.batch_norm(x, None, None, training=True, return_stats=True)
+    ln = cynorm.layer_norm_backward(g, x, lm, lr, 7)
+    bn = cynorm.batch_norm_backward(g, x, bm, bi)
+    for a in (lm, lr, bm, bi):
+        a.flags.writeable = False
+    np.testing.assert_array_equal(cynorm.layer_norm_backward(g, x, lm, lr, 7)[0], ln[0])
+    np.testing.assert_array_equal(cynorm.layer_norm_backward(g, x, lm.ravel(), lr.ravel(), 7)[0],
+                                  ln[0])
+    np.testing.assert_array_equal(cynorm.batch_norm_backward(g, x, bm, bi)[0], bn[0])
+    assert not bm.flags.writeable and not lm.flags.writeable   # left as they were
