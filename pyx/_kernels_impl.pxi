@@ -198,7 +198,7 @@ cdef inline void split_mean(double hi, double lo, floating* m_hi, floating* m_lo
 # Outputs of at least STREAM_BYTES are written with streaming stores (see _simd.h): they
 # cannot stay in the 32 MiB L3 anyway, and a normal store would read each line first.  On one
 # thread from STREAM_BYTES_ONE_THREAD: one core reads its L3 no faster than memory (measured,
-# LN (4096, 768) float32 and a reader of y after it: call 0.79-0.89 of the time with streaming
+# LN (4096, 768) float32 and a reader of y after it: call 0.60-0.89 of the time with streaming
 # stores, call and reader together 0.97-1.07), where two cores read y back from the L3 faster
 # than they wrote it (benchmarks/RESULTS.md, items 28 and 36).
 cdef Py_ssize_t STREAM_BYTES = 24 << 20
