@@ -407,145 +407,103 @@ static inline void cynorm_sfence(void) { _mm_sfence(); }
 typedef float cynorm_ntf __attribute__((vector_size(CYNORM_NT_BYTES)));
 typedef double cynorm_ntd __attribute__((vector_size(CYNORM_NT_BYTES)));
 
+/* The loop of every streaming-store row below: one element at a time (ELEM, a statement in j)
+ * until y + j is aligned for a streaming store, then whole vectors (the remaining arguments,
+ * statements in j), then the tail one element at a time; a y that never aligns takes no vector */
+#define CYNORM_NT_ROW(T, y, n, ELEM, ...)                                                 \
+    do {                                                                                  \
+        const ptrdiff_t L_ = CYNORM_NT_BYTES / (ptrdiff_t)sizeof(T);                      \
+        ptrdiff_t j = 0;                                                                  \
+        while (j < (n) && j < L_ && ((uintptr_t)((y) + j) % CYNORM_NT_BYTES)) {           \
+            ELEM;                                                                         \
+            j++;                                                                          \
+        }                                                                                 \
+        if (((uintptr_t)((y) + j) % CYNORM_NT_BYTES) == 0)                                \
+            for (; j + L_ <= (n); j += L_) {                                              \
+                __VA_ARGS__;                                                              \
+            }                                                                             \
+        for (; j < (n); j++) {                                                            \
+            ELEM;                                                                         \
+        }                                                                                 \
+    } while (0)
+
 /* y = ((x - mh) - ml) * (rs * w) + b, LayerNorm's row (w, b may be NULL), and
  * y = (x - mh) * scale + shift with per-element mh / scale / shift (BatchNorm on (N, C) rows,
  * VEC) or one value each (BatchNorm on rows of L, scalar: ml = 0, w = b = NULL) */
 #define CYNORM_APPLY_NT(NAME, T, VT, STREAM)                                              \
 static void NAME(const T* x, T* y, ptrdiff_t n, T mh, T ml, T rs, const T* w,             \
                  const T* b) {                                                            \
-    const ptrdiff_t L = CYNORM_NT_BYTES / (ptrdiff_t)sizeof(T);                           \
-    ptrdiff_t j = 0;                                                                      \
     VT xv, wv, bv, r;                                                                     \
-    while (j < n && j < L && ((uintptr_t)(y + j) % CYNORM_NT_BYTES)) {                    \
-        y[j] = ((x[j] - mh) - ml) * (w ? rs * w[j] : rs) + (b ? b[j] : (T)0);             \
-        j++;                                                                              \
-    }                                                                                     \
-    if (((uintptr_t)(y + j) % CYNORM_NT_BYTES) == 0) {                                    \
-        for (; j + L <= n; j += L) {                                                      \
-            memcpy(&xv, x + j, sizeof xv);                                                \
-            r = (xv - mh) - ml;                                                           \
-            if (w) {                                                                      \
-                memcpy(&wv, w + j, sizeof wv);                                            \
-                r = r * (rs * wv);                                                        \
-            } else {                                                                      \
-                r = r * rs;                                                               \
-            }                                                                             \
-            if (b) {                                                                      \
-                memcpy(&bv, b + j, sizeof bv);                                            \
-                r = r + bv;                                                               \
-            }                                                                             \
-            STREAM(y + j, r);                                                             \
+    CYNORM_NT_ROW(T, y, n,                                                                \
+        y[j] = ((x[j] - mh) - ml) * (w ? rs * w[j] : rs) + (b ? b[j] : (T)0),             \
+        memcpy(&xv, x + j, sizeof xv);                                                    \
+        r = (xv - mh) - ml;                                                               \
+        if (w) {                                                                          \
+            memcpy(&wv, w + j, sizeof wv);                                                \
+            r = r * (rs * wv);                                                            \
+        } else {                                                                          \
+            r = r * rs;                                                                   \
         }                                                                                 \
-    }                                                                                     \
-    for (; j < n; j++)                                                                    \
-        y[j] = ((x[j] - mh) - ml) * (w ? rs * w[j] : rs) + (b ? b[j] : (T)0);             \
+        if (b) {                                                                          \
+            memcpy(&bv, b + j, sizeof bv);                                                \
+            r = r + bv;                                                                   \
+        }                                                                                 \
+        STREAM(y + j, r));                                                                \
 }                                                                                         \
-static void NAME##_vec(const T* x, T* y, ptrdiff_t n, const T* mh, const T* sc,          \
+static void NAME##_vec(const T* x, T* y, ptrdiff_t n, const T* mh, const T* sc,           \
                        const T* sh) {                                                     \
-    const ptrdiff_t L = CYNORM_NT_BYTES / (ptrdiff_t)sizeof(T);                           \
-    ptrdiff_t j = 0;                                                                      \
     VT xv, mv, sv, hv;                                                                    \
-    while (j < n && j < L && ((uintptr_t)(y + j) % CYNORM_NT_BYTES)) {                    \
-        y[j] = (x[j] - mh[j]) * sc[j] + sh[j];                                            \
-        j++;                                                                              \
-    }                                                                                     \
-    if (((uintptr_t)(y + j) % CYNORM_NT_BYTES) == 0) {                                    \
-        for (; j + L <= n; j += L) {                                                      \
-            memcpy(&xv, x + j, sizeof xv);                                                \
-            memcpy(&mv, mh + j, sizeof mv);                                               \
-            memcpy(&sv, sc + j, sizeof sv);                                               \
-            memcpy(&hv, sh + j, sizeof hv);                                               \
-            STREAM(y + j, (xv - mv) * sv + hv);                                           \
-        }                                                                                 \
-    }                                                                                     \
-    for (; j < n; j++)                                                                    \
-        y[j] = (x[j] - mh[j]) * sc[j] + sh[j];                                            \
+    CYNORM_NT_ROW(T, y, n, y[j] = (x[j] - mh[j]) * sc[j] + sh[j],                         \
+        memcpy(&xv, x + j, sizeof xv);                                                    \
+        memcpy(&mv, mh + j, sizeof mv);                                                   \
+        memcpy(&sv, sc + j, sizeof sv);                                                   \
+        memcpy(&hv, sh + j, sizeof hv);                                                   \
+        STREAM(y + j, (xv - mv) * sv + hv));                                              \
 }                                                                                         \
-static void NAME##_scalar(const T* x, T* y, ptrdiff_t n, T mh, T sc, T sh) {            \
-    const ptrdiff_t L = CYNORM_NT_BYTES / (ptrdiff_t)sizeof(T);                           \
-    ptrdiff_t j = 0;                                                                      \
+static void NAME##_scalar(const T* x, T* y, ptrdiff_t n, T mh, T sc, T sh) {              \
     VT xv;                                                                                \
-    while (j < n && j < L && ((uintptr_t)(y + j) % CYNORM_NT_BYTES)) {                    \
-        y[j] = (x[j] - mh) * sc + sh;                                                     \
-        j++;                                                                              \
-    }                                                                                     \
-    if (((uintptr_t)(y + j) % CYNORM_NT_BYTES) == 0) {                                    \
-        for (; j + L <= n; j += L) {                                                      \
-            memcpy(&xv, x + j, sizeof xv);                                                \
-            STREAM(y + j, (xv - mh) * sc + sh);                                           \
-        }                                                                                 \
-    }                                                                                     \
-    for (; j < n; j++)                                                                    \
-        y[j] = (x[j] - mh) * sc + sh;                                                     \
+    CYNORM_NT_ROW(T, y, n, y[j] = (x[j] - mh) * sc + sh,                                  \
+        memcpy(&xv, x + j, sizeof xv);                                                    \
+        STREAM(y + j, (xv - mh) * sc + sh));                                              \
 }
 
 /* y[0:n] = 0 with streaming stores (padding rows of a large output) */
 #define CYNORM_ZERO_NT(NAME, T, VT, STREAM)                                               \
 static void NAME(T* y, ptrdiff_t n) {                                                     \
-    const ptrdiff_t L = CYNORM_NT_BYTES / (ptrdiff_t)sizeof(T);                           \
-    ptrdiff_t j = 0;                                                                      \
     VT z = {0};                                                                           \
-    while (j < n && j < L && ((uintptr_t)(y + j) % CYNORM_NT_BYTES))                      \
-        y[j++] = 0;                                                                       \
-    if (((uintptr_t)(y + j) % CYNORM_NT_BYTES) == 0)                                      \
-        for (; j + L <= n; j += L)                                                        \
-            STREAM(y + j, z);                                                             \
-    for (; j < n; j++)                                                                    \
-        y[j] = 0;                                                                         \
+    CYNORM_NT_ROW(T, y, n, y[j] = 0, STREAM(y + j, z));                                   \
 }
 
 /* BatchNorm training backward, dx = k1 g + (k2 (x - mh) + k3), per-element coefficients
  * (feature-last rows, _vec) or one of each (rows of one feature, _scalar) */
 #define CYNORM_BN_DX_NT(NAME, T, VT, STREAM)                                              \
-static void NAME##_vec(const T* g, const T* x, T* dx, ptrdiff_t n, const T* mh,          \
+static void NAME##_vec(const T* g, const T* x, T* dx, ptrdiff_t n, const T* mh,           \
                        const T* k1, const T* k2, const T* k3) {                           \
-    const ptrdiff_t L = CYNORM_NT_BYTES / (ptrdiff_t)sizeof(T);                           \
-    ptrdiff_t j = 0;                                                                      \
     VT gv, xv, mv, av, bv, cv;                                                            \
-    while (j < n && j < L && ((uintptr_t)(dx + j) % CYNORM_NT_BYTES)) {                   \
-        dx[j] = k1[j] * g[j] + (k2[j] * (x[j] - mh[j]) + k3[j]);                          \
-        j++;                                                                              \
-    }                                                                                     \
-    if (((uintptr_t)(dx + j) % CYNORM_NT_BYTES) == 0) {                                   \
-        for (; j + L <= n; j += L) {                                                      \
-            memcpy(&gv, g + j, sizeof gv);                                                \
-            memcpy(&xv, x + j, sizeof xv);                                                \
-            memcpy(&mv, mh + j, sizeof mv);                                               \
-            memcpy(&av, k1 + j, sizeof av);                                               \
-            memcpy(&bv, k2 + j, sizeof bv);                                               \
-            memcpy(&cv, k3 + j, sizeof cv);                                               \
-            STREAM(dx + j, av * gv + (bv * (xv - mv) + cv));                              \
-        }                                                                                 \
-    }                                                                                     \
-    for (; j < n; j++)                                                                    \
-        dx[j] = k1[j] * g[j] + (k2[j] * (x[j] - mh[j]) + k3[j]);                          \
+    CYNORM_NT_ROW(T, dx, n, dx[j] = k1[j] * g[j] + (k2[j] * (x[j] - mh[j]) + k3[j]),      \
+        memcpy(&gv, g + j, sizeof gv);                                                    \
+        memcpy(&xv, x + j, sizeof xv);                                                    \
+        memcpy(&mv, mh + j, sizeof mv);                                                   \
+        memcpy(&av, k1 + j, sizeof av);                                                   \
+        memcpy(&bv, k2 + j, sizeof bv);                                                   \
+        memcpy(&cv, k3 + j, sizeof cv);                                                   \
+        STREAM(dx + j, av * gv + (bv * (xv - mv) + cv)));                                 \
 }                                                                                         \
-static void NAME##_scalar(const T* g, const T* x, T* dx, ptrdiff_t n, T mh, T k1, T k2,  \
+static void NAME##_scalar(const T* g, const T* x, T* dx, ptrdiff_t n, T mh, T k1, T k2,   \
                           T k3) {                                                         \
-    const ptrdiff_t L = CYNORM_NT_BYTES / (ptrdiff_t)sizeof(T);                           \
-    ptrdiff_t j = 0;                                                                      \
     VT gv, xv;                                                                            \
-    while (j < n && j < L && ((uintptr_t)(dx + j) % CYNORM_NT_BYTES)) {                   \
-        dx[j] = k1 * g[j] + (k2 * (x[j] - mh) + k3);                                      \
-        j++;                                                                              \
-    }                                                                                     \
-    if (((uintptr_t)(dx + j) % CYNORM_NT_BYTES) == 0) {                                   \
-        for (; j + L <= n; j += L) {                                                      \
-            memcpy(&gv, g + j, sizeof gv);                                                \
-            memcpy(&xv, x + j, sizeof xv);                                                \
-            STREAM(dx + j, k1 * gv + (k2 * (xv - mh) + k3));                              \
-        }                                                                                 \
-    }                                                                                     \
-    for (; j < n; j++)                                                                    \
-        dx[j] = k1 * g[j] + (k2 * (x[j] - mh) + k3);                                      \
+    CYNORM_NT_ROW(T, dx, n, dx[j] = k1 * g[j] + (k2 * (x[j] - mh) + k3),                  \
+        memcpy(&gv, g + j, sizeof gv);                                                    \
+        memcpy(&xv, x + j, sizeof xv);                                                    \
+        STREAM(dx + j, k1 * gv + (k2 * (xv - mh) + k3)));                                 \
 }
 
-CYNORM_BN_DX_NT(cynorm_bn_dx_nt_f, float, cynorm_ntf, CYNORM_STREAM_F)
-CYNORM_BN_DX_NT(cynorm_bn_dx_nt_d, double, cynorm_ntd, CYNORM_STREAM_D)
-CYNORM_ZERO_NT(cynorm_zero_nt_f, float, cynorm_ntf, CYNORM_STREAM_F)
-CYNORM_ZERO_NT(cynorm_zero_nt_d, double, cynorm_ntd, CYNORM_STREAM_D)
 CYNORM_APPLY_NT(cynorm_apply_nt_f, float, cynorm_ntf, CYNORM_STREAM_F)
 CYNORM_APPLY_NT(cynorm_apply_nt_d, double, cynorm_ntd, CYNORM_STREAM_D)
+CYNORM_ZERO_NT(cynorm_zero_nt_f, float, cynorm_ntf, CYNORM_STREAM_F)
+CYNORM_ZERO_NT(cynorm_zero_nt_d, double, cynorm_ntd, CYNORM_STREAM_D)
+CYNORM_BN_DX_NT(cynorm_bn_dx_nt_f, float, cynorm_ntf, CYNORM_STREAM_F)
+CYNORM_BN_DX_NT(cynorm_bn_dx_nt_d, double, cynorm_ntd, CYNORM_STREAM_D)
 
 #else /* no streaming stores: the same arithmetic, plain stores */
 
