@@ -145,6 +145,19 @@ def reference_norm_backward(g, x, axes, weight, param_shape, eps=1e-5):
     return dx, (g * xhat).sum(axis=along), g.sum(axis=along)
 
 
+def reference_eval_backward(g, x, mean, invstd, weight, axis):
+    """(dx, dweight, dbias) of BatchNorm in eval mode, the statistics constants, in float64:
+    dx = g·weight·invstd, dweight = invstd·Σ g·(x - mean), dbias = Σ g per feature."""
+    axis = axis % np.ndim(x)
+    per_feature = [1] * np.ndim(x)
+    per_feature[axis] = np.shape(x)[axis]
+    other = tuple(i for i in range(np.ndim(x)) if i != axis)
+    g64 = np.asarray(g, np.float64)
+    d64 = np.asarray(x, np.float64) - np.reshape(mean, per_feature)
+    return (g64 * np.reshape(weight * invstd, per_feature), (g64 * d64).sum(other) * invstd,
+            g64.sum(other))
+
+
 def hostile(rng, shape, dtype=np.float64, offset=None, scale=None):
     """Random data with an offset and a scale that hurt naive formulas."""
     if offset is None:
