@@ -137,7 +137,9 @@ cdef void layer_norm_backward_rows(const floating* g, Py_ssize_t ldg, const floa
                 gx_sums(gi, w, xi, D, m, &sg, &sgx)
             af = <floating>(sg / D)
             cf = <floating>(rs * rs * rs * sgx / D)
-            if w != NULL:
+            if floating is float:   # the arithmetic of the four-row sweeps, to the bit
+                cynorm_ln_dx_row_f(gi, w, xi, dxi, D, mh, ml, rsf, af, cf)
+            elif w != NULL:
                 for j in range(D):
                     dxi[j] = rsf * (gi[j] * w[j] - af) - cf * ((xi[j] - mh) - ml)
             else:

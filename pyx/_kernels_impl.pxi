@@ -107,6 +107,9 @@ cdef extern from "_simd.h" nogil:
                                  const float* ml, const float* rs, double* dw, double* db,
                                  Py_ssize_t D, const float* w, const float* af,
                                  const float* cf, float** dx, int nt) noexcept
+    void cynorm_ln_dx_row_f(const float* g, const float* w, const float* x, float* dx,
+                            Py_ssize_t n, float mh, float ml, float rs, float af,
+                            float cf) noexcept
     void cynorm_prefetch(const void* p) noexcept
     void cynorm_ln_gx_sums_f(const float* g, const float* w, const float* x, Py_ssize_t n,
                              float mh, float ml, double* sg, double* sgx, Py_ssize_t ahead_g,

@@ -292,21 +292,161 @@ static void cynorm_ln_gx_sums_f(const float* g, const float* w, const float* x, 
     *sgx = t2;
 }
 
+/* LayerNorm backward dx of one float32 row, from its row sums af = mean(g'), cf and the
+ * deviation d = (x - mh) - ml (w may be NULL):
+ *   dx[j] = rs (g[j] w[j] - af) - cf d[j]
+ * each operation rounded once (CYNORM_UNFUSED), in every path (four-row sweeps, single rows,
+ * masked rows, the elements before and after the whole vectors).  Where the compiler fused a
+ * multiply and an add depended on the context, and the context of an element on where the
+ * output lay (the streamed sweeps start their vectors at the rows' 32-byte boundary): dx
+ * changed in its last bit with the output's address. */
+#if defined(__GNUC__) || defined(__clang__)
+/* v is used as it is: no multiply-add fused across this point (an empty asm statement the
+   compiler cannot see through), so each operation rounds once, in every context, as in a
+   build without FMA */
+#if defined(__FMA__) || defined(__AVX512F__)
+#define CYNORM_UNFUSED(v) __asm__("" : "+v"(v))
+#else
+#define CYNORM_UNFUSED(v) ((void)0)
+#endif
+
+static inline cynorm_v8f cynorm_ln_dx8(cynorm_v8f g, cynorm_v8f d, const float* w, cynorm_v8f wv,
+                                       float rs, float af, float cf) {
+    cynorm_v8f gw = w ? g * wv : g, u, t;
+    CYNORM_UNFUSED(gw);
+    u = rs * (gw - af);
+    CYNORM_UNFUSED(u);
+    t = cf * d;
+    CYNORM_UNFUSED(t);
+    return u - t;
+}
+
+/* The first n (1 to 8) floats or doubles at p as eight, the rest zero, and back: masked loads
+   and stores where the ISA has them (never touching memory past n), a copy otherwise */
+static inline cynorm_v8f cynorm_ldf(const float* p, ptrdiff_t n) {
+    cynorm_v8f v = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (n == 8) {
+        memcpy(&v, p, 32);
+        return v;
+    }
+#if defined(__AVX512VL__)
+    return (cynorm_v8f)_mm256_maskz_loadu_ps((__mmask8)((1u << n) - 1), p);
+#elif defined(__AVX2__)
+    return (cynorm_v8f)_mm256_maskload_ps(
+        p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+#else
+    memcpy(&v, p, (size_t)n * sizeof(float));
+    return v;
+#endif
+}
+
+static inline cynorm_v8d cynorm_ldd(const double* p, ptrdiff_t n) {
+    cynorm_v8d v = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (n == 8) {
+        memcpy(&v, p, 64);
+        return v;
+    }
+#if defined(__AVX512F__)
+    return (cynorm_v8d)_mm512_maskz_loadu_pd((__mmask8)((1u << n) - 1), p);
+#else
+    memcpy(&v, p, (size_t)n * sizeof(double));
+    return v;
+#endif
+}
+
+static inline void cynorm_stf(float* p, cynorm_v8f v, ptrdiff_t n, int nt) {
+    if (n == 8) {
+        CYNORM_PUT8F(p, v, nt);
+        return;
+    }
+#if defined(__AVX512VL__)
+    _mm256_mask_storeu_ps(p, (__mmask8)((1u << n) - 1), (__m256)v);
+#elif defined(__AVX2__)
+    _mm256_maskstore_ps(
+        p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+        (__m256)v);
+#else
+    memcpy(p, &v, (size_t)n * sizeof(float));
+#endif
+}
+
+static inline void cynorm_std(double* p, cynorm_v8d v, ptrdiff_t n) {
+    if (n == 8) {
+        memcpy(p, &v, 64);
+        return;
+    }
+#if defined(__AVX512F__)
+    _mm512_mask_storeu_pd(p, (__mmask8)((1u << n) - 1), (__m512d)v);
+#else
+    memcpy(p, &v, (size_t)n * sizeof(double));
+#endif
+}
+
+/* One step of cynorm_ln_paramgrads4_f: the n (1 to 8) elements at j (dr[0] NULL: no dx) */
+static inline void cynorm_ln_pg_step(const float* const* gr, const float* const* xr,
+                                     ptrdiff_t j, ptrdiff_t n, const float* h, const float* l,
+                                     const float* r, const float* p, const float* q,
+                                     const float* w, float* const* dr, double* dw, double* db,
+                                     int nt) {
+    cynorm_v8f a[4], b[4], s, wv = {0, 0, 0, 0, 0, 0, 0, 0};
+    int k;
+    for (k = 0; k < 4; k++) {
+        a[k] = cynorm_ldf(gr[k] + j, n);
+        b[k] = cynorm_ldf(xr[k] + j, n);
+        b[k] = (b[k] - h[k]) - l[k];
+    }
+    if (dr[0]) {
+        if (w)
+            wv = cynorm_ldf(w + j, n);
+        for (k = 0; k < 4; k++)
+            cynorm_stf(dr[k] + j, cynorm_ln_dx8(a[k], b[k], w, wv, r[k], p[k], q[k]), n, nt);
+    }
+    if (dw) {
+        s = (a[0] * (b[0] * r[0]) + a[1] * (b[1] * r[1]))
+            + (a[2] * (b[2] * r[2]) + a[3] * (b[3] * r[3]));
+        cynorm_std(dw + j, cynorm_ldd(dw + j, n) + cynorm_widen(s), n);
+    }
+    if (db) {
+        s = (a[0] + a[1]) + (a[2] + a[3]);
+        cynorm_std(db + j, cynorm_ldd(db + j, n) + cynorm_widen(s), n);
+    }
+}
+
+/* dx of one row (the rows outside cynorm_ln_paramgrads4_f's groups of four) */
+static void cynorm_ln_dx_row_f(const float* g, const float* w, const float* x, float* dx,
+                               ptrdiff_t n, float mh, float ml, float rs, float af, float cf) {
+    cynorm_v8f b, wv = {0, 0, 0, 0, 0, 0, 0, 0};
+    ptrdiff_t j, m;
+    for (j = 0; j < n; j += 8) {
+        m = n - j < 8 ? n - j : 8;
+        b = (cynorm_ldf(x + j, m) - mh) - ml;
+        if (w)
+            wv = cynorm_ldf(w + j, m);
+        cynorm_stf(dx + j, cynorm_ln_dx8(cynorm_ldf(g + j, m), b, w, wv, rs, af, cf), m, 0);
+    }
+}
+#else
+static void cynorm_ln_dx_row_f(const float* g, const float* w, const float* x, float* dx,
+                               ptrdiff_t n, float mh, float ml, float rs, float af, float cf) {
+    ptrdiff_t j;
+    for (j = 0; j < n; j++)
+        dx[j] = rs * ((w ? g[j] * w[j] : g[j]) - af) - cf * ((x[j] - mh) - ml);
+}
+#endif
+
 /* LayerNorm backward, the parameter gradients of four rows at a time (dw or db may be NULL):
  *   dw[j] += Σ_k g_k[j] ((x_k[j] - mh_k) - ml_k) rs_k,   db[j] += Σ_k g_k[j]
  * the four-row partials in float32, added to the float64 sums.  With dx not NULL, also the
- * four rows' dx in the same sweep, from their row sums af_k = mean(g'), cf_k (w may be NULL):
- *   dx_k[j] = rs_k (g_k[j] w[j] - af_k) - cf_k ((x_k[j] - mh_k) - ml_k)
- * written with streaming stores when nt (the elements before the rows' 32-byte boundary, and
- * after the last whole vector, one at a time). */
+ * four rows' dx in the same sweep, from their row sums af_k = mean(g'), cf_k (w may be NULL;
+ * cynorm_ln_dx8), written with streaming stores when nt (from the rows' 32-byte boundary on;
+ * the elements before it, and after the last whole vector, with masked loads and stores). */
 static void cynorm_ln_paramgrads4_f(const float* const* g, const float* const* x,
                                     const float* mh, const float* ml, const float* rs,
                                     double* dw, double* db, ptrdiff_t D, const float* w,
                                     const float* af, const float* cf, float* const* dx,
                                     int nt) {
-    ptrdiff_t j = 0, end = 0;
-    int k, pass;
-    float t, d[4];
+    ptrdiff_t j = 0, head = 0;
+    int k;
     /* the row pointers and per-row scalars in locals: stores to dx, dw and db could alias
        the arrays they came from, which would make the compiler reload them every step */
     const float* gr[4] = {g[0], g[1], g[2], g[3]};
@@ -321,13 +461,21 @@ static void cynorm_ln_paramgrads4_f(const float* const* g, const float* const* x
             q[k] = cf[k];
         }
     if (nt) {
-        end = dx ? cynorm_nt_head(dr[0], dr[1] - dr[0], D) : -1;
-        nt = end >= 0;
-        end = nt ? end : 0;
+        head = dx ? cynorm_nt_head(dr[0], dr[1] - dr[0], D) : -1;
+        nt = head >= 0;
+        head = nt ? head : 0;
     }
-    for (pass = 0; pass < 2; pass++) {
-        /* one at a time: the elements before the aligned part (pass 0), the rest (pass 1) */
-        for (; j < end; j++) {
+#if defined(__GNUC__) || defined(__clang__)
+    if (head > 0)
+        cynorm_ln_pg_step(gr, xr, 0, head, h, l, r, p, q, w, dr, dw, db, 0);
+    for (j = head; j + 8 <= D; j += 8)
+        cynorm_ln_pg_step(gr, xr, j, 8, h, l, r, p, q, w, dr, dw, db, nt);
+    if (j < D)
+        cynorm_ln_pg_step(gr, xr, j, D - j, h, l, r, p, q, w, dr, dw, db, 0);
+#else
+    {
+        float d[4], t;
+        for (; j < D; j++) {
             for (k = 0; k < 4; k++)
                 d[k] = (xr[k][j] - h[k]) - l[k];
             if (dx)
@@ -341,44 +489,8 @@ static void cynorm_ln_paramgrads4_f(const float* const* g, const float* const* x
             if (db)
                 db[j] += (double)((gr[0][j] + gr[1][j]) + (gr[2][j] + gr[3][j]));
         }
-        end = D;
-        if (pass)
-            break;
-#if defined(__GNUC__) || defined(__clang__)
-        {
-            cynorm_v8f a[4], b[4], s, wv;
-            cynorm_v8d acc;
-            for (; j + 8 <= D; j += 8) {
-                for (k = 0; k < 4; k++) {
-                    memcpy(&a[k], gr[k] + j, 32);
-                    memcpy(&b[k], xr[k] + j, 32);
-                    b[k] = (b[k] - h[k]) - l[k];
-                }
-                if (dx) {
-                    if (w)
-                        memcpy(&wv, w + j, 32);
-                    for (k = 0; k < 4; k++) {
-                        s = r[k] * ((w ? a[k] * wv : a[k]) - p[k]) - q[k] * b[k];
-                        CYNORM_PUT8F(dr[k] + j, s, nt);
-                    }
-                }
-                if (dw) {
-                    s = (a[0] * (b[0] * r[0]) + a[1] * (b[1] * r[1]))
-                        + (a[2] * (b[2] * r[2]) + a[3] * (b[3] * r[3]));
-                    memcpy(&acc, dw + j, 64);
-                    acc += cynorm_widen(s);
-                    memcpy(dw + j, &acc, 64);
-                }
-                if (db) {
-                    s = (a[0] + a[1]) + (a[2] + a[3]);
-                    memcpy(&acc, db + j, 64);
-                    acc += cynorm_widen(s);
-                    memcpy(db + j, &acc, 64);
-                }
-            }
-        }
-#endif
     }
+#endif
 }
 
 /* Non-temporal stores for outputs far larger than the cache: a normal store first reads the

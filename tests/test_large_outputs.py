@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import cynorm
+from cynorm import _isa
 from conftest import (TOL, hostile, max_err, reference_eval_backward,
                       reference_norm_backward, rel_err)
 
@@ -98,6 +99,47 @@ def test_layer_norm_backward(rng, shape):
             got = cynorm.layer_norm_backward(g, x, mean, rstd, shape[1], w, np.zeros_like(w))
         for a, r in zip(got, ref):
             assert a.dtype == np.float32 and rel_err(a, r) <= 1e-5
+
+
+@pytest.mark.parametrize("isa", _isa.available())
+def test_layer_norm_backward_dx_does_not_depend_on_where_it_lies(rng, isa):
+    # dx streamed from each row's 32-byte boundary on (one thread, 9 MB): the elements before
+    # and after the whole vectors once rounded differently from the rest (a multiply-add fused
+    # in one place and not the other), so dx changed in its last bit with its address
+    kernels = _isa.load(isa)
+    M, D = 1100, 2048
+    x = hostile(rng, (M, D), np.float32)
+    g = rng.standard_normal((M, D)).astype(np.float32)
+    w = rng.uniform(0.5, 2, D).astype(np.float32)
+    _, mean, rstd = cynorm.layer_norm(x, D, w, return_stats=True)
+    buf = np.empty(M * D + 8, np.float32)
+    first = None
+    for offset in range(8):
+        dx = buf[offset:offset + M * D].reshape(M, D)
+        dx.fill(np.nan)
+        kernels.layer_norm_backward(g, x, dx, D, w, mean, rstd, None, None, 1)
+        if first is None:
+            first = dx.copy()
+        np.testing.assert_array_equal(dx, first, err_msg=f"dx {offset} floats off")
+
+
+@pytest.mark.parametrize("shape", [(1101, 2048), (1103, 2043), (37, 13)])
+def test_layer_norm_backward_dx_same_bits_every_way(rng, shape):
+    # each row's dx the same bits on 1 and 2 threads (streamed or not, in a group of four rows
+    # or on its own), with or without a padding mask
+    x = hostile(rng, shape, np.float32)
+    g = rng.standard_normal(shape).astype(np.float32)
+    w = rng.uniform(0.5, 2, shape[1]).astype(np.float32)
+    _, mean, rstd = cynorm.layer_norm(x, shape[1], w, return_stats=True)
+    keep = rng.random(shape[0]) < 0.7
+    results = []
+    for n in (1, 2):
+        with cynorm.num_threads(n):
+            results.append(cynorm.layer_norm_backward(g, x, mean, rstd, shape[1], w)[0][keep])
+            results.append(cynorm.layer_norm_backward(g, x, mean, rstd, shape[1], w,
+                                                      mask=keep)[0][keep])
+    for other in results[1:]:
+        np.testing.assert_array_equal(other, results[0])
 
 
 @pytest.mark.parametrize("training", [True, False])
