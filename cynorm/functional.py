@@ -39,6 +39,14 @@ def _rows_of(a, rows, cols):
     return as_rows(a, rows, cols)
 
 
+def _kernel_input(a, cdt, rows, cols):
+    """a in the compute dtype, as the kernels read it: a itself when it already is (one
+    C-level check), else converted and seen as (rows, cols)."""
+    if plain(a, cdt, a.shape):
+        return a
+    return _rows_of(to_compute(a, cdt), rows, cols)
+
+
 def _output(x, shape, rows, cols, cdt, rdt, out, params, zeroed=False):
     """(array the kernel writes, the array to return, or None to cast / copy into out).
 
@@ -139,7 +147,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     if size == 0:
         y = np.empty(shape, dtype=rdt) if out is None else out
         return (y, stats[0], stats[1]) if return_stats else y
-    x = _rows_of(to_compute(x, cdt), rows, cols)
+    x = _kernel_input(x, cdt, rows, cols)
     fresh = out is None and row_mask is not None
     y, result = _output(x, shape, rows, cols, cdt, rdt, out, (w, b), zeroed=fresh)
     mean = rstd = None
@@ -184,7 +192,7 @@ def layer_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight=None, 
     """
     x, cdt, rdt, nshape, rows, cols = _layer_norm_input(x, normalized_shape,
                                                         "layer_norm_backward")
-    g = _grad_like(grad_out, x, cdt)
+    g = _grad_like(grad_out, x, cdt, rows, cols)
     w = param(weight, "weight", nshape, cdt)
     if bias is not None:
         param(bias, "bias", nshape, cdt)
@@ -196,9 +204,10 @@ def layer_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight=None, 
     grad_w = None if w is None else np.empty(nshape, dtype=cdt)
     grad_b = None if bias is None else np.empty(nshape, dtype=cdt)
     dx = np.empty(x.shape, dtype=cdt)
-    _kernels.layer_norm_backward(_rows_of(g, rows, cols), _rows_of(to_compute(x, cdt), rows, cols),
-                                 dx, cols, w, mean, rstd, grad_w, grad_b, threads_for(x.size),
-                                 row_mask)
+    _kernels.layer_norm_backward(g, _kernel_input(x, cdt, rows, cols), dx, cols, w, mean, rstd,
+                                 grad_w, grad_b, threads_for(x.size), row_mask)
+    if rdt is cdt:
+        return dx, grad_w, grad_b
     return _in_result_dtype(rdt, cdt, dx, grad_w, grad_b)
 
 
@@ -230,8 +239,9 @@ def _row_mask(mask, lengths, batch_shape, op):
     return np.ascontiguousarray(m).reshape(-1)
 
 
-def _grad_like(grad_out, x, cdt):
-    """grad_out checked against x's shape, in the compute dtype."""
+def _grad_like(grad_out, x, cdt, rows, cols):
+    """grad_out checked against x's shape, in the compute dtype, as the kernels read it (seen
+    as (rows, cols) unless C-contiguous)."""
     if plain(grad_out, cdt, x.shape):
         return grad_out
     g = as_array(grad_out, "grad_out")
@@ -239,7 +249,7 @@ def _grad_like(grad_out, x, cdt):
         raise ValueError(f"grad_out must have the shape of x, {x.shape}, got {g.shape}")
     if g.dtype.kind not in "biuf":
         raise TypeError(f"grad_out must be a real numeric array, got dtype {g.dtype}")
-    return to_compute(g, cdt)
+    return _rows_of(to_compute(g, cdt), rows, cols)
 
 
 def _saved(value, name, n):
@@ -544,7 +554,8 @@ def batch_norm_backward(grad_out, x, mean, invstd, weight=None, training=True, *
     left out of the sums and counts.
     """
     x, cdt, rdt, C, A, L = _batch_norm_input(x, axis, "batch_norm_backward")
-    g = _grad_like(grad_out, x, cdt)
+    rows, cols, by_rows = _layout(A, C, L)
+    g = _grad_like(grad_out, x, cdt, rows, cols)
     w = param(weight, "weight", (C,), cdt)
     if bias is not None:
         param(bias, "bias", (C,), cdt)
@@ -554,13 +565,11 @@ def batch_norm_backward(grad_out, x, mean, invstd, weight=None, training=True, *
     row_mask = None
     if mask is not None or lengths is not None:
         row_mask = _feature_last_mask(mask, lengths, x.shape, L, "batch_norm_backward")
-    rows, cols, by_rows = _layout(A, C, L)
     grad_w = None if w is None else np.empty(C, dtype=cdt)
     grad_b = None if bias is None else np.empty(C, dtype=cdt)
     dx = np.empty(x.shape, dtype=cdt)
     if x.size:
-        _kernels.batch_norm_backward(_rows_of(g, rows, cols),
-                                     _rows_of(to_compute(x, cdt), rows, cols), dx, rows, cols, C,
+        _kernels.batch_norm_backward(g, _kernel_input(x, cdt, rows, cols), dx, rows, cols, C,
                                      by_rows, mean, invstd, w, training, grad_w, grad_b,
                                      threads_for(x.size, BATCH_NORM_SERIAL_BELOW), row_mask)
     else:  # sums over nothing
@@ -568,6 +577,8 @@ def batch_norm_backward(grad_out, x, mean, invstd, weight=None, training=True, *
             grad_w[...] = 0.0 * invstd
         if grad_b is not None:
             grad_b[...] = 0.0
+    if rdt is cdt:
+        return dx, grad_w, grad_b
     return _in_result_dtype(rdt, cdt, dx, grad_w, grad_b)
 
 
