@@ -85,14 +85,20 @@ def test_padding_rows_of_large_outputs(rng, ref_layer_norm, n_threads):
     assert not y[~mask].any()
 
 
-@pytest.mark.parametrize("shape", [(1100, 2048), (3100, 2048), (1100, 2049)])
-def test_layer_norm_backward(rng, shape):
-    # rows of 2048 floats are all aligned alike: their dx is streamed after a few elements one
-    # at a time; rows of 2049 are not (normal stores)
+def layer_norm_backward_inputs(rng, shape):
+    """float32 x (hostile), grad_out, weight and the forward's saved mean and rstd."""
     x = hostile(rng, shape, np.float32)
     g = rng.standard_normal(shape).astype(np.float32)
     w = rng.uniform(0.5, 2, shape[1]).astype(np.float32)
     _, mean, rstd = cynorm.layer_norm(x, shape[1], w, return_stats=True)
+    return x, g, w, mean, rstd
+
+
+@pytest.mark.parametrize("shape", [(1100, 2048), (3100, 2048), (1100, 2049)])
+def test_layer_norm_backward(rng, shape):
+    # rows of 2048 floats are all aligned alike: their dx is streamed after a few elements one
+    # at a time; rows of 2049 are not (normal stores)
+    x, g, w, mean, rstd = layer_norm_backward_inputs(rng, shape)
     ref = reference_norm_backward(g, x, (1,), w, (shape[1],))
     for n in (1, 2):
         with cynorm.num_threads(n):
@@ -108,10 +114,7 @@ def test_layer_norm_backward_dx_does_not_depend_on_where_it_lies(rng, isa):
     # in one place and not the other), so dx changed in its last bit with its address
     kernels = _isa.load(isa)
     M, D = 1100, 2048
-    x = hostile(rng, (M, D), np.float32)
-    g = rng.standard_normal((M, D)).astype(np.float32)
-    w = rng.uniform(0.5, 2, D).astype(np.float32)
-    _, mean, rstd = cynorm.layer_norm(x, D, w, return_stats=True)
+    x, g, w, mean, rstd = layer_norm_backward_inputs(rng, (M, D))
     buf = np.empty(M * D + 8, np.float32)
     first = None
     for offset in range(8):
@@ -127,10 +130,7 @@ def test_layer_norm_backward_dx_does_not_depend_on_where_it_lies(rng, isa):
 def test_layer_norm_backward_dx_same_bits_every_way(rng, shape):
     # each row's dx the same bits on 1 and 2 threads (streamed or not, in a group of four rows
     # or on its own), with or without a padding mask
-    x = hostile(rng, shape, np.float32)
-    g = rng.standard_normal(shape).astype(np.float32)
-    w = rng.uniform(0.5, 2, shape[1]).astype(np.float32)
-    _, mean, rstd = cynorm.layer_norm(x, shape[1], w, return_stats=True)
+    x, g, w, mean, rstd = layer_norm_backward_inputs(rng, shape)
     keep = rng.random(shape[0]) < 0.7
     results = []
     for n in (1, 2):
