@@ -167,83 +167,152 @@ static inline ptrdiff_t cynorm_nt_head(const float* p, ptrdiff_t ld, ptrdiff_t n
     return h < n ? h : n;
 }
 
+#if defined(__GNUC__) || defined(__clang__)
+/* The first n (1 to 8) floats or doubles at p as eight, the rest zero, and back: masked loads
+   and stores where the ISA has them (never touching memory past n), a copy otherwise */
+static inline cynorm_v8f cynorm_ldf(const float* p, ptrdiff_t n) {
+    cynorm_v8f v = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (n == 8) {
+        memcpy(&v, p, 32);
+        return v;
+    }
+#if defined(__AVX512VL__)
+    return (cynorm_v8f)_mm256_maskz_loadu_ps((__mmask8)((1u << n) - 1), p);
+#elif defined(__AVX2__)
+    return (cynorm_v8f)_mm256_maskload_ps(
+        p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+#else
+    memcpy(&v, p, (size_t)n * sizeof(float));
+    return v;
+#endif
+}
+
+static inline cynorm_v8d cynorm_ldd(const double* p, ptrdiff_t n) {
+    cynorm_v8d v = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (n == 8) {
+        memcpy(&v, p, 64);
+        return v;
+    }
+#if defined(__AVX512F__)
+    return (cynorm_v8d)_mm512_maskz_loadu_pd((__mmask8)((1u << n) - 1), p);
+#else
+    memcpy(&v, p, (size_t)n * sizeof(double));
+    return v;
+#endif
+}
+
+static inline void cynorm_stf(float* p, cynorm_v8f v, ptrdiff_t n, int nt) {
+    if (n == 8) {
+        CYNORM_PUT8F(p, v, nt);
+        return;
+    }
+#if defined(__AVX512VL__)
+    _mm256_mask_storeu_ps(p, (__mmask8)((1u << n) - 1), (__m256)v);
+#elif defined(__AVX2__)
+    _mm256_maskstore_ps(
+        p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+        (__m256)v);
+#else
+    memcpy(p, &v, (size_t)n * sizeof(float));
+#endif
+}
+
+static inline void cynorm_std(double* p, cynorm_v8d v, ptrdiff_t n) {
+    if (n == 8) {
+        memcpy(p, &v, 64);
+        return;
+    }
+#if defined(__AVX512F__)
+    _mm512_mask_storeu_pd(p, (__mmask8)((1u << n) - 1), (__m512d)v);
+#else
+    memcpy(p, &v, (size_t)n * sizeof(double));
+#endif
+}
+
+#endif
+
 /* BatchNorm backward, four rows of an (N, F) float32 array at a time, down the columns:
  *   sg[f] += (g0 + g1) + (g2 + g3),   sgx[f] += (g0 (x0 - m) + g1 (x1 - m)) + (g2 (x2 - m) + g3 (x3 - m))
  * the four-row partials in float32, added to the float64 sums (one conversion per four rows).
  * With d0 not NULL, also eval mode's dx of the four rows, d_r[f] = k[f] g_r[f] (rows of dx ld
  * apart): written while g is in registers, in the same sweep (one pass over g, x and dx), with
- * streaming stores when nt (as in cynorm_ln_paramgrads4_f). */
+ * streaming stores when nt (as in cynorm_ln_paramgrads4_f: the columns before the rows'
+ * 32-byte boundary and after the last whole vector take the same vector step, masked). */
+#if defined(__GNUC__) || defined(__clang__)
+static inline void cynorm_bn_colsums_step(const float* g0, const float* g1, const float* g2,
+                                          const float* g3, const float* x0, const float* x1,
+                                          const float* x2, const float* x3, const float* m,
+                                          double* sg, double* sgx, ptrdiff_t f, ptrdiff_t n,
+                                          const float* k, float* d0, ptrdiff_t ld, int nt) {
+    cynorm_v8f a0 = cynorm_ldf(g0 + f, n), a1 = cynorm_ldf(g1 + f, n);
+    cynorm_v8f a2 = cynorm_ldf(g2 + f, n), a3 = cynorm_ldf(g3 + f, n);
+    cynorm_v8f mv = cynorm_ldf(m + f, n), kv, s, q;
+    cynorm_v8f b0 = cynorm_ldf(x0 + f, n) - mv, b1 = cynorm_ldf(x1 + f, n) - mv;
+    cynorm_v8f b2 = cynorm_ldf(x2 + f, n) - mv, b3 = cynorm_ldf(x3 + f, n) - mv;
+    if (d0) {
+        kv = cynorm_ldf(k + f, n);
+        cynorm_stf(d0 + f, kv * a0, n, nt);
+        cynorm_stf(d0 + ld + f, kv * a1, n, nt);
+        cynorm_stf(d0 + 2 * ld + f, kv * a2, n, nt);
+        cynorm_stf(d0 + 3 * ld + f, kv * a3, n, nt);
+    }
+    s = (a0 + a1) + (a2 + a3);
+    q = (a0 * b0 + a1 * b1) + (a2 * b2 + a3 * b3);
+    cynorm_std(sg + f, cynorm_ldd(sg + f, n) + cynorm_widen(s), n);
+    cynorm_std(sgx + f, cynorm_ldd(sgx + f, n) + cynorm_widen(q), n);
+}
+#endif
+
 static void cynorm_bn_colsums4_f(const float* g0, const float* g1, const float* g2,
                                  const float* g3, const float* x0, const float* x1,
                                  const float* x2, const float* x3, const float* m,
                                  double* sg, double* sgx, ptrdiff_t F,
                                  const float* k, float* d0, ptrdiff_t ld, int nt) {
-    ptrdiff_t f = 0, end = 0;
-    int pass;
+    ptrdiff_t f = 0, head = 0;
     if (nt) {
-        end = d0 ? cynorm_nt_head(d0, ld, F) : -1;
-        nt = end >= 0;
-        end = nt ? end : 0;
+        head = d0 ? cynorm_nt_head(d0, ld, F) : -1;
+        nt = head >= 0;
+        head = nt ? head : 0;
     }
-    for (pass = 0; pass < 2; pass++) {
-        /* one at a time: the columns before the aligned part (pass 0), the rest (pass 1) */
-        for (; f < end; f++) {
-            if (d0) {
-                d0[f] = k[f] * g0[f];
-                d0[ld + f] = k[f] * g1[f];
-                d0[2 * ld + f] = k[f] * g2[f];
-                d0[3 * ld + f] = k[f] * g3[f];
-            }
-            sg[f] += (double)((g0[f] + g1[f]) + (g2[f] + g3[f]));
-            sgx[f] += (double)((g0[f] * (x0[f] - m[f]) + g1[f] * (x1[f] - m[f]))
-                               + (g2[f] * (x2[f] - m[f]) + g3[f] * (x3[f] - m[f])));
-        }
-        end = F;
-        if (pass)
-            break;
 #if defined(__GNUC__) || defined(__clang__)
-        {
-            cynorm_v8f a0, a1, a2, a3, b0, b1, b2, b3, mv, s, q, kv, t;
-            cynorm_v8d sd, qd;
-            /* the next four rows (rows are contiguous runs, so they follow: g3 + (g3 - g2)
-               ...): ask for them one cache line ahead of use each, since these short row
-               streams (a few KB each) restart every four rows, too short for the hardware
-               prefetcher to catch (prefetching an address past the array never faults) */
-            const ptrdiff_t lg = g1 - g0, lx = x1 - x0;
-            const float* gn = g3 + lg;
-            const float* xn = x3 + lx;
-            const ptrdiff_t f0 = f;
-            for (; f + 8 <= F; f += 8) {
-                if (((f - f0) & 15) == 0) {
-                    cynorm_prefetch(gn + f); cynorm_prefetch(gn + lg + f);
-                    cynorm_prefetch(gn + 2 * lg + f); cynorm_prefetch(gn + 3 * lg + f);
-                    cynorm_prefetch(xn + f); cynorm_prefetch(xn + lx + f);
-                    cynorm_prefetch(xn + 2 * lx + f); cynorm_prefetch(xn + 3 * lx + f);
-                }
-                memcpy(&a0, g0 + f, 32); memcpy(&a1, g1 + f, 32);
-                memcpy(&a2, g2 + f, 32); memcpy(&a3, g3 + f, 32);
-                memcpy(&b0, x0 + f, 32); memcpy(&b1, x1 + f, 32);
-                memcpy(&b2, x2 + f, 32); memcpy(&b3, x3 + f, 32);
-                memcpy(&mv, m + f, 32);
-                if (d0) {
-                    memcpy(&kv, k + f, 32);
-                    t = kv * a0; CYNORM_PUT8F(d0 + f, t, nt);
-                    t = kv * a1; CYNORM_PUT8F(d0 + ld + f, t, nt);
-                    t = kv * a2; CYNORM_PUT8F(d0 + 2 * ld + f, t, nt);
-                    t = kv * a3; CYNORM_PUT8F(d0 + 3 * ld + f, t, nt);
-                }
-                s = (a0 + a1) + (a2 + a3);
-                q = (a0 * (b0 - mv) + a1 * (b1 - mv)) + (a2 * (b2 - mv) + a3 * (b3 - mv));
-                memcpy(&sd, sg + f, 64);
-                memcpy(&qd, sgx + f, 64);
-                sd += cynorm_widen(s);
-                qd += cynorm_widen(q);
-                memcpy(sg + f, &sd, 64);
-                memcpy(sgx + f, &qd, 64);
+    {
+        /* the next four rows (rows are contiguous runs, so they follow: g3 + (g3 - g2) ...):
+           ask for them one cache line ahead of use each, since these short row streams (a few
+           KB each) restart every four rows, too short for the hardware prefetcher to catch
+           (prefetching an address past the array never faults) */
+        const ptrdiff_t lg = g1 - g0, lx = x1 - x0;
+        const float* gn = g3 + lg;
+        const float* xn = x3 + lx;
+        if (head > 0)
+            cynorm_bn_colsums_step(g0, g1, g2, g3, x0, x1, x2, x3, m, sg, sgx, 0, head, k, d0,
+                                   ld, 0);
+        for (f = head; f + 8 <= F; f += 8) {
+            if (((f - head) & 15) == 0) {
+                cynorm_prefetch(gn + f); cynorm_prefetch(gn + lg + f);
+                cynorm_prefetch(gn + 2 * lg + f); cynorm_prefetch(gn + 3 * lg + f);
+                cynorm_prefetch(xn + f); cynorm_prefetch(xn + lx + f);
+                cynorm_prefetch(xn + 2 * lx + f); cynorm_prefetch(xn + 3 * lx + f);
             }
+            cynorm_bn_colsums_step(g0, g1, g2, g3, x0, x1, x2, x3, m, sg, sgx, f, 8, k, d0, ld,
+                                   nt);
         }
-#endif
+        if (f < F)
+            cynorm_bn_colsums_step(g0, g1, g2, g3, x0, x1, x2, x3, m, sg, sgx, f, F - f, k, d0,
+                                   ld, 0);
     }
+#else
+    for (; f < F; f++) {
+        if (d0) {
+            d0[f] = k[f] * g0[f];
+            d0[ld + f] = k[f] * g1[f];
+            d0[2 * ld + f] = k[f] * g2[f];
+            d0[3 * ld + f] = k[f] * g3[f];
+        }
+        sg[f] += (double)((g0[f] + g1[f]) + (g2[f] + g3[f]));
+        sgx[f] += (double)((g0[f] * (x0[f] - m[f]) + g1[f] * (x1[f] - m[f]))
+                           + (g2[f] * (x2[f] - m[f]) + g3[f] * (x3[f] - m[f])));
+    }
+#endif
 }
 
 /* LayerNorm backward sums of one float32 row, with g' = g w (w may be NULL) and
@@ -319,67 +388,6 @@ static inline cynorm_v8f cynorm_ln_dx8(cynorm_v8f g, cynorm_v8f d, const float* 
     t = cf * d;
     CYNORM_UNFUSED(t);
     return u - t;
-}
-
-/* The first n (1 to 8) floats or doubles at p as eight, the rest zero, and back: masked loads
-   and stores where the ISA has them (never touching memory past n), a copy otherwise */
-static inline cynorm_v8f cynorm_ldf(const float* p, ptrdiff_t n) {
-    cynorm_v8f v = {0, 0, 0, 0, 0, 0, 0, 0};
-    if (n == 8) {
-        memcpy(&v, p, 32);
-        return v;
-    }
-#if defined(__AVX512VL__)
-    return (cynorm_v8f)_mm256_maskz_loadu_ps((__mmask8)((1u << n) - 1), p);
-#elif defined(__AVX2__)
-    return (cynorm_v8f)_mm256_maskload_ps(
-        p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-#else
-    memcpy(&v, p, (size_t)n * sizeof(float));
-    return v;
-#endif
-}
-
-static inline cynorm_v8d cynorm_ldd(const double* p, ptrdiff_t n) {
-    cynorm_v8d v = {0, 0, 0, 0, 0, 0, 0, 0};
-    if (n == 8) {
-        memcpy(&v, p, 64);
-        return v;
-    }
-#if defined(__AVX512F__)
-    return (cynorm_v8d)_mm512_maskz_loadu_pd((__mmask8)((1u << n) - 1), p);
-#else
-    memcpy(&v, p, (size_t)n * sizeof(double));
-    return v;
-#endif
-}
-
-static inline void cynorm_stf(float* p, cynorm_v8f v, ptrdiff_t n, int nt) {
-    if (n == 8) {
-        CYNORM_PUT8F(p, v, nt);
-        return;
-    }
-#if defined(__AVX512VL__)
-    _mm256_mask_storeu_ps(p, (__mmask8)((1u << n) - 1), (__m256)v);
-#elif defined(__AVX2__)
-    _mm256_maskstore_ps(
-        p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
-        (__m256)v);
-#else
-    memcpy(p, &v, (size_t)n * sizeof(float));
-#endif
-}
-
-static inline void cynorm_std(double* p, cynorm_v8d v, ptrdiff_t n) {
-    if (n == 8) {
-        memcpy(p, &v, 64);
-        return;
-    }
-#if defined(__AVX512F__)
-    _mm512_mask_storeu_pd(p, (__mmask8)((1u << n) - 1), (__m512d)v);
-#else
-    memcpy(p, &v, (size_t)n * sizeof(double));
-#endif
 }
 
 /* One step of cynorm_ln_paramgrads4_f: the n (1 to 8) elements at j (dr[0] NULL: no dx) */
