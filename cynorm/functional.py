@@ -15,6 +15,7 @@ from ._validation import (
     normalized_shape as _normalized_shape,
     param,
     plain,
+    plain_size,
     real_scalar,
     same_memory,
     to_compute,
@@ -257,7 +258,7 @@ def _saved(value, name, n):
     n contiguous values; read only)."""
     if value is None:
         raise ValueError(f"{name} is required (the statistics saved by the forward pass)")
-    if plain(value, _F64, (n,)):
+    if plain_size(value, _F64, n):
         return value
     if type(value) is np.ndarray and value.dtype == np.float64 and value.flags.c_contiguous:
         arr = value

@@ -79,6 +79,16 @@ def plain(object a, object dtype, tuple shape):
     return True
 
 
+def plain_size(object a, object dtype, Py_ssize_t n):
+    """As plain, for n elements in any shape (the saved statistics: the kernels read n
+    contiguous values)."""
+    if type(a) is not cnp.ndarray:
+        return False
+    return (<object>cnp.PyArray_DESCR(<cnp.ndarray>a) is dtype
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a)
+            and cnp.PyArray_SIZE(<cnp.ndarray>a) == n)
+
+
 # ---------------------------------------------------------------------------------------------
 # Inner C-level functions: one block, one row.
 #
@@ -88,6 +98,8 @@ def plain(object a, object dtype, tuple shape):
 # even when the mean lies 1e6 standard deviations from zero.
 
 cdef extern from "_simd.h" nogil:
+    # hi + lo as two floats, mh + ml (float, then double, stays a round trip)
+    void cynorm_split_f(double hi, double lo, float* mh, float* ml) noexcept
     # (s1, s2) = (Σd, Σd²) and (Σg', Σg'·d) with d = x - shift and g' = g·w (w may be NULL);
     # the moments take g = w = NULL
     void cynorm_shifted_sums_f(const float* g, const float* w, const float* x, Py_ssize_t n,
@@ -194,8 +206,11 @@ cdef inline void row_moments(const floating* x, Py_ssize_t n, double* hi, double
 
 cdef inline void split_mean(double hi, double lo, floating* m_hi, floating* m_lo) noexcept nogil:
     """hi + lo as two numbers of the output dtype (x - m_hi is then exact for x near the mean)."""
-    m_hi[0] = <floating>(hi + lo)
-    m_lo[0] = <floating>((hi - <double>m_hi[0]) + lo)
+    if floating is float:
+        cynorm_split_f(hi, lo, m_hi, m_lo)
+    else:
+        m_hi[0] = hi + lo
+        m_lo[0] = (hi - m_hi[0]) + lo
 
 
 # Outputs of at least STREAM_BYTES are written with streaming stores (see _simd.h): they

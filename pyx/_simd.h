@@ -137,6 +137,19 @@ CYNORM_INSTANTIATE(, )
 
 #endif
 
+/* hi + lo as two floats: mh = hi + lo rounded, ml = what that rounding left out, rounded.
+ * mh goes through a volatile: ml needs (double)mh to be the float's value.  Where GCC 12
+ * vectorized four of these side by side (a loop over four rows' means), it folded the vector
+ * narrowing-then-widening away: (double)mh became hi + lo itself and ml became 0 (seen in its
+ * -fdump-tree-optimized output, and as errors of 1e-4 in LayerNorm backward's dx on rows with
+ * mean 1e4).  The volatile keeps the conversions apart from any vectorized neighbours. */
+static inline void cynorm_split_f(double hi, double lo, float* mh, float* ml) {
+    volatile float h = (float)(hi + lo);
+    float v = h;
+    *mh = v;
+    *ml = (float)((hi - (double)v) + lo);
+}
+
 /* A hint to load the cache line holding p (never faults, whatever p is). */
 #if defined(__GNUC__) || defined(__clang__)
 #define cynorm_prefetch(p) __builtin_prefetch(p)
