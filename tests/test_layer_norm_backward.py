@@ -120,6 +120,20 @@ def test_errors(rng):
         cynorm.layer_norm_backward(np.ones((4, 5)), x, mean, rstd, 4)
 
 
+def test_saved_statistics_any_layout(rng):
+    # the statistics are read as M contiguous float64 values: (M, 1), (M,), strided views and
+    # 2-d reshapes of them give the same gradients; a wrong count is an error
+    x = rng.standard_normal((6, 5)) * 3 + 1e3
+    g = rng.standard_normal(x.shape)
+    _, mean, rstd = cynorm.layer_norm(x, 5, return_stats=True)
+    ref = cynorm.layer_norm_backward(g, x, mean, rstd, 5)[0]
+    for m, r in ((mean.ravel(), rstd.ravel()), (mean.reshape(2, 3), rstd.reshape(3, 2)),
+                 (np.repeat(mean, 2, axis=0)[::2], np.repeat(rstd, 3, axis=0)[::3])):
+        np.testing.assert_array_equal(cynorm.layer_norm_backward(g, x, m, r, 5)[0], ref)
+    with pytest.raises(ValueError, match="rstd must have 6 elements"):
+        cynorm.layer_norm_backward(g, x, mean, np.repeat(rstd, 2, axis=1), 5)
+
+
 def test_empty_batch():
     x = np.empty((0, 5))
     _, mean, rstd = cynorm.layer_norm(x, 5, return_stats=True)
