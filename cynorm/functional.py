@@ -260,10 +260,7 @@ def _saved(value, name, n):
         raise ValueError(f"{name} is required (the statistics saved by the forward pass)")
     if plain_size(value, _F64, n):
         return value
-    if type(value) is np.ndarray and value.dtype == np.float64 and value.flags.c_contiguous:
-        arr = value
-    else:
-        arr = np.ascontiguousarray(as_array(value, name), dtype=np.float64)
+    arr = np.ascontiguousarray(as_array(value, name), dtype=np.float64)
     if arr.size != n:
         raise ValueError(f"{name} must have {n} elements (one per row or feature), got {arr.size}")
     return arr
