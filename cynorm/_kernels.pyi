@@ -18,6 +18,13 @@ def cpu_supports(level: int) -> bool: ...  # level: int
 def build_flags() -> str: ...
 def plain(a: object, dtype: np.dtype[np.floating], shape: tuple[int, ...]) -> bool: ...
 def plain_size(a: object, dtype: np.dtype[np.floating], n: int) -> bool: ...  # n: Py_ssize_t
+def layer_norm_shape(
+    x: object, normalized_shape: object
+) -> tuple[np.dtype[np.floating], tuple[int], int, int] | None: ...
+def grad_outputs(
+    x: np.ndarray, dtype: np.dtype[np.floating], param_shape: tuple[int, ...], weight: bool,
+    bias: bool,
+) -> tuple[_F, _F | None, _F | None]: ...
 def layer_norm(
     x: _F, y: _F, D: int, weight: _F | None, bias: _F | None, mean: _F64 | None,
     rstd: _F64 | None, eps: float, n_threads: int, mask: _Mask | None = None,

@@ -12,6 +12,8 @@ from ._validation import (
     check_out,
     dtypes,
     feature_axis,
+    grad_outputs,
+    layer_norm_shape,
     normalized_shape as _normalized_shape,
     param,
     plain,
@@ -163,6 +165,10 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
 def _layer_norm_input(x, normalized_shape, op):
     """The one validator of LayerNorm inputs: (x, compute dtype, result dtype,
     normalized_shape, rows, cols)."""
+    fast = layer_norm_shape(x, normalized_shape)
+    if fast is not None:  # float32 / float64 over the last dim
+        dt, nshape, rows, cols = fast
+        return x, dt, dt, nshape, rows, cols
     if type(x) is not np.ndarray:
         x = as_array(x)
     cdt, rdt = dtypes(x.dtype, op)
@@ -202,9 +208,7 @@ def layer_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight=None, 
     row_mask = None
     if mask is not None or lengths is not None:
         row_mask = _row_mask(mask, lengths, x.shape[: x.ndim - len(nshape)], "layer_norm_backward")
-    grad_w = None if w is None else np.empty(nshape, dtype=cdt)
-    grad_b = None if bias is None else np.empty(nshape, dtype=cdt)
-    dx = np.empty(x.shape, dtype=cdt)
+    dx, grad_w, grad_b = grad_outputs(x, cdt, nshape, w is not None, bias is not None)
     _kernels.layer_norm_backward(g, _kernel_input(x, cdt, rows, cols), dx, cols, w, mean, rstd,
                                  grad_w, grad_b, threads_for(x.size), row_mask)
     if rdt is cdt:
@@ -563,9 +567,7 @@ def batch_norm_backward(grad_out, x, mean, invstd, weight=None, training=True, *
     row_mask = None
     if mask is not None or lengths is not None:
         row_mask = _feature_last_mask(mask, lengths, x.shape, L, "batch_norm_backward")
-    grad_w = None if w is None else np.empty(C, dtype=cdt)
-    grad_b = None if bias is None else np.empty(C, dtype=cdt)
-    dx = np.empty(x.shape, dtype=cdt)
+    dx, grad_w, grad_b = grad_outputs(x, cdt, (C,), w is not None, bias is not None)
     if x.size:
         _kernels.batch_norm_backward(g, _kernel_input(x, cdt, rows, cols), dx, rows, cols, C,
                                      by_rows, mean, invstd, w, training, grad_w, grad_b,

@@ -89,6 +89,59 @@ def plain_size(object a, object dtype, Py_ssize_t n):
             and cnp.PyArray_SIZE(<cnp.ndarray>a) == n)
 
 
+cdef object F32 = cnp.PyArray_DescrFromType(cnp.NPY_FLOAT)
+cdef object F64 = cnp.PyArray_DescrFromType(cnp.NPY_DOUBLE)
+
+
+def layer_norm_shape(object x, object normalized_shape):
+    """The front end's fast check of a LayerNorm input: (dtype, normalized_shape as a tuple,
+    rows, cols) when x is an ndarray of exactly the float32 or float64 dtype object and
+    normalized_shape an int, or a tuple of one int, equal to x's last dimension and not 0;
+    else None, and the caller takes its general checks (which also raise the errors).  The
+    same steps in compiled Python cost ~0.25 µs more (attribute lookups, tuple slices)."""
+    cdef cnp.ndarray arr
+    cdef object dt, n_obj
+    cdef int nd
+    cdef Py_ssize_t n
+    if type(x) is not cnp.ndarray:
+        return None
+    arr = <cnp.ndarray>x
+    dt = <object>cnp.PyArray_DESCR(arr)
+    nd = cnp.PyArray_NDIM(arr)
+    if (dt is not F32 and dt is not F64) or nd == 0:
+        return None
+    n = cnp.PyArray_DIMS(arr)[nd - 1]
+    if n == 0:
+        return None
+    if type(normalized_shape) is int:
+        n_obj = normalized_shape
+    elif type(normalized_shape) is tuple and len(<tuple>normalized_shape) == 1:
+        n_obj = (<tuple>normalized_shape)[0]
+        if type(n_obj) is not int:
+            return None
+    else:
+        return None
+    if n_obj != n:
+        return None
+    return (dt, ((n_obj,) if type(normalized_shape) is int else normalized_shape),
+            cnp.PyArray_SIZE(arr) // n, n)
+
+
+def grad_outputs(cnp.ndarray x, cnp.dtype dtype, tuple param_shape, bint weight, bint bias):
+    """A backward call's fresh outputs, through the C API (np.empty costs ~0.15 µs an array
+    from Python): (grad_input of x's shape, grad_weight and grad_bias of param_shape, each None
+    unless asked for), all of this dtype."""
+    cdef cnp.npy_intp dims[64]
+    cdef int k, nd = len(param_shape), t = dtype.type_num
+    if nd > 64:
+        raise ValueError("too many dimensions")
+    for k in range(nd):
+        dims[k] = param_shape[k]
+    return (cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), t, 0),
+            cnp.PyArray_EMPTY(nd, dims, t, 0) if weight else None,
+            cnp.PyArray_EMPTY(nd, dims, t, 0) if bias else None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Inner C-level functions: one block, one row.
 #

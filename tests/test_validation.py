@@ -28,6 +28,64 @@ def test_plain_accepts_only_what_the_kernels_read_as_is():
     assert _kernels.plain(np.zeros(0), f64, (0,))
 
 
+def test_layer_norm_shape_takes_only_the_usual_call():
+    """The fast check of LayerNorm inputs: (dtype, normalized_shape, rows, cols) for an
+    ndarray of exactly float32 / float64 normalized over its last dim, None for everything
+    else (which the general checks then take, or refuse)."""
+    f64, f32 = np.dtype(np.float64), np.dtype(np.float32)
+    a = np.zeros((3, 4, 5))
+    assert _kernels.layer_norm_shape(a, 5) == (f64, (5,), 12, 5)
+    assert _kernels.layer_norm_shape(a, (5,)) == (f64, (5,), 12, 5)
+    assert _kernels.layer_norm_shape(a.astype(f32)[:, ::2], 5) == (f32, (5,), 6, 5)
+    assert _kernels.layer_norm_shape(a, 5)[0] is f64
+    for x, n in [(a, 4), (a, -5), (a, (4, 5)), (a, (5.0,)), (a, 5.0), (a, True),
+                 (a, np.int64(5)), (a, 2 ** 70), (a, [5]), (a, "5"), (a, ()),
+                 (a.astype(">f8"), 5), (a.astype(np.float16), 5), (a.astype(int), 5),
+                 (a.view(_Sub), 5), (a.tolist(), 5), (np.zeros(()), 1), (np.zeros((3, 0)), 0)]:
+        assert _kernels.layer_norm_shape(x, n) is None, (getattr(x, "dtype", x), n)
+
+
+@pytest.mark.parametrize("n", [np.int64(5), [5], (np.int32(5),)])
+def test_layer_norm_slow_path_gives_the_same(rng, n):
+    x = (rng.standard_normal((6, 5)) * 3 + 2).astype(np.float32)
+    y, mean, rstd = cynorm.layer_norm(x, 5, return_stats=True)
+    y2, mean2, rstd2 = cynorm.layer_norm(x, n, return_stats=True)
+    np.testing.assert_array_equal(y, y2)
+    np.testing.assert_array_equal(rstd, rstd2)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    w = np.ones(5, np.float32)
+    for a, b in zip(cynorm.layer_norm_backward(g, x, mean, rstd, 5, w, w),
+                    cynorm.layer_norm_backward(g, x, mean, rstd, n, w, w)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_layer_norm_shape_errors_unchanged():
+    x = np.zeros((3, 4))
+    with pytest.raises(ValueError, match=r"normalized_shape=\[5\]"):
+        cynorm.layer_norm(x, 5)
+    with pytest.raises(ValueError, match="must not be negative"):
+        cynorm.layer_norm(x, -4)
+    with pytest.raises(TypeError, match="normalized_shape"):
+        cynorm.layer_norm(x, 4.0)
+    with pytest.raises(ValueError, match="normalized_shape"):
+        cynorm.layer_norm(x, 2 ** 70)
+    with pytest.raises(ValueError, match="normalized_shape"):
+        cynorm.layer_norm_backward(x, x, np.zeros(3), np.ones(3), 2 ** 70)
+
+
+def test_grad_outputs():
+    f32 = np.dtype(np.float32)
+    x = np.zeros((2, 3, 4), np.int16)[:, ::2]
+    dx, gw, gb = _kernels.grad_outputs(x, f32, (3, 4), True, False)
+    assert dx.shape == (2, 2, 4) and dx.dtype is f32 and dx.flags.c_contiguous
+    assert dx.flags.writeable and dx.flags.owndata
+    assert gw.shape == (3, 4) and gw.dtype is f32 and gw.flags.c_contiguous and gb is None
+    dx, gw, gb = _kernels.grad_outputs(x, f32, (4,), False, True)
+    assert gw is None and gb.shape == (4,)
+    _, gw, gb = _kernels.grad_outputs(x, f32, (4,), True, True)
+    assert not np.may_share_memory(gw, gb)
+
+
 def _layouts(values):
     """The same values as a plain array and in layouts the fast check refuses."""
     n = values.size
