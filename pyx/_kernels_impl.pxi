@@ -176,6 +176,17 @@ cdef extern from "_simd.h" nogil:
                             Py_ssize_t n, float mh, float ml, float rs, float af,
                             float cf) noexcept
     void cynorm_prefetch(const void* p) noexcept
+    # column moments: centred sums of four rows / one row (see column_block_centered)
+    void cynorm_centered4_f(const float* r0, const float* r1, const float* r2, const float* r3,
+                            const double* shift, double* c, double* q, Py_ssize_t fb,
+                            Py_ssize_t fe) noexcept
+    void cynorm_centered4_d(const double* r0, const double* r1, const double* r2,
+                            const double* r3, const double* shift, double* c, double* q,
+                            Py_ssize_t fb, Py_ssize_t fe) noexcept
+    void cynorm_centered1_f(const float* r0, const double* shift, double* c, double* q,
+                            Py_ssize_t F) noexcept
+    void cynorm_centered1_d(const double* r0, const double* shift, double* c, double* q,
+                            Py_ssize_t F) noexcept
     void cynorm_ln_gx_sums_f(const float* g, const float* w, const float* x, Py_ssize_t n,
                              float mh, float ml, double* sg, double* sgx, Py_ssize_t ahead_g,
                              Py_ssize_t ahead_x) noexcept
@@ -468,25 +479,18 @@ cdef void column_block_sums(const floating** rows, Py_ssize_t nr, Py_ssize_t F,
 cdef inline void centered4(const floating* r0, const floating* r1, const floating* r2,
                            const floating* r3, const double* shift, double* c, double* q,
                            Py_ssize_t fb, Py_ssize_t fe) noexcept nogil:
-    """Columns fb..fe of four rows into c and q (see column_block_centered)."""
-    cdef Py_ssize_t f
-    cdef double d0, d1, d2, d3
-    for f in range(fb, fe):
-        d0 = r0[f] - shift[f]
-        d1 = r1[f] - shift[f]
-        d2 = r2[f] - shift[f]
-        d3 = r3[f] - shift[f]
-        c[f] += (d0 + d1) + (d2 + d3)
-        q[f] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+    """Columns fb..fe of four rows into c and q (see column_block_centered; _simd.h)."""
+    if floating is float:
+        cynorm_centered4_f(r0, r1, r2, r3, shift, c, q, fb, fe)
+    else:
+        cynorm_centered4_d(r0, r1, r2, r3, shift, c, q, fb, fe)
 
 
 cdef void column_block_centered(const floating** rows, Py_ssize_t nr, Py_ssize_t F,
                                 const double* shift, double* c, double* q) noexcept nogil:
     """c[f] += Σ (rows[r][f] - shift[f]) and q[f] += Σ (rows[r][f] - shift[f])²."""
-    cdef Py_ssize_t r = 0, f, fb, fe
+    cdef Py_ssize_t r = 0, fb, fe
     cdef Py_ssize_t line = 64 // sizeof(floating)
-    cdef const floating* r0
-    cdef double d0
     while r + 4 <= nr:
         if floating is double and r + 8 <= nr:
             # float64 rows: a cache line of each of the four rows at a time, asking for the
@@ -506,11 +510,10 @@ cdef void column_block_centered(const floating** rows, Py_ssize_t nr, Py_ssize_t
             centered4(rows[r], rows[r + 1], rows[r + 2], rows[r + 3], shift, c, q, 0, F)
         r += 4
     while r < nr:
-        r0 = rows[r]
-        for f in range(F):
-            d0 = r0[f] - shift[f]
-            c[f] += d0
-            q[f] += d0 * d0
+        if floating is float:
+            cynorm_centered1_f(rows[r], shift, c, q, F)
+        else:
+            cynorm_centered1_d(rows[r], shift, c, q, F)
         r += 1
 
 

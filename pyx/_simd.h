@@ -150,6 +150,46 @@ static inline void cynorm_split_f(double hi, double lo, float* mh, float* ml) {
     *ml = (float)((hi - (double)v) + lo);
 }
 
+/* Column moments, centred sums of four rows (then of one), columns fb..fe:
+ *   c[f] += Σ_k (r_k[f] - shift[f]),   q[f] += Σ_k (r_k[f] - shift[f])²
+ * The same loop in Cython stayed scalar for float64 rows: rows, shift, c and q could all
+ * alias, too many pairs for GCC's run-time alias checks.  restrict says they do not (c and q
+ * are scratch rows of their own; the rows are only read). */
+#if defined(__GNUC__) || defined(__clang__) || defined(_MSC_VER)
+#define CYNORM_RESTRICT __restrict
+#else
+#define CYNORM_RESTRICT
+#endif
+#define CYNORM_CENTERED(NAME4, NAME1, T)                                                  \
+static inline void NAME4(const T* CYNORM_RESTRICT r0, const T* CYNORM_RESTRICT r1,       \
+                         const T* CYNORM_RESTRICT r2, const T* CYNORM_RESTRICT r3,       \
+                         const double* CYNORM_RESTRICT shift, double* CYNORM_RESTRICT c, \
+                         double* CYNORM_RESTRICT q, ptrdiff_t fb, ptrdiff_t fe) {         \
+    ptrdiff_t f;                                                                          \
+    double d0, d1, d2, d3;                                                                \
+    for (f = fb; f < fe; f++) {                                                           \
+        d0 = r0[f] - shift[f];                                                            \
+        d1 = r1[f] - shift[f];                                                            \
+        d2 = r2[f] - shift[f];                                                            \
+        d3 = r3[f] - shift[f];                                                            \
+        c[f] += (d0 + d1) + (d2 + d3);                                                    \
+        q[f] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);                                \
+    }                                                                                     \
+}                                                                                         \
+static inline void NAME1(const T* CYNORM_RESTRICT r0, const double* CYNORM_RESTRICT shift, \
+                         double* CYNORM_RESTRICT c, double* CYNORM_RESTRICT q,           \
+                         ptrdiff_t F) {                                                   \
+    ptrdiff_t f;                                                                          \
+    double d0;                                                                            \
+    for (f = 0; f < F; f++) {                                                             \
+        d0 = r0[f] - shift[f];                                                            \
+        c[f] += d0;                                                                       \
+        q[f] += d0 * d0;                                                                  \
+    }                                                                                     \
+}
+CYNORM_CENTERED(cynorm_centered4_f, cynorm_centered1_f, float)
+CYNORM_CENTERED(cynorm_centered4_d, cynorm_centered1_d, double)
+
 /* A hint to load the cache line holding p (never faults, whatever p is). */
 #if defined(__GNUC__) || defined(__clang__)
 #define cynorm_prefetch(p) __builtin_prefetch(p)
