@@ -32,7 +32,7 @@ def layer_norm(
 ) -> None: ...  # D: Py_ssize_t, eps: double, n_threads: int
 def feature_moments(
     x: _F, rows: int, cols: int, C: int, by_rows: bool, stats: _F64, n_threads: int,
-    rows_per_block: int = 64, mask: _Mask | None = None,
+    rows_per_block: int = 64, mask: _Mask | None = None, fast: bool = False,
 ) -> float: ...  # returns the count (double)
 def batch_norm_params(
     stats: _F64, var_scale: float, weight: _F | None, bias: _F | None, eps: float, params: _F

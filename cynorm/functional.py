@@ -277,15 +277,19 @@ def _layout(A, C, L):
     return A, C * L, False
 
 
-def _feature_moments(x, rows, cols, C, by_rows, n_threads, row_mask=None):
+def _feature_moments(x, rows, cols, C, by_rows, n_threads, row_mask=None, fast=False):
     """(count, stats) per feature of x laid out as _layout says: stats (3, C) float64 holds
     the mean as hi + lo (hi carries the magnitude, lo the remainder; see pyx/_kernels_impl.pxi)
     and M2.  A negative count says some M2 is not finite (overflow, or inf / NaN in x).
+    fast: float32 columns summed in float32 groups, M2 to about 1e-7 relative (enough for a
+    float32 output; the moments API and the scaler keep float64 sums).
     """
     stats = np.empty((3, C))
     rows_per_block = max(8, min(1024, COLUMN_BLOCK_BYTES // (cols * x.itemsize)))
+    if fast:  # whole groups of 16 rows for the float32 sweep
+        rows_per_block = min(1024, -(-rows_per_block // 16) * 16)
     n = _kernels.feature_moments(x, rows, cols, C, by_rows, stats, n_threads, rows_per_block,
-                                 row_mask)
+                                 row_mask, fast)
     return n, stats
 
 
@@ -417,7 +421,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
             return y, rm.astype(np.float64), _invstd(rv.astype(np.float64), eps)
         return y
     if training:
-        count, stats = _feature_moments(x, rows, cols, C, by_rows, n_threads, row_mask)
+        count, stats = _feature_moments(x, rows, cols, C, by_rows, n_threads, row_mask,
+                                        fast=True)
         scaled = None
         if count < 0:  # statistics beyond the float range: those features redone scaled
             count = -count

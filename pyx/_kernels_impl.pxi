@@ -7,7 +7,10 @@
 # All statistics are accumulated in float64, whatever the input dtype, and kept in float64
 # (count, mean, M2).  A block of at most ``BLOCK`` contiguous elements gets its mean and M2 from
 # one pass of sums shifted by one of its values (16 partial sums in two float64 vectors, see
-# _simd.h); blocks are merged with Chan's pairwise formula.
+# _simd.h); blocks are merged with Chan's pairwise formula.  One exception, asked for by
+# BatchNorm's forward pass on float32 columns (feature_moments' ``fast``): groups of 16 rows
+# are summed in float32 on scaled deviations before they join the float64 sums, which leaves
+# M2 good to about 1e-7 relative, enough for a float32 output (column_chunk_moments).
 #
 # The normalized output is computed in the input dtype from ``x - m_hi``, where ``m_hi + m_lo``
 # is the float64 mean split into two numbers of the input dtype: the subtraction is exact for data
@@ -24,7 +27,7 @@
 cimport cython
 cimport numpy as cnp
 from cython.parallel cimport prange
-from libc.math cimport sqrt, isinf, isfinite, fabs, ilogb, ldexp, NAN
+from libc.math cimport sqrt, isinf, isfinite, fabs, ilogb, ldexp, frexp, NAN
 from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memset
 
@@ -187,6 +190,11 @@ cdef extern from "_simd.h" nogil:
                             Py_ssize_t F) noexcept
     void cynorm_centered1_d(const double* r0, const double* shift, double* c, double* q,
                             Py_ssize_t F) noexcept
+    # BatchNorm's float32 column moments: scaled deviations summed in float32 (column_chunk_moments)
+    void cynorm_scaled16_f(const float** rows, const float* s, const float* k, double* c,
+                           double* q, Py_ssize_t F) noexcept
+    void cynorm_scaled1_f(const float* r0, const float* s, const float* k, double* c,
+                          double* q, Py_ssize_t F) noexcept
     void cynorm_ln_gx_sums_f(const float* g, const float* w, const float* x, Py_ssize_t n,
                              float mh, float ml, double* sg, double* sgx, Py_ssize_t ahead_g,
                              Py_ssize_t ahead_x) noexcept
@@ -517,10 +525,60 @@ cdef void column_block_centered(const floating** rows, Py_ssize_t nr, Py_ssize_t
         r += 1
 
 
+cdef void column_block_scaled(const float** rows, Py_ssize_t nr, Py_ssize_t F, const float* s,
+                              const float* k, double* c, double* q) noexcept nogil:
+    """c[f] += Σ d and q[f] += Σ d² with d = (rows[r][f] - s[f]) * k[f] in float32 (_simd.h)."""
+    cdef Py_ssize_t r = 0
+    while r + 16 <= nr:
+        cynorm_scaled16_f(rows + r, s, k, c, q, F)
+        r += 16
+    while r < nr:
+        cynorm_scaled1_f(rows[r], s, k, c, q, F)
+        r += 1
+
+
+# Powers of two k of the float32 sweep stay within these (k and 1 / k normal float32 numbers)
+cdef double SCALE_MIN = 2.0 ** -120
+cdef double SCALE_MAX = 2.0 ** 120
+
+
+cdef bint scales_from_first_block(const double* hi, const double* m2, double nb, Py_ssize_t F,
+                                  float* k) noexcept nogil:
+    """The power of two k[f] bringing column f's deviations near 1, from its first block: its
+    standard deviation times k in [1, 2), or, for a constant first block, its value times k in
+    [1, 2).  False when some column has no scale (a first block of zeros, a non-finite value, or
+    a scale out of range): the chunk then keeps the float64 sweep.
+
+    Why float32 squares then lose nothing that matters: a scaled square lost to underflow is
+    below 2^-126.  With the first block's standard deviation, M2 * k^2 is at least that block's
+    row count; with a constant first block, any other float32 value lies at least 2^-24 of it
+    away, so a scaled deviation of a value other than it is at least 2^-25.  Either way the
+    loss is some 2^-76 of M2 or less.  Squares too large for float32 give inf, and the chunk is
+    redone in float64."""
+    cdef Py_ssize_t f
+    cdef int e
+    cdef double v, scale
+    for f in range(F):
+        v = m2[f] / nb
+        if not (isfinite(v) and isfinite(hi[f])):
+            return False
+        if v > 0.0:
+            frexp(sqrt(v), &e)
+        elif hi[f] != 0.0:
+            frexp(fabs(hi[f]), &e)
+        else:
+            return False
+        scale = ldexp(1.0, 1 - e)
+        if not (SCALE_MIN <= scale <= SCALE_MAX):
+            return False
+        k[f] = <float>scale
+    return True
+
+
 cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t first,
                                Py_ssize_t last, Py_ssize_t F, Py_ssize_t rows_per_block,
                                const unsigned char* mask, double* count, double* hi, double* lo,
-                               double* m2, double* c, double* q) noexcept nogil:
+                               double* m2, double* c, double* q, float* sk) noexcept nogil:
     """Per-column moments of rows first..last of a row-major (rows, F) array, row stride ld,
     over the rows the mask keeps (every row without a mask).
 
@@ -528,10 +586,23 @@ cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t firs
     two-pass: its means become the shifts hi.  Every later block is one pass of sums of x - hi
     and (x - hi)², merged into lo and M2 by Chan's formula.  With hi the mean of a block of the
     same data, the rounding of Σ(x - hi)² stays a few float64 ulps of the total M2.
+
+    sk (float32 rows only; NULL for the float64 sweep): scratch of 2 * F floats.  Blocks after
+    the first then take the float32 sweep (column_block_scaled) on deviations from s = the
+    running mean rounded to float32 (s - hi, exact in float64, moves the block's mean back onto
+    hi), scaled by powers of two k from the first block, so the squares stay far from
+    float32's over- and underflow; Chan's merge stays in float64.  Each
+    group of 16 rows rounds Σ d² to a few float32 ulps, so M2 is good to about 1e-7 relative
+    (BatchNorm's forward pass, whose output is float32), against float64 ulps for the float64
+    sweep.  A chunk whose scaled sums overflowed (or met inf / NaN) is redone with the float64
+    sweep.
     """
     cdef const floating* rows[MAX_BLOCK_ROWS]
     cdef Py_ssize_t rb = first, re, f, nr
-    cdef double nb, n, inv_nb, wa, wb, rel, m2b, delta
+    cdef double nb, n, inv_nb, wa, wb, rel, m2b, delta, ik
+    cdef bint scaled = False, redo = False
+    cdef float* s = sk
+    cdef float* k = sk + F if sk != NULL else NULL
     count[0] = 0.0
     for f in range(F):
         hi[f] = 0.0
@@ -550,14 +621,29 @@ cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t firs
         for f in range(F):
             c[f] = 0.0
             q[f] = 0.0
+        n = count[0] + nb
+        wb = nb / n
+        wa = count[0] * wb
+        if scaled:
+            if floating is float:
+                for f in range(F):
+                    s[f] = <float>(hi[f] + lo[f])
+                column_block_scaled(rows, nr, F, s, k, c, q)
+                for f in range(F):
+                    ik = 1.0 / <double>k[f]
+                    rel = c[f] * inv_nb
+                    m2b = (q[f] - c[f] * rel) * ik * ik
+                    m2b = m2b if not m2b < 0.0 else 0.0
+                    delta = (rel * ik + (<double>s[f] - hi[f])) - lo[f]
+                    lo[f] += delta * wb
+                    m2[f] += m2b + delta * delta * wa
+            count[0] = n
+            continue
         if count[0] == 0:
             column_block_sums(rows, nr, F, hi)
             for f in range(F):
                 hi[f] *= inv_nb
         column_block_centered(rows, nr, F, hi, c, q)
-        n = count[0] + nb
-        wb = nb / n
-        wa = count[0] * wb
         for f in range(F):
             rel = c[f] * inv_nb
             m2b = q[f] - c[f] * rel
@@ -566,6 +652,18 @@ cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t firs
             lo[f] += delta * wb
             m2[f] += m2b + delta * delta * wa
         count[0] = n
+        if floating is float:
+            if sk != NULL and n == nb:
+                scaled = scales_from_first_block(hi, m2, nb, F, k)
+    if floating is float:
+        if scaled:
+            for f in range(F):
+                if not (isfinite(m2[f]) and isfinite(lo[f])):
+                    redo = True
+                    break
+            if redo:   # float32 overflow, or inf / NaN in x: the float64 sweep's results
+                column_chunk_moments(x, ld, first, last, F, rows_per_block, mask, count, hi,
+                                     lo, m2, c, q, NULL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -688,27 +786,32 @@ cdef double _row_feature_moments(const floating* x, Py_ssize_t ld, Py_ssize_t M,
 cdef double _column_feature_moments(const floating* x, Py_ssize_t ld, Py_ssize_t M,
                                     Py_ssize_t F, Py_ssize_t C, Py_ssize_t T,
                                     Py_ssize_t rows_per_block, const unsigned char* mask,
-                                    double* parts, double* stats) noexcept nogil:
+                                    double* parts, double* stats, bint fast) noexcept nogil:
     """Moments of the columns of a (M, F) array over T row chunks in parallel, then merged per
-    feature into stats (3, C): column j belongs to feature j // (F // C)."""
-    cdef Py_ssize_t t, j, c, L = F // C
+    feature into stats (3, C): column j belongs to feature j // (F // C).  fast: float32 rows
+    take the float32 sweep (column_chunk_moments)."""
+    cdef Py_ssize_t t, j, c, L = F // C, stride = 2 + 6 * F
     cdef double* p
     cdef double n = 0.0
     cdef int n_threads = <int>T
+    cdef bint f32_sweep = fast and floating is float
     # parts: per chunk [count, pad] + 5 arrays of F doubles (hi, lo, m2, and scratch c, q)
+    # + F doubles of scratch for the float32 sweep (2 F floats)
     if T == 1:
         column_chunk_moments(x, ld, 0, M, F, rows_per_block, mask, parts, parts + 2,
-                             parts + 2 + F,
-                             parts + 2 + 2 * F, parts + 2 + 3 * F, parts + 2 + 4 * F)
+                             parts + 2 + F, parts + 2 + 2 * F, parts + 2 + 3 * F,
+                             parts + 2 + 4 * F,
+                             <float*>(parts + 2 + 5 * F) if f32_sweep else NULL)
     else:
         for t in prange(T, num_threads=n_threads, schedule="static", chunksize=1):
-            p = parts + t * (2 + 5 * F)
+            p = parts + t * stride
             column_chunk_moments(x, ld, chunk(M, t, T), chunk(M, t + 1, T), F, rows_per_block,
-                                 mask, p, p + 2, p + 2 + F, p + 2 + 2 * F, p + 2 + 3 * F, p + 2 + 4 * F)
+                                 mask, p, p + 2, p + 2 + F, p + 2 + 2 * F, p + 2 + 3 * F,
+                                 p + 2 + 4 * F, <float*>(p + 2 + 5 * F) if f32_sweep else NULL)
     for c in range(C):
         n = 0.0
         for t in range(T):
-            p = parts + t * (2 + 5 * F)
+            p = parts + t * stride
             for j in range(c * L, (c + 1) * L):
                 merge_one(&n, &stats[c], &stats[C + c], &stats[2 * C + c], p[0], p[2 + j],
                           p[2 + F + j], p[2 + 2 * F + j])
@@ -921,14 +1024,16 @@ def layer_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t D, cnp.ndarray weight,
 
 def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t C,
                     bint by_rows, cnp.ndarray stats, int n_threads, Py_ssize_t rows_per_block=64,
-                    cnp.ndarray mask=None):
+                    cnp.ndarray mask=None, bint fast=False):
     """Per-feature moments of x seen as (rows, cols): stats (3, C) float64 receives the mean
     as hi + lo and M2; returns the count per feature, negated when some M2 is not finite.
 
     by_rows: row i belongs to feature i % C (the (N, C, L) layout with long L, rows of L).
     Otherwise column j belongs to feature j // (cols // C) ((N, C) and short L), reduced down
     the columns over row chunks, one per thread; mask (one bool per row, column layout only)
-    keeps the rows it marks True.
+    keeps the rows it marks True.  fast (column layout, float32 x): M2 to about 1e-7 relative
+    instead of float64 ulps, in about half the time (BatchNorm's forward pass; see
+    column_chunk_moments).
     """
     cdef const unsigned char* mk = mask_data(mask, rows)
     cdef Py_ssize_t ld = row_stride(x, rows, cols, False)
@@ -942,7 +1047,7 @@ def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t 
     if by_rows and mk != NULL:
         raise ValueError("feature_moments: a row mask needs the column layout")
     T = 1 if by_rows else max(1, min(n_threads, rows // 64))
-    parts = <double*>malloc(sizeof(double) * (3 * rows if by_rows else T * (2 + 5 * cols)))
+    parts = <double*>malloc(sizeof(double) * (3 * rows if by_rows else T * (2 + 6 * cols)))
     if parts == NULL:
         raise MemoryError()
     try:
@@ -955,10 +1060,10 @@ def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t 
                                          parts, st, n_threads)
             elif f32:
                 n = _column_feature_moments(<const float*>cnp.PyArray_DATA(x), ld, rows, cols, C,
-                                            T, rows_per_block, mk, parts, st)
+                                            T, rows_per_block, mk, parts, st, fast)
             else:
                 n = _column_feature_moments(<const double*>cnp.PyArray_DATA(x), ld, rows, cols,
-                                            C, T, rows_per_block, mk, parts, st)
+                                            C, T, rows_per_block, mk, parts, st, False)
     finally:
         free(parts)
     for j in range(C):

@@ -190,6 +190,63 @@ static inline void NAME1(const T* CYNORM_RESTRICT r0, const double* CYNORM_RESTR
 CYNORM_CENTERED(cynorm_centered4_f, cynorm_centered1_f, float)
 CYNORM_CENTERED(cynorm_centered4_d, cynorm_centered1_d, double)
 
+/* Column moments of float32 rows for BatchNorm's forward pass, scaled deviations in float32:
+ *   d = (r[f] - s[f]) * k[f],   c[f] += Σ d,   q[f] += Σ d²
+ * with s[f] a float32 shift near the column's mean and k[f] a power of two bringing the
+ * deviations near 1 (so neither d² nor the sums over- or underflow float32 on sane data; see
+ * column_chunk_moments).  Sixteen rows are summed as a tree in float32 (error at most a few
+ * float32 ulps of each group's Σ d²), then added to the float64 accumulators: half the vector
+ * operations of the float64 sweep per element, and no conversion per element. */
+#define CYNORM_SD(i) const float d##i = (r##i[f] - S) * K
+static inline void cynorm_scaled16_f(const float* const* rows, const float* CYNORM_RESTRICT s,
+                                     const float* CYNORM_RESTRICT k, double* CYNORM_RESTRICT c,
+                                     double* CYNORM_RESTRICT q, ptrdiff_t F) {
+    const float* CYNORM_RESTRICT r0 = rows[0];
+    const float* CYNORM_RESTRICT r1 = rows[1];
+    const float* CYNORM_RESTRICT r2 = rows[2];
+    const float* CYNORM_RESTRICT r3 = rows[3];
+    const float* CYNORM_RESTRICT r4 = rows[4];
+    const float* CYNORM_RESTRICT r5 = rows[5];
+    const float* CYNORM_RESTRICT r6 = rows[6];
+    const float* CYNORM_RESTRICT r7 = rows[7];
+    const float* CYNORM_RESTRICT r8 = rows[8];
+    const float* CYNORM_RESTRICT r9 = rows[9];
+    const float* CYNORM_RESTRICT r10 = rows[10];
+    const float* CYNORM_RESTRICT r11 = rows[11];
+    const float* CYNORM_RESTRICT r12 = rows[12];
+    const float* CYNORM_RESTRICT r13 = rows[13];
+    const float* CYNORM_RESTRICT r14 = rows[14];
+    const float* CYNORM_RESTRICT r15 = rows[15];
+    ptrdiff_t f;
+    for (f = 0; f < F; f++) {
+        const float S = s[f], K = k[f];
+        CYNORM_SD(0); CYNORM_SD(1); CYNORM_SD(2); CYNORM_SD(3);
+        CYNORM_SD(4); CYNORM_SD(5); CYNORM_SD(6); CYNORM_SD(7);
+        CYNORM_SD(8); CYNORM_SD(9); CYNORM_SD(10); CYNORM_SD(11);
+        CYNORM_SD(12); CYNORM_SD(13); CYNORM_SD(14); CYNORM_SD(15);
+        const float sa = ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7));
+        const float sb = ((d8 + d9) + (d10 + d11)) + ((d12 + d13) + (d14 + d15));
+        const float qa = ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
+                         + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7));
+        const float qb = ((d8 * d8 + d9 * d9) + (d10 * d10 + d11 * d11))
+                         + ((d12 * d12 + d13 * d13) + (d14 * d14 + d15 * d15));
+        c[f] += (double)(sa + sb);
+        q[f] += (double)(qa + qb);
+    }
+}
+#undef CYNORM_SD
+static inline void cynorm_scaled1_f(const float* CYNORM_RESTRICT r0,
+                                    const float* CYNORM_RESTRICT s,
+                                    const float* CYNORM_RESTRICT k, double* CYNORM_RESTRICT c,
+                                    double* CYNORM_RESTRICT q, ptrdiff_t F) {
+    ptrdiff_t f;
+    for (f = 0; f < F; f++) {
+        const float d = (r0[f] - s[f]) * k[f];
+        c[f] += (double)d;
+        q[f] += (double)(d * d);
+    }
+}
+
 /* A hint to load the cache line holding p (never faults, whatever p is). */
 #if defined(__GNUC__) || defined(__clang__)
 #define cynorm_prefetch(p) __builtin_prefetch(p)
