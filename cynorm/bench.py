@@ -3,7 +3,8 @@
 One place for the cases and the contenders, used by ``cynorm bench`` (``python -m cynorm
 bench``) and by the pytest-benchmark suite in ``benchmarks/``.  Timings are medians of
 interleaved rounds (cynorm, NumPy, torch, cynorm, ...), so that drift of the machine hits every
-contender alike.  Inputs are reused between calls: cases that fit the L3 cache are cache figures.
+contender alike.  Inputs are reused between calls: cases that fit the L3 cache are cache figures
+(each of their samples follows one untimed call of the same contender).
 
 Each medium and large case is also set against a memory roof timed in the same interleaved
 rounds: a same-size copy into a preallocated array (NumPy, and torch with all threads when
@@ -437,8 +438,12 @@ def _calibrate(fn, target=2e-3):
     return max(1, min(10_000, int(target / max(dt, 1e-7))))
 
 
-def timed(fns, rounds=15, max_seconds=None):
-    """Median seconds per call of each callable, measured in interleaved rounds."""
+def timed(fns, rounds=15, max_seconds=None, warm=False):
+    """Median seconds per call of each callable, measured in interleaved rounds.
+
+    warm: one untimed call before each sample, so that a case that fits the cache is timed
+    with its inputs in cache, whichever contender ran before it (without it, the first
+    contender of each round met a cache just emptied by the last one, the roof copies)."""
     numbers = {}
     for name, fn in fns.items():
         fn()  # warm up: first-touch, caches, thread start-up
@@ -448,6 +453,8 @@ def timed(fns, rounds=15, max_seconds=None):
     for r in range(rounds):
         for name, fn in fns.items():
             k = numbers[name]
+            if warm:
+                fn()
             t0 = time.perf_counter()
             for _ in range(k):
                 fn()
@@ -500,7 +507,8 @@ def run(case_list, threads=None, rounds=15, use_torch=True, progress=True, max_s
             if case.size_class != "small":
                 fns.update(copy_contenders(case.nbytes, torch))
             r = rounds if case.size_class != "large" else max(5, rounds // 3)
-            times = timed(fns, rounds=r, max_seconds=max_seconds)
+            times = timed(fns, rounds=r, max_seconds=max_seconds,
+                          warm=case.size_class != "large")
             copies = {k: times.pop(k) for k in list(times) if k.startswith("copy_")}
             row = {"case": case.id, "label": case.label, "op": case.op, "shape": list(case.shape),
                    "dtype": case.dtype, "axis": case.axis, "size_class": case.size_class,
