@@ -70,3 +70,15 @@ def test_run_and_report(tmp_path):
     assert "LN forward (5, 10) float32" in text and "## Machine" in text
     data = json.loads((tmp_path / "report" / "results.json").read_text())
     assert data["results"][0]["case"] == "ln-5x10-float32"
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_timed_interleaves_and_warms(monkeypatch, warm):
+    # rounds interleave the contenders; warm adds one untimed call before each sample
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    monkeypatch.setattr(bench, "_calibrate", lambda fn: 2)  # two timed calls per sample
+    times = bench.timed(fns, rounds=3, warm=warm)
+    assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
+    sample = ["a"] * (2 + warm) + ["b"] * (2 + warm)
+    assert calls == ["a", "b"] + sample * 3
