@@ -27,7 +27,7 @@
 cimport cython
 cimport numpy as cnp
 from cython.parallel cimport prange
-from libc.math cimport sqrt, isinf, isfinite, fabs, ilogb, ldexp, frexp, NAN
+from libc.math cimport sqrt, isinf, isfinite, fabs, ilogb, ldexp, NAN
 from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memset
 
@@ -195,6 +195,7 @@ cdef extern from "_simd.h" nogil:
                            double* q, Py_ssize_t F) noexcept
     void cynorm_scaled1_f(const float* r0, const float* s, const float* k, double* c,
                           double* q, Py_ssize_t F) noexcept
+    float cynorm_unit_scale(double y) noexcept
     void cynorm_ln_gx_sums_f(const float* g, const float* w, const float* x, Py_ssize_t n,
                              float mh, float ml, double* sg, double* sgx, Py_ssize_t ahead_g,
                              Py_ssize_t ahead_x) noexcept
@@ -537,17 +538,21 @@ cdef void column_block_scaled(const float** rows, Py_ssize_t nr, Py_ssize_t F, c
         r += 1
 
 
-# Powers of two k of the float32 sweep stay within these (k and 1 / k normal float32 numbers)
-cdef double SCALE_MIN = 2.0 ** -120
-cdef double SCALE_MAX = 2.0 ** 120
+cdef enum:
+    # rows of the float64 block that gives the float32 sweep its shifts and scales (the more
+    # rows it takes, the more of a small input goes through the slower float64 sweep)
+    FIRST_BLOCK_ROWS = 16
+    # rows of the float32 sweep's blocks: read once each, so no need to stay in cache; long
+    # blocks make the per-feature merges rare
+    SCALED_BLOCK_ROWS = 128
 
 
 cdef bint scales_from_first_block(const double* hi, const double* m2, double nb, Py_ssize_t F,
                                   float* k) noexcept nogil:
     """The power of two k[f] bringing column f's deviations near 1, from its first block: its
     standard deviation times k in [1, 2), or, for a constant first block, its value times k in
-    [1, 2).  False when some column has no scale (a first block of zeros, a non-finite value, or
-    a scale out of range): the chunk then keeps the float64 sweep.
+    [1, 2).  False when some column has no scale (a first block of zeros, a non-finite value,
+    or a scale beyond 2^±120): the chunk then keeps the float64 sweep.
 
     Why float32 squares then lose nothing that matters: a scaled square lost to underflow is
     below 2^-126.  With the first block's standard deviation, M2 * k^2 is at least that block's
@@ -556,22 +561,15 @@ cdef bint scales_from_first_block(const double* hi, const double* m2, double nb,
     loss is some 2^-76 of M2 or less.  Squares too large for float32 give inf, and the chunk is
     redone in float64."""
     cdef Py_ssize_t f
-    cdef int e
-    cdef double v, scale
+    cdef double v
     for f in range(F):
         v = m2[f] / nb
-        if not (isfinite(v) and isfinite(hi[f])):
-            return False
         if v > 0.0:
-            frexp(sqrt(v), &e)
-        elif hi[f] != 0.0:
-            frexp(fabs(hi[f]), &e)
+            k[f] = cynorm_unit_scale(sqrt(v))
         else:
+            k[f] = cynorm_unit_scale(fabs(hi[f]))
+        if k[f] == 0.0:   # also for inf / NaN (v > 0 is False for NaN: hi is NaN then)
             return False
-        scale = ldexp(1.0, 1 - e)
-        if not (SCALE_MIN <= scale <= SCALE_MAX):
-            return False
-        k[f] = <float>scale
     return True
 
 
@@ -587,15 +585,17 @@ cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t firs
     and (x - hi)², merged into lo and M2 by Chan's formula.  With hi the mean of a block of the
     same data, the rounding of Σ(x - hi)² stays a few float64 ulps of the total M2.
 
-    sk (float32 rows only; NULL for the float64 sweep): scratch of 2 * F floats.  Blocks after
-    the first then take the float32 sweep (column_block_scaled) on deviations from s = the
-    running mean rounded to float32 (s - hi, exact in float64, moves the block's mean back onto
-    hi), scaled by powers of two k from the first block, so the squares stay far from
-    float32's over- and underflow; Chan's merge stays in float64.  Each
-    group of 16 rows rounds Σ d² to a few float32 ulps, so M2 is good to about 1e-7 relative
-    (BatchNorm's forward pass, whose output is float32), against float64 ulps for the float64
-    sweep.  A chunk whose scaled sums overflowed (or met inf / NaN) is redone with the float64
-    sweep.
+    sk (float32 rows only; NULL for the float64 sweep): scratch of 2 * F floats.  The first
+    block is then FIRST_BLOCK_ROWS rows, and the blocks after it take the float32 sweep
+    (column_block_scaled, SCALED_BLOCK_ROWS rows a block): deviations from s, the running mean
+    rounded to float32 (s - hi, exact in float64, moves each block's mean back onto hi),
+    scaled by powers of two k from the first block so that their squares stay far from
+    float32's over- and underflow; Chan's merge stays in float64.  Each group of 16 rows
+    rounds Σ(x - s)² to a few float32 ulps, so M2 is good to about 1e-7 relative (a few 1e-7
+    when the batch changes regime part-way, Σ(x - s)² then being a few times M2): enough for
+    BatchNorm's float32 output, where the float64 sweep gives float64 ulps.  A chunk whose
+    scaled sums overflowed (or met inf / NaN) is redone with the float64 sweep; one whose first
+    block gives no scale keeps the float64 sweep (rows_per_block rows a block).
     """
     cdef const floating* rows[MAX_BLOCK_ROWS]
     cdef Py_ssize_t rb = first, re, f, nr
@@ -611,7 +611,11 @@ cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t firs
     if rows_per_block > MAX_BLOCK_ROWS:
         rows_per_block = MAX_BLOCK_ROWS
     while rb < last:
-        re = rb + rows_per_block if rb + rows_per_block < last else last
+        if sk == NULL or (count[0] > 0 and not scaled):
+            re = rb + rows_per_block
+        else:
+            re = rb + (SCALED_BLOCK_ROWS if scaled else FIRST_BLOCK_ROWS)
+        re = re if re < last else last
         nr = gather_rows(x, ld, rb, re, mask, rows)
         rb = re
         if nr == 0:

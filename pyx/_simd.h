@@ -197,6 +197,25 @@ CYNORM_CENTERED(cynorm_centered4_d, cynorm_centered1_d, double)
  * column_chunk_moments).  Sixteen rows are summed as a tree in float32 (error at most a few
  * float32 ulps of each group's Σ d²), then added to the float64 accumulators: half the vector
  * operations of the float64 sweep per element, and no conversion per element. */
+/* The power of two 2^-E that brings y (positive, finite) into [1, 2): y = m * 2^E, m in [1, 2)
+ * for a normal y; 0 when |E| > 120 or y is subnormal, zero, inf or NaN (no scale then).  Bits
+ * instead of frexp / ldexp, which are calls into libm: one per feature was a tenth of a small
+ * call. */
+static inline float cynorm_unit_scale(double y) {
+    uint64_t u;
+    uint32_t k;
+    int e;
+    memcpy(&u, &y, 8);
+    e = (int)((u >> 52) & 0x7ff) - 1023;
+    if (e < -120 || e > 120)
+        return 0.0f;
+    k = (uint32_t)(127 - e) << 23;
+    {
+        float out;
+        memcpy(&out, &k, 4);
+        return out;
+    }
+}
 #define CYNORM_SD(i) const float d##i = (r##i[f] - S) * K
 static inline void cynorm_scaled16_f(const float* const* rows, const float* CYNORM_RESTRICT s,
                                      const float* CYNORM_RESTRICT k, double* CYNORM_RESTRICT c,

@@ -325,7 +325,9 @@ def test_float32_sweep_statistics(rng, pattern, isa):
         count = module.feature_moments(x, n, C, C, False, fast, threads, 48, None, True)
         assert count == module.feature_moments(x, n, C, C, False, exact, threads, 48) == n
         assert np.all(np.abs(fast[0] + fast[1] - m) <= 1e-7 * sd + 1e-300)
-        assert np.all(np.abs(fast[2] - m2) <= 2.5e-7 * m2)
+        # a few float32 ulps of Σ(x - s)², which a batch that changes regime part-way
+        # (first_block_apart: 1.9e-7 at worst over 40 seeds) makes a few times M2
+        assert np.all(np.abs(fast[2] - m2) <= 5e-7 * m2)
         assert np.all((fast[2] == 0) == (m2 == 0))
 
 
