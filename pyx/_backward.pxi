@@ -394,12 +394,14 @@ cdef void _batch_norm_sums(const floating* g, Py_ssize_t ldg, const floating* x,
 
 cdef void bn_coefficients(Py_ssize_t N, Py_ssize_t C, bint by_rows, const double* mean,
                           const double* invstd, const floating* w, const double* sums, double n,
-                          bint training, floating* coef) noexcept nogil:
-    """Per feature (by rows) or per column: mh, k1, k2, k3 with dx = k1·g + k2·(x - mh) + k3."""
+                          bint training, floating* coef, Py_ssize_t j0=0,
+                          Py_ssize_t j1=-1) noexcept nogil:
+    """Per feature (by rows) or per column: mh, k1, k2, k3 with dx = k1·g + k2·(x - mh) + k3
+    (features or columns j0..j1 only, all by default)."""
     cdef Py_ssize_t c, j, L = N // C, K = C if by_rows else N
     cdef double k1, k2, k3
     cdef floating mh, ml
-    for j in range(K):
+    for j in range(j0, K if j1 < 0 else j1):
         c = j if by_rows else j // L
         k1 = (<double>w[c] if w != NULL else 1.0) * invstd[c]
         k2 = -k1 * invstd[c] * invstd[c] * sums[C + c] / n if training else 0.0
@@ -424,6 +426,69 @@ cdef void _batch_norm_dx(const floating* g, Py_ssize_t ldg, const floating* x, P
     for t in prange(T, num_threads=T, schedule="static", chunksize=1):
         bn_dx_range(g, ldg, x, ldx, dx, lddx, chunk(M, t, T), chunk(M, t + 1, T), N, C, by_rows,
                     coef, training, mask, stream)
+
+
+# Training by rows ((N, C, L) with long L) when g and x together outgrow GROUP_MIN_BYTES:
+# features are taken a group at a time, their sums then their dx (streamed: nothing here reads
+# it again), while the group's rows of g and x (GROUP_BYTES of them) are still in the cache, so
+# g and x come from memory once instead of twice.  Only when a group holds GROUP_MIN_FEATURES
+# features or more: short groups (many samples per feature, as (256, 64, 784)) measured slower
+# than the two plain passes (benchmarks/RESULTS.md, item 49).
+cdef Py_ssize_t GROUP_MIN_BYTES = 24 << 20
+cdef Py_ssize_t GROUP_BYTES = 4 << 20
+cdef Py_ssize_t GROUP_MIN_FEATURES = 4
+
+
+cdef inline Py_ssize_t group_features(Py_ssize_t A, Py_ssize_t L, size_t itemsize) noexcept nogil:
+    """Features per group: as many as GROUP_BYTES of g and x hold (A samples of L each)."""
+    return GROUP_BYTES // (2 * A * L * <Py_ssize_t>itemsize)
+
+
+cdef void grouped_rows(const floating* g, Py_ssize_t ldg, const floating* x, Py_ssize_t ldx,
+                       floating* dx, Py_ssize_t lddx, Py_ssize_t a0, Py_ssize_t a1,
+                       Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t L, Py_ssize_t C,
+                       const double* mean, double* parts,
+                       const floating* coef) noexcept nogil:
+    """Features c0..c1 of samples a0..a1 (rows a·C + c0 .. a·C + c1, contiguous): their
+    per-row sums into parts when coef is NULL, else their dx (streaming stores)."""
+    cdef Py_ssize_t a
+    for a in range(a0, a1):
+        if coef == NULL:
+            bn_sums_rows(g, ldg, x, ldx, a * C + c0, a * C + c1, L, C, mean, parts)
+        else:
+            bn_dx_range(g, ldg, x, ldx, dx, lddx, a * C + c0, a * C + c1, L, C, True, coef,
+                        True, NULL, True)
+
+
+cdef void _batch_norm_grouped(const floating* g, Py_ssize_t ldg, const floating* x,
+                              Py_ssize_t ldx, floating* dx, Py_ssize_t lddx, Py_ssize_t M,
+                              Py_ssize_t L, Py_ssize_t C, const double* mean,
+                              const double* invstd, const floating* w, double n, double* parts,
+                              double* sums, floating* coef, int T) noexcept nogil:
+    """Training backward by rows, a group of features at a time (see GROUP_BYTES)."""
+    cdef Py_ssize_t A = M // C, G = group_features(A, L, sizeof(floating)), c0 = 0, c1, c, a, t
+    for c in range(2 * C):
+        sums[c] = 0.0
+    while c0 < C:
+        c1 = c0 + G if c0 + G < C else C
+        if T <= 1:
+            grouped_rows(g, ldg, x, ldx, dx, lddx, 0, A, c0, c1, L, C, mean, parts, NULL)
+        else:
+            for t in prange(T, num_threads=T, schedule="static", chunksize=1):
+                grouped_rows(g, ldg, x, ldx, dx, lddx, chunk(A, t, T), chunk(A, t + 1, T), c0,
+                             c1, L, C, mean, parts, NULL)
+        for c in range(c0, c1):
+            for a in range(A):
+                sums[c] += parts[2 * (a * C + c)]
+                sums[C + c] += parts[2 * (a * C + c) + 1]
+        bn_coefficients(L, C, True, mean, invstd, w, sums, n, True, coef, c0, c1)
+        if T <= 1:
+            grouped_rows(g, ldg, x, ldx, dx, lddx, 0, A, c0, c1, L, C, mean, parts, coef)
+        else:
+            for t in prange(T, num_threads=T, schedule="static", chunksize=1):
+                grouped_rows(g, ldg, x, ldx, dx, lddx, chunk(A, t, T), chunk(A, t + 1, T), c0,
+                             c1, L, C, mean, parts, coef)
+        c0 = c1
 
 
 cdef enum:
@@ -579,6 +644,7 @@ def batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
     cdef void* gw = optional_data(grad_weight, C, f32)
     cdef void* gb = optional_data(grad_bias, C, f32)
     cdef bint want_sums = training or gw != NULL or gb != NULL
+    cdef bint grouped
     cdef int T = max(1, n_threads)
     cdef double n
     cdef double* parts = NULL
@@ -606,6 +672,9 @@ def batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
         raise MemoryError()
     if want_sums:
         sp = parts + off
+    grouped = (training and by_rows and rows * cols > 0
+               and 2 * rows * cols * cnp.PyArray_ITEMSIZE(x) >= GROUP_MIN_BYTES
+               and group_features(rows // C, cols, cnp.PyArray_ITEMSIZE(x)) >= GROUP_MIN_FEATURES)
     try:
         with nogil:
             if rows * cols == 0:
@@ -618,6 +687,11 @@ def batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
                                            <const float*>cnp.PyArray_DATA(x), ldx,
                                            <float*>cnp.PyArray_DATA(dx), lddx, rows, cols, C,
                                            by_rows, mp, <float*>coef, parts, sp, mk, T)
+                elif grouped:
+                    _batch_norm_grouped(<const float*>cnp.PyArray_DATA(g), ldg,
+                                        <const float*>cnp.PyArray_DATA(x), ldx,
+                                        <float*>cnp.PyArray_DATA(dx), lddx, rows, cols, C, mp, ip,
+                                        <const float*>w, n, parts, sp, <float*>coef, T)
                 else:
                     if sp != NULL:
                         _batch_norm_sums(<const float*>cnp.PyArray_DATA(g), ldg,
@@ -637,6 +711,11 @@ def batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
                                            <const double*>cnp.PyArray_DATA(x), ldx,
                                            <double*>cnp.PyArray_DATA(dx), lddx, rows, cols, C,
                                            by_rows, mp, <double*>coef, parts, sp, mk, T)
+                elif grouped:
+                    _batch_norm_grouped(<const double*>cnp.PyArray_DATA(g), ldg,
+                                        <const double*>cnp.PyArray_DATA(x), ldx,
+                                        <double*>cnp.PyArray_DATA(dx), lddx, rows, cols, C, mp, ip,
+                                        <const double*>w, n, parts, sp, <double*>coef, T)
                 else:
                     if sp != NULL:
                         _batch_norm_sums(<const double*>cnp.PyArray_DATA(g), ldg,
@@ -655,3 +734,4 @@ def batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
     finally:
         free(parts)
         free(coef)
+

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 import cynorm
-from conftest import hostile, numeric_grad, reference_eval_backward, rel_err
+from conftest import (hostile, numeric_grad, reference_eval_backward, reference_norm_backward,
+                      rel_err)
 
 LAYOUTS = [((5, 10), 1), ((300, 7), 1), ((64, 8, 5), 1), ((8, 4, 100), 1), ((4, 3, 9, 11), 1),
            ((6, 20, 12), -1), ((5, 6, 7, 3), 2)]
@@ -159,3 +160,22 @@ def test_errors(rng):
         cynorm.batch_norm_backward(np.ones((6, 3)), x, mean, invstd, np.ones(4))
     with pytest.raises(TypeError, match="grad_out"):
         cynorm.batch_norm_backward(np.ones((6, 3), complex), x, mean, invstd)
+
+
+@pytest.mark.parametrize("dtype,shape", [(np.float32, (12, 64, 8192)), (np.float64, (6, 42, 8192))])
+def test_training_by_feature_groups(rng, dtype, shape):
+    # g and x of 24 MiB and more, (N, C, L) with long L: training's backward takes the features
+    # a cache-sized group at a time (pyx/_backward.pxi, GROUP_BYTES; here 5 features a group,
+    # the last group shorter), sums then dx.  Against float64, on 1 and 2 threads.
+    x = hostile(rng, shape, dtype)
+    g = rng.standard_normal(shape).astype(dtype)
+    C = shape[1]
+    w = rng.uniform(0.5, 2, C).astype(dtype)
+    _, mean, invstd = cynorm.batch_norm(x, None, None, w, None, True, return_stats=True)
+    ref = reference_norm_backward(g, x, (0, 2), w, (C, 1))
+    for threads in (1, 2):
+        with cynorm.num_threads(threads):
+            dx, dw, db = cynorm.batch_norm_backward(g, x, mean, invstd, w, True, bias=w)
+        tol = 1e-4 if dtype == np.float32 else 1e-10
+        assert rel_err(dx, ref[0]) <= tol
+        assert rel_err(dw, ref[1]) <= tol and rel_err(db, ref[2]) <= tol
