@@ -734,4 +734,3 @@ def batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
     finally:
         free(parts)
         free(coef)
-

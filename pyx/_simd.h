@@ -190,13 +190,6 @@ static inline void NAME1(const T* CYNORM_RESTRICT r0, const double* CYNORM_RESTR
 CYNORM_CENTERED(cynorm_centered4_f, cynorm_centered1_f, float)
 CYNORM_CENTERED(cynorm_centered4_d, cynorm_centered1_d, double)
 
-/* Column moments of float32 rows for BatchNorm's forward pass, scaled deviations in float32:
- *   d = (r[f] - s[f]) * k[f],   c[f] += Σ d,   q[f] += Σ d²
- * with s[f] a float32 shift near the column's mean and k[f] a power of two bringing the
- * deviations near 1 (so neither d² nor the sums over- or underflow float32 on sane data; see
- * column_chunk_moments).  Sixteen rows are summed as a tree in float32 (error at most a few
- * float32 ulps of each group's Σ d²), then added to the float64 accumulators: half the vector
- * operations of the float64 sweep per element, and no conversion per element. */
 /* The power of two 2^-E that brings y (positive, finite) into [1, 2): y = m * 2^E, m in [1, 2)
  * for a normal y; 0 when |E| > 120 or y is subnormal, zero, inf or NaN (no scale then).  Bits
  * instead of frexp / ldexp, which are calls into libm: one per feature was a tenth of a small
@@ -216,6 +209,14 @@ static inline float cynorm_unit_scale(double y) {
         return out;
     }
 }
+
+/* Column moments of float32 rows for BatchNorm's forward pass, scaled deviations in float32:
+ *   d = (r[f] - s[f]) * k[f],   c[f] += Σ d,   q[f] += Σ d²
+ * with s[f] a float32 shift near the column's mean and k[f] a power of two bringing the
+ * deviations near 1 (so neither d² nor the sums over- or underflow float32 on sane data; see
+ * column_chunk_moments).  Sixteen rows are summed as a tree in float32 (error at most a few
+ * float32 ulps of each group's Σ d²), then added to the float64 accumulators: half the vector
+ * operations of the float64 sweep per element, and no conversion per element. */
 #define CYNORM_SD(i) const float d##i = (r##i[f] - S) * K
 static inline void cynorm_scaled16_f(const float* const* rows, const float* CYNORM_RESTRICT s,
                                      const float* CYNORM_RESTRICT k, double* CYNORM_RESTRICT c,
