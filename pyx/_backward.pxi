@@ -27,7 +27,8 @@ cdef void layer_norm_param_grads(const floating* g, Py_ssize_t ldg, const floati
                                  const double* mean, const double* rstd, double* dw, double* db,
                                  const unsigned char* mask) noexcept nogil:
     """dw += Σ g·x̂ and db += Σ g over the rows r0..r1 the mask keeps (dw or db may be NULL),
-    four rows per sweep."""
+    four rows per sweep.  float32 rows come here only one at a time (masked rows) or as the
+    up to three rows the four-row sweep of layer_norm_backward_rows leaves over."""
     cdef Py_ssize_t i = r0, j, k, idx[4]
     cdef const floating* gr[4]
     cdef const floating* xr[4]
@@ -47,10 +48,6 @@ cdef void layer_norm_param_grads(const floating* g, Py_ssize_t ldg, const floati
                 xr[k] = x + (i + k) * ldx
                 split_mean(mean[i + k], 0.0, &mh[k], &ml[k])
                 rs[k] = <floating>rstd[i + k]
-            if floating is float:
-                cynorm_ln_paramgrads4_f(gr, xr, mh, ml, rs, dw, db, D, NULL, NULL, NULL, NULL, 0)
-                i += 4
-                continue
             if dw != NULL:
                 for j in range(D):
                     dw[j] += ((gr[0][j] * (((xr[0][j] - mh[0]) - ml[0]) * rs[0])
