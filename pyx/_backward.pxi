@@ -325,18 +325,24 @@ cdef void _layer_norm_backward(const floating* g, Py_ssize_t ldg, const floating
 
 
 cdef void bn_reduce_sums(bint by_rows, Py_ssize_t M, Py_ssize_t N, Py_ssize_t C, int T,
-                         const double* parts, double* sums) noexcept nogil:
-    """Per-feature sums (2, C) from the per-row (by rows) or per-thread, per-column parts."""
+                         const double* parts, double* sums, Py_ssize_t c0=0,
+                         Py_ssize_t c1=-1) noexcept nogil:
+    """Per-feature sums (2, C) from the per-row (by rows) or per-thread, per-column parts (by
+    rows, features c0..c1 only if given)."""
     cdef Py_ssize_t t, i, a, c, j, L = N // C
-    for c in range(2 * C):
-        sums[c] = 0.0
     if by_rows:
-        for c in range(C):
+        c1 = C if c1 < 0 else c1
+        for c in range(c0, c1):
+            sums[c] = 0.0
+            sums[C + c] = 0.0
+        for c in range(c0, c1):
             for a in range(M // C):
                 i = a * C + c
                 sums[c] += parts[2 * i]
                 sums[C + c] += parts[2 * i + 1]
         return
+    for c in range(2 * C):
+        sums[c] = 0.0
     for t in range(T):
         for j in range(N):
             sums[j // L] += parts[2 * t * N + j]
@@ -457,34 +463,33 @@ cdef void grouped_rows(const floating* g, Py_ssize_t ldg, const floating* x, Py_
                         True, NULL, True)
 
 
+cdef void grouped_pass(const floating* g, Py_ssize_t ldg, const floating* x, Py_ssize_t ldx,
+                       floating* dx, Py_ssize_t lddx, Py_ssize_t A, Py_ssize_t c0,
+                       Py_ssize_t c1, Py_ssize_t L, Py_ssize_t C, const double* mean,
+                       double* parts, const floating* coef, int T) noexcept nogil:
+    """grouped_rows over all A samples, split among T threads."""
+    cdef Py_ssize_t t
+    if T <= 1:
+        grouped_rows(g, ldg, x, ldx, dx, lddx, 0, A, c0, c1, L, C, mean, parts, coef)
+        return
+    for t in prange(T, num_threads=T, schedule="static", chunksize=1):
+        grouped_rows(g, ldg, x, ldx, dx, lddx, chunk(A, t, T), chunk(A, t + 1, T), c0, c1, L,
+                     C, mean, parts, coef)
+
+
 cdef void _batch_norm_grouped(const floating* g, Py_ssize_t ldg, const floating* x,
                               Py_ssize_t ldx, floating* dx, Py_ssize_t lddx, Py_ssize_t M,
                               Py_ssize_t L, Py_ssize_t C, const double* mean,
                               const double* invstd, const floating* w, double n, double* parts,
                               double* sums, floating* coef, int T) noexcept nogil:
     """Training backward by rows, a group of features at a time (see GROUP_BYTES)."""
-    cdef Py_ssize_t A = M // C, G = group_features(A, L, sizeof(floating)), c0 = 0, c1, c, a, t
-    for c in range(2 * C):
-        sums[c] = 0.0
+    cdef Py_ssize_t A = M // C, G = group_features(A, L, sizeof(floating)), c0 = 0, c1
     while c0 < C:
         c1 = c0 + G if c0 + G < C else C
-        if T <= 1:
-            grouped_rows(g, ldg, x, ldx, dx, lddx, 0, A, c0, c1, L, C, mean, parts, NULL)
-        else:
-            for t in prange(T, num_threads=T, schedule="static", chunksize=1):
-                grouped_rows(g, ldg, x, ldx, dx, lddx, chunk(A, t, T), chunk(A, t + 1, T), c0,
-                             c1, L, C, mean, parts, NULL)
-        for c in range(c0, c1):
-            for a in range(A):
-                sums[c] += parts[2 * (a * C + c)]
-                sums[C + c] += parts[2 * (a * C + c) + 1]
+        grouped_pass(g, ldg, x, ldx, dx, lddx, A, c0, c1, L, C, mean, parts, NULL, T)
+        bn_reduce_sums(True, M, L, C, T, parts, sums, c0, c1)
         bn_coefficients(L, C, True, mean, invstd, w, sums, n, True, coef, c0, c1)
-        if T <= 1:
-            grouped_rows(g, ldg, x, ldx, dx, lddx, 0, A, c0, c1, L, C, mean, parts, coef)
-        else:
-            for t in prange(T, num_threads=T, schedule="static", chunksize=1):
-                grouped_rows(g, ldg, x, ldx, dx, lddx, chunk(A, t, T), chunk(A, t + 1, T), c0,
-                             c1, L, C, mean, parts, coef)
+        grouped_pass(g, ldg, x, ldx, dx, lddx, A, c0, c1, L, C, mean, parts, coef, T)
         c0 = c1
 
 
@@ -669,7 +674,7 @@ def batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
         raise MemoryError()
     if want_sums:
         sp = parts + off
-    grouped = (training and by_rows and rows * cols > 0
+    grouped = (training and by_rows
                and 2 * rows * cols * cnp.PyArray_ITEMSIZE(x) >= GROUP_MIN_BYTES
                and group_features(rows // C, cols, cnp.PyArray_ITEMSIZE(x)) >= GROUP_MIN_FEATURES)
     try:

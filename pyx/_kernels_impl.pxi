@@ -573,6 +573,30 @@ cdef bint scales_from_first_block(const double* hi, const double* m2, double nb,
     return True
 
 
+cdef inline void merge_block(Py_ssize_t F, double nb, double na, const double* c,
+                             const double* q, const double* hi, double* lo, double* m2,
+                             const float* s, const float* k) noexcept nogil:
+    """Chan's merge of a block of nb rows, its centred sums c = Σ(x - hi) and q = Σ(x - hi)²,
+    into the na rows before it (mean hi + lo, M2 m2).  With s (the float32 sweep) c and q are
+    sums of (x - s)·k: 1 / k scales them back and s - hi (exact) moves the block's mean onto
+    hi."""
+    cdef Py_ssize_t f
+    cdef double n = na + nb, inv_nb = 1.0 / nb, wb, wa, rel, m2b, delta, ik
+    wb = nb / n
+    wa = na * wb
+    for f in range(F):
+        rel = c[f] * inv_nb
+        m2b = q[f] - c[f] * rel
+        if s != NULL:
+            ik = 1.0 / <double>k[f]
+            m2b = m2b * ik * ik
+            rel = rel * ik + (<double>s[f] - hi[f])
+        m2b = m2b if not m2b < 0.0 else 0.0
+        delta = rel - lo[f]
+        lo[f] += delta * wb
+        m2[f] += m2b + delta * delta * wa
+
+
 cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t first,
                                Py_ssize_t last, Py_ssize_t F, Py_ssize_t rows_per_block,
                                const unsigned char* mask, double* count, double* hi, double* lo,
@@ -599,7 +623,7 @@ cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t firs
     """
     cdef const floating* rows[MAX_BLOCK_ROWS]
     cdef Py_ssize_t rb = first, re, f, nr
-    cdef double nb, n, inv_nb, wa, wb, rel, m2b, delta, ik
+    cdef double nb, inv_nb
     cdef bint scaled = False, redo = False
     cdef float* s = sk
     cdef float* k = sk + F if sk != NULL else NULL
@@ -625,39 +649,21 @@ cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t firs
         for f in range(F):
             c[f] = 0.0
             q[f] = 0.0
-        n = count[0] + nb
-        wb = nb / n
-        wa = count[0] * wb
         if scaled:
             if floating is float:
                 for f in range(F):
                     s[f] = <float>(hi[f] + lo[f])
                 column_block_scaled(rows, nr, F, s, k, c, q)
+        else:
+            if count[0] == 0:
+                column_block_sums(rows, nr, F, hi)
                 for f in range(F):
-                    ik = 1.0 / <double>k[f]
-                    rel = c[f] * inv_nb
-                    m2b = (q[f] - c[f] * rel) * ik * ik
-                    m2b = m2b if not m2b < 0.0 else 0.0
-                    delta = (rel * ik + (<double>s[f] - hi[f])) - lo[f]
-                    lo[f] += delta * wb
-                    m2[f] += m2b + delta * delta * wa
-            count[0] = n
-            continue
-        if count[0] == 0:
-            column_block_sums(rows, nr, F, hi)
-            for f in range(F):
-                hi[f] *= inv_nb
-        column_block_centered(rows, nr, F, hi, c, q)
-        for f in range(F):
-            rel = c[f] * inv_nb
-            m2b = q[f] - c[f] * rel
-            m2b = m2b if not m2b < 0.0 else 0.0
-            delta = rel - lo[f]
-            lo[f] += delta * wb
-            m2[f] += m2b + delta * delta * wa
-        count[0] = n
+                    hi[f] *= inv_nb
+            column_block_centered(rows, nr, F, hi, c, q)
+        merge_block(F, nb, count[0], c, q, hi, lo, m2, s if scaled else NULL, k)
+        count[0] += nb
         if floating is float:
-            if sk != NULL and n == nb:
+            if sk != NULL and count[0] == nb:
                 scaled = scales_from_first_block(hi, m2, nb, F, k)
     if floating is float:
         if scaled:
