@@ -133,7 +133,7 @@ FRONT_END_DIRECTIVES = {"language_level": 3, "binding": True, "embedsignature": 
 names = ["cynorm._kernels"] + (list(ISA_VARIANTS) if WANT_VARIANTS else [])
 extensions = [
     Extension(name, ["pyx/%s.pyx" % name.split(".")[1]], include_dirs=["pyx", np.get_include()],
-              depends=["pyx/_kernels_impl.pxi", "pyx/_backward.pxi", "pyx/_common.pxd", "pyx/_simd.h"])
+              depends=["pyx/_kernels_impl.pxi", "pyx/_backward.pxi", "pyx/_common.pxd", "pyx/_simd.h", "pyx/_pool.h"])
     for name in names
 ]
 

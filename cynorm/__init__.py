@@ -18,11 +18,14 @@ except ImportError as exc:  # pragma: no cover - depends on how the package was 
         f"cynorm's compiled extension cynorm._kernels could not be imported ({exc}). {_hint}"
     ) from exc
 
-from ._config import show_config
+from ._config import default_output_cache as _default_output_cache, show_config
+from ._kernels import output_cache_info, set_output_cache
 from ._moments import Moments, moments
 from ._threads import get_num_threads, num_threads, set_num_threads
 from .functional import batch_norm, batch_norm_backward, layer_norm, layer_norm_backward
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, LayerNorm
+
+set_output_cache(_default_output_cache())
 
 __all__ = [
     "__version__",
@@ -41,4 +44,6 @@ __all__ = [
     "get_num_threads",
     "set_num_threads",
     "num_threads",
+    "set_output_cache",
+    "output_cache_info",
 ]

@@ -1,5 +1,6 @@
 """show_config(): what was built and how it will run."""
 import importlib.machinery
+import os
 import pathlib
 import platform
 import sys
@@ -7,6 +8,7 @@ import sys
 import numpy as np
 
 from ._isa import available, kernels as _kernels
+from ._kernels import output_cache_info
 from ._threads import get_num_threads
 from ._version import __version__
 
@@ -47,7 +49,31 @@ def config_info():
         "threads": get_num_threads(),
         "build_flags": _kernels.build_flags(),
         "front_end": compiled_front_end(),
+        "output_cache": output_cache_info(),
     }
+
+
+def default_output_cache():
+    """The output cache's byte limit at import: ``CYNORM_OUTPUT_CACHE`` (bytes, or with a
+    K / M / G suffix; 0 turns it off) if set, else 1 GiB or a sixteenth of the machine's
+    memory, whichever is smaller."""
+    value = os.environ.get("CYNORM_OUTPUT_CACHE", "").strip()
+    if value:
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        scale = units.get(value[-1].upper(), 1)
+        try:
+            n = int(value[:-1] if scale > 1 else value) * scale
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise ValueError(f"CYNORM_OUTPUT_CACHE={value!r}: expected a byte count such as "
+                             "0, 268435456 or 256M")
+        return n
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        memory = 16 << 30
+    return min(1 << 30, memory // 16)
 
 
 def show_config():
@@ -63,3 +89,7 @@ def show_config():
     print(f"  kernels      {info['isa']} (built and runnable here: {', '.join(info['isa_available'])})")
     print(f"  build flags  {info['build_flags']}")
     print(f"  front end    compiled: {', '.join(info['front_end']) or 'none (interpreted)'}")
+    cache = info["output_cache"]
+    print(f"  output cache {cache['limit'] >> 20} MiB for outputs of {cache['min_size'] >> 20} "
+          f"MiB and more ({cache['held'] >> 20} MiB held in {cache['blocks']} blocks; "
+          f"{cache['hits']} reused, {cache['misses']} new)")

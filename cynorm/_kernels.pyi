@@ -21,6 +21,9 @@ def plain_size(a: object, dtype: np.dtype[np.floating], n: int) -> bool: ...  # 
 def layer_norm_shape(
     x: object, normalized_shape: object
 ) -> tuple[np.dtype[np.floating], tuple[int], int, int] | None: ...
+def empty(shape: tuple[int, ...], dtype: np.dtype[np.floating]) -> _F: ...
+def set_output_cache(nbytes: int) -> int: ...  # nbytes: Py_ssize_t; returns size_t
+def output_cache_info() -> dict[str, int]: ...
 def grad_outputs(
     x: np.ndarray, dtype: np.dtype[np.floating], param_shape: tuple[int, ...], weight: bool,
     bias: bool,

@@ -8,7 +8,11 @@ import operator
 
 import numpy as np
 
-from ._kernels import grad_outputs, layer_norm_shape, plain, plain_size
+from ._kernels import (empty, grad_outputs, layer_norm_shape, output_cache_info, plain,
+                       plain_size)
+
+# outputs of this many bytes and more come from the output cache (cynorm.set_output_cache)
+OUTPUT_CACHE_MIN = output_cache_info()["min_size"]
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)

@@ -11,7 +11,9 @@ from ._validation import (
     as_rows,
     check_out,
     dtypes,
+    empty,
     feature_axis,
+    OUTPUT_CACHE_MIN,
     grad_outputs,
     layer_norm_shape,
     normalized_shape as _normalized_shape,
@@ -50,29 +52,34 @@ def _kernel_input(a, cdt, rows, cols):
     return _rows_of(to_compute(a, cdt), rows, cols)
 
 
-def _output(x, shape, rows, cols, cdt, rdt, out, params, zeroed=False):
-    """(array the kernel writes, the array to return, or None to cast / copy into out).
+def _output(x, shape, rows, cols, cdt, rdt, out, params, masked=False):
+    """(array the kernel writes, the array to return or None to cast / copy into out, whether
+    the kernel must write the padding rows' zeros itself).
 
     The kernel writes straight into ``out`` when it has the compute dtype, a (rows, cols) view
     with contiguous rows, and shares no memory with the inputs, or is exactly x (in place).
     """
     if out is None:
-        # zeroed: with a padding mask the kernels leave padding rows alone, and fresh zeroed
-        # pages that are never touched cost no page fault
-        y = np.zeros(shape, dtype=cdt) if zeroed else np.empty(shape, dtype=cdt)
-        return y, (y if rdt is cdt else None)
+        # masked: the kernels leave padding rows alone in an output known to hold zeros; a
+        # small one is allocated zeroed (untouched zero pages cost no fault), a large one comes
+        # from the output cache, mapped already, and the kernel writes the zeros
+        if masked and rows * cols * cdt.itemsize < OUTPUT_CACHE_MIN:
+            y = np.zeros(shape, dtype=cdt)
+            return y, (y if rdt is cdt else None), False
+        y = empty(shape, cdt)
+        return y, (y if rdt is cdt else None), True
     if rdt is cdt and not _overlaps_any(out, params):
         if out is x:
-            return out, out  # in place on a C-contiguous x
+            return out, out, True  # in place on a C-contiguous x
         y2 = out if out.flags.c_contiguous else view_rows(out, rows, cols)
         if y2 is not None:
             if not np.may_share_memory(out, x):
-                return y2, out
+                return y2, out, True
             x2 = x if x.ndim == 2 or not x.flags.c_contiguous else x.reshape(rows, cols)
             y2v = y2 if y2.ndim == 2 else y2.reshape(rows, cols)
             if same_memory(x2, y2v):
-                return y2, out
-    return np.empty((rows, cols), dtype=cdt), None
+                return y2, out, True
+    return empty((rows, cols), cdt), None, True
 
 
 def _overlaps_any(out, params):
@@ -151,13 +158,13 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
         y = np.empty(shape, dtype=rdt) if out is None else out
         return (y, stats[0], stats[1]) if return_stats else y
     x = _kernel_input(x, cdt, rows, cols)
-    fresh = out is None and row_mask is not None
-    y, result = _output(x, shape, rows, cols, cdt, rdt, out, (w, b), zeroed=fresh)
+    y, result, write_padding = _output(x, shape, rows, cols, cdt, rdt, out, (w, b),
+                                       row_mask is not None)
     mean = rstd = None
     if return_stats:
         mean, rstd = stats[0].reshape(rows), stats[1].reshape(rows)
     _kernels.layer_norm(x, y, cols, w, b, mean, rstd, eps, threads_for(size), row_mask,
-                        not fresh)
+                        write_padding)
     y = _finish(y, result, shape, rdt, out)
     return (y, stats[0], stats[1]) if return_stats else y
 
@@ -413,11 +420,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     n_threads = threads_for(size, BATCH_NORM_SERIAL_BELOW)
     rows, cols, by_rows = _layout(A, C, L)
     x = _rows_of(x, rows, cols)
-    fresh = out is None and row_mask is not None
     if not training and direct:
-        y, result = _output(x, shape, rows, cols, cdt, rdt, out, (), zeroed=fresh)
+        y, result, write_padding = _output(x, shape, rows, cols, cdt, rdt, out, (),
+                                           row_mask is not None)
         _kernels.normalize_running(x, y, rows, cols, by_rows, rm, rv, w, b, eps, n_threads,
-                                   row_mask, not fresh)
+                                   row_mask, write_padding)
         y = _finish(y, result, shape, rdt, out)
         if return_stats:
             return y, rm.astype(np.float64), _invstd(rv.astype(np.float64), eps)
@@ -442,7 +449,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
             xs, stats_s, s = scaled
             y = _apply_stats(xs, shape, rows, cols, by_rows, cdt, rdt,
                              _scaled_params_stats(stats_s, count, eps, s), 1.0, w, b, 0.0,
-                             n_threads, out, row_mask, fresh)
+                             n_threads, out, row_mask)
             if return_stats:
                 return y, stats[0] + stats[1], _invstd(stats_s[2] / count + eps * s * s, 0.0) * s
             return y
@@ -453,7 +460,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         stats[2] = rv
         var_scale = 1.0
     y = _apply_stats(x, shape, rows, cols, by_rows, cdt, rdt, stats, var_scale, w, b, eps,
-                     n_threads, out, row_mask, fresh)
+                     n_threads, out, row_mask)
     if return_stats:
         return y, stats[0] + stats[1], _invstd(stats[2] * var_scale, eps)
     return y
@@ -491,14 +498,15 @@ def _scaled_params_stats(stats_s, count, eps, s):
 
 
 def _apply_stats(x, shape, rows, cols, by_rows, cdt, rdt, stats, var_scale, w, b, eps,
-                 n_threads, out=None, row_mask=None, fresh=False):
+                 n_threads, out=None, row_mask=None):
     """y = (x - mean) * weight / sqrt(var + eps) + bias, from float64 stats (3, C): the mean as
     hi + lo and the variance times 1 / var_scale; x already laid out as _layout says."""
     C = stats.shape[1]
     params = np.empty((3, C), dtype=cdt)
     _kernels.batch_norm_params(stats, var_scale, w, b, eps, params)
-    y, result = _output(x, shape, rows, cols, cdt, rdt, out, (), zeroed=fresh)
-    _kernels.normalize(x, y, rows, cols, by_rows, params, n_threads, row_mask, not fresh)
+    y, result, write_padding = _output(x, shape, rows, cols, cdt, rdt, out, (),
+                                       row_mask is not None)
+    _kernels.normalize(x, y, rows, cols, by_rows, params, n_threads, row_mask, write_padding)
     return _finish(y, result, shape, rdt, out)
 
 

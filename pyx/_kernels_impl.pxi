@@ -130,6 +130,60 @@ def layer_norm_shape(object x, object normalized_shape):
             cnp.PyArray_SIZE(arr) // n, n)
 
 
+# ---------------------------------------------------------------------------------------------
+# Outputs.  Large ones come from the output cache (_pool.h): buffers NumPy frees are kept, up to
+# a byte limit, and handed to the next output of about their size with their pages mapped.
+#
+cdef extern from "_pool.h":
+    object cynorm_pool_empty(int nd, cnp.npy_intp* dims, int typenum)
+    size_t cynorm_pool_set_limit(size_t limit) noexcept
+    void cynorm_pool_info(size_t* info) noexcept
+    size_t cynorm_pool_limit() noexcept
+
+cdef enum:
+    CACHED_OUTPUT_MIN = 1 << 22   # bytes: smaller outputs are NumPy's (malloc's free lists)
+
+
+cdef object new_array(int nd, cnp.npy_intp* dims, int t, Py_ssize_t itemsize):
+    """An uninitialized C-contiguous array: from the output cache when it is large (and the
+    cache is on), else plain PyArray_EMPTY."""
+    cdef Py_ssize_t k, nbytes = itemsize
+    if cynorm_pool_limit():
+        for k in range(nd):
+            nbytes *= dims[k]
+        if nbytes >= CACHED_OUTPUT_MIN:
+            return cynorm_pool_empty(nd, dims, t)
+    return cnp.PyArray_EMPTY(nd, dims, t, 0)
+
+
+def empty(tuple shape, cnp.dtype dtype):
+    """np.empty(shape, dtype) for a kernel's output (the front end has checked the shape):
+    large outputs come from the output cache."""
+    cdef cnp.npy_intp dims[64]
+    cdef int k, nd = len(shape)
+    if nd > 64:
+        raise ValueError("too many dimensions")
+    for k in range(nd):
+        dims[k] = shape[k]
+    return new_array(nd, dims, dtype.type_num, dtype.itemsize)
+
+
+def set_output_cache(Py_ssize_t nbytes):
+    """Set how many bytes of freed large outputs are kept for reuse (0: none); blocks beyond
+    the new limit are freed at once.  Returns the previous limit."""
+    if nbytes < 0:
+        raise ValueError(f"the output cache limit must be >= 0 bytes, got {nbytes}")
+    return cynorm_pool_set_limit(<size_t>nbytes)
+
+
+def output_cache_info():
+    """The output cache's state: limit and held bytes, held blocks, hits and misses."""
+    cdef size_t info[5]
+    cynorm_pool_info(info)
+    return {"limit": info[0], "held": info[1], "blocks": info[2], "hits": info[3],
+            "misses": info[4], "min_size": CACHED_OUTPUT_MIN}
+
+
 def grad_outputs(cnp.ndarray x, cnp.dtype dtype, tuple param_shape, bint weight, bint bias):
     """A backward call's fresh outputs, through the C API (np.empty costs ~0.15 µs an array
     from Python): (grad_input of x's shape, grad_weight and grad_bias of param_shape, each None
@@ -140,7 +194,7 @@ def grad_outputs(cnp.ndarray x, cnp.dtype dtype, tuple param_shape, bint weight,
         raise ValueError("too many dimensions")
     for k in range(nd):
         dims[k] = param_shape[k]
-    return (cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), t, 0),
+    return (new_array(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), t, dtype.itemsize),
             cnp.PyArray_EMPTY(nd, dims, t, 0) if weight else None,
             cnp.PyArray_EMPTY(nd, dims, t, 0) if bias else None)
 
