@@ -157,12 +157,9 @@ static void NAME(const T* g_, const T* w_, const T* x, ptrdiff_t n, double shift
 }
 
 #define CYNORM_LOAD4_D(v, p) memcpy(&(v), (p), sizeof(cynorm_v4d))
-#define CYNORM_LOAD4_F(v, p)                                                              \
-    do {                                                                                  \
-        cynorm_v4f f_;                                                                    \
-        memcpy(&f_, (p), sizeof(cynorm_v4f));                                             \
-        (v) = __builtin_convertvector(f_, cynorm_v4d);                                    \
-    } while (0)
+/* one vcvtps2pd from memory (__builtin_convertvector here gave two two-float conversions
+   and a vinsertf128) */
+#define CYNORM_LOAD4_F(v, p) (v) = (cynorm_v4d)_mm256_cvtps_pd(_mm_loadu_ps(p))
 
 CYNORM_INSTANTIATE(CYNORM_LOAD4_F, CYNORM_LOAD4_D)
 #else
@@ -568,14 +565,11 @@ static void cynorm_ln_gx_sums_f(const float* g, const float* w, const float* x, 
         e = (e - vh) - vl;
 #if defined(__AVX__) && !defined(__AVX512F__)   /* eight doubles as two halves (see above) */
         {
-            cynorm_v8f ab = a + b, ce = a * c + b * e;
-            cynorm_v4f h[4];
-            memcpy(h, &ab, 32);
-            memcpy(h + 2, &ce, 32);
-            s1lo += __builtin_convertvector(h[0], cynorm_v4d);
-            s1hi += __builtin_convertvector(h[1], cynorm_v4d);
-            s2lo += __builtin_convertvector(h[2], cynorm_v4d);
-            s2hi += __builtin_convertvector(h[3], cynorm_v4d);
+            __m256 ab = (__m256)(a + b), ce = (__m256)(a * c + b * e);
+            s1lo += (cynorm_v4d)_mm256_cvtps_pd(_mm256_castps256_ps128(ab));
+            s1hi += (cynorm_v4d)_mm256_cvtps_pd(_mm256_extractf128_ps(ab, 1));
+            s2lo += (cynorm_v4d)_mm256_cvtps_pd(_mm256_castps256_ps128(ce));
+            s2hi += (cynorm_v4d)_mm256_cvtps_pd(_mm256_extractf128_ps(ce, 1));
         }
 #else
         s1 += cynorm_widen(a + b);
