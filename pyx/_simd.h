@@ -54,6 +54,18 @@ static inline double cynorm_hsum(cynorm_v8d v) {
 
 /* s1 += A, s2 += B over x[0:n] (and g[0:n]), where d = x - shift; A and B are expressions in
    d and g: (d, d * d) for the moments, (g, g * d) for the backward sums. */
+
+/* The elements after the last whole sixteen, one at a time in float64, then the results. */
+#define CYNORM_TWO_SUMS_TAIL(A, B)                                                        \
+    for (; i < n; i++) {                                                                  \
+        ds = (double)x[i] - shift;                                                        \
+        if (g_)                                                                           \
+            gs = (double)g_[i] * (w_ ? (double)w_[i] : 1.0);                              \
+        t1 += A(ds, gs);                                                                  \
+        t2 += B(ds, gs);                                                                  \
+    }                                                                                     \
+    *s1 = t1;                                                                             \
+    *s2 = t2;
 #define CYNORM_TWO_SUMS(NAME, T, LOAD8, A, B)                                             \
 static void NAME(const T* g_, const T* w_, const T* x, ptrdiff_t n, double shift,        \
                  double* s1, double* s2) {                                                \
@@ -84,15 +96,7 @@ static void NAME(const T* g_, const T* w_, const T* x, ptrdiff_t n, double shift
     }                                                                                     \
     t1 = cynorm_hsum(a0 + a1);                                                            \
     t2 = cynorm_hsum(q0 + q1);                                                            \
-    for (; i < n; i++) {                                                                  \
-        ds = (double)x[i] - shift;                                                        \
-        if (g_)                                                                           \
-            gs = (double)g_[i] * (w_ ? (double)w_[i] : 1.0);                              \
-        t1 += A(ds, gs);                                                                  \
-        t2 += B(ds, gs);                                                                  \
-    }                                                                                     \
-    *s1 = t1;                                                                             \
-    *s2 = t2;                                                                             \
+    CYNORM_TWO_SUMS_TAIL(A, B)                                                            \
 }
 
 #define CYNORM_LOAD8_D(v, p) memcpy(&(v), (p), sizeof(cynorm_v8d))
@@ -145,15 +149,7 @@ static void NAME(const T* g_, const T* w_, const T* x, ptrdiff_t n, double shift
     memcpy(p2, q, 64);                                                                    \
     t1 = ((p1[0] + p1[4]) + (p1[2] + p1[6])) + ((p1[1] + p1[5]) + (p1[3] + p1[7]));       \
     t2 = ((p2[0] + p2[4]) + (p2[2] + p2[6])) + ((p2[1] + p2[5]) + (p2[3] + p2[7]));       \
-    for (; i < n; i++) {                                                                  \
-        ds = (double)x[i] - shift;                                                        \
-        if (g_)                                                                           \
-            gs = (double)g_[i] * (w_ ? (double)w_[i] : 1.0);                              \
-        t1 += A(ds, gs);                                                                  \
-        t2 += B(ds, gs);                                                                  \
-    }                                                                                     \
-    *s1 = t1;                                                                             \
-    *s2 = t2;                                                                             \
+    CYNORM_TWO_SUMS_TAIL(A, B)                                                            \
 }
 
 #define CYNORM_LOAD4_D(v, p) memcpy(&(v), (p), sizeof(cynorm_v4d))
