@@ -7,13 +7,13 @@ from ._isa import kernels as _kernels
 from ._threads import threads_for
 from ._validation import (
     _F64,
+    OUTPUT_CACHE_MIN,
     as_array,
     as_rows,
     check_out,
     dtypes,
     empty,
     feature_axis,
-    OUTPUT_CACHE_MIN,
     grad_outputs,
     layer_norm_shape,
     normalized_shape as _normalized_shape,
