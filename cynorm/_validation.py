@@ -8,11 +8,7 @@ import operator
 
 import numpy as np
 
-from ._kernels import (empty, grad_outputs, layer_norm_shape, output_cache_info, plain,
-                       plain_size)
-
-# outputs of this many bytes and more come from the output cache (cynorm.set_output_cache)
-OUTPUT_CACHE_MIN = output_cache_info()["min_size"]
+from ._kernels import empty, grad_outputs, layer_norm_shape, masked_output, plain, plain_size
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)

@@ -7,7 +7,6 @@ from ._isa import kernels as _kernels
 from ._threads import threads_for
 from ._validation import (
     _F64,
-    OUTPUT_CACHE_MIN,
     as_array,
     as_rows,
     check_out,
@@ -16,6 +15,7 @@ from ._validation import (
     feature_axis,
     grad_outputs,
     layer_norm_shape,
+    masked_output,
     normalized_shape as _normalized_shape,
     param,
     plain,
@@ -60,12 +60,9 @@ def _output(x, shape, rows, cols, cdt, rdt, out, params, masked=False):
     with contiguous rows, and shares no memory with the inputs, or is exactly x (in place).
     """
     if out is None:
-        # masked: the kernels leave padding rows alone in an output known to hold zeros; a
-        # small one is allocated zeroed (untouched zero pages cost no fault), a large one comes
-        # from the output cache, mapped already, and the kernel writes the zeros
-        if masked and rows * cols * cdt.itemsize < OUTPUT_CACHE_MIN:
-            y = np.zeros(shape, dtype=cdt)
-            return y, (y if rdt is cdt else None), False
+        if masked:
+            y, write_padding = masked_output(shape, cdt)
+            return y, (y if rdt is cdt else None), write_padding
         y = empty(shape, cdt)
         return y, (y if rdt is cdt else None), True
     if rdt is cdt and not _overlaps_any(out, params):

@@ -144,28 +144,52 @@ cdef enum:
     CACHED_OUTPUT_MIN = 1 << 22   # bytes: smaller outputs are NumPy's (malloc's free lists)
 
 
+cdef bint cached(int nd, cnp.npy_intp* dims, Py_ssize_t itemsize) noexcept:
+    """Whether an output of this shape comes from the output cache: large, and the cache on."""
+    cdef Py_ssize_t k, nbytes = itemsize
+    if not cynorm_pool_limit():
+        return False
+    for k in range(nd):
+        nbytes *= dims[k]
+    return nbytes >= CACHED_OUTPUT_MIN
+
+
 cdef object new_array(int nd, cnp.npy_intp* dims, int t, Py_ssize_t itemsize):
     """An uninitialized C-contiguous array: from the output cache when it is large (and the
     cache is on), else plain PyArray_EMPTY."""
-    cdef Py_ssize_t k, nbytes = itemsize
-    if cynorm_pool_limit():
-        for k in range(nd):
-            nbytes *= dims[k]
-        if nbytes >= CACHED_OUTPUT_MIN:
-            return cynorm_pool_empty(nd, dims, t)
+    if cached(nd, dims, itemsize):
+        return cynorm_pool_empty(nd, dims, t)
     return cnp.PyArray_EMPTY(nd, dims, t, 0)
+
+
+cdef int tuple_dims(tuple shape, cnp.npy_intp* dims) except -1:
+    """shape into dims (room for 64); returns the number of dimensions."""
+    cdef int k, nd = len(shape)
+    if nd > 64:
+        raise ValueError("too many dimensions")
+    for k in range(nd):
+        dims[k] = shape[k]
+    return nd
 
 
 def empty(tuple shape, cnp.dtype dtype):
     """np.empty(shape, dtype) for a kernel's output (the front end has checked the shape):
     large outputs come from the output cache."""
     cdef cnp.npy_intp dims[64]
-    cdef int k, nd = len(shape)
-    if nd > 64:
-        raise ValueError("too many dimensions")
-    for k in range(nd):
-        dims[k] = shape[k]
+    cdef int nd = tuple_dims(shape, dims)
     return new_array(nd, dims, dtype.type_num, dtype.itemsize)
+
+
+def masked_output(tuple shape, cnp.dtype dtype):
+    """A fresh output for a call with a padding mask: (array, whether the kernel must write the
+    padding rows' zeros).  From the output cache when it is large (mapped already; the kernel
+    writes the zeros), else zeroed (untouched zero pages cost no fault; the kernel leaves the
+    padding rows alone)."""
+    cdef cnp.npy_intp dims[64]
+    cdef int nd = tuple_dims(shape, dims)
+    if cached(nd, dims, dtype.itemsize):
+        return cynorm_pool_empty(nd, dims, dtype.type_num), True
+    return cnp.PyArray_ZEROS(nd, dims, dtype.type_num, 0), False
 
 
 def set_output_cache(Py_ssize_t nbytes):
@@ -189,11 +213,7 @@ def grad_outputs(cnp.ndarray x, cnp.dtype dtype, tuple param_shape, bint weight,
     from Python): (grad_input of x's shape, grad_weight and grad_bias of param_shape, each None
     unless asked for), all of this dtype."""
     cdef cnp.npy_intp dims[64]
-    cdef int k, nd = len(param_shape), t = dtype.type_num
-    if nd > 64:
-        raise ValueError("too many dimensions")
-    for k in range(nd):
-        dims[k] = param_shape[k]
+    cdef int nd = tuple_dims(param_shape, dims), t = dtype.type_num
     return (new_array(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), t, dtype.itemsize),
             cnp.PyArray_EMPTY(nd, dims, t, 0) if weight else None,
             cnp.PyArray_EMPTY(nd, dims, t, 0) if bias else None)

@@ -52,6 +52,32 @@ static inline double cynorm_hsum(cynorm_v8d v) {
     return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
 }
 
+/* CYNORM_AVX2_BUILD: AVX without AVX-512.  Eight doubles (64 bytes) have no machine mode
+   there, so GCC keeps cynorm_v8d values in memory and assembles them element by element (3x
+   slower than the baseline build in the two-sum loops on a Zen 3).  Its hot loops hold the
+   same eight lanes as two halves of four doubles instead, with these helpers.  (Its streaming
+   stores are 32 bytes, half a line: see cynorm_ln_paramgrads4_f.) */
+#if defined(__AVX__) && !defined(__AVX512F__)
+#define CYNORM_AVX2_BUILD 1
+#include <immintrin.h>
+typedef double cynorm_v4d __attribute__((vector_size(32)));
+
+/* lanes 0-3 and 4-7 of eight floats as doubles, one vcvtps2pd each */
+static inline cynorm_v4d cynorm_widen_lo(cynorm_v8f v) {
+    return (cynorm_v4d)_mm256_cvtps_pd(_mm256_castps256_ps128((__m256)v));
+}
+static inline cynorm_v4d cynorm_widen_hi(cynorm_v8f v) {
+    return (cynorm_v4d)_mm256_cvtps_pd(_mm256_extractf128_ps((__m256)v, 1));
+}
+/* cynorm_hsum of the eight lanes lo (0-3), hi (4-7): the same additions in the same order */
+static inline double cynorm_hsum_halves(cynorm_v4d lo, cynorm_v4d hi) {
+    cynorm_v4d u = lo + hi;
+    return (u[0] + u[2]) + (u[1] + u[3]);
+}
+#else
+#define CYNORM_AVX2_BUILD 0
+#endif
+
 /* s1 += A, s2 += B over x[0:n] (and g[0:n]), where d = x - shift; A and B are expressions in
    d and g: (d, d * d) for the moments, (g, g * d) for the backward sums. */
 
@@ -107,14 +133,9 @@ static void NAME(const T* g_, const T* w_, const T* x, ptrdiff_t n, double shift
         (v) = cynorm_widen(f_);                                                           \
     } while (0)
 
-#if defined(__AVX__) && !defined(__AVX512F__)
+#if CYNORM_AVX2_BUILD
 /* AVX2 builds: the same sixteen partial sums in the same order, held as four vectors of four
-   doubles.  Eight doubles (64 bytes) have no machine mode without AVX-512, so GCC keeps such
-   vectors in memory and assembles them element by element: the loop above ran at a third of
-   the baseline build's speed on AVX2 CPUs. */
-#include <immintrin.h>
-typedef double cynorm_v4d __attribute__((vector_size(32)));
-typedef float cynorm_v4f __attribute__((vector_size(16)));
+   doubles (a[0], a[1]: lanes 0-3, 4-7 of the first eight; a[2], a[3]: of the next eight). */
 
 #undef CYNORM_TWO_SUMS
 #define CYNORM_TWO_SUMS(NAME, T, LOAD4, A, B)                                             \
@@ -123,11 +144,11 @@ static void NAME(const T* g_, const T* w_, const T* x, ptrdiff_t n, double shift
     cynorm_v4d zero = {0, 0, 0, 0};                                                       \
     cynorm_v4d k = zero + shift, a[4] = {zero, zero, zero, zero};                         \
     cynorm_v4d q[4] = {zero, zero, zero, zero}, d, g = zero, u;                           \
-    double p1[8], p2[8], t1, t2, ds, gs = 0;                                              \
+    double t1, t2, ds, gs = 0;                                                            \
     ptrdiff_t i = 0;                                                                      \
     int v;                                                                                \
     for (; i + 16 <= n; i += 16) {                                                        \
-        for (v = 0; v < 4; v++) {   /* lanes 0-3, 4-7 of the first eight, then the next */ \
+        for (v = 0; v < 4; v++) {                                                         \
             LOAD4(d, x + i + 4 * v);                                                      \
             if (g_) {                                                                     \
                 LOAD4(g, g_ + i + 4 * v);                                                 \
@@ -141,14 +162,8 @@ static void NAME(const T* g_, const T* w_, const T* x, ptrdiff_t n, double shift
             q[v] += B(d, g);                                                              \
         }                                                                                 \
     }                                                                                     \
-    a[0] += a[2];                                                                         \
-    a[1] += a[3];                                                                         \
-    q[0] += q[2];                                                                         \
-    q[1] += q[3];                                                                         \
-    memcpy(p1, a, 64);                                                                    \
-    memcpy(p2, q, 64);                                                                    \
-    t1 = ((p1[0] + p1[4]) + (p1[2] + p1[6])) + ((p1[1] + p1[5]) + (p1[3] + p1[7]));       \
-    t2 = ((p2[0] + p2[4]) + (p2[2] + p2[6])) + ((p2[1] + p2[5]) + (p2[3] + p2[7]));       \
+    t1 = cynorm_hsum_halves(a[0] + a[2], a[1] + a[3]);                                    \
+    t2 = cynorm_hsum_halves(q[0] + q[2], q[1] + q[3]);                                    \
     CYNORM_TWO_SUMS_TAIL(A, B)                                                            \
 }
 
@@ -417,16 +432,17 @@ static inline void cynorm_std(double* p, cynorm_v8d v, ptrdiff_t n) {
 }
 
 /* p[0:n] += s[0:n] in float64, n from 1 to 8 (the parameter gradients' and BatchNorm's column
-   sums).  AVX2 builds add in two halves of four doubles: through cynorm_v8d, which has no
-   machine mode there, every step went through the stack. */
+   sums).  AVX2 builds add in two halves of four doubles. */
 static inline void cynorm_acc8(double* p, cynorm_v8f s, ptrdiff_t n) {
-#if defined(__AVX__) && !defined(__AVX512F__)
+#if CYNORM_AVX2_BUILD
     if (n == 8) {
-        __m256d lo = _mm256_loadu_pd(p), hi = _mm256_loadu_pd(p + 4);
-        lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128((__m256)s)));
-        hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps((__m256)s, 1)));
-        _mm256_storeu_pd(p, lo);
-        _mm256_storeu_pd(p + 4, hi);
+        cynorm_v4d lo, hi;
+        memcpy(&lo, p, 32);
+        memcpy(&hi, p + 4, 32);
+        lo += cynorm_widen_lo(s);
+        hi += cynorm_widen_hi(s);
+        memcpy(p, &lo, 32);
+        memcpy(p + 4, &hi, 32);
     } else {
         float t[8];
         ptrdiff_t i;
@@ -540,7 +556,7 @@ static void cynorm_ln_gx_sums_f(const float* g, const float* w, const float* x, 
 #if defined(__GNUC__) || defined(__clang__)
     cynorm_v8f z = {0, 0, 0, 0, 0, 0, 0, 0};
     cynorm_v8f vh = z + mh, vl = z + ml, a, b, c, e, u, v;
-#if defined(__AVX__) && !defined(__AVX512F__)
+#if CYNORM_AVX2_BUILD
     cynorm_v4d s1lo = {0, 0, 0, 0}, s1hi = s1lo, s2lo = s1lo, s2hi = s1lo;
 #else
     cynorm_v8d zd = {0, 0, 0, 0, 0, 0, 0, 0}, s1 = zd, s2 = zd;
@@ -559,24 +575,22 @@ static void cynorm_ln_gx_sums_f(const float* g, const float* w, const float* x, 
         memcpy(&c, x + i, 32); memcpy(&e, x + i + 8, 32);
         c = (c - vh) - vl;
         e = (e - vh) - vl;
-#if defined(__AVX__) && !defined(__AVX512F__)   /* eight doubles as two halves (see above) */
+#if CYNORM_AVX2_BUILD
         {
-            __m256 ab = (__m256)(a + b), ce = (__m256)(a * c + b * e);
-            s1lo += (cynorm_v4d)_mm256_cvtps_pd(_mm256_castps256_ps128(ab));
-            s1hi += (cynorm_v4d)_mm256_cvtps_pd(_mm256_extractf128_ps(ab, 1));
-            s2lo += (cynorm_v4d)_mm256_cvtps_pd(_mm256_castps256_ps128(ce));
-            s2hi += (cynorm_v4d)_mm256_cvtps_pd(_mm256_extractf128_ps(ce, 1));
+            cynorm_v8f ab = a + b, ce = a * c + b * e;
+            s1lo += cynorm_widen_lo(ab);
+            s1hi += cynorm_widen_hi(ab);
+            s2lo += cynorm_widen_lo(ce);
+            s2hi += cynorm_widen_hi(ce);
         }
 #else
         s1 += cynorm_widen(a + b);
         s2 += cynorm_widen(a * c + b * e);
 #endif
     }
-#if defined(__AVX__) && !defined(__AVX512F__)
-    s1lo += s1hi;
-    s2lo += s2hi;
-    t1 = (s1lo[0] + s1lo[2]) + (s1lo[1] + s1lo[3]);
-    t2 = (s2lo[0] + s2lo[2]) + (s2lo[1] + s2lo[3]);
+#if CYNORM_AVX2_BUILD
+    t1 = cynorm_hsum_halves(s1lo, s1hi);
+    t2 = cynorm_hsum_halves(s2lo, s2hi);
 #else
     t1 = cynorm_hsum(s1);
     t2 = cynorm_hsum(s2);
@@ -699,7 +713,7 @@ static void cynorm_ln_paramgrads4_f(const float* const* g, const float* const* x
             p[k] = af[k];
             q[k] = cf[k];
         }
-#if defined(__AVX__) && !defined(__AVX512F__)
+#if CYNORM_AVX2_BUILD
     /* AVX2: a streaming store fills half a line, and the sweep writes four rows in turn, so
        each row's lines are left half-written while the other three are stored; on a Zen 3 that
        made the sweep 4-5 times slower than normal stores (LN backward (16384, 1024) float32,
