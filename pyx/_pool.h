@@ -19,6 +19,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #define CYNORM_POOL_SLOTS 8
 #define CYNORM_POOL_ALIGN 64
@@ -50,6 +53,22 @@ static struct {
 static size_t *cynorm_pool_cap(void *data) { return (size_t *)data - 1; }
 static void **cynorm_pool_base(void *data) { return (void **)data - 2; }
 
+/* Ask Linux for transparent huge pages over [p, p + n) (the whole 4 KiB pages in it), as NumPy
+   does for the arrays of 4 MiB and more that its default handler allocates (a handler of one's
+   own is not advised by NumPy).  Whether a buffer got them depended otherwise on what memory
+   malloc reused. */
+static void cynorm_pool_hugepages(char *p, size_t n) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    uintptr_t lo = ((uintptr_t)p + 4095) & ~(uintptr_t)4095;
+    uintptr_t hi = ((uintptr_t)p + n) & ~(uintptr_t)4095;
+    if (n >= ((size_t)4 << 20) && hi > lo)
+        (void)madvise((void *)lo, hi - lo, MADV_HUGEPAGE);  /* advice: failure changes nothing */
+#else
+    (void)p;
+    (void)n;
+#endif
+}
+
 /* A new buffer of cap bytes, outside the cache. */
 static void *cynorm_pool_new(size_t cap) {
     size_t room = 2 * sizeof(void *) + CYNORM_POOL_ALIGN - 1;
@@ -63,6 +82,7 @@ static void *cynorm_pool_new(size_t cap) {
                     & ~(uintptr_t)(CYNORM_POOL_ALIGN - 1));
     *cynorm_pool_base(data) = base;
     *cynorm_pool_cap(data) = cap;
+    cynorm_pool_hugepages(base, cap + room);
     return data;
 }
 
