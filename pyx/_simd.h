@@ -78,6 +78,18 @@ static inline double cynorm_hsum_halves(cynorm_v4d lo, cynorm_v4d hi) {
 #define CYNORM_AVX2_BUILD 0
 #endif
 
+/* CYNORM_SSE2_BUILD: x86 without AVX (the baseline kernels of an x86-64 wheel).  Eight floats
+   are two 16-byte registers there, and GCC turns a float scalar used with them into a vector
+   through the stack (eight 4-byte stores, two 16-byte loads that wait for them).  LN
+   backward's four-row sweep, with five such scalars per row, works in four floats instead. */
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__SSE2__) && !defined(__AVX__)
+#define CYNORM_SSE2_BUILD 1
+#include <emmintrin.h>
+typedef float cynorm_v4f __attribute__((vector_size(16)));
+#else
+#define CYNORM_SSE2_BUILD 0
+#endif
+
 /* s1 += A, s2 += B over x[0:n] (and g[0:n]), where d = x - shift; A and B are expressions in
    d and g: (d, d * d) for the moments, (g, g * d) for the backward sums. */
 
@@ -665,6 +677,48 @@ static inline void cynorm_ln_pg_step(const float* const* gr, const float* const*
     }
 }
 
+#if CYNORM_SSE2_BUILD
+/* p[0:4] += s in float64 */
+static inline void cynorm_acc4(double* p, cynorm_v4f s) {
+    __m128d lo = _mm_cvtps_pd((__m128)s), hi = _mm_cvtps_pd(_mm_movehl_ps((__m128)s, (__m128)s));
+    _mm_storeu_pd(p, _mm_add_pd(_mm_loadu_pd(p), lo));
+    _mm_storeu_pd(p + 2, _mm_add_pd(_mm_loadu_pd(p + 2), hi));
+}
+
+/* cynorm_ln_pg_step in four columns (the same operations in the same order: the same bits) */
+static inline void cynorm_ln_pg_step4(const float* const* gr, const float* const* xr,
+                                      ptrdiff_t j, const float* h, const float* l,
+                                      const float* r, const float* p, const float* q,
+                                      const float* w, float* const* dr, double* dw,
+                                      double* db) {
+    cynorm_v4f a[4], b[4], s, u, wv = {0, 0, 0, 0};
+    int k;
+    for (k = 0; k < 4; k++) {
+        memcpy(&a[k], gr[k] + j, 16);
+        memcpy(&b[k], xr[k] + j, 16);
+        b[k] = (b[k] - h[k]) - l[k];
+    }
+    if (dr[0]) {
+        if (w)
+            memcpy(&wv, w + j, 16);
+        for (k = 0; k < 4; k++) {
+            u = w ? a[k] * wv : a[k];
+            u = r[k] * (u - p[k]) - q[k] * b[k];
+            memcpy(dr[k] + j, &u, 16);
+        }
+    }
+    if (dw) {
+        s = (a[0] * (b[0] * r[0]) + a[1] * (b[1] * r[1]))
+            + (a[2] * (b[2] * r[2]) + a[3] * (b[3] * r[3]));
+        cynorm_acc4(dw + j, s);
+    }
+    if (db) {
+        s = (a[0] + a[1]) + (a[2] + a[3]);
+        cynorm_acc4(db + j, s);
+    }
+}
+#endif
+
 /* dx of one row (the rows outside cynorm_ln_paramgrads4_f's groups of four) */
 static void cynorm_ln_dx_row_f(const float* g, const float* w, const float* x, float* dx,
                                ptrdiff_t n, float mh, float ml, float rs, float af, float cf) {
@@ -725,14 +779,21 @@ static void cynorm_ln_paramgrads4_f(const float* const* g, const float* const* x
         nt = head >= 0;
         head = nt ? head : 0;
     }
-#if defined(__GNUC__) || defined(__clang__)
+#if CYNORM_SSE2_BUILD
+    /* plain stores, as on AVX2 (above); four columns at a time (eight-float steps made each
+       per-row scalar into a vector through the stack, every step: LN backward (2048, 768)
+       float32 took 3-4 times as long), then the scalar loop below for the last few */
+    for (j = 0; j + 4 <= D; j += 4)
+        cynorm_ln_pg_step4(gr, xr, j, h, l, r, p, q, w, dr, dw, db);
+#elif defined(__GNUC__) || defined(__clang__)
     if (head > 0)
         cynorm_ln_pg_step(gr, xr, 0, head, h, l, r, p, q, w, dr, dw, db, 0);
     for (j = head; j + 8 <= D; j += 8)
         cynorm_ln_pg_step(gr, xr, j, 8, h, l, r, p, q, w, dr, dw, db, nt);
     if (j < D)
         cynorm_ln_pg_step(gr, xr, j, D - j, h, l, r, p, q, w, dr, dw, db, 0);
-#else
+#endif
+#if CYNORM_SSE2_BUILD || !(defined(__GNUC__) || defined(__clang__))
     {
         float d[4], t;
         for (; j < D; j++) {
