@@ -217,7 +217,6 @@ cdef void bn_sums_columns(const floating* g, Py_ssize_t ldg, const floating* x, 
     float64 sums then cost one conversion per four rows instead of two per element, and the
     error stays at float32 rounding of each four-row partial, not growing with the rows."""
     cdef Py_ssize_t i = r0, f
-    cdef floating m
     cdef const floating* g0
     cdef const floating* g1
     cdef const floating* g2
@@ -258,18 +257,12 @@ cdef void bn_sums_columns(const floating* g, Py_ssize_t ldg, const floating* x, 
         if floating is float:
             cynorm_bn_colsums4_f(g0, g1, g2, g3, x0, x1, x2, x3, mean_col, sg, sgx, F, k1, d0,
                                  lddx, stream)
+        elif d0 != NULL:
+            cynorm_bn_colsums4_d(g0, g1, g2, g3, x0, x1, x2, x3, mean_col, sg, sgx, F, k1, d0,
+                                 d0 + lddx, d0 + 2 * lddx, d0 + 3 * lddx)
         else:
-            for f in range(F):
-                sg[f] += (g0[f] + g1[f]) + (g2[f] + g3[f])
-            for f in range(F):
-                m = mean_col[f]
-                sgx[f] += ((g0[f] * (x0[f] - m) + g1[f] * (x1[f] - m))
-                           + (g2[f] * (x2[f] - m) + g3[f] * (x3[f] - m)))
-            if d0 != NULL:
-                bn_dx_vector(g0, x0, d0, F, NULL, k1, NULL, NULL, False)
-                bn_dx_vector(g1, x1, d0 + lddx, F, NULL, k1, NULL, NULL, False)
-                bn_dx_vector(g2, x2, d0 + 2 * lddx, F, NULL, k1, NULL, NULL, False)
-                bn_dx_vector(g3, x3, d0 + 3 * lddx, F, NULL, k1, NULL, NULL, False)
+            cynorm_bn_colsums4_d(g0, g1, g2, g3, x0, x1, x2, x3, mean_col, sg, sgx, F, NULL,
+                                 NULL, NULL, NULL, NULL)
         i += 4
     while i < r1:
         g0 = g + i * ldg

@@ -245,6 +245,11 @@ cdef extern from "_simd.h" nogil:
                               const float* x2, const float* x3, const float* m, double* sg,
                               double* sgx, Py_ssize_t F, const float* k, float* d0,
                               Py_ssize_t ld, int nt) noexcept
+    void cynorm_bn_colsums4_d(const double* g0, const double* g1, const double* g2,
+                              const double* g3, const double* x0, const double* x1,
+                              const double* x2, const double* x3, const double* m, double* sg,
+                              double* sgx, Py_ssize_t F, const double* k, double* d0,
+                              double* d1, double* d2, double* d3) noexcept
     void cynorm_ln_paramgrads4_f(const float** g, const float** x, const float* mh,
                                  const float* ml, const float* rs, double* dw, double* db,
                                  Py_ssize_t D, const float* w, const float* af,
