@@ -56,12 +56,12 @@ static void **cynorm_pool_base(void *data) { return (void **)data - 2; }
 /* Ask Linux for transparent huge pages over [p, p + n) (the whole 4 KiB pages in it), as NumPy
    does for the arrays of 4 MiB and more that its default handler allocates (a handler of one's
    own is not advised by NumPy).  Whether a buffer got them depended otherwise on what memory
-   malloc reused. */
+   malloc reused.  The buffers made here are such outputs (or a resize of one). */
 static void cynorm_pool_hugepages(char *p, size_t n) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     uintptr_t lo = ((uintptr_t)p + 4095) & ~(uintptr_t)4095;
     uintptr_t hi = ((uintptr_t)p + n) & ~(uintptr_t)4095;
-    if (n >= ((size_t)4 << 20) && hi > lo)
+    if (hi > lo)
         (void)madvise((void *)lo, hi - lo, MADV_HUGEPAGE);  /* advice: failure changes nothing */
 #else
     (void)p;

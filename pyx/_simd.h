@@ -55,8 +55,7 @@ static inline double cynorm_hsum(cynorm_v8d v) {
 /* CYNORM_AVX2_BUILD: AVX without AVX-512.  Eight doubles (64 bytes) have no machine mode
    there, so GCC keeps cynorm_v8d values in memory and assembles them element by element (3x
    slower than the baseline build in the two-sum loops on a Zen 3).  Its hot loops hold the
-   same eight lanes as two halves of four doubles instead, with these helpers.  (Its streaming
-   stores are 32 bytes, half a line: see cynorm_ln_paramgrads4_f.) */
+   same eight lanes as two halves of four doubles instead, with these helpers. */
 #if defined(__AVX__) && !defined(__AVX512F__)
 #define CYNORM_AVX2_BUILD 1
 #include <immintrin.h>
@@ -678,16 +677,22 @@ static void cynorm_ln_gx_sums_f(const float* g, const float* w, const float* x, 
 #define CYNORM_UNFUSED(v) ((void)0)
 #endif
 
+/* The body of cynorm_ln_dx8 for any float vector type T (the baseline build's four-float
+   sweep uses it too): returns rs (g w - af) - cf d, w NULL: g */
+#define CYNORM_LN_DX(T, g, d, w, wv, rs, af, cf)                                          \
+    {                                                                                     \
+        T gw_ = (w) ? (g) * (wv) : (g), u_, t_;                                           \
+        CYNORM_UNFUSED(gw_);                                                              \
+        u_ = (rs) * (gw_ - (af));                                                         \
+        CYNORM_UNFUSED(u_);                                                               \
+        t_ = (cf) * (d);                                                                  \
+        CYNORM_UNFUSED(t_);                                                               \
+        return u_ - t_;                                                                   \
+    }
+
 static inline cynorm_v8f cynorm_ln_dx8(cynorm_v8f g, cynorm_v8f d, const float* w, cynorm_v8f wv,
-                                       float rs, float af, float cf) {
-    cynorm_v8f gw = w ? g * wv : g, u, t;
-    CYNORM_UNFUSED(gw);
-    u = rs * (gw - af);
-    CYNORM_UNFUSED(u);
-    t = cf * d;
-    CYNORM_UNFUSED(t);
-    return u - t;
-}
+                                       float rs, float af, float cf)
+    CYNORM_LN_DX(cynorm_v8f, g, d, w, wv, rs, af, cf)
 
 /* One step of cynorm_ln_paramgrads4_f: the n (1 to 8) elements at j (dr[0] NULL: no dx) */
 static inline void cynorm_ln_pg_step(const float* const* gr, const float* const* xr,
@@ -720,6 +725,10 @@ static inline void cynorm_ln_pg_step(const float* const* gr, const float* const*
 }
 
 #if CYNORM_SSE2_BUILD
+static inline cynorm_v4f cynorm_ln_dx4(cynorm_v4f g, cynorm_v4f d, const float* w, cynorm_v4f wv,
+                                       float rs, float af, float cf)
+    CYNORM_LN_DX(cynorm_v4f, g, d, w, wv, rs, af, cf)
+
 /* p[0:4] += s in float64 */
 static inline void cynorm_acc4(double* p, cynorm_v4f s) {
     __m128d lo = _mm_cvtps_pd((__m128)s), hi = _mm_cvtps_pd(_mm_movehl_ps((__m128)s, (__m128)s));
@@ -744,8 +753,7 @@ static inline void cynorm_ln_pg_step4(const float* const* gr, const float* const
         if (w)
             memcpy(&wv, w + j, 16);
         for (k = 0; k < 4; k++) {
-            u = w ? a[k] * wv : a[k];
-            u = r[k] * (u - p[k]) - q[k] * b[k];
+            u = cynorm_ln_dx4(a[k], b[k], w, wv, r[k], p[k], q[k]);
             memcpy(dr[k] + j, &u, 16);
         }
     }
@@ -809,11 +817,11 @@ static void cynorm_ln_paramgrads4_f(const float* const* g, const float* const* x
             p[k] = af[k];
             q[k] = cf[k];
         }
-#if CYNORM_AVX2_BUILD
-    /* AVX2: a streaming store fills half a line, and the sweep writes four rows in turn, so
-       each row's lines are left half-written while the other three are stored; on a Zen 3 that
-       made the sweep 4-5 times slower than normal stores (LN backward (16384, 1024) float32,
-       1 thread, 101 against 34 ms).  AVX-512 stores fill a whole line at once. */
+#if CYNORM_AVX2_BUILD || CYNORM_SSE2_BUILD
+    /* Plain stores below AVX-512: streamed, this sweep took 4-5 times as long on a Zen 3 with
+       AVX2 (LN backward (16384, 1024) float32, 1 thread, 101 against 34 ms), and neither
+       filling each line with two stores in a row nor streaming row after row helped where the
+       rows are 4 KiB apart (benchmarks/RESULTS.md, items 55 and 63). */
     nt = 0;
 #endif
     if (nt) {
@@ -822,9 +830,9 @@ static void cynorm_ln_paramgrads4_f(const float* const* g, const float* const* x
         head = nt ? head : 0;
     }
 #if CYNORM_SSE2_BUILD
-    /* plain stores, as on AVX2 (above); four columns at a time (eight-float steps made each
-       per-row scalar into a vector through the stack, every step: LN backward (2048, 768)
-       float32 took 3-4 times as long), then the scalar loop below for the last few */
+    /* four columns at a time (eight-float steps made each per-row scalar into a vector
+       through the stack, every step: LN backward (2048, 768) float32 took 3-4 times as long),
+       then the scalar loop below for the last few */
     for (j = 0; j + 4 <= D; j += 4)
         cynorm_ln_pg_step4(gr, xr, j, h, l, r, p, q, w, dr, dw, db);
 #elif defined(__GNUC__) || defined(__clang__)
