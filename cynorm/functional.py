@@ -61,9 +61,9 @@ def _output(x, shape, rows, cols, cdt, rdt, out, params, masked=False):
     """
     if out is None:
         if masked:
-            y, write_padding = masked_output(shape, cdt)
+            y, write_padding = masked_output(shape, cdt, x)
             return y, (y if rdt is cdt else None), write_padding
-        y = empty(shape, cdt)
+        y = empty(shape, cdt, x)
         return y, (y if rdt is cdt else None), True
     if rdt is cdt and not _overlaps_any(out, params):
         if out is x:
@@ -76,7 +76,7 @@ def _output(x, shape, rows, cols, cdt, rdt, out, params, masked=False):
             y2v = y2 if y2.ndim == 2 else y2.reshape(rows, cols)
             if same_memory(x2, y2v):
                 return y2, out, True
-    return empty((rows, cols), cdt), None, True
+    return empty((rows, cols), cdt, x), None, True
 
 
 def _overlaps_any(out, params):

@@ -135,7 +135,7 @@ def layer_norm_shape(object x, object normalized_shape):
 # a byte limit, and handed to the next output of about their size with their pages mapped.
 #
 cdef extern from "_pool.h":
-    object cynorm_pool_empty(int nd, cnp.npy_intp* dims, int typenum)
+    object cynorm_pool_empty(int nd, cnp.npy_intp* dims, int typenum, size_t phase)
     size_t cynorm_pool_set_limit(size_t limit) noexcept
     void cynorm_pool_info(size_t* info) noexcept
     size_t cynorm_pool_limit() noexcept
@@ -154,11 +154,22 @@ cdef bint cached(int nd, cnp.npy_intp* dims, Py_ssize_t itemsize) noexcept:
     return nbytes >= CACHED_OUTPUT_MIN
 
 
-cdef object new_array(int nd, cnp.npy_intp* dims, int t, Py_ssize_t itemsize):
+cdef size_t line_phase(object like, Py_ssize_t itemsize):
+    """Where the data of the array the kernel reads (like; None: 0) starts within its 64-byte
+    line, for an output of this itemsize to start at the same place (0 if that would leave the
+    output unaligned for its items)."""
+    cdef size_t p
+    if like is None:
+        return 0
+    p = <size_t>cnp.PyArray_DATA(<cnp.ndarray>like) & 63
+    return 0 if p % <size_t>itemsize else p
+
+
+cdef object new_array(int nd, cnp.npy_intp* dims, int t, Py_ssize_t itemsize, object like):
     """An uninitialized C-contiguous array: from the output cache when it is large (and the
-    cache is on), else plain PyArray_EMPTY."""
+    cache is on), starting where like starts in its cache line, else plain PyArray_EMPTY."""
     if cached(nd, dims, itemsize):
-        return cynorm_pool_empty(nd, dims, t)
+        return cynorm_pool_empty(nd, dims, t, line_phase(like, itemsize))
     return cnp.PyArray_EMPTY(nd, dims, t, 0)
 
 
@@ -172,15 +183,15 @@ cdef int tuple_dims(tuple shape, cnp.npy_intp* dims) except -1:
     return nd
 
 
-def empty(tuple shape, cnp.dtype dtype):
+def empty(tuple shape, cnp.dtype dtype, cnp.ndarray like=None):
     """np.empty(shape, dtype) for a kernel's output (the front end has checked the shape):
-    large outputs come from the output cache."""
+    large outputs come from the output cache, placed in their lines as like, the input."""
     cdef cnp.npy_intp dims[64]
     cdef int nd = tuple_dims(shape, dims)
-    return new_array(nd, dims, dtype.type_num, dtype.itemsize)
+    return new_array(nd, dims, dtype.type_num, dtype.itemsize, like)
 
 
-def masked_output(tuple shape, cnp.dtype dtype):
+def masked_output(tuple shape, cnp.dtype dtype, cnp.ndarray like=None):
     """A fresh output for a call with a padding mask: (array, whether the kernel must write the
     padding rows' zeros).  From the output cache when it is large (mapped already; the kernel
     writes the zeros), else zeroed (untouched zero pages cost no fault; the kernel leaves the
@@ -188,7 +199,7 @@ def masked_output(tuple shape, cnp.dtype dtype):
     cdef cnp.npy_intp dims[64]
     cdef int nd = tuple_dims(shape, dims)
     if cached(nd, dims, dtype.itemsize):
-        return cynorm_pool_empty(nd, dims, dtype.type_num), True
+        return cynorm_pool_empty(nd, dims, dtype.type_num, line_phase(like, dtype.itemsize)), True
     return cnp.PyArray_ZEROS(nd, dims, dtype.type_num, 0), False
 
 
@@ -214,7 +225,7 @@ def grad_outputs(cnp.ndarray x, cnp.dtype dtype, tuple param_shape, bint weight,
     unless asked for), all of this dtype."""
     cdef cnp.npy_intp dims[64]
     cdef int nd = tuple_dims(param_shape, dims), t = dtype.type_num
-    return (new_array(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), t, dtype.itemsize),
+    return (new_array(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), t, dtype.itemsize, x),
             cnp.PyArray_EMPTY(nd, dims, t, 0) if weight else None,
             cnp.PyArray_EMPTY(nd, dims, t, 0) if bias else None)
 

@@ -9,9 +9,12 @@
    that own their data (NumPy stores the handler in each array and frees through it); only the
    allocations cynorm makes itself, while it has the handler set, come from here.
 
-   Every buffer carries a small header before its 64-byte aligned data: the pointer malloc
-   returned and the capacity, so free and realloc need no lookup.  Callers hold the GIL (NumPy
-   allocates and frees array data with it held); free-threaded builds take a mutex. */
+   Every buffer carries a small header before its data: the pointer malloc returned and the
+   capacity, so free and realloc need no lookup.  The data starts at a chosen offset (the
+   phase) within a 64-byte cache line: the input's own, so that the kernels' loads and their
+   streaming stores keep the same place in their lines (see cynorm_pool_empty).  Callers hold
+   the GIL (NumPy allocates and frees array data with it held); free-threaded builds take a
+   mutex. */
 #ifndef CYNORM_POOL_H
 #define CYNORM_POOL_H
 
@@ -32,6 +35,7 @@ typedef struct {
 } cynorm_pool_block;
 
 static struct {
+    size_t phase;   /* where the next buffer's data starts in its line (cynorm_pool_empty) */
     size_t limit;   /* bytes the cache may hold; 0: nothing is kept */
     size_t held;    /* bytes it holds now */
     int n;          /* blocks held, oldest first */
@@ -69,21 +73,28 @@ static void cynorm_pool_hugepages(char *p, size_t n) {
 #endif
 }
 
+/* The data of a buffer malloc returned at base, placed at the current phase, with its header
+   written in front of it.  A buffer has room for every phase, so a held one can be handed out
+   again at another. */
+static void *cynorm_pool_place(char *base, size_t cap) {
+    char *data = (char *)(((uintptr_t)base + 2 * sizeof(void *) + CYNORM_POOL_ALIGN - 1)
+                          & ~(uintptr_t)(CYNORM_POOL_ALIGN - 1)) + cynorm_pool.phase;
+    *cynorm_pool_base(data) = base;
+    *cynorm_pool_cap(data) = cap;
+    return data;
+}
+
 /* A new buffer of cap bytes, outside the cache. */
 static void *cynorm_pool_new(size_t cap) {
-    size_t room = 2 * sizeof(void *) + CYNORM_POOL_ALIGN - 1;
-    char *base, *data;
+    size_t room = 2 * sizeof(void *) + 2 * (CYNORM_POOL_ALIGN - 1);
+    char *base;
     if (cap > SIZE_MAX - room)
         return NULL;
     base = (char *)malloc(cap + room);
     if (base == NULL)
         return NULL;
-    data = (char *)(((uintptr_t)base + 2 * sizeof(void *) + CYNORM_POOL_ALIGN - 1)
-                    & ~(uintptr_t)(CYNORM_POOL_ALIGN - 1));
-    *cynorm_pool_base(data) = base;
-    *cynorm_pool_cap(data) = cap;
     cynorm_pool_hugepages(base, cap + room);
-    return data;
+    return cynorm_pool_place(base, cap);
 }
 
 static void cynorm_pool_release(void *data) { free(*cynorm_pool_base(data)); }
@@ -115,7 +126,8 @@ static void *cynorm_pool_malloc(void *ctx, size_t size) {
             best = k;
     }
     if (best >= 0) {
-        data = cynorm_pool.block[best].data;
+        data = cynorm_pool_place(*cynorm_pool_base(cynorm_pool.block[best].data),
+                                 cynorm_pool.block[best].cap);
         cynorm_pool.held -= cynorm_pool.block[best].cap;
         memmove(cynorm_pool.block + best, cynorm_pool.block + best + 1,
                 (size_t)(cynorm_pool.n - best - 1) * sizeof(cynorm_pool_block));
@@ -188,8 +200,12 @@ static PyDataMem_Handler cynorm_pool_handler = {
 static PyObject *cynorm_pool_capsule = NULL;
 
 /* An uninitialized array of this shape and type whose data comes from the cache: NumPy's
-   current handler is swapped for this one around the allocation only. */
-static PyObject *cynorm_pool_empty(int nd, npy_intp *dims, int typenum) {
+   current handler is swapped for this one around the allocation only.  Its data starts
+   `phase` bytes (below CYNORM_POOL_ALIGN) into a cache line: the kernels' streaming stores
+   took up to 2.4 times as long where the input they read started at another place in its
+   line (benchmarks/RESULTS.md, item 66).  Free-threaded builds may race on the phase: that
+   moves where a buffer starts, never what it holds. */
+static PyObject *cynorm_pool_empty(int nd, npy_intp *dims, int typenum, size_t phase) {
     PyObject *old, *arr, *back;
     if (cynorm_pool_capsule == NULL) {
         cynorm_pool_capsule = PyCapsule_New(&cynorm_pool_handler, "mem_handler", NULL);
@@ -199,7 +215,9 @@ static PyObject *cynorm_pool_empty(int nd, npy_intp *dims, int typenum) {
     old = PyDataMem_SetHandler(cynorm_pool_capsule);
     if (old == NULL)
         return NULL;
+    cynorm_pool.phase = phase % CYNORM_POOL_ALIGN;
     arr = PyArray_EMPTY(nd, dims, typenum, 0);
+    cynorm_pool.phase = 0;
     back = PyDataMem_SetHandler(old);
     Py_DECREF(old);
     if (back == NULL) {
