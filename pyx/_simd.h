@@ -874,37 +874,75 @@ static void cynorm_ln_paramgrads4_f(const float* const* g, const float* const* x
 #include <stdint.h>
 #if defined(__AVX512F__)
 #define CYNORM_NT_BYTES 64
-#define CYNORM_STREAM_F(p, v) _mm512_stream_ps((p), (__m512)(v))
-#define CYNORM_STREAM_D(p, v) _mm512_stream_pd((p), (__m512d)(v))
+#define CYNORM_NT_STORE_F(p, v) _mm512_stream_ps((p), (__m512)(v))
+#define CYNORM_NT_STORE_D(p, v) _mm512_stream_pd((p), (__m512d)(v))
 #elif defined(__AVX__)
 #define CYNORM_NT_BYTES 32
-#define CYNORM_STREAM_F(p, v) _mm256_stream_ps((p), (__m256)(v))
-#define CYNORM_STREAM_D(p, v) _mm256_stream_pd((p), (__m256d)(v))
+#define CYNORM_NT_STORE_F(p, v) _mm256_stream_ps((p), (__m256)(v))
+#define CYNORM_NT_STORE_D(p, v) _mm256_stream_pd((p), (__m256d)(v))
 #else
 #define CYNORM_NT_BYTES 16
-#define CYNORM_STREAM_F(p, v) _mm_stream_ps((p), (__m128)(v))
-#define CYNORM_STREAM_D(p, v) _mm_stream_pd((p), (__m128d)(v))
+#define CYNORM_NT_STORE_F(p, v) _mm_stream_ps((p), (__m128)(v))
+#define CYNORM_NT_STORE_D(p, v) _mm_stream_pd((p), (__m128d)(v))
 #endif
+#define CYNORM_LINE_BYTES 64
 static inline void cynorm_sfence(void) { _mm_sfence(); }
 
 typedef float cynorm_ntf __attribute__((vector_size(CYNORM_NT_BYTES)));
 typedef double cynorm_ntd __attribute__((vector_size(CYNORM_NT_BYTES)));
 
+/* One vector v to p (aligned for it) inside CYNORM_NT_ROW: streamed in its whole-line part, a
+ * plain store before and after it */
+#define CYNORM_STREAM(VT, NT_STORE, p, v)                                                 \
+    do {                                                                                  \
+        VT s_ = (v);                                                                      \
+        if (nt_)                                                                          \
+            NT_STORE((p), s_);                                                            \
+        else                                                                              \
+            memcpy((p), &s_, sizeof s_);                                                  \
+    } while (0)
+#define CYNORM_STREAM_F(p, v) CYNORM_STREAM(cynorm_ntf, CYNORM_NT_STORE_F, p, v)
+#define CYNORM_STREAM_D(p, v) CYNORM_STREAM(cynorm_ntd, CYNORM_NT_STORE_D, p, v)
+
 /* The loop of every streaming-store row below: one element at a time (ELEM, a statement in j)
- * until y + j is aligned for a streaming store, then whole vectors (the remaining arguments,
- * statements in j), then the tail one element at a time; a y that never aligns takes no vector */
+ * until y + j is aligned for a vector, then whole vectors (the remaining arguments, statements
+ * in j that store through CYNORM_STREAM_F / _D), then the tail one element at a time; a y that
+ * never aligns takes no vector.  Only the row's whole 64-byte lines are streamed: the vectors
+ * before the first and after the last take plain stores.  A line part streamed and part
+ * stored plainly (the rows' ends, with vectors narrower than a line) made BatchNorm's eval 2.4
+ * times as slow on a Zen 3 when rows started 40-56 bytes into a line (benchmarks/RESULTS.md,
+ * item 66). */
 #define CYNORM_NT_ROW(T, y, n, ELEM, ...)                                                 \
     do {                                                                                  \
         const ptrdiff_t L_ = CYNORM_NT_BYTES / (ptrdiff_t)sizeof(T);                      \
-        ptrdiff_t j = 0;                                                                  \
+        ptrdiff_t j = 0, e_;                                                              \
         while (j < (n) && j < L_ && ((uintptr_t)((y) + j) % CYNORM_NT_BYTES)) {           \
             ELEM;                                                                         \
             j++;                                                                          \
         }                                                                                 \
-        if (((uintptr_t)((y) + j) % CYNORM_NT_BYTES) == 0)                                \
-            for (; j + L_ <= (n); j += L_) {                                              \
-                __VA_ARGS__;                                                              \
+        if (((uintptr_t)((y) + j) % CYNORM_NT_BYTES) == 0) {                              \
+            {                                                                             \
+                const int nt_ = 0;                                                        \
+                for (; j + L_ <= (n) && ((uintptr_t)((y) + j) % CYNORM_LINE_BYTES);       \
+                     j += L_) {                                                           \
+                    __VA_ARGS__;                                                          \
+                }                                                                         \
             }                                                                             \
+            e_ = j + ((n) - j) / (CYNORM_LINE_BYTES / (ptrdiff_t)sizeof(T))               \
+                         * (CYNORM_LINE_BYTES / (ptrdiff_t)sizeof(T));                    \
+            {                                                                             \
+                const int nt_ = 1;                                                        \
+                for (; j < e_; j += L_) {                                                 \
+                    __VA_ARGS__;                                                          \
+                }                                                                         \
+            }                                                                             \
+            {                                                                             \
+                const int nt_ = 0;                                                        \
+                for (; j + L_ <= (n); j += L_) {                                          \
+                    __VA_ARGS__;                                                          \
+                }                                                                         \
+            }                                                                             \
+        }                                                                                 \
         for (; j < (n); j++) {                                                            \
             ELEM;                                                                         \
         }                                                                                 \

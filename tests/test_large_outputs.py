@@ -12,20 +12,25 @@ ONE_THREAD_STREAMS = (1100, 2049)       # 9.0 MB of float32: streamed on 1 threa
 EVERY_COUNT_STREAMS = (3100, 2049)      # 25.4 MB of float32: streamed on any thread count
 
 
-def unaligned_like(x):
-    """An uninitialized array of x's shape and dtype whose data is not 64-byte aligned."""
-    buf = np.empty(x.size + 1, x.dtype)
-    return buf[1:].reshape(x.shape)
+def at_phase(x, phase):
+    """An uninitialized array of x's shape and dtype whose data starts `phase` bytes into a
+    64-byte line."""
+    buf = np.empty(x.nbytes + 64, np.uint8)
+    start = (phase - buf.ctypes.data) % 64
+    return buf[start:start + x.nbytes].view(x.dtype).reshape(x.shape)
 
 
 def run(n_threads, f, x, **kw):
-    """f(x, out=...) on n_threads threads into a fresh, an unaligned and a garbage-filled out."""
+    """f(x, out=...) on n_threads threads into a fresh out, and into garbage-filled ones that
+    start at several places in a line (the rows' streamed whole lines then begin after a plain
+    part of 0, 1 or more vectors, and end before one)."""
     with cynorm.num_threads(n_threads):
         fresh = f(x, **kw)
-        odd = unaligned_like(x)
-        odd.fill(np.nan)
-        assert f(x, out=odd, **kw) is odd
-    np.testing.assert_array_equal(odd, fresh)
+        for phase in (4, 24, 44):
+            odd = at_phase(x, phase)
+            odd.fill(np.nan)
+            assert f(x, out=odd, **kw) is odd
+            np.testing.assert_array_equal(odd, fresh, err_msg=f"out {phase} bytes into a line")
     return fresh
 
 
