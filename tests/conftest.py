@@ -168,6 +168,14 @@ def hostile(rng, shape, dtype=np.float64, offset=None, scale=None):
     return x.astype(dtype)
 
 
+def at_phase(like, phase):
+    """An uninitialized array of like's shape and dtype whose data starts `phase` bytes into a
+    64-byte cache line."""
+    buf = np.empty(like.nbytes + 64, np.uint8)
+    start = (phase - buf.ctypes.data) % 64
+    return buf[start:start + like.nbytes].view(like.dtype).reshape(like.shape)
+
+
 def max_err(y, ref):
     return float(np.max(np.abs(np.asarray(y, np.float64) - ref))) if np.size(ref) else 0.0
 

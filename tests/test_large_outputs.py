@@ -5,19 +5,11 @@ import pytest
 
 import cynorm
 from cynorm import _isa
-from conftest import (TOL, hostile, max_err, reference_eval_backward,
+from conftest import (TOL, at_phase, hostile, max_err, reference_eval_backward,
                       reference_norm_backward, rel_err)
 
 ONE_THREAD_STREAMS = (1100, 2049)       # 9.0 MB of float32: streamed on 1 thread, not on 2
 EVERY_COUNT_STREAMS = (3100, 2049)      # 25.4 MB of float32: streamed on any thread count
-
-
-def at_phase(x, phase):
-    """An uninitialized array of x's shape and dtype whose data starts `phase` bytes into a
-    64-byte line."""
-    buf = np.empty(x.nbytes + 64, np.uint8)
-    start = (phase - buf.ctypes.data) % 64
-    return buf[start:start + x.nbytes].view(x.dtype).reshape(x.shape)
 
 
 def run(n_threads, f, x, **kw):

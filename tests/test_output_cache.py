@@ -8,7 +8,7 @@ import pytest
 
 import cynorm
 from cynorm._config import default_output_cache
-from conftest import TOL, reference_norm
+from conftest import TOL, at_phase, reference_norm
 
 MIN = cynorm.output_cache_info()["min_size"]
 
@@ -32,11 +32,9 @@ def large(rng, dtype=np.float32, rows=None, cols=512):
     return (rng.standard_normal((rows, cols)) * 3 + 1e3).astype(dtype)
 
 
-def at_phase(a, phase):
+def copy_at_phase(a, phase):
     """A copy of a whose data starts `phase` bytes into a 64-byte cache line."""
-    raw = np.empty(a.nbytes + 64, np.uint8)
-    start = (phase - address(raw)) % 64
-    b = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    b = at_phase(a, phase)
     b[...] = a
     return b
 
@@ -85,7 +83,7 @@ def test_reused_buffers_never_leak_old_values(rng):
     lengths = rng.integers(1, T, N)
     lengths[0] = T
     mask = np.arange(T)[None, :] < lengths[:, None]
-    poison = at_phase(np.full_like(x, np.nan), address(x) % 64)  # x's place in its line
+    poison = copy_at_phase(np.full_like(x, np.nan), address(x) % 64)  # x's place in its line
     w, b = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
     real = x[mask]
     calls = {
@@ -132,8 +130,8 @@ def test_outputs_start_where_the_input_starts_in_its_line(rng, dtype, phases):
         cynorm.set_output_cache(0)  # start empty
         cynorm.set_output_cache(1 << 30)
         for phase in phases:
-            x = at_phase(x0, phase)
-            g = at_phase(x0[::-1], phase)
+            x = copy_at_phase(x0, phase)
+            g = copy_at_phase(x0[::-1], phase)
             y, mean, rstd = cynorm.layer_norm(x, x.shape[1], w, return_stats=True)
             assert address(y) % 64 == phase and y.flags.aligned and y.flags.owndata
             np.testing.assert_allclose(y, reference_norm(x, (1,), w), atol=TOL[x.dtype], rtol=0)
@@ -148,7 +146,7 @@ def test_outputs_start_where_the_input_starts_in_its_line(rng, dtype, phases):
 
 def test_an_input_unaligned_for_its_items_gives_an_aligned_output(rng):
     x0 = large(rng, np.float64)
-    x = at_phase(x0, 4)  # float64 data 4 bytes into a line: NumPy calls it unaligned
+    x = copy_at_phase(x0, 4)  # float64 data 4 bytes into a line: NumPy calls it unaligned
     assert not x.flags.aligned
     y = cynorm.layer_norm(x, x.shape[1])
     assert y.flags.aligned and address(y) % 8 == 0
