@@ -911,7 +911,7 @@ typedef double cynorm_ntd __attribute__((vector_size(CYNORM_NT_BYTES)));
  * before the first and after the last take plain stores.  A line part streamed and part
  * stored plainly (the rows' ends, with vectors narrower than a line) made BatchNorm's eval 2.4
  * times as slow on a Zen 3 when rows started 40-56 bytes into a line (benchmarks/RESULTS.md,
- * item 66). */
+ * items 66 and 67). */
 #define CYNORM_NT_ROW(T, y, n, ELEM, ...)                                                 \
     do {                                                                                  \
         const ptrdiff_t L_ = CYNORM_NT_BYTES / (ptrdiff_t)sizeof(T);                      \
