@@ -420,8 +420,8 @@ cdef inline void apply_streamed(const floating* x, floating* y, Py_ssize_t n, fl
     """A LayerNorm row's y with streaming stores, in chunks of y that start on its lines, each
     after a prefetch of the same part of nxt, the next row (NULL: none).  Its statistics then
     read it from the cache while this row's stores stream out, instead of the memory waiting
-    on them: (16384, 4096) out=, 2 threads, four alternated pairs, float32 21.6-23.0 ->
-    18.7-19.1 ms (benchmarks/RESULTS.md, item 69)."""
+    on them: (16384, 4096) float32 out=, 2 threads, builds alternated 7 times, 21.6-23.3 ->
+    17.0-19.6 ms (benchmarks/RESULTS.md, item 69)."""
     cdef Py_ssize_t c0 = 0, c1, k
     cdef Py_ssize_t e = <Py_ssize_t>((-<Py_ssize_t>y) & 63) // <Py_ssize_t>sizeof(floating)
     while c0 < n:
