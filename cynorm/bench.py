@@ -431,34 +431,47 @@ def copy_contenders(nbytes, torch=None):
 
 
 def _calibrate(fn, target=2e-3):
-    """Calls per sample so that one sample lasts about ``target`` seconds (at least one)."""
+    """(calls per sample so that one sample lasts about ``target`` seconds, at least one;
+    seconds one such sample takes)."""
     t0 = time.perf_counter()
     fn()
-    dt = time.perf_counter() - t0
-    return max(1, min(10_000, int(target / max(dt, 1e-7))))
+    dt = max(time.perf_counter() - t0, 1e-7)
+    k = max(1, min(10_000, int(target / dt)))
+    return k, k * dt
 
 
-def timed(fns, rounds=15, max_seconds=None, warm=False):
+def timed(fns, rounds=15, max_seconds=None, warm=False, max_repeats=1):
     """Median seconds per call of each callable, measured in interleaved rounds.
 
     warm: one untimed call before each sample, so that a case that fits the cache is timed
     with its inputs in cache, whichever contender ran before it (without it, the first
-    contender of each round met a cache just emptied by the last one, the roof copies)."""
-    numbers = {}
+    contender of each round met a cache just emptied by the last one, the roof copies).
+
+    max_repeats: a contender whose sample takes at most a quarter of the slowest one's gets
+    up to this many samples per round, taken in sub-rounds that interleave as well.  On large
+    inputs NumPy's call can take seconds, so the time budget allows only three rounds; without
+    repeats the medians of the fast contenders (and of the roof copies) rested on three
+    samples, and one disturbed stretch of the machine moved them."""
+    numbers, cost = {}, {}
     for name, fn in fns.items():
         fn()  # warm up: first-touch, caches, thread start-up
-        numbers[name] = _calibrate(fn)
+        numbers[name], cost[name] = _calibrate(fn)
+    slowest = max(cost.values())
+    repeats = {name: max(1, min(max_repeats, int(slowest / (4 * c)))) for name, c in cost.items()}
     samples = {name: [] for name in fns}
     start = time.perf_counter()
     for r in range(rounds):
-        for name, fn in fns.items():
-            k = numbers[name]
-            if warm:
-                fn()
-            t0 = time.perf_counter()
-            for _ in range(k):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / k)
+        for sub in range(max(repeats.values())):
+            for name, fn in fns.items():
+                if sub >= repeats[name]:
+                    continue
+                k = numbers[name]
+                if warm:
+                    fn()
+                t0 = time.perf_counter()
+                for _ in range(k):
+                    fn()
+                samples[name].append((time.perf_counter() - t0) / k)
         if max_seconds is not None and r >= 2 and time.perf_counter() - start > max_seconds:
             break
     return {name: float(np.median(s)) for name, s in samples.items()}
@@ -507,8 +520,9 @@ def run(case_list, threads=None, rounds=15, use_torch=True, progress=True, max_s
             if case.size_class != "small":
                 fns.update(copy_contenders(case.nbytes, torch))
             r = rounds if case.size_class != "large" else max(5, rounds // 3)
-            times = timed(fns, rounds=r, max_seconds=max_seconds,
-                          warm=case.size_class != "large")
+            large = case.size_class == "large"
+            times = timed(fns, rounds=r, max_seconds=max_seconds, warm=not large,
+                          max_repeats=5 if large else 1)
             copies = {k: times.pop(k) for k in list(times) if k.startswith("copy_")}
             row = {"case": case.id, "label": case.label, "op": case.op, "shape": list(case.shape),
                    "dtype": case.dtype, "axis": case.axis, "size_class": case.size_class,
@@ -577,7 +591,9 @@ def write_report(info, results, folder):
           "Speed-ups are NumPy or torch time divided by cynorm time (> 1: cynorm is faster). "
           "The roof is the time a same-size copy into a preallocated array takes to move the "
           "case's bytes; `roof / cynorm out=` is 1.0 at the roof. Small and medium inputs are "
-          "reused between calls: cache figures.", "", "## Machine", ""]
+          "reused between calls: cache figures. On large inputs a contender whose call takes "
+          "at most a quarter of the slowest one's is sampled up to 5 times per round.", "",
+          "## Machine", ""]
     for key in ("cpu", "cpu_count", "threads", "torch_threads", "openmp", "isa", "cynorm",
                 "numpy", "torch", "python", "platform", "build_flags"):
         md.append(f"- {key}: {info.get(key)}")
