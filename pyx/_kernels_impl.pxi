@@ -269,6 +269,7 @@ cdef extern from "_simd.h" nogil:
                             Py_ssize_t n, float mh, float ml, float rs, float af,
                             float cf) noexcept
     void cynorm_prefetch(const void* p) noexcept
+    enum: CYNORM_LINE_BYTES
     # column moments: centred sums of four rows / one row (see column_block_centered)
     void cynorm_centered4_f(const float* r0, const float* r1, const float* r2, const float* r3,
                             const double* shift, double* c, double* q, Py_ssize_t fb,
@@ -411,27 +412,57 @@ cdef inline void layer_norm_row(const floating* x, floating* y, Py_ssize_t n,
 
 
 cdef enum:
-    PREFETCH_CHUNK = 256   # elements of a streamed LayerNorm row per prefetch of the next one
+    PREFETCH_CHUNK = 256   # elements of a LayerNorm row per prefetch of the next one
+# LayerNorm inputs from PREFETCH_BYTES up read (mostly) from memory, even on 2 threads where
+# streaming starts at 24 MiB: their long rows prefetch the next one (apply_prefetching).
+# Smaller ones, from the L2 or the L3, only paid for the chunks (benchmarks/RESULTS.md, 70).
+cdef Py_ssize_t PREFETCH_BYTES = 8 << 20
 
 
-cdef inline void apply_streamed(const floating* x, floating* y, Py_ssize_t n, floating mh,
-                                floating ml, floating rs, const floating* w, const floating* b,
-                                const floating* nxt) noexcept nogil:
-    """A LayerNorm row's y with streaming stores, in chunks of y that start on its lines, each
-    after a prefetch of the same part of nxt, the next row (NULL: none).  Its statistics then
-    read it from the cache while this row's stores stream out, instead of the memory waiting
-    on them: (16384, 4096) float32 out=, 2 threads, builds alternated 7 times, 21.6-23.3 ->
-    17.0-19.6 ms (benchmarks/RESULTS.md, item 69)."""
+cdef inline void apply_plain(const floating* x, floating* y, Py_ssize_t n, floating mh,
+                             floating ml, floating rs, const floating* w,
+                             const floating* b) noexcept nogil:
+    """y = ((x - mh) - ml) * (rs * w) + b with plain stores (w, b: NULL for none)."""
+    cdef Py_ssize_t j
+    if w != NULL and b != NULL:
+        for j in range(n):
+            y[j] = ((x[j] - mh) - ml) * (rs * w[j]) + b[j]
+    elif w != NULL:
+        for j in range(n):
+            y[j] = ((x[j] - mh) - ml) * (rs * w[j])
+    elif b != NULL:
+        for j in range(n):
+            y[j] = ((x[j] - mh) - ml) * rs + b[j]
+    else:
+        for j in range(n):
+            y[j] = ((x[j] - mh) - ml) * rs
+
+
+cdef inline void apply_prefetching(const floating* x, floating* y, Py_ssize_t n, floating mh,
+                                   floating ml, floating rs, const floating* w,
+                                   const floating* b, const floating* nxt,
+                                   bint stream) noexcept nogil:
+    """A LayerNorm row's y in chunks that start on its lines, each after a prefetch of the
+    same part of nxt, the next row (NULL: none), with streaming stores or plain ones.  The next
+    row's statistics then read it from the cache while this row is written, instead of waiting
+    on memory (streamed) or on the L3 (plain) once y is done:
+    - streamed, (16384, 4096) float32 out=, 2 threads, builds alternated 7 times: 21.6-23.3 ->
+      17.0-19.6 ms (benchmarks/RESULTS.md, item 69);
+    - plain, (4096, 768) float32 out=, 2 threads: item 70."""
     cdef Py_ssize_t c0 = 0, c1, k
-    cdef Py_ssize_t e = <Py_ssize_t>((-<Py_ssize_t>y) & 63) // <Py_ssize_t>sizeof(floating)
+    cdef Py_ssize_t e = <Py_ssize_t>((-<Py_ssize_t>y) & (CYNORM_LINE_BYTES - 1)) \
+        // <Py_ssize_t>sizeof(floating)
     while c0 < n:
         c1 = e + PREFETCH_CHUNK if e + PREFETCH_CHUNK < n else n
         if nxt != NULL:
             k = c0 * <Py_ssize_t>sizeof(floating)
             while k < c1 * <Py_ssize_t>sizeof(floating):
                 cynorm_prefetch(<const char*>nxt + k)
-                k += 64
-        if floating is float:
+                k += CYNORM_LINE_BYTES
+        if not stream:
+            apply_plain(x + c0, y + c0, c1 - c0, mh, ml, rs, w + c0 if w != NULL else NULL,
+                        b + c0 if b != NULL else NULL)
+        elif floating is float:
             cynorm_apply_nt_f(x + c0, y + c0, c1 - c0, mh, ml, rs,
                               w + c0 if w != NULL else NULL, b + c0 if b != NULL else NULL)
         else:
@@ -447,9 +478,8 @@ cdef inline void layer_norm_finish(const floating* x, floating* y, Py_ssize_t n,
                                    double* rstd_out, bint stream,
                                    const floating* nxt=NULL) noexcept nogil:
     """The rest of a row once its moments (and rstd = 1 / sqrt(m2 / n + eps)) are known (nxt:
-    the next row, prefetched while a streamed one is written)."""
+    the next row, prefetched while this one is written)."""
     cdef floating mh, ml, rs
-    cdef Py_ssize_t j
     cdef bint rescale
     if floating is float:
         # deviations near FLT_MAX would overflow x - mean in float32, or 1 / std would
@@ -468,20 +498,10 @@ cdef inline void layer_norm_finish(const floating* x, floating* y, Py_ssize_t n,
         rstd_out[0] = rstd
     split_mean(hi, lo, &mh, &ml)
     rs = <floating>rstd
-    if stream:
-        apply_streamed(x, y, n, mh, ml, rs, w, b, nxt)
-    elif w != NULL and b != NULL:
-        for j in range(n):
-            y[j] = ((x[j] - mh) - ml) * (rs * w[j]) + b[j]
-    elif w != NULL:
-        for j in range(n):
-            y[j] = ((x[j] - mh) - ml) * (rs * w[j])
-    elif b != NULL:
-        for j in range(n):
-            y[j] = ((x[j] - mh) - ml) * rs + b[j]
+    if stream or nxt != NULL:
+        apply_prefetching(x, y, n, mh, ml, rs, w, b, nxt, stream)
     else:
-        for j in range(n):
-            y[j] = ((x[j] - mh) - ml) * rs
+        apply_plain(x, y, n, mh, ml, rs, w, b)
 
 
 cdef int rescaled_row(const floating* x, floating* y, Py_ssize_t n, const floating* w,
@@ -827,9 +847,10 @@ cdef void layer_norm_rows(const floating* x, Py_ssize_t ldx, floating* y, Py_ssi
                           Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t D, const floating* w,
                           const floating* b, double eps, double* mean, double* rstd,
                           const unsigned char* mask, bint write_padding,
-                          bint stream) noexcept nogil:
+                          bint stream, bint prefetch) noexcept nogil:
     # padding rows (mask 0) are not computed: written as 0 (or left alone when y is known to
-    # hold zeros already), their statistics left alone
+    # hold zeros already), their statistics left alone; prefetch: long rows prefetch the next
+    # one while they are written (apply_prefetching)
     cdef Py_ssize_t i, e, k
     cdef double hi[SHORT_ROWS]
     cdef double lo[SHORT_ROWS]
@@ -844,7 +865,7 @@ cdef void layer_norm_rows(const floating* x, Py_ssize_t ldx, floating* y, Py_ssi
             layer_norm_row(x + i * ldx, y + i * ldy, D, w, b, eps,
                            mean + i if mean != NULL else NULL,
                            rstd + i if rstd != NULL else NULL, stream,
-                           x + (i + 1) * ldx if i + 1 < r1 else NULL)
+                           x + (i + 1) * ldx if prefetch and i + 1 < r1 else NULL)
     else:
         # short rows, a few at a time: their moments, then the divisions and square roots
         # together (one vector instruction instead of a latency chain per row), then the rest
@@ -876,15 +897,16 @@ cdef void _layer_norm(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t
                       Py_ssize_t M, Py_ssize_t D, const floating* w, const floating* b,
                       double* mean, double* rstd, double eps, const unsigned char* mask,
                       bint write_padding, int n_threads) noexcept nogil:
-    cdef Py_ssize_t t
-    cdef bint stream = streamed(M * D * <Py_ssize_t>sizeof(floating), n_threads)
+    cdef Py_ssize_t t, nbytes = M * D * <Py_ssize_t>sizeof(floating)
+    cdef bint stream = streamed(nbytes, n_threads)
+    cdef bint prefetch = stream or nbytes >= PREFETCH_BYTES
     if n_threads <= 1:
         layer_norm_rows(x, ldx, y, ldy, 0, M, D, w, b, eps, mean, rstd, mask, write_padding,
-                        stream)
+                        stream, prefetch)
         return
     for t in prange(n_threads, num_threads=n_threads, schedule="static", chunksize=1):
         layer_norm_rows(x, ldx, y, ldy, chunk(M, t, n_threads), chunk(M, t + 1, n_threads), D,
-                        w, b, eps, mean, rstd, mask, write_padding, stream)
+                        w, b, eps, mean, rstd, mask, write_padding, stream, prefetch)
 
 
 cdef void moments_rows(const floating* x, Py_ssize_t ld, Py_ssize_t r0, Py_ssize_t r1,

@@ -351,6 +351,7 @@ static inline void cynorm_scaled1_f(const float* CYNORM_RESTRICT r0,
 }
 
 /* A hint to load the cache line holding p (never faults, whatever p is). */
+#define CYNORM_LINE_BYTES 64
 #if defined(__GNUC__) || defined(__clang__)
 #define cynorm_prefetch(p) __builtin_prefetch(p)
 #else
@@ -885,7 +886,6 @@ static void cynorm_ln_paramgrads4_f(const float* const* g, const float* const* x
 #define CYNORM_NT_STORE_F(p, v) _mm_stream_ps((p), (__m128)(v))
 #define CYNORM_NT_STORE_D(p, v) _mm_stream_pd((p), (__m128d)(v))
 #endif
-#define CYNORM_LINE_BYTES 64
 static inline void cynorm_sfence(void) { _mm_sfence(); }
 
 typedef float cynorm_ntf __attribute__((vector_size(CYNORM_NT_BYTES)));

@@ -8,7 +8,8 @@ from cynorm import _isa
 from conftest import (TOL, at_phase, hostile, max_err, reference_eval_backward,
                       reference_norm_backward, rel_err)
 
-ONE_THREAD_STREAMS = (1100, 2049)       # 9.0 MB of float32: streamed on 1 thread, not on 2
+ONE_THREAD_STREAMS = (1100, 2049)       # 9.0 MB of float32: streamed on 1 thread; on 2, plain
+#                                         stores (LN: each row prefetching the next)
 EVERY_COUNT_STREAMS = (3100, 2049)      # 25.4 MB of float32: streamed on any thread count
 
 
