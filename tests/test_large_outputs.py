@@ -38,6 +38,20 @@ def test_layer_norm(rng, ref_layer_norm, shape):
     assert max_err(y1, ref_layer_norm(x, shape[1], w, b)) <= 4 * TOL[np.dtype(np.float32)]
 
 
+@pytest.mark.parametrize("affine", ["weight", "bias", "neither"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_layer_norm_without_weight_or_bias(rng, ref_layer_norm, affine, dtype):
+    # the rows' chunks (each after a prefetch of the next row) take their part of w and b
+    shape = (ONE_THREAD_STREAMS[0] // (np.dtype(dtype).itemsize // 4), ONE_THREAD_STREAMS[1])
+    x = hostile(rng, shape, dtype)
+    w = rng.uniform(0.5, 2, shape[1]).astype(dtype) if affine == "weight" else None
+    b = rng.uniform(-1, 1, shape[1]).astype(dtype) if affine == "bias" else None
+    f = lambda x, **kw: cynorm.layer_norm(x, shape[1], w, b, **kw)  # noqa: E731
+    y1, y2 = run(1, f, x), run(2, f, x)
+    np.testing.assert_array_equal(y1, y2)
+    assert max_err(y1, ref_layer_norm(x, shape[1], w, b)) <= 4 * TOL[np.dtype(dtype)]
+
+
 @pytest.mark.parametrize("shape", [ONE_THREAD_STREAMS, EVERY_COUNT_STREAMS])
 @pytest.mark.parametrize("layout", ["(N, C)", "(N, C, L)", "(N, T, C)"])
 def test_batch_norm_eval(rng, ref_batch_norm, shape, layout):
