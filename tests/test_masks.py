@@ -46,6 +46,26 @@ def test_batch_norm_equals_batch_norm_of_the_real_tokens(rng, ref_batch_norm, to
     assert (y_eval[~mask] == 0).all()
 
 
+@pytest.mark.parametrize("op", ["layer_norm", "batch_norm training", "batch_norm eval"])
+@pytest.mark.parametrize("shape", [(6, 9, 5), (16, 128, 64), (8, 256, 300)])
+def test_fresh_outputs_get_zeros_in_the_padding(rng, op, shape):
+    # whatever memory a fresh output comes from, its padding rows hold zeros: memory of that
+    # size filled with NaN and freed first, for the output to reuse
+    x, lengths, mask = _batch(rng, *shape, dtype=np.float32)
+    C = shape[-1]
+    call = {"layer_norm": lambda: cynorm.layer_norm(x, C, lengths=lengths),
+            "batch_norm training": lambda: cynorm.batch_norm(x, training=True, axis=-1,
+                                                             lengths=lengths),
+            "batch_norm eval": lambda: cynorm.batch_norm(x, np.zeros(C, np.float32),
+                                                         np.ones(C, np.float32), axis=-1,
+                                                         lengths=lengths)}[op]
+    for _ in range(3):
+        junk = [np.full(x.shape, np.nan, np.float32) for _ in range(4)]
+        del junk
+        y = call()
+        assert (y[~mask] == 0).all() and np.isfinite(y[mask]).all()
+
+
 def test_lengths_and_mask_agree(rng):
     x, lengths, mask = _batch(rng)
     for fn in (lambda **k: cynorm.batch_norm(x, training=True, axis=-1, **k),
