@@ -832,15 +832,13 @@ cdef inline Py_ssize_t chunk(Py_ssize_t M, Py_ssize_t t, Py_ssize_t T) noexcept 
 
 
 cdef inline void zero_row(floating* y, Py_ssize_t n, bint stream=False) noexcept nogil:
-    cdef Py_ssize_t j
     if stream:
         if floating is float:
             cynorm_zero_nt_f(y, n)
         else:
             cynorm_zero_nt_d(y, n)
         return
-    for j in range(n):
-        y[j] = 0
+    memset(y, 0, n * sizeof(floating))
 
 
 cdef void layer_norm_rows(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t ldy,
