@@ -95,3 +95,10 @@ def test_timed_repeats_the_fast_contenders_within_a_round(monkeypatch):
     calls.clear()
     bench.timed(fns, rounds=2)  # by default one sample per round
     assert calls == ["slow", "fast"] + ["slow", "fast"] * 2
+
+
+def test_the_quick_grid_plots_each_curve_up_to_a_large_input():
+    # time_vs_size.png follows LN forward and BN training over (N, C) shapes
+    for op in ("ln", "bn_train"):
+        plotted = [c for c in bench.cases(ops=[op]) if len(c.shape) == 2]
+        assert {c.size_class for c in plotted} == {"small", "medium", "large"}
