@@ -362,6 +362,10 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     statistics, and so ``return_stats`` and the running update, are then good to about 1e-7
     relative, float32's own precision (a few 1e-7 when the batch changes regime part-way).
     """
+    if type(x) is not np.ndarray:
+        x = as_array(x)
+    if x.ndim == 1 and x.size == 0:  # torch returns it as it is, in both modes
+        return _batch_norm_empty_1d(x, training, eps, out, return_stats)
     x, cdt, rdt, C, A, L = _batch_norm_input(x, axis, "batch_norm")
     shape = x.shape
     row_mask = None
@@ -396,16 +400,14 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         if n == 1:
             raise ValueError("Expected more than 1 value per channel when training, got input "
                              f"size {shape}")
-        if n == 0:
-            raise ValueError(f"batch_norm cannot train on an empty batch, got input size {shape}")
-        if row_mask is not None and n_real < 2:
+        if row_mask is not None and n_real < 2 and n > 0:
             raise ValueError("Expected more than 1 value per channel when training, got "
                              f"{n_real} real token{'' if n_real == 1 else 's'} (the mask marks "
                              "the rest as padding)")
         if (rm is None) != (rv is None):
             raise ValueError("running_mean and running_var must be given together")
 
-    if x.size == 0:
+    if x.size == 0:  # an empty batch: nothing to normalize, the running statistics unchanged
         y = np.empty(shape, dtype=rdt) if out is None else out
         if return_stats:
             mean, var = (np.full(C, np.nan), np.full(C, np.nan)) if training else (
@@ -434,12 +436,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
             count = -count
             scaled = _rescaled(x, A, C, L, rows, cols, by_rows, n_threads, row_mask, stats)
         if rm is not None:
-            if rm.dtype is rv.dtype and rm.dtype.isnative and rm.flags.c_contiguous \
-                    and rv.flags.c_contiguous:
-                _kernels.update_running(rm, rv, stats, count, momentum)
-            else:
-                rm[...] = (1.0 - momentum) * rm + momentum * (stats[0] + stats[1])
-                rv[...] = (1.0 - momentum) * rv + momentum * (stats[2] / (count - 1.0))
+            _update_running(rm, rv, stats, count, momentum)
         var_scale = 1.0 / count
         if scaled is not None:
             # normalize the scaled copy with its own statistics: the same output, no overflow
@@ -461,6 +458,30 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     if return_stats:
         return y, stats[0] + stats[1], _invstd(stats[2] * var_scale, eps)
     return y
+
+
+def _update_running(rm, rv, stats, count, momentum):
+    """r = (1 - momentum) r + momentum batch in float64, rounded once into each buffer's dtype
+    (running_var gets the unbiased variance).  The kernel takes float32 / float64 buffers of
+    one dtype, native and contiguous; any other floating buffer (float16, say) NumPy updates."""
+    if rm.dtype is rv.dtype and rm.dtype.char in "fd" and rm.dtype.isnative \
+            and rm.flags.c_contiguous and rv.flags.c_contiguous:
+        _kernels.update_running(rm, rv, stats, count, momentum)
+        return
+    rm[...] = (1.0 - momentum) * rm.astype(np.float64) + momentum * (stats[0] + stats[1])
+    rv[...] = (1.0 - momentum) * rv.astype(np.float64) + momentum * (stats[2] * (1.0 / (count - 1.0)))
+
+
+def _batch_norm_empty_1d(x, training, eps, out, return_stats):
+    """batch_norm of a 1-D input with no elements: an empty result, as torch gives (other 1-D
+    input is an error).  The dtype and eps are checked as for any input."""
+    _, rdt = dtypes(x.dtype, "batch_norm")
+    if bool(training) and not real_scalar(eps, "eps") > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if out is not None:
+        check_out(out, x.shape, rdt)
+    y = np.empty(x.shape, dtype=rdt) if out is None else out
+    return (y, np.empty(0), np.empty(0)) if return_stats else y
 
 
 def _rescaled(x, A, C, L, rows, cols, by_rows, n_threads, row_mask, stats):
@@ -567,6 +588,10 @@ def batch_norm_backward(grad_out, x, mean, invstd, weight=None, training=True, *
     With ``mask`` / ``lengths`` (as in batch_norm), padding positions get a zero gradient and are
     left out of the sums and counts.
     """
+    if type(x) is not np.ndarray:
+        x = as_array(x)
+    if x.ndim == 1 and x.size == 0:  # the gradients of batch_norm's empty 1-D result
+        return _batch_norm_backward_empty_1d(grad_out, x, weight, bias)
     x, cdt, rdt, C, A, L = _batch_norm_input(x, axis, "batch_norm_backward")
     rows, cols, by_rows = _layout(A, C, L)
     g = _grad_like(grad_out, x, cdt, rows, cols)
@@ -584,14 +609,23 @@ def batch_norm_backward(grad_out, x, mean, invstd, weight=None, training=True, *
         _kernels.batch_norm_backward(g, _kernel_input(x, cdt, rows, cols), dx, rows, cols, C,
                                      by_rows, mean, invstd, w, training, grad_w, grad_b,
                                      threads_for(x.size, BATCH_NORM_SERIAL_BELOW), row_mask)
-    else:  # sums over nothing
+    else:  # sums over nothing (torch gives zeros, also after an empty training batch)
         if grad_w is not None:
-            grad_w[...] = 0.0 * invstd
+            grad_w[...] = 0.0
         if grad_b is not None:
             grad_b[...] = 0.0
     if rdt is cdt:
         return dx, grad_w, grad_b
     return _in_result_dtype(rdt, cdt, dx, grad_w, grad_b)
+
+
+def _batch_norm_backward_empty_1d(grad_out, x, weight, bias):
+    cdt, rdt = dtypes(x.dtype, "batch_norm_backward")
+    g = as_array(grad_out, "grad_out")
+    if g.shape != x.shape:
+        raise ValueError(f"grad_out must have the shape of x, {x.shape}, got {g.shape}")
+    sums = [None if p is None else np.zeros(np.shape(p), dtype=cdt) for p in (weight, bias)]
+    return _in_result_dtype(rdt, cdt, np.empty(x.shape, dtype=cdt), *sums)
 
 
 def _in_result_dtype(rdt, cdt, *arrays):

@@ -132,12 +132,15 @@ class _Module:
         return self.forward(x, **kwargs)
 
     def _need_saved(self):
-        if self._saved is None:
+        """What the last forward saved for backward.  Every forward replaces it (a failed one
+        clears it), so backward always differentiates the last forward, in its own mode."""
+        saved = self._saved
+        if saved is None:
             raise RuntimeError(
-                f"{type(self).__name__}.backward() needs a forward pass in training mode first "
-                "(call layer.train(), then layer(x), then layer.backward(grad_out))"
+                f"{type(self).__name__}.backward() needs a forward pass first (call layer(x), "
+                "then layer.backward(grad_out)); the last forward, if any, failed"
             )
-        return self._saved
+        return saved
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -174,19 +177,17 @@ class LayerNorm(_Module):
             self.bias = None
 
     def forward(self, x, *, mask=None, lengths=None):
-        """Normalize x (padding rows skipped and written as 0 with mask= or lengths=).  In
-        training mode the input and its statistics are kept for backward."""
-        if not self.training:
-            return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps,
-                              mask=mask, lengths=lengths)
+        """Normalize x (padding rows skipped and written as 0 with mask= or lengths=).  The
+        input and its statistics are kept for backward, in both modes (they behave the same)."""
+        self._saved = None
         y, mean, rstd = layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps,
                                    return_stats=True, mask=mask, lengths=lengths)
         self._saved = (x, mean, rstd, mask, lengths)
         return y
 
     def backward(self, grad_out):
-        """grad_input of the last training forward; sets grad_weight and grad_bias (None for a
-        missing parameter).  The input is kept by reference: do not modify it in between."""
+        """grad_input of the last forward; sets grad_weight and grad_bias (None for a missing
+        parameter).  The input is kept by reference: do not modify it in between."""
         x, mean, rstd, mask, lengths = self._need_saved()
         dx, self.grad_weight, self.grad_bias = layer_norm_backward(
             grad_out, x, mean, rstd, self.normalized_shape, self.weight, self.bias, mask=mask,
@@ -217,7 +218,7 @@ class BatchNorm(_Module):
     _ndims: tuple[int, ...] | None = None  # allowed input ndim, set by the 1d/2d/3d subclasses
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, axis=1, dtype=np.float32):
+                 track_running_stats=True, axis=1, dtype=np.float32, *, bias=True):
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
                 or num_features < 1:
@@ -231,7 +232,7 @@ class BatchNorm(_Module):
         self.dtype = _layer_dtype(dtype)
         C = self.num_features
         self.weight = np.ones(C, dtype=self.dtype) if self.affine else None
-        self.bias = np.zeros(C, dtype=self.dtype) if self.affine else None
+        self.bias = np.zeros(C, dtype=self.dtype) if self.affine and bias else None
         if self.track_running_stats:
             self.running_mean = np.zeros(C, dtype=self.dtype)
             self.running_var = np.ones(C, dtype=self.dtype)
@@ -273,14 +274,20 @@ class BatchNorm(_Module):
 
     def forward(self, x, *, mask=None, lengths=None):
         """Normalize x; with mask= or lengths= (feature-last (N, T, C) input, axis=-1) the
-        statistics come from the real tokens only and padding positions are written as 0."""
+        statistics come from the real tokens only and padding positions are written as 0.
+
+        The input and the statistics it was normalized with are kept for ``backward``: the
+        batch's in training (and in eval without running statistics), the running ones in eval,
+        which backward then treats as constants, as torch does for a frozen BatchNorm."""
+        self._saved = None
         x, _ = self._check_input(x)
-        use_batch = self.training or self.running_mean is None
         if not self.training:
-            momentum = 0.0 if self.momentum is None else self.momentum
-            return batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                              use_batch, momentum, self.eps, axis=self.axis, mask=mask,
-                              lengths=lengths)
+            use_batch = self.running_mean is None
+            y, mean, invstd = batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                         self.bias, use_batch, 0.0, self.eps, axis=self.axis,
+                                         return_stats=True, mask=mask, lengths=lengths)
+            self._saved = (x, mean, invstd, mask, lengths, use_batch)
+            return y
         with self._lock:
             if self.track_running_stats:
                 tracked = int(self.num_batches_tracked) + 1
@@ -292,7 +299,7 @@ class BatchNorm(_Module):
                                          return_stats=True, mask=mask, lengths=lengths)
             if self.track_running_stats:
                 self.num_batches_tracked[...] = tracked
-            self._saved = (x, mean, invstd, mask, lengths)
+            self._saved = (x, mean, invstd, mask, lengths, True)
         return y
 
     def partial_fit(self, x, *, mask=None, lengths=None):
@@ -355,11 +362,13 @@ class BatchNorm(_Module):
         return self
 
     def backward(self, grad_out):
-        """grad_input of the last training forward (batch statistics); sets grad_weight and
-        grad_bias.  The input is kept by reference: do not modify it in between."""
-        x, mean, invstd, mask, lengths = self._need_saved()
+        """grad_input of the last forward, in the mode it ran in; sets grad_weight and
+        grad_bias.  After a training forward the batch statistics depend on x; after an eval
+        forward the running statistics are constants: ``dx = grad_out * weight * invstd``.
+        The input is kept by reference: do not modify it in between."""
+        x, mean, invstd, mask, lengths, batch_stats = self._need_saved()
         dx, self.grad_weight, self.grad_bias = batch_norm_backward(
-            grad_out, x, mean, invstd, self.weight, True, axis=self.axis, bias=self.bias,
+            grad_out, x, mean, invstd, self.weight, batch_stats, axis=self.axis, bias=self.bias,
             mask=mask, lengths=lengths)
         return dx
 
@@ -370,31 +379,28 @@ class BatchNorm(_Module):
                 f"track_running_stats={self.track_running_stats}{axis})")
 
 
-class BatchNorm1d(BatchNorm):
+class _TorchLayoutBatchNorm(BatchNorm):
+    """BatchNorm with the features on axis 1 and torch's check of the input's ndim."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, dtype=np.float32, *, bias=True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, 1, dtype,
+                         bias=bias)
+
+
+class BatchNorm1d(_TorchLayoutBatchNorm):
     """BatchNorm over (N, C) or (N, C, L) input, as torch.nn.BatchNorm1d."""
 
     _ndims = (2, 3)
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=np.float32):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, 1, dtype)
 
-
-class BatchNorm2d(BatchNorm):
+class BatchNorm2d(_TorchLayoutBatchNorm):
     """BatchNorm over (N, C, H, W) input, as torch.nn.BatchNorm2d."""
 
     _ndims = (4,)
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=np.float32):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, 1, dtype)
 
-
-class BatchNorm3d(BatchNorm):
+class BatchNorm3d(_TorchLayoutBatchNorm):
     """BatchNorm over (N, C, D, H, W) input, as torch.nn.BatchNorm3d."""
 
     _ndims = (5,)
-
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=np.float32):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, 1, dtype)

@@ -14,7 +14,7 @@ from torch.autograd.function import once_differentiable
 
 from . import functional as F
 
-__all__ = ["layer_norm", "batch_norm", "LayerNorm", "BatchNorm1d", "BatchNorm2d"]
+__all__ = ["layer_norm", "batch_norm", "LayerNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 _DTYPES = (torch.float16, torch.float32, torch.float64)
 
@@ -116,3 +116,7 @@ class BatchNorm1d(_CynormBatchNorm, torch.nn.BatchNorm1d):
 
 class BatchNorm2d(_CynormBatchNorm, torch.nn.BatchNorm2d):
     """torch.nn.BatchNorm2d computed by cynorm."""
+
+
+class BatchNorm3d(_CynormBatchNorm, torch.nn.BatchNorm3d):
+    """torch.nn.BatchNorm3d computed by cynorm."""

@@ -105,10 +105,14 @@ def test_errors_like_torch(rng):
         cynorm.batch_norm(x, np.zeros(3), np.ones(3), training=True)
     with pytest.raises(ValueError, match="weight"):
         cynorm.batch_norm(x, training=True, weight=np.ones(4))
-    with pytest.raises(ValueError, match="empty batch"):
-        cynorm.batch_norm(np.empty((0, 10)), training=True)
     with pytest.raises(ValueError, match="at least 2 dims"):
         cynorm.batch_norm(np.ones(10), training=True)
+    with pytest.raises(ValueError, match="at least 2 dims"):
+        cynorm.batch_norm(np.ones(10), np.zeros(10), np.ones(10))
+    with pytest.raises(ValueError, match="eps must be positive during training"):
+        cynorm.batch_norm(np.empty(0), training=True, eps=0.0)
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        cynorm.batch_norm(np.empty(0, complex), training=True)
     with pytest.raises(np.exceptions.AxisError):
         cynorm.batch_norm(x, training=True, axis=2)
     with pytest.raises(TypeError, match="ndarray"):
@@ -184,6 +188,93 @@ def test_buffers_of_another_dtype_are_updated_in_place(rng):
     mean, var = batch_statistics(x)
     np.testing.assert_allclose(rm, mean, atol=1e-7)
     np.testing.assert_allclose(rv, var * 30 / 29, rtol=1e-6)
+
+
+@pytest.mark.parametrize("x_dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("buf_dtype", [np.float16, np.float32, np.float64, np.longdouble])
+@pytest.mark.parametrize("shape,axis", [((40, 3), 1), ((6, 3, 80), 1), ((5, 9, 3), -1)])
+def test_running_buffers_of_every_float_dtype(rng, x_dtype, buf_dtype, shape, axis):
+    """The update is computed in float64 from the float64 batch statistics and rounded once
+    into the buffers' dtype, whatever the input's dtype; the output is as with float64 ones."""
+    x = hostile(rng, shape, x_dtype, offset=3.0, scale=2.0)
+    C = shape[axis]
+    rm0, rv0 = rng.standard_normal(C), rng.uniform(0.5, 2.0, C)
+    rm, rv = rm0.astype(buf_dtype), rv0.astype(buf_dtype)
+    momentum = 0.3
+    _, mean, invstd = cynorm.batch_norm(x, training=True, axis=axis, return_stats=True)
+    y = cynorm.batch_norm(x, rm, rv, training=True, momentum=momentum, axis=axis)
+    assert rm.dtype == buf_dtype and rv.dtype == buf_dtype and y.dtype == x_dtype
+    np.testing.assert_array_equal(y, cynorm.batch_norm(x, training=True, axis=axis))
+    n = x.size // C
+    var = 1.0 / invstd.astype(np.float64) ** 2 - 1e-5
+    want_m = ((1 - momentum) * rm0.astype(buf_dtype).astype(np.float64) + momentum * mean)
+    want_v = ((1 - momentum) * rv0.astype(buf_dtype).astype(np.float64)
+              + momentum * var * n / (n - 1))
+    # rounded once: within half a unit in the last place of the buffer's dtype
+    tol = np.finfo(buf_dtype).eps if buf_dtype != np.longdouble else 1e-14
+    np.testing.assert_allclose(rm.astype(np.float64), want_m, rtol=tol, atol=1e-12)
+    # (the variance recovered from invstd carries its own rounding)
+    np.testing.assert_allclose(rv.astype(np.float64), want_v, rtol=max(tol, 1e-12))
+    if buf_dtype == np.float16:  # exactly the float64 update rounded to float16
+        np.testing.assert_array_equal(rm, want_m.astype(np.float16))
+
+
+def test_matches_torch_with_float16_buffers(rng, torch):
+    x = (rng.standard_normal((64, 4)) * 3 + 2).astype(np.float16)
+    rm, rv = np.zeros(4, np.float16), np.ones(4, np.float16)
+    trm, trv = torch.zeros(4, dtype=torch.float16), torch.ones(4, dtype=torch.float16)
+    for _ in range(3):
+        y = cynorm.batch_norm(x, rm, rv, training=True)
+        ty = torch.nn.functional.batch_norm(torch.from_numpy(x), trm, trv, training=True)
+        np.testing.assert_allclose(y.astype(np.float32), ty.numpy().astype(np.float32),
+                                   atol=4e-3)
+    np.testing.assert_allclose(rm, trm.numpy(), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(rv, trv.numpy(), rtol=1e-3)
+
+
+@pytest.mark.parametrize("shape,axis", [((0, 4), 1), ((0, 4, 7), 1), ((0, 6, 4), -1),
+                                        ((3, 4, 0), 1)])
+def test_empty_batch_in_training_like_torch(rng, torch, shape, axis):
+    """An empty batch: an empty output, the running statistics unchanged (torch 2.13)."""
+    rm, rv = rng.standard_normal(4), rng.uniform(0.5, 2.0, 4)
+    before = rm.copy(), rv.copy()
+    y = cynorm.batch_norm(np.empty(shape, np.float32), rm, rv, training=True, axis=axis)
+    assert y.shape == shape and y.dtype == np.float32
+    np.testing.assert_array_equal(rm, before[0])
+    np.testing.assert_array_equal(rv, before[1])
+    if axis == 1:
+        trm, trv = torch.from_numpy(before[0].copy()), torch.from_numpy(before[1].copy())
+        ty = torch.nn.functional.batch_norm(torch.empty(shape), trm, trv, training=True)
+        assert tuple(ty.shape) == y.shape
+        np.testing.assert_array_equal(trm.numpy(), rm)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        cynorm.batch_norm(np.empty(shape), training=True, eps=0.0, axis=axis)
+    mask = np.ones(shape[:-1], bool)
+    if axis == -1:  # with a mask: still an empty batch, not "all padding"
+        assert cynorm.batch_norm(np.empty(shape), training=True, axis=-1,
+                                 mask=mask).shape == shape
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype,result", [(np.float32, np.float32), (np.float16, np.float16),
+                                          (np.int64, np.float64)])
+def test_one_dimensional_empty_input_like_torch(torch, training, dtype, result):
+    x = np.empty(0, dtype)
+    for buffers in ((None, None), (np.zeros(3), np.ones(3))):
+        if not training and buffers[0] is None:
+            continue
+        y = cynorm.batch_norm(x, *buffers, training=training)
+        assert y.shape == (0,) and y.dtype == result
+        ty = torch.nn.functional.batch_norm(
+            torch.empty(0), *(None if b is None else torch.from_numpy(b) for b in buffers),
+            training=training)
+        assert tuple(ty.shape) == y.shape
+    y, mean, invstd = cynorm.batch_norm(x, np.zeros(3), np.ones(3), training=training,
+                                        return_stats=True)
+    dx, dw, db = cynorm.batch_norm_backward(np.empty(0), x, mean, invstd, np.ones(3), training,
+                                            bias=np.zeros(3))
+    assert dx.shape == (0,) and dx.dtype == result
+    assert (dw == 0).all() and (db == 0).all() and dw.shape == (3,)
 
 
 @pytest.mark.parametrize("layout", ["fortran", "slice", "negative", "readonly", "unaligned"])

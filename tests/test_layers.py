@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import cynorm
-from conftest import max_err
+from conftest import hostile, max_err, reference_eval_backward
 
 
 def test_layer_norm_defaults_and_aliases():
@@ -200,3 +200,171 @@ def test_layers_in_float64_and_float16(rng, ref_layer_norm):
     assert ln(x).dtype == np.float64 and max_err(ln(x), ref_layer_norm(x, 8)) <= 1e-12
     h = x.astype(np.float16)
     assert cynorm.LayerNorm(8, dtype=np.float16)(h).dtype == np.float16
+
+
+def _torch_module_like(torch, rng, cls, C, bias=True):
+    """A float64 torch module with random affine parameters, and a cynorm twin of it."""
+    theirs = getattr(torch.nn, cls)(C, dtype=torch.float64, bias=bias)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.from_numpy(rng.uniform(0.5, 2.0, C)))
+        if bias:
+            theirs.bias.copy_(torch.from_numpy(rng.standard_normal(C)))
+    ours = getattr(cynorm, cls)(C, dtype=np.float64, bias=bias)
+    ours.load_state_dict({k: v.numpy() for k, v in theirs.state_dict().items()})
+    return theirs, ours
+
+
+def _torch_grads(torch, module, x, g):
+    """(y, dx, dweight, dbias) of torch's module on x under autograd (dbias None without bias)."""
+    module.zero_grad()
+    xt = torch.from_numpy(x).requires_grad_()
+    y = module(xt)
+    y.backward(torch.from_numpy(g))
+    db = None if module.bias is None else module.bias.grad.numpy()
+    return y.detach().numpy(), xt.grad.numpy(), module.weight.grad.numpy(), db
+
+
+def _assert_grads_match(ours, dx, expect):
+    y, tdx, tdw, tdb = expect
+    for got, want, name in ((dx, tdx, "dx"), (ours.grad_weight, tdw, "grad_weight"),
+                            (ours.grad_bias, tdb, "grad_bias")):
+        if want is None:
+            assert got is None, name
+            continue
+        assert got.shape == want.shape, name
+        scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+        assert max_err(got, want) <= 1e-10 * scale, name
+
+
+@pytest.mark.parametrize("after", ["a training step", "load_state_dict"])
+@pytest.mark.parametrize("cls,shape", [("BatchNorm1d", (16, 5)), ("BatchNorm1d", (8, 5, 70)),
+                                       ("BatchNorm1d", (8, 5, 9)), ("BatchNorm2d", (4, 5, 6, 7)),
+                                       ("BatchNorm3d", (2, 5, 3, 4, 5))])
+def test_frozen_batch_norm_backward_matches_torch(rng, torch, cls, shape, after):
+    """eval(), forward, backward: the running statistics are constants, as in torch; the
+    gradient is of this eval forward, never of an earlier training one."""
+    theirs, ours = _torch_module_like(torch, rng, cls, shape[1])
+    if after == "a training step":
+        x1 = hostile(rng, shape, offset=50.0, scale=3.0)
+        theirs(torch.from_numpy(x1))
+        ours(x1)
+    else:  # fresh statistics, straight from a state_dict
+        sd = theirs.state_dict()
+        sd["running_mean"] = torch.from_numpy(rng.standard_normal(shape[1]) * 10)
+        sd["running_var"] = torch.from_numpy(rng.uniform(0.1, 9.0, shape[1]))
+        theirs.load_state_dict(sd)
+        ours.load_state_dict({k: v.numpy() for k, v in sd.items()})
+    theirs.eval()
+    ours.eval()
+    x2 = hostile(rng, shape, offset=-7.0, scale=2.0)
+    g = rng.standard_normal(shape) * 3
+    expect = _torch_grads(torch, theirs, x2, g)
+    assert max_err(ours(x2), expect[0]) <= 1e-12
+    _assert_grads_match(ours, ours.backward(g), expect)
+    # and against the float64 formulas: dx = g·w·invstd, dw = Σ g·x̂, db = Σ g
+    invstd = 1.0 / np.sqrt(ours.running_var + ours.eps)
+    ref = reference_eval_backward(g, x2, ours.running_mean, invstd, ours.weight, 1)
+    _assert_grads_match(ours, ours.backward(g), (None,) + ref)
+
+
+@pytest.mark.parametrize("shape", [(16, 5), (6, 5, 11)])
+def test_batch_norm_backward_follows_the_mode_of_the_last_forward(rng, torch, shape):
+    theirs, ours = _torch_module_like(torch, rng, "BatchNorm1d", shape[1])
+    x1, x2, x3 = (hostile(rng, shape, offset=o, scale=2.0) for o in (3.0, -5.0, 8.0))
+    g = rng.standard_normal(shape)
+    for mode, x in (("train", x1), ("eval", x2), ("train", x3), ("eval", x1)):
+        theirs.train(mode == "train")
+        ours.train(mode == "train")
+        expect = _torch_grads(torch, theirs, x, g)
+        assert max_err(ours(x), expect[0]) <= 1e-11
+        _assert_grads_match(ours, ours.backward(g), expect)
+    # a failed forward leaves nothing for backward to answer with
+    with pytest.raises(ValueError, match="expected 5 features"):
+        ours(np.ones((4, 6)))
+    with pytest.raises(RuntimeError, match="needs a forward pass first"):
+        ours.backward(g)
+
+
+def test_batch_norm_without_running_stats_backward_in_eval(rng, torch):
+    """track_running_stats=False: eval normalizes with batch statistics, so its gradient is
+    the training one (through the statistics)."""
+    theirs = torch.nn.BatchNorm1d(4, track_running_stats=False, dtype=torch.float64).eval()
+    ours = cynorm.BatchNorm1d(4, track_running_stats=False, dtype=np.float64).eval()
+    x = hostile(rng, (12, 4, 3), offset=20.0, scale=1.5)
+    g = rng.standard_normal(x.shape)
+    expect = _torch_grads(torch, theirs, x, g)
+    assert max_err(ours(x), expect[0]) <= 1e-12
+    _assert_grads_match(ours, ours.backward(g), expect)
+
+
+def test_layer_norm_backward_is_of_the_last_forward_in_either_mode(rng, torch):
+    theirs = torch.nn.LayerNorm(9, dtype=torch.float64)
+    ours = cynorm.LayerNorm(9, dtype=np.float64)
+    g = rng.standard_normal((5, 9))
+    for mode in ("train", "eval", "train"):
+        theirs.train(mode == "train")
+        ours.train(mode == "train")
+        x = hostile(rng, (5, 9))
+        expect = _torch_grads(torch, theirs, x, g)
+        assert max_err(ours(x), expect[0]) <= 1e-9
+        _assert_grads_match(ours, ours.backward(g), expect)
+    with pytest.raises(RuntimeError, match="needs a forward pass first"):
+        cynorm.LayerNorm(9).eval().backward(g)
+
+
+@pytest.mark.parametrize("cls", ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"])
+def test_batch_norm_bias_false(rng, torch, cls):
+    """torch 2.13's keyword-only bias=False: a weight and no bias, no 'bias' in state_dict."""
+    bn = getattr(cynorm, cls)(4, bias=False)
+    assert bn.bias is None and bn.weight is not None
+    tname = "BatchNorm1d" if cls == "BatchNorm" else cls
+    assert list(bn.state_dict()) == list(getattr(torch.nn, tname)(4, bias=False).state_dict())
+    with pytest.raises(TypeError):
+        getattr(cynorm, cls)(4, 1e-5, 0.1, True, True, np.float32, False, False)
+    shape = {"BatchNorm": (9, 4), "BatchNorm1d": (9, 4), "BatchNorm2d": (3, 4, 2, 5),
+             "BatchNorm3d": (2, 4, 3, 2, 2)}[cls]
+    theirs, ours = _torch_module_like(torch, rng, tname, 4, bias=False)
+    x = hostile(rng, shape, offset=4.0, scale=1.0)
+    g = rng.standard_normal(shape)
+    expect = _torch_grads(torch, theirs, x, g)
+    assert max_err(ours(x), expect[0]) <= 1e-11
+    _assert_grads_match(ours, ours.backward(g), expect)
+    assert ours.grad_bias is None
+
+
+@pytest.mark.parametrize("x_dtype", [np.float16, np.float32])
+def test_batch_norm_layer_in_float16_trains(rng, torch, x_dtype):
+    """float16 running buffers: updated in float64, rounded once, as torch stores them."""
+    theirs = torch.nn.BatchNorm1d(3, dtype=torch.float16)
+    ours = cynorm.BatchNorm1d(3, dtype=np.float16)
+    for step in range(3):
+        x = (rng.standard_normal((32, 3)) * 2 + 5).astype(np.float16)
+        theirs(torch.from_numpy(x))
+        y = ours(x.astype(x_dtype))
+        assert y.dtype == x_dtype
+    for k in ("running_mean", "running_var"):
+        got = getattr(ours, k)
+        assert got.dtype == np.float16
+        np.testing.assert_allclose(got, getattr(theirs, k).numpy(), rtol=2e-3, err_msg=k)
+    assert int(ours.num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 5)])
+def test_batch_norm_layer_on_an_empty_batch(rng, torch, shape):
+    """As torch: an empty output, the running statistics unchanged, the batch still counted,
+    zero parameter gradients."""
+    for momentum in (0.1, None):
+        theirs = torch.nn.BatchNorm1d(3, momentum=momentum, dtype=torch.float64)
+        ours = cynorm.BatchNorm1d(3, momentum=momentum, dtype=np.float64)
+        x = rng.standard_normal((6,) + shape[1:])
+        theirs(torch.from_numpy(x))
+        ours(x)
+        before = ours.state_dict()
+        expect = _torch_grads(torch, theirs, np.empty(shape), np.empty(shape))
+        assert ours(np.empty(shape)).shape == shape
+        _assert_grads_match(ours, ours.backward(np.empty(shape)), expect)
+        assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 2
+        for k in ("running_mean", "running_var"):
+            np.testing.assert_array_equal(getattr(ours, k), before[k])
+            np.testing.assert_allclose(getattr(ours, k), getattr(theirs, k).numpy(),
+                                       rtol=1e-12)

@@ -32,33 +32,61 @@ def test_gradcheck(torch, ct):
                                     (x3, w, b))
 
 
+def _step_both(torch, theirs, ours, x):
+    """One forward and backward of both modules on x: outputs and gradients must agree."""
+    for m in (theirs, ours):
+        m.zero_grad()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = theirs(xa), ours(xb)
+    torch.testing.assert_close(yb, ya, atol=2e-5, rtol=1e-5)
+    g = torch.randn(*x.shape)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(xb.grad, xa.grad, atol=2e-5, rtol=1e-4)
+    for name in ("weight", "bias"):
+        a, b = getattr(theirs, name), getattr(ours, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("name,shape", [("LayerNorm", (16, 10)), ("BatchNorm1d", (16, 10)),
                                         ("BatchNorm1d", (8, 10, 30)),
-                                        ("BatchNorm2d", (4, 10, 5, 6))])
+                                        ("BatchNorm2d", (4, 10, 5, 6)),
+                                        ("BatchNorm3d", (2, 10, 3, 4, 5))])
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_modules_are_drop_in(torch, ct, name, shape, momentum):
+@pytest.mark.parametrize("bias", [True, False])
+def test_modules_are_drop_in(torch, ct, name, shape, momentum, bias):
     torch.manual_seed(1)
-    kwargs = {} if name == "LayerNorm" else {"momentum": momentum}
+    kwargs = {"bias": bias} if name == "LayerNorm" else {"momentum": momentum, "bias": bias}
     theirs = getattr(torch.nn, name)(10, **kwargs)
     ours = getattr(ct, name)(10, **kwargs)
     ours.load_state_dict(theirs.state_dict())
     for step in range(3):
-        x = torch.randn(*shape) * 2 + step
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = theirs(xa), ours(xb)
-        torch.testing.assert_close(yb, ya, atol=2e-5, rtol=1e-5)
-        g = torch.randn(*shape)
-        ya.backward(g)
-        yb.backward(g)
-        torch.testing.assert_close(xb.grad, xa.grad, atol=2e-5, rtol=1e-4)
-        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(ours.bias.grad, theirs.bias.grad, atol=1e-4, rtol=1e-4)
+        _step_both(torch, theirs, ours, torch.randn(*shape) * 2 + step)
     for (k, a), b in zip(theirs.state_dict().items(), ours.state_dict().values()):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=k)
+    # frozen statistics: eval, forward and backward (the running statistics are constants)
     theirs.eval()
     ours.eval()
-    x = torch.randn(*shape)
-    torch.testing.assert_close(ours(x), theirs(x), atol=2e-5, rtol=1e-5)
+    _step_both(torch, theirs, ours, torch.randn(*shape) * 3 - 1)
+    if name != "LayerNorm":  # an empty batch in training: counted, statistics unchanged
+        theirs.train()
+        ours.train()
+        _step_both(torch, theirs, ours, torch.randn(0, *shape[1:]))
+        for (k, a), b in zip(theirs.state_dict().items(), ours.state_dict().values()):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_float16_batch_norm_module(torch, ct):
+    torch.manual_seed(4)
+    theirs = torch.nn.BatchNorm1d(5, dtype=torch.float16)
+    ours = ct.BatchNorm1d(5, dtype=torch.float16)
+    for _ in range(3):
+        x = (torch.randn(32, 5) * 2 + 3).half()
+        torch.testing.assert_close(ours(x), theirs(x), atol=4e-3, rtol=2e-3)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, atol=1e-3, rtol=2e-3)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, atol=1e-3, rtol=2e-3)
 
 
 def test_a_model_trains_the_same(torch, ct):
