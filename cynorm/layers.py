@@ -15,6 +15,7 @@ from ._validation import (
 )
 from .functional import (
     _feature_last_mask,
+    _invstd,
     batch_norm,
     batch_norm_backward,
     layer_norm,
@@ -180,15 +181,23 @@ class LayerNorm(_Module):
         """Normalize x (padding rows skipped and written as 0 with mask= or lengths=).  The
         input and its statistics are kept for backward, in both modes (they behave the same)."""
         self._saved = None
+        if not self.training:  # inference: the statistics are recomputed if backward is called
+            y = layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps,
+                           mask=mask, lengths=lengths)
+            self._saved = (x, None, None, mask, lengths, self.eps)
+            return y
         y, mean, rstd = layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps,
                                    return_stats=True, mask=mask, lengths=lengths)
-        self._saved = (x, mean, rstd, mask, lengths)
+        self._saved = (x, mean, rstd, mask, lengths, self.eps)
         return y
 
     def backward(self, grad_out):
         """grad_input of the last forward; sets grad_weight and grad_bias (None for a missing
         parameter).  The input is kept by reference: do not modify it in between."""
-        x, mean, rstd, mask, lengths = self._need_saved()
+        x, mean, rstd, mask, lengths, eps = self._need_saved()
+        if mean is None:
+            _, mean, rstd = layer_norm(x, self.normalized_shape, eps=eps, return_stats=True,
+                                       mask=mask, lengths=lengths)
         dx, self.grad_weight, self.grad_bias = layer_norm_backward(
             grad_out, x, mean, rstd, self.normalized_shape, self.weight, self.bias, mask=mask,
             lengths=lengths)
@@ -281,12 +290,18 @@ class BatchNorm(_Module):
         which backward then treats as constants, as torch does for a frozen BatchNorm."""
         self._saved = None
         x, _ = self._check_input(x)
-        if not self.training:
-            use_batch = self.running_mean is None
-            y, mean, invstd = batch_norm(x, self.running_mean, self.running_var, self.weight,
-                                         self.bias, use_batch, 0.0, self.eps, axis=self.axis,
-                                         return_stats=True, mask=mask, lengths=lengths)
-            self._saved = (x, mean, invstd, mask, lengths, use_batch)
+        if not self.training and self.running_mean is not None:
+            y = batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                           False, 0.0, self.eps, axis=self.axis, mask=mask, lengths=lengths)
+            # backward's constants: the running statistics as this forward used them
+            frozen = (self.running_mean.copy(), self.running_var.copy(), self.eps)
+            self._saved = (x, None, frozen, mask, lengths, False)
+            return y
+        if not self.training:  # no running statistics: the batch's, as in training
+            y, mean, invstd = batch_norm(x, None, None, self.weight, self.bias, True, 0.0,
+                                         self.eps, axis=self.axis, return_stats=True,
+                                         mask=mask, lengths=lengths)
+            self._saved = (x, mean, invstd, mask, lengths, True)
             return y
         with self._lock:
             if self.track_running_stats:
@@ -367,6 +382,10 @@ class BatchNorm(_Module):
         forward the running statistics are constants: ``dx = grad_out * weight * invstd``.
         The input is kept by reference: do not modify it in between."""
         x, mean, invstd, mask, lengths, batch_stats = self._need_saved()
+        if mean is None:  # after an eval forward: the frozen running statistics
+            running_mean, running_var, eps = invstd
+            mean = running_mean.astype(np.float64)
+            invstd = _invstd(running_var.astype(np.float64), eps)
         dx, self.grad_weight, self.grad_bias = batch_norm_backward(
             grad_out, x, mean, invstd, self.weight, batch_stats, axis=self.axis, bias=self.bias,
             mask=mask, lengths=lengths)

@@ -278,6 +278,10 @@ def test_batch_norm_backward_follows_the_mode_of_the_last_forward(rng, torch, sh
         expect = _torch_grads(torch, theirs, x, g)
         assert max_err(ours(x), expect[0]) <= 1e-11
         _assert_grads_match(ours, ours.backward(g), expect)
+    # the running statistics changed after the eval forward: backward keeps that forward's
+    ours.load_state_dict({**ours.state_dict(), "running_mean": np.full(shape[1], 99.0),
+                          "running_var": np.full(shape[1], 1e-3)})
+    _assert_grads_match(ours, ours.backward(g), expect)
     # a failed forward leaves nothing for backward to answer with
     with pytest.raises(ValueError, match="expected 5 features"):
         ours(np.ones((4, 6)))
