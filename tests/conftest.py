@@ -4,6 +4,10 @@ import os
 import numpy as np
 import pytest
 
+# scikit-learn's estimator checks run check_array_api_input (NumPy namespace) only with this set,
+# and skip it otherwise; SciPy reads it when first imported, so it is set before any test module.
+os.environ.setdefault("SCIPY_ARRAY_API", "1")
+
 # Max abs error of the normalized output against the float64 reference, per compute dtype.
 TOL = {np.dtype(np.float16): 2e-3, np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 
