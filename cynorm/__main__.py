@@ -34,14 +34,23 @@ def main(argv=None):
         from .diagnostics import main as demo_main
 
         return demo_main(argv[1:])
-    parser = argparse.ArgumentParser(
-        prog="cynorm", description=__doc__,
-        epilog="commands: info (default): show_config() and a demo batch; "
-               "bench [--full ...]: benchmark report (cynorm bench --help); "
-               "demo: BatchNorm against LayerNorm on padded variable-length batches")
-    parser.add_argument("command", nargs="?", default="info", choices=["info", "bench", "demo"])
+    parser = argparse.ArgumentParser(prog="cynorm", description="cynorm: fast, accurate, "
+                                     "torch-compatible normalization layers for NumPy arrays.")
+    commands = parser.add_subparsers(dest="command", metavar="command",
+                                     title="commands (info when none is given)")
+    for name, text in COMMANDS.items():
+        commands.add_parser(name, help=text, description=text)
     parser.parse_args(argv)
     return _demo()
+
+
+COMMANDS = {
+    "info": "print the build configuration (show_config()) and normalize a demo batch",
+    "bench": "time every op against NumPy and torch and write a report folder "
+             "(cynorm bench --help for the options)",
+    "demo": "BatchNorm against LayerNorm on padded variable-length batches (statistics "
+            "spread, running-statistics gap, a plot)",
+}
 
 
 if __name__ == "__main__":

@@ -102,3 +102,87 @@ def test_the_quick_grid_plots_each_curve_up_to_a_large_input():
     for op in ("ln", "bn_train"):
         plotted = [c for c in bench.cases(ops=[op]) if len(c.shape) == 2]
         assert {c.size_class for c in plotted} == {"small", "medium", "large"}
+
+
+def _result(op, label, times, roof=None):
+    r = {"op": op, "label": label, "times": times}
+    if roof is not None:
+        r["roof"] = roof
+    return r
+
+
+def test_the_table_says_how_to_read_it():
+    rows = [_result("ln", "in cache", {"cynorm": 2.0, "cynorm_out": 1.0, "numpy": 8.0,
+                                       "torch": 4.0}, roof=1.4),
+            _result("ln", "streamed", {"cynorm": 2.0, "cynorm_out": 2.0, "numpy": 8.0,
+                                       "torch": 4.0}, roof=1.0)]
+    text = "\n".join(bench.table(rows))
+    assert "| 1.40* |" in text and "| 0.50 |" in text  # only the one above 1 is starred
+    assert "of roof: roof / cynorm out=" in text and "* above 1: faster than that copy" in text
+    assert "above 1" not in "\n".join(bench.table(rows[1:])).split("1.00 is")[1]
+
+
+def test_the_mask_table_says_which_targets_were_missed():
+    met = _result("ln_masked", "LN masked", {"cynorm": 0.5, "cynorm_reference": 1.0})
+    missed = _result("bn_masked", "BN masked", {"cynorm": 1.5, "cynorm_reference": 1.0})
+    text = "\n".join(bench.mask_table([met, missed]))
+    assert "| 0.50 | ≤ 0.60 | yes |" in text and "| 1.50 | ≤ 1.10 | **no** |" in text
+    assert "A **no** is a real miss" in text and "torch has no mask" in text
+    assert "A **no**" not in "\n".join(bench.mask_table([met]))
+
+
+def test_plots_name_the_contenders_as_the_table_does(tmp_path):
+    optional("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = []
+    real_savefig = plt.Figure.savefig
+
+    def spy(fig, *args, **kwargs):  # what each saved figure shows
+        for ax in fig.axes:
+            shown.append(([t.get_text() for t in ax.get_yticklabels()],
+                          [t.get_text() for t in ax.get_xticklabels()],
+                          [t.get_text() for t in ax.texts] + [c.get_text() for c in
+                                                              ax.get_children()
+                                                              if hasattr(c, "get_text")],
+                          ax.get_legend_handles_labels()[1]))
+        return real_savefig(fig, *args, **kwargs)
+
+    rows = [dict(_result("ln", f"LN {n}", {"cynorm": 1.0 * n, "cynorm_out": 0.9 * n,
+                                           "numpy": 9.0 * n, "torch": 3.0 * n}, roof=0.5 * n),
+                 dtype="float32", nbytes=n, axis=-1, shape=(n, 8)) for n in (1, 100)]
+    rows.append(dict(_result("bn_masked", "BN masked", {"cynorm": 2.0, "numpy": 9.0,
+                                                        "torch": 5.0, "cynorm_reference": 1.0}),
+                     dtype="float32", nbytes=10, axis=-1, shape=(2, 2, 2)))
+    plt.Figure.savefig = spy
+    try:
+        assert bench._plots(rows, str(tmp_path)) == ["speedup.png", "time_vs_size.png"]
+    finally:
+        plt.Figure.savefig = real_savefig
+    (bars_y, bars_x, bar_texts, _), (_, _, _, curves) = shown
+    assert any("torch: no mask, BN on the real tokens alone" in t for t in bars_y)
+    assert "9.00×" in bar_texts and "2.50×" in bar_texts  # every bar carries its ratio
+    assert len([t for t in bars_x if t]) >= 3
+    assert "cynorm out=" in curves and "cynorm_out" not in curves
+
+
+def test_the_command_line_explains_each_command_and_default():
+    import subprocess
+    import sys
+
+    top = subprocess.run([sys.executable, "-m", "cynorm", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert top.returncode == 0
+    from cynorm.__main__ import COMMANDS
+
+    assert set(COMMANDS) == {"info", "bench", "demo"}
+    flat = " ".join(top.stdout.split())
+    for name, text in COMMANDS.items():
+        assert f"{name} {text.split()[0]}" in flat and len(text.split()) > 5  # what it does
+    sub = subprocess.run([sys.executable, "-m", "cynorm", "bench", "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0
+    assert sub.stdout.count("(default:") >= 7
