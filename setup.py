@@ -130,12 +130,14 @@ class BuildExt(build_ext):
 FRONT_END = ["_validation", "_threads", "functional", "layers", "_moments"]
 FRONT_END_DIRECTIVES = {"language_level": 3, "binding": True, "embedsignature": False}
 
+# The kernels, one module per instruction set; the runtime (outputs, fast checks) once.
 names = ["cynorm._kernels"] + (list(ISA_VARIANTS) if WANT_VARIANTS else [])
 extensions = [
     Extension(name, ["pyx/%s.pyx" % name.split(".")[1]], include_dirs=["pyx", np.get_include()],
-              depends=["pyx/_kernels_impl.pxi", "pyx/_backward.pxi", "pyx/_common.pxd", "pyx/_simd.h", "pyx/_pool.h"])
+              depends=["pyx/_kernels_impl.pxi", "pyx/_backward.pxi", "pyx/_common.pxd", "pyx/_simd.h"])
     for name in names
-]
+] + [Extension("cynorm._runtime", ["pyx/_runtime.pyx"], include_dirs=["pyx", np.get_include()],
+               depends=["pyx/_common.pxd", "pyx/_pool.h"])]
 
 front_end = [Extension("cynorm." + name, ["cynorm/%s.py" % name]) for name in FRONT_END]
 

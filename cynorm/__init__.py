@@ -19,7 +19,7 @@ except ImportError as exc:  # pragma: no cover - depends on how the package was 
     ) from exc
 
 from ._config import default_output_cache as _default_output_cache, show_config
-from ._kernels import output_cache_info, set_output_cache
+from ._runtime import output_cache_info, set_output_cache
 from ._moments import Moments, moments
 from ._threads import get_num_threads, num_threads, set_num_threads
 from .functional import batch_norm, batch_norm_backward, layer_norm, layer_norm_backward

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 from ._isa import available, kernels as _kernels
-from ._kernels import output_cache_info
+from ._runtime import output_cache_info
 from ._threads import get_num_threads
 from ._version import __version__
 

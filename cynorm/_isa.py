@@ -7,6 +7,7 @@ import importlib
 import os
 
 from . import _kernels as _baseline
+from ._runtime import cpu_supports
 
 LEVELS = {"baseline": (0, "_kernels"), "avx2": (1, "_kernels_avx2"), "avx512": (2, "_kernels_avx512")}
 
@@ -14,7 +15,7 @@ LEVELS = {"baseline": (0, "_kernels"), "avx2": (1, "_kernels_avx2"), "avx512": (
 def load(name):
     """The kernels module for ISA ``name``, or None when it was not built or cannot run here."""
     level, module = LEVELS[name]
-    if not _baseline.cpu_supports(level):
+    if not cpu_supports(level):
         return None
     try:
         return importlib.import_module(f"{__package__}.{module}")

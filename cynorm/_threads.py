@@ -15,7 +15,7 @@ import math
 import os
 import threading
 
-from ._isa import kernels as _kernels
+from ._runtime import omp_max_threads as _omp_max_threads
 
 # Below this many elements a call runs on the calling thread: waking a team costs more than it
 # saves (measured crossover on 2 cores: ~40k elements for LayerNorm, ~100k for BatchNorm, which
@@ -65,7 +65,7 @@ def get_num_threads():
         n = _global["user"]
     if n is not None:
         return n
-    return max(1, min(_kernels.omp_max_threads(), _CPU_LIMIT))
+    return max(1, min(_omp_max_threads(), _CPU_LIMIT))
 
 
 def threads_for(size, serial_below=SERIAL_BELOW):

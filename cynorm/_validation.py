@@ -8,7 +8,7 @@ import operator
 
 import numpy as np
 
-from ._kernels import empty, grad_outputs, layer_norm_shape, masked_output, plain, plain_size
+from ._runtime import empty, grad_outputs, layer_norm_shape, masked_output, plain, plain_size
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)

@@ -26,7 +26,7 @@ def test_typing_files_ship_with_the_package():
 
 def test_stubs_match_the_compiled_modules():
     pytest.importorskip("mypy")
-    modules = [f"cynorm.{_isa.LEVELS[name][1]}" for name in _isa.available()]
+    modules = ["cynorm._runtime"] + [f"cynorm.{_isa.LEVELS[name][1]}" for name in _isa.available()]
     r = subprocess.run([sys.executable, "-m", "mypy.stubtest", *modules], capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -99,6 +99,7 @@ def test_torch_and_cynorm_in_one_process(torch, first):
 
 def test_threadpoolctl_sees_and_limits_cynorm_openmp():
     threadpoolctl = pytest.importorskip("threadpoolctl")
+    from cynorm import _runtime
     from cynorm._isa import kernels
     from cynorm._threads import _CPU_LIMIT
 
@@ -112,4 +113,4 @@ def test_threadpoolctl_sees_and_limits_cynorm_openmp():
         assert any(p["filepath"] in mapped for p in info)
     with threadpoolctl.threadpool_limits(1, user_api="openmp"):
         assert cynorm.get_num_threads() == 1
-    assert cynorm.get_num_threads() == min(kernels.omp_max_threads(), _CPU_LIMIT)
+    assert cynorm.get_num_threads() == min(_runtime.omp_max_threads(), _CPU_LIMIT)

@@ -1,10 +1,10 @@
 """The front end's argument handling: the fast check for arrays the kernels read as they are
-(``_kernels.plain``) and the slow paths it falls back to, which must give the same results."""
+(``_runtime.plain``) and the slow paths it falls back to, which must give the same results."""
 import numpy as np
 import pytest
 
 import cynorm
-from cynorm import _kernels
+from cynorm import _runtime
 
 
 class _Sub(np.ndarray):
@@ -14,18 +14,18 @@ class _Sub(np.ndarray):
 def test_plain_accepts_only_what_the_kernels_read_as_is():
     f64, f32 = np.dtype(np.float64), np.dtype(np.float32)
     a = np.zeros((3, 4))
-    assert _kernels.plain(a, f64, (3, 4))
-    assert _kernels.plain(a[1], f64, (4,))
-    assert not _kernels.plain(a, f32, (3, 4))                       # dtype
-    assert not _kernels.plain(a.astype(">f8"), f64, (3, 4))         # byte order
-    assert not _kernels.plain(a, f64, (4, 3))                       # shape
-    assert not _kernels.plain(a, f64, (12,))                        # ndim
-    assert not _kernels.plain(a[:, ::2], f64, (3, 2))               # strides
-    assert not _kernels.plain(np.asfortranarray(a), f64, (3, 4))    # order
-    assert not _kernels.plain(a.tolist(), f64, (3, 4))              # not an ndarray
-    assert not _kernels.plain(a.view(_Sub), f64, (3, 4))            # a subclass
-    assert not _kernels.plain(None, f64, (3, 4))
-    assert _kernels.plain(np.zeros(0), f64, (0,))
+    assert _runtime.plain(a, f64, (3, 4))
+    assert _runtime.plain(a[1], f64, (4,))
+    assert not _runtime.plain(a, f32, (3, 4))                       # dtype
+    assert not _runtime.plain(a.astype(">f8"), f64, (3, 4))         # byte order
+    assert not _runtime.plain(a, f64, (4, 3))                       # shape
+    assert not _runtime.plain(a, f64, (12,))                        # ndim
+    assert not _runtime.plain(a[:, ::2], f64, (3, 2))               # strides
+    assert not _runtime.plain(np.asfortranarray(a), f64, (3, 4))    # order
+    assert not _runtime.plain(a.tolist(), f64, (3, 4))              # not an ndarray
+    assert not _runtime.plain(a.view(_Sub), f64, (3, 4))            # a subclass
+    assert not _runtime.plain(None, f64, (3, 4))
+    assert _runtime.plain(np.zeros(0), f64, (0,))
 
 
 def test_layer_norm_shape_takes_only_the_usual_call():
@@ -34,15 +34,15 @@ def test_layer_norm_shape_takes_only_the_usual_call():
     else (which the general checks then take, or refuse)."""
     f64, f32 = np.dtype(np.float64), np.dtype(np.float32)
     a = np.zeros((3, 4, 5))
-    assert _kernels.layer_norm_shape(a, 5) == (f64, (5,), 12, 5)
-    assert _kernels.layer_norm_shape(a, (5,)) == (f64, (5,), 12, 5)
-    assert _kernels.layer_norm_shape(a.astype(f32)[:, ::2], 5) == (f32, (5,), 6, 5)
-    assert _kernels.layer_norm_shape(a, 5)[0] is f64
+    assert _runtime.layer_norm_shape(a, 5) == (f64, (5,), 12, 5)
+    assert _runtime.layer_norm_shape(a, (5,)) == (f64, (5,), 12, 5)
+    assert _runtime.layer_norm_shape(a.astype(f32)[:, ::2], 5) == (f32, (5,), 6, 5)
+    assert _runtime.layer_norm_shape(a, 5)[0] is f64
     for x, n in [(a, 4), (a, -5), (a, (4, 5)), (a, (5.0,)), (a, 5.0), (a, True),
                  (a, np.int64(5)), (a, 2 ** 70), (a, [5]), (a, "5"), (a, ()),
                  (a.astype(">f8"), 5), (a.astype(np.float16), 5), (a.astype(int), 5),
                  (a.view(_Sub), 5), (a.tolist(), 5), (np.zeros(()), 1), (np.zeros((3, 0)), 0)]:
-        assert _kernels.layer_norm_shape(x, n) is None, (getattr(x, "dtype", x), n)
+        assert _runtime.layer_norm_shape(x, n) is None, (getattr(x, "dtype", x), n)
 
 
 @pytest.mark.parametrize("n", [np.int64(5), [5], (np.int32(5),)])
@@ -76,13 +76,13 @@ def test_layer_norm_shape_errors_unchanged():
 def test_grad_outputs():
     f32 = np.dtype(np.float32)
     x = np.zeros((2, 3, 4), np.int16)[:, ::2]
-    dx, gw, gb = _kernels.grad_outputs(x, f32, (3, 4), True, False)
+    dx, gw, gb = _runtime.grad_outputs(x, f32, (3, 4), True, False)
     assert dx.shape == (2, 2, 4) and dx.dtype is f32 and dx.flags.c_contiguous
     assert dx.flags.writeable and dx.flags.owndata
     assert gw.shape == (3, 4) and gw.dtype is f32 and gw.flags.c_contiguous and gb is None
-    dx, gw, gb = _kernels.grad_outputs(x, f32, (4,), False, True)
+    dx, gw, gb = _runtime.grad_outputs(x, f32, (4,), False, True)
     assert gw is None and gb.shape == (4,)
-    _, gw, gb = _kernels.grad_outputs(x, f32, (4,), True, True)
+    _, gw, gb = _runtime.grad_outputs(x, f32, (4,), True, True)
     assert not np.may_share_memory(gw, gb)
 
 
