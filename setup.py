@@ -7,6 +7,7 @@ CYNORM_DEBUG=1    turn Cython's bounds/wraparound/initialized checks back on and
 CYNORM_OPENMP=0   build without OpenMP (serial kernels); =1 require it; unset: probe the compiler.
 CYNORM_ISA_VARIANTS=0  build only the baseline kernels (no AVX2 / AVX-512 variants on x86-64).
 """
+import glob
 import os
 import platform
 import shutil
@@ -134,10 +135,11 @@ FRONT_END_DIRECTIVES = {"language_level": 3, "binding": True, "embedsignature": 
 names = ["cynorm._kernels"] + (list(ISA_VARIANTS) if WANT_VARIANTS else [])
 extensions = [
     Extension(name, ["pyx/%s.pyx" % name.split(".")[1]], include_dirs=["pyx", np.get_include()],
-              depends=["pyx/_kernels_impl.pxi", "pyx/_backward.pxi", "pyx/_common.pxd", "pyx/_simd.h"])
+              depends=["pyx/kernels.pxi", "pyx/_common.pxd", "pyx/policy.h"]
+              + sorted(glob.glob("pyx/core/*")) + sorted(glob.glob("pyx/ops/*")))
     for name in names
 ] + [Extension("cynorm._runtime", ["pyx/_runtime.pyx"], include_dirs=["pyx", np.get_include()],
-               depends=["pyx/_common.pxd", "pyx/_pool.h"])]
+               depends=["pyx/_common.pxd", "pyx/_pool.h", "pyx/policy.h"])]
 
 front_end = [Extension("cynorm." + name, ["cynorm/%s.py" % name]) for name in FRONT_END]
 

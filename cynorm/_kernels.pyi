@@ -1,5 +1,4 @@
-# Stub of the compiled module cynorm._kernels (pyx/_kernels.pyx + _kernels_impl.pxi +
-# _backward.pxi); cynorm._kernels_avx2 and _kernels_avx512 are the same module built for wider
+# Stub of the compiled module cynorm._kernels (pyx/_kernels.pyx, which includes pyx/kernels.pxi); cynorm._kernels_avx2 and _kernels_avx512 are the same module built for wider
 # vector units.  The outputs and the fast argument checks are cynorm._runtime's.  C types in comments.  Arrays: float32 or float64 ndarrays, one dtype per call.
 import numpy as np
 from numpy.typing import NDArray

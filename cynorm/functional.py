@@ -283,7 +283,7 @@ def _layout(A, C, L):
 
 def _feature_moments(x, rows, cols, C, by_rows, n_threads, row_mask=None, fast=False):
     """(count, stats) per feature of x laid out as _layout says: stats (3, C) float64 holds
-    the mean as hi + lo (hi carries the magnitude, lo the remainder; see pyx/_kernels_impl.pxi)
+    the mean as hi + lo (hi carries the magnitude, lo the remainder; see pyx/core/moments.pxi)
     and M2.  A negative count says some M2 is not finite (overflow, or inf / NaN in x).
     fast: float32 columns summed in float32 groups, M2 to about 1e-7 relative (enough for a
     float32 output; the moments API and the scaler keep float64 sums).

@@ -1,6 +1,5 @@
-"""cynorm's compiled kernels, built for the platform's baseline instruction set (source: _kernels_impl.pxi)."""
+"""cynorm's compiled kernels, built for the platform's baseline instruction set (source: kernels.pxi)."""
 
-include "_kernels_impl.pxi"
-include "_backward.pxi"
+include "kernels.pxi"
 
 ISA = "baseline"

@@ -1,6 +1,5 @@
-"""cynorm's compiled kernels, built for AVX2 + FMA (source: _kernels_impl.pxi)."""
+"""cynorm's compiled kernels, built for AVX2 + FMA (source: kernels.pxi)."""
 
-include "_kernels_impl.pxi"
-include "_backward.pxi"
+include "kernels.pxi"
 
 ISA = "avx2"

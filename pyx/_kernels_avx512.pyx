@@ -1,6 +1,5 @@
-"""cynorm's compiled kernels, built for AVX-512 (F, CD, DQ, BW, VL) (source: _kernels_impl.pxi)."""
+"""cynorm's compiled kernels, built for AVX-512 (F, CD, DQ, BW, VL) (source: kernels.pxi)."""
 
-include "_kernels_impl.pxi"
-include "_backward.pxi"
+include "kernels.pxi"
 
 ISA = "avx512"

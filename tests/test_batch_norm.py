@@ -399,7 +399,7 @@ def _float32_sweep_data(rng, pattern, n=4096, C=64):
                                      "binary"])
 def test_float32_sweep_statistics(rng, pattern, isa):
     # BatchNorm training sums float32 rows in float32 groups of 16 (scaled deviations from the
-    # running mean, pyx/_kernels_impl.pxi column_chunk_moments): its moments must stay within
+    # running mean, pyx/core/columns.pxi column_chunk_moments): its moments must stay within
     # float32 accuracy of the float64 reference on data chosen to break that, for every build.
     from cynorm import _isa
     module = _isa.kernels if isa == "selected" else _isa.load(isa)

@@ -165,7 +165,7 @@ def test_errors(rng):
 @pytest.mark.parametrize("dtype,shape", [(np.float32, (12, 64, 8192)), (np.float64, (6, 42, 8192))])
 def test_training_by_feature_groups(rng, dtype, shape):
     # g and x of 24 MiB and more, (N, C, L) with long L: training's backward takes the features
-    # a cache-sized group at a time (pyx/_backward.pxi, GROUP_BYTES; here 5 features a group,
+    # a cache-sized group at a time (pyx/ops/batch_norm_backward.pxi, GROUP_BYTES in pyx/policy.h; here 5 features a group,
     # the last group shorter), sums then dx.  Against float64, on 1 and 2 threads.
     x = hostile(rng, shape, dtype)
     g = rng.standard_normal(shape).astype(dtype)

@@ -1,152 +1,30 @@
-# Backward kernels of LayerNorm and BatchNorm, included by every kernels module after
-# _kernels_impl.pxi (whose helpers they use: chunk, row_stride, is_float32, optional_data, ...).
-#
-# Gradients are accumulated in float64 and written in the input dtype.  The statistics saved by
-# the forward pass (mean, rstd / invstd) arrive as float64 and are never recomputed here.
-#
-# LayerNorm, per row of n elements with x̂ = (x - mean)·rstd and g' = g·w:
-#     dx = rstd·(g' - mean(g') - x̂·mean(g'·x̂))
-#     dw += g·x̂, db += g            (per-thread partial sums, added up at the end)
-# BatchNorm, per feature over its n elements:
+# BatchNorm backward.  Per feature over its n elements:
 #     training: dx = w·invstd·(g - Σg/n - (x - mean)·invstd²·Σg(x - mean)/n)
 #     eval:     dx = w·invstd·g      (the running statistics are constants)
 #     dw = invstd·Σg(x - mean), db = Σg
+# Sums in float64; the column sweeps of four rows are in ops/batch_norm.h.
 
-
-cdef inline void gx_sums(const floating* g, const floating* w, const floating* x, Py_ssize_t n,
-                         double shift, double* sg, double* sgx) noexcept nogil:
-    """sg = Σ g·w, sgx = Σ g·w·(x - shift); w may be NULL."""
-    if floating is float:
-        cynorm_gx_sums_f(g, w, x, n, shift, sg, sgx)
-    else:
-        cynorm_gx_sums_d(g, w, x, n, shift, sg, sgx)
-
-
-cdef void layer_norm_param_grads(const floating* g, Py_ssize_t ldg, const floating* x,
-                                 Py_ssize_t ldx, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t D,
-                                 const double* mean, const double* rstd, double* dw, double* db,
-                                 const unsigned char* mask) noexcept nogil:
-    """dw += Σ g·x̂ and db += Σ g over the rows r0..r1 the mask keeps (dw or db may be NULL),
-    four rows per sweep.  float32 rows come here only one at a time (masked rows) or as the
-    up to three rows the four-row sweep of layer_norm_backward_rows leaves over."""
-    cdef Py_ssize_t i = r0, j, k, idx[4]
-    cdef const floating* gr[4]
-    cdef const floating* xr[4]
-    cdef floating mh[4]
-    cdef floating ml[4]
-    cdef floating rs[4]
-    if mask != NULL:
-        # rows the mask keeps, one at a time (padding is skipped where it lies)
-        for i in range(r0, r1):
-            if mask[i]:
-                layer_norm_param_grads(g, ldg, x, ldx, i, i + 1, D, mean, rstd, dw, db, NULL)
-        return
-    while i < r1:
-        if i + 4 <= r1:
-            for k in range(4):
-                gr[k] = g + (i + k) * ldg
-                xr[k] = x + (i + k) * ldx
-                split_mean(mean[i + k], 0.0, &mh[k], &ml[k])
-                rs[k] = <floating>rstd[i + k]
-            if dw != NULL:
-                for j in range(D):
-                    dw[j] += ((gr[0][j] * (((xr[0][j] - mh[0]) - ml[0]) * rs[0])
-                               + gr[1][j] * (((xr[1][j] - mh[1]) - ml[1]) * rs[1]))
-                              + (gr[2][j] * (((xr[2][j] - mh[2]) - ml[2]) * rs[2])
-                                 + gr[3][j] * (((xr[3][j] - mh[3]) - ml[3]) * rs[3])))
-            if db != NULL:
-                for j in range(D):
-                    db[j] += (<double>gr[0][j] + <double>gr[1][j]) + (<double>gr[2][j]
-                                                                      + <double>gr[3][j])
-            i += 4
-        else:
-            gr[0] = g + i * ldg
-            xr[0] = x + i * ldx
-            split_mean(mean[i], 0.0, &mh[0], &ml[0])
-            rs[0] = <floating>rstd[i]
-            if dw != NULL:
-                for j in range(D):
-                    dw[j] += gr[0][j] * (((xr[0][j] - mh[0]) - ml[0]) * rs[0])
-            if db != NULL:
-                for j in range(D):
-                    db[j] += gr[0][j]
-            i += 1
-
-
-cdef void layer_norm_backward_rows(const floating* g, Py_ssize_t ldg, const floating* x,
-                                   Py_ssize_t ldx, floating* dx, Py_ssize_t lddx, Py_ssize_t r0,
-                                   Py_ssize_t r1, Py_ssize_t D, const floating* w,
-                                   const double* mean, const double* rstd, double* dw,
-                                   double* db, const unsigned char* mask,
-                                   bint stream) noexcept nogil:
-    """Rows r0..r1: per row the two sums of _simd.h, then one pass writing dx, and the
-    parameter gradients (dw, db may be NULL) every four rows while they are in cache; float32
-    without a mask: four rows' sums, then one sweep writing their dx (streaming stores with
-    stream) and parameter gradients.
-    x - mean is (x - m_hi) - m_lo in the input dtype.  Rows the mask marks as padding get
-    dx = 0 and add nothing to dw and db."""
-    cdef Py_ssize_t i, j, k, i0, i1
-    cdef const floating* gi
-    cdef const floating* xi
-    cdef floating* dxi
-    cdef double m, rs, sg = 0.0, sgx = 0.0
-    cdef floating mh, ml, rsf, af, cf
-    cdef const float* g4[4]
-    cdef const float* x4[4]
-    cdef float* dx4[4]
-    cdef float mh4[4]
-    cdef float ml4[4]
-    cdef float rs4[4]
-    cdef float af4[4]
-    cdef float cf4[4]
-    if floating is float and mask == NULL:
-        while r0 + 4 <= r1:
-            for k in range(4):
-                g4[k] = g + (r0 + k) * ldg
-                x4[k] = x + (r0 + k) * ldx
-                dx4[k] = dx + (r0 + k) * lddx
-                rs = rstd[r0 + k]
-                split_mean(mean[r0 + k], 0.0, &mh4[k], &ml4[k])
-                rs4[k] = <float>rs
-                # (asking for the same row of the next four meanwhile)
-                cynorm_ln_gx_sums_f(g4[k], w, x4[k], D, mh4[k], ml4[k], &sg, &sgx, 4 * ldg,
-                                    4 * ldx)
-                af4[k] = <float>(sg / D)
-                cf4[k] = <float>(rs * rs * rs * sgx / D)
-            cynorm_ln_paramgrads4_f(g4, x4, mh4, ml4, rs4, dw, db, D, w, af4, cf4, dx4, stream)
-            r0 += 4
-        if stream:
-            cynorm_sfence()
-    for i in range(r0, r1):
-        if mask != NULL and not mask[i]:
-            zero_row(dx + i * lddx, D)
-        else:
-            gi = g + i * ldg
-            xi = x + i * ldx
-            dxi = dx + i * lddx
-            m = mean[i]
-            rs = rstd[i]
-            split_mean(m, 0.0, &mh, &ml)
-            rsf = <floating>rs
-            if floating is float:
-                cynorm_ln_gx_sums_f(gi, w, xi, D, mh, ml, &sg, &sgx, 0, 0)
-            else:
-                gx_sums(gi, w, xi, D, m, &sg, &sgx)
-            af = <floating>(sg / D)
-            cf = <floating>(rs * rs * rs * sgx / D)
-            if floating is float:   # the arithmetic of the four-row sweeps, to the bit
-                cynorm_ln_dx_row_f(gi, w, xi, dxi, D, mh, ml, rsf, af, cf)
-            elif w != NULL:
-                for j in range(D):
-                    dxi[j] = rsf * (gi[j] * w[j] - af) - cf * ((xi[j] - mh) - ml)
-            else:
-                for j in range(D):
-                    dxi[j] = rsf * (gi[j] - af) - cf * ((xi[j] - mh) - ml)
-        if (dw != NULL or db != NULL) and ((i - r0) % 4 == 3 or i == r1 - 1):
-            # the parameter gradients of the last four rows, while they are in cache
-            i0 = i - (i - r0) % 4
-            layer_norm_param_grads(g, ldg, x, ldx, i0, i + 1, D, mean, rstd, dw, db, mask)
-
+cdef extern from "ops/batch_norm.h" nogil:
+    void cynorm_bn_colsums4_f(const float* g0, const float* g1, const float* g2,
+                              const float* g3, const float* x0, const float* x1,
+                              const float* x2, const float* x3, const float* m, double* sg,
+                              double* sgx, Py_ssize_t F, const float* k, float* d0,
+                              Py_ssize_t ld, int nt) noexcept
+    void cynorm_bn_colsums4_d(const double* g0, const double* g1, const double* g2,
+                              const double* g3, const double* x0, const double* x1,
+                              const double* x2, const double* x3, const double* m, double* sg,
+                              double* sgx, Py_ssize_t F, const double* k, double* d0,
+                              double* d1, double* d2, double* d3) noexcept
+    void cynorm_bn_dx_nt_f_vec(const float* g, const float* x, float* dx, Py_ssize_t n,
+                               const float* mh, const float* k1, const float* k2,
+                               const float* k3) noexcept
+    void cynorm_bn_dx_nt_d_vec(const double* g, const double* x, double* dx, Py_ssize_t n,
+                               const double* mh, const double* k1, const double* k2,
+                               const double* k3) noexcept
+    void cynorm_bn_dx_nt_f_scalar(const float* g, const float* x, float* dx, Py_ssize_t n,
+                                  float mh, float k1, float k2, float k3) noexcept
+    void cynorm_bn_dx_nt_d_scalar(const double* g, const double* x, double* dx, Py_ssize_t n,
+                                  double mh, double k1, double k2, double k3) noexcept
 
 cdef inline void bn_dx_row(const floating* g, const floating* x, floating* dx, Py_ssize_t n,
                            floating mh, floating k1, floating k2, floating k3,
@@ -299,24 +177,6 @@ cdef void bn_dx_range(const floating* g, Py_ssize_t ldg, const floating* x, Py_s
         cynorm_sfence()
 
 
-cdef void _layer_norm_backward(const floating* g, Py_ssize_t ldg, const floating* x,
-                               Py_ssize_t ldx, floating* dx, Py_ssize_t lddx, Py_ssize_t M,
-                               Py_ssize_t D, const floating* w, const double* mean,
-                               const double* rstd, double* dw, double* db,
-                               const unsigned char* mask, int T) noexcept nogil:
-    # dw, db: T rows of D (or NULL), one per thread
-    cdef Py_ssize_t t
-    cdef bint stream = streamed(M * D * <Py_ssize_t>sizeof(floating), T)
-    if T <= 1:
-        layer_norm_backward_rows(g, ldg, x, ldx, dx, lddx, 0, M, D, w, mean, rstd, dw, db,
-                                 mask, stream)
-        return
-    for t in prange(T, num_threads=T, schedule="static", chunksize=1):
-        layer_norm_backward_rows(g, ldg, x, ldx, dx, lddx, chunk(M, t, T), chunk(M, t + 1, T),
-                                 D, w, mean, rstd, dw + t * D if dw != NULL else NULL,
-                                 db + t * D if db != NULL else NULL, mask, stream)
-
-
 cdef void bn_reduce_sums(bint by_rows, Py_ssize_t M, Py_ssize_t N, Py_ssize_t C, int T,
                          const double* parts, double* sums, Py_ssize_t c0=0,
                          Py_ssize_t c1=-1) noexcept nogil:
@@ -424,17 +284,6 @@ cdef void _batch_norm_dx(const floating* g, Py_ssize_t ldg, const floating* x, P
                     coef, training, mask, stream)
 
 
-# Training by rows ((N, C, L) with long L) when g and x together outgrow GROUP_MIN_BYTES:
-# features are taken a group at a time, their sums then their dx (streamed: nothing here reads
-# it again), while the group's rows of g and x (GROUP_BYTES of them) are still in the cache, so
-# g and x come from memory once instead of twice.  Only when a group holds GROUP_MIN_FEATURES
-# features or more: short groups (many samples per feature, as (256, 64, 784)) measured slower
-# than the two plain passes (benchmarks/RESULTS.md, item 49).
-cdef Py_ssize_t GROUP_MIN_BYTES = 24 << 20
-cdef Py_ssize_t GROUP_BYTES = 4 << 20
-cdef Py_ssize_t GROUP_MIN_FEATURES = 4
-
-
 cdef inline Py_ssize_t group_features(Py_ssize_t A, Py_ssize_t L, size_t itemsize) noexcept nogil:
     """Features per group: as many as GROUP_BYTES of g and x hold (A samples of L each)."""
     return GROUP_BYTES // (2 * A * L * <Py_ssize_t>itemsize)
@@ -484,10 +333,6 @@ cdef void _batch_norm_grouped(const floating* g, Py_ssize_t ldg, const floating*
         bn_coefficients(L, C, True, mean, invstd, w, sums, n, True, coef, c0, c1)
         grouped_pass(g, ldg, x, ldx, dx, lddx, A, c0, c1, L, C, mean, parts, coef, T)
         c0 = c1
-
-
-cdef enum:
-    FUSED_ROWS = 16   # rows per step of the eval pass by rows: their sums, then their dx
 
 
 cdef void bn_eval_fused_range(const floating* g, Py_ssize_t ldg, const floating* x,
@@ -543,76 +388,6 @@ cdef void bn_param_grads(Py_ssize_t C, const double* sums, const double* invstd,
             gw[c] = <floating>(sums[C + c] * invstd[c])
         if gb != NULL:
             gb[c] = <floating>sums[c]
-
-
-cdef void sum_parts(const double* parts, int T, Py_ssize_t D, floating* out) noexcept nogil:
-    """out[j] = Σ_t parts[t·D + j] (the threads' partial sums in order); nothing when out or
-    parts is NULL."""
-    cdef Py_ssize_t j
-    cdef int t
-    cdef double s
-    if parts == NULL or out == NULL:
-        return
-    for j in range(D):
-        s = parts[j]
-        for t in range(1, T):
-            s += parts[t * D + j]
-        out[j] = <floating>s
-
-
-def layer_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t D,
-                        cnp.ndarray weight, cnp.ndarray mean, cnp.ndarray rstd,
-                        cnp.ndarray grad_weight, cnp.ndarray grad_bias, int n_threads,
-                        cnp.ndarray mask=None):
-    """dx from grad_out g and input x (same dtype, rows of D elements) and the saved float64
-    mean and rstd (one per row); weight: D elements of x's dtype or None.
-
-    grad_weight, grad_bias: D elements of x's dtype that receive Σ g·x̂ and Σ g over the rows,
-    or None: summed in float64, per thread, then the threads' sums in order.
-    """
-    cdef Py_ssize_t M = cnp.PyArray_SIZE(x) // D if D > 0 else 0
-    cdef Py_ssize_t ldx = row_stride(x, M, D, False), ldg = row_stride(g, M, D, False)
-    cdef Py_ssize_t lddx = row_stride(dx, M, D, True)
-    cdef int f32 = is_float32(x)
-    cdef void* w = optional_data(weight, D, f32)
-    cdef double* mp = float64_data(mean, M, False)
-    cdef double* rp = float64_data(rstd, M, False)
-    cdef void* gw = optional_data(grad_weight, D, f32)
-    cdef void* gb = optional_data(grad_bias, D, f32)
-    cdef int T = max(1, n_threads)
-    cdef double* parts = NULL
-    cdef double* dw = NULL
-    cdef double* db = NULL
-    cdef const unsigned char* mk = mask_data(mask, M)
-    if is_float32(g) != f32 or is_float32(dx) != f32 or mp == NULL or rp == NULL:
-        raise TypeError("layer_norm_backward: inconsistent arrays")
-    if gw != NULL or gb != NULL:
-        # per-thread partial sums (zeroed), T rows of D for each gradient
-        parts = <double*>calloc(2 * T * D + 1, sizeof(double))
-        if parts == NULL:
-            raise MemoryError()
-        dw = parts if gw != NULL else NULL
-        db = parts + T * D if gb != NULL else NULL
-    try:
-        with nogil:
-            if f32:
-                if M > 0:
-                    _layer_norm_backward(<const float*>cnp.PyArray_DATA(g), ldg,
-                                         <const float*>cnp.PyArray_DATA(x), ldx,
-                                         <float*>cnp.PyArray_DATA(dx), lddx, M, D,
-                                         <const float*>w, mp, rp, dw, db, mk, T)
-                sum_parts(dw, T, D, <float*>gw)
-                sum_parts(db, T, D, <float*>gb)
-            else:
-                if M > 0:
-                    _layer_norm_backward(<const double*>cnp.PyArray_DATA(g), ldg,
-                                         <const double*>cnp.PyArray_DATA(x), ldx,
-                                         <double*>cnp.PyArray_DATA(dx), lddx, M, D,
-                                         <const double*>w, mp, rp, dw, db, mk, T)
-                sum_parts(dw, T, D, <double*>gw)
-                sum_parts(db, T, D, <double*>gb)
-    finally:
-        free(parts)
 
 
 def batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t rows,

@@ -1,0 +1,111 @@
+# Core: block moments and Chan's merge, and the two-term mean.
+#
+# All statistics are accumulated in float64, whatever the input dtype, and kept as (count,
+# mean, M2).  A block of at most BLOCK contiguous elements gets its mean and M2 from one pass
+# of sums shifted by one of its values (16 partial sums in two float64 vectors, core/sums.h);
+# blocks are merged with Chan's pairwise formula.  A mean is carried as two doubles, hi + lo:
+# hi is a value of the data's magnitude (a block mean) and lo the small remainder.  Centred
+# differences x - hi are exact for data far from zero, so the mean is known to better than
+# float64 resolution: float64 output keeps ~1e-15 accuracy even when the mean lies 1e6
+# standard deviations from zero.  split_mean gives it as two numbers of the input dtype.
+#
+# gx_sums is the backward passes' (Σg', Σg'·(x - shift)) over a block, with the same sums.
+
+cdef extern from "core/simd.h" nogil:
+    # hi + lo as two floats, mh + ml (float, then double, stays a round trip)
+    void cynorm_split_f(double hi, double lo, float* mh, float* ml) noexcept
+    void cynorm_prefetch(const void* p) noexcept
+    enum: CYNORM_LINE_BYTES
+
+cdef extern from "core/sums.h" nogil:
+    # (s1, s2) = (Σd, Σd²) and (Σg', Σg'·d) with d = x - shift and g' = g·w (w may be NULL);
+    # the moments take g = w = NULL
+    void cynorm_shifted_sums_f(const float* g, const float* w, const float* x, Py_ssize_t n,
+                               double shift, double* s1, double* s2) noexcept
+    void cynorm_shifted_sums_d(const double* g, const double* w, const double* x, Py_ssize_t n,
+                               double shift, double* s1, double* s2) noexcept
+    void cynorm_gx_sums_f(const float* g, const float* w, const float* x, Py_ssize_t n,
+                          double shift, double* s1, double* s2) noexcept
+    void cynorm_gx_sums_d(const double* g, const double* w, const double* x, Py_ssize_t n,
+                          double shift, double* s1, double* s2) noexcept
+
+cdef inline void block_moments(const floating* x, Py_ssize_t n, double* hi, double* lo,
+                               double* m2) noexcept nogil:
+    """Mean (hi + lo) and M2 of x[0:n], 0 < n <= BLOCK, in one pass of shifted sums.
+
+    With the shift K = x[0], d = x - K is exact for float32 input (and for float64 input near
+    K), and M2 = Σd² - (Σd)²/n loses at most (x[0] - mean)² / var ulps, at most n ulps since
+    x[0] is one of the n values: below 1e-12 relative for a block of BLOCK elements.  The sums
+    are in core/sums.h: the one loop GCC does not vectorize well for float64 from Cython.
+    """
+    cdef double shift = x[0], s = 0.0, q = 0.0, inv_n = 1.0 / n
+    if floating is float:
+        cynorm_shifted_sums_f(NULL, NULL, x, n, shift, &s, &q)
+    else:
+        cynorm_shifted_sums_d(NULL, NULL, x, n, shift, &s, &q)
+    hi[0] = shift
+    lo[0] = s * inv_n
+    q = q - s * s * inv_n
+    m2[0] = q if not q < 0.0 else 0.0
+
+
+cdef inline void chan_merge(double* n_a, double* mean_a, double* m2_a,
+                            double n_b, double mean_b, double m2_b) noexcept nogil:
+    """Merge (n_b, mean_b, m2_b) into (n_a, mean_a, m2_a); both means relative to one shift."""
+    cdef double n, delta, wb
+    if n_b == 0:
+        return
+    n = n_a[0] + n_b
+    wb = n_b / n
+    delta = mean_b - mean_a[0]
+    mean_a[0] += delta * wb
+    m2_a[0] += m2_b + delta * delta * (n_a[0] * wb)
+    n_a[0] = n
+
+
+cdef inline void row_moments(const floating* x, Py_ssize_t n, double* hi, double* lo,
+                             double* m2) noexcept nogil:
+    """Mean (hi + lo) and M2 of a contiguous row of n >= 1 elements, block by block."""
+    cdef double count, bhi = 0.0, blo = 0.0, bm2 = 0.0
+    cdef Py_ssize_t start, nb
+    nb = n if n < BLOCK else BLOCK
+    block_moments(x, nb, hi, lo, m2)
+    count = <double>nb
+    start = nb
+    while start < n:
+        nb = n - start if n - start < BLOCK else BLOCK
+        block_moments(x + start, nb, &bhi, &blo, &bm2)
+        chan_merge(&count, lo, m2, <double>nb, (bhi - hi[0]) + blo, bm2)
+        start += nb
+
+
+cdef inline void merge_one(double* n_a, double* hi_a, double* lo_a, double* m2_a, double n_b,
+                           double hi_b, double lo_b, double m2_b) noexcept nogil:
+    """Merge the moments (n_b, hi_b + lo_b, m2_b) into (n_a, hi_a + lo_a, m2_a), Chan's formula."""
+    if n_b == 0:
+        return
+    if n_a[0] == 0:
+        n_a[0] = n_b
+        hi_a[0] = hi_b
+        lo_a[0] = lo_b
+        m2_a[0] = m2_b
+        return
+    chan_merge(n_a, lo_a, m2_a, n_b, (hi_b - hi_a[0]) + lo_b, m2_b)
+
+
+cdef inline void split_mean(double hi, double lo, floating* m_hi, floating* m_lo) noexcept nogil:
+    """hi + lo as two numbers of the output dtype (x - m_hi is then exact for x near the mean)."""
+    if floating is float:
+        cynorm_split_f(hi, lo, m_hi, m_lo)
+    else:
+        m_hi[0] = hi + lo
+        m_lo[0] = (hi - m_hi[0]) + lo
+
+
+cdef inline void gx_sums(const floating* g, const floating* w, const floating* x, Py_ssize_t n,
+                         double shift, double* sg, double* sgx) noexcept nogil:
+    """sg = Σ g·w, sgx = Σ g·w·(x - shift); w may be NULL."""
+    if floating is float:
+        cynorm_gx_sums_f(g, w, x, n, shift, sg, sgx)
+    else:
+        cynorm_gx_sums_d(g, w, x, n, shift, sg, sgx)

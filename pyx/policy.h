@@ -1,0 +1,73 @@
+/* cynorm's policy table: every size threshold that decides how a call runs, in one place.
+ *
+ * The kernels read these through pyx/core/policy.pxi; the Python front end through
+ * cynorm._runtime.POLICY (the same values), so a threshold is changed here and nowhere else.
+ * Each says what it decides, why, and which benchmarks/RESULTS.md item measured it.  They were
+ * tuned on 2-core AMD EPYC VMs (Zen 3 and Zen 4, 32 MB L3); a machine with another cache size
+ * may want other values.
+ */
+#ifndef CYNORM_POLICY_H
+#define CYNORM_POLICY_H
+
+/* ---- threads (front end, cynorm/_threads.py) ---- */
+/* Inputs below this many elements run on the calling thread: waking the team costs more than
+ * a second core saves (RESULTS item 11). */
+#define CYNORM_SERIAL_BELOW (1 << 15)
+/* BatchNorm runs two parallel regions (statistics, then normalization), so threads pay off
+ * later (RESULTS item 11). */
+#define CYNORM_BATCH_NORM_SERIAL_BELOW (1 << 17)
+
+/* ---- layouts (front end, cynorm/functional.py) ---- */
+/* BatchNorm on (A, C, L): rows of L >= this many contiguous elements are reduced one by one;
+ * shorter ones (L == 1 is the (N, C) and (N, T, C) case) down the columns of (A, C*L). */
+#define CYNORM_ROW_PATH_MIN 64
+/* Rows per block of the column reduction: about this many bytes stay in L2 between its
+ * passes. */
+#define CYNORM_COLUMN_BLOCK_BYTES (1 << 17)
+
+/* ---- statistics (kernels) ---- */
+/* Elements per block of the row moments: 16 KiB of float64, fits L1. */
+#define CYNORM_BLOCK 2048
+/* Rows per block of the column reduction, at most. */
+#define CYNORM_MAX_BLOCK_ROWS 1024
+/* Rows of the float64 block that gives BatchNorm's float32 column sweep its shifts and
+ * scales (the more rows it takes, the more of a small input goes through the slower float64
+ * sweep; RESULTS item 48). */
+#define CYNORM_FIRST_BLOCK_ROWS 16
+/* Rows of the float32 sweep's blocks: read once each, so no need to stay in cache; long blocks
+ * make the per-feature merges rare. */
+#define CYNORM_SCALED_BLOCK_ROWS 128
+/* LayerNorm rows up to this long are done CYNORM_SHORT_ROWS at a time (RESULTS item 22). */
+#define CYNORM_SHORT_ROW 512
+#define CYNORM_SHORT_ROWS 8
+
+/* ---- stores (kernels, core/stores.pxi) ---- */
+/* Outputs of at least this many bytes are written with streaming stores: they cannot stay in
+ * the 32 MiB L3 anyway, and a normal store reads each line first (RESULTS items 18, 28, 36). */
+#define CYNORM_STREAM_BYTES (24 << 20)
+/* On one thread streaming starts here: one core reads its L3 no faster than memory, where two
+ * cores read y back from the L3 faster than they wrote it (RESULTS items 28 and 36). */
+#define CYNORM_STREAM_BYTES_ONE_THREAD (8 << 20)
+/* LayerNorm inputs from this size read (mostly) from memory, even on 2 threads where streaming
+ * starts later: their long rows prefetch the next one; smaller ones only paid for the chunks
+ * (RESULTS items 69 and 70). */
+#define CYNORM_PREFETCH_BYTES (8 << 20)
+/* Elements of a LayerNorm row per prefetch of the next one (RESULTS item 69). */
+#define CYNORM_PREFETCH_CHUNK 256
+
+/* ---- BatchNorm backward (kernels, ops/batch_norm_backward.pxi) ---- */
+/* Training by rows ((N, C, L) with long L) when g and x together outgrow GROUP_MIN_BYTES:
+ * features a group at a time, while the group's rows of g and x (GROUP_BYTES of them) are
+ * still in cache; only for groups of GROUP_MIN_FEATURES or more (RESULTS item 49). */
+#define CYNORM_GROUP_MIN_BYTES (24 << 20)
+#define CYNORM_GROUP_BYTES (4 << 20)
+#define CYNORM_GROUP_MIN_FEATURES 4
+/* Rows per step of the eval pass by rows: their sums, then their dx (RESULTS item 17). */
+#define CYNORM_FUSED_ROWS 16
+
+/* ---- outputs (runtime, _pool.h) ---- */
+/* Outputs of at least this many bytes come from the output cache; smaller ones are NumPy's
+ * (malloc's free lists serve them well; RESULTS item 53). */
+#define CYNORM_CACHED_OUTPUT_MIN (1 << 22)
+
+#endif /* CYNORM_POLICY_H */
