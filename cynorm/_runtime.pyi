@@ -4,6 +4,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 __test__: dict[str, str]  # Cython's doctest table
+POLICY: dict[str, int]  # the policy table's thresholds the front end applies (pyx/policy.h)
 
 _F = NDArray[np.floating]
 

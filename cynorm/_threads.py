@@ -15,12 +15,10 @@ import math
 import os
 import threading
 
-from ._runtime import omp_max_threads as _omp_max_threads
+from ._runtime import POLICY, omp_max_threads as _omp_max_threads
 
-# Below this many elements a call runs on the calling thread: waking a team costs more than it
-# saves (measured crossover on 2 cores: ~40k elements for LayerNorm, ~100k for BatchNorm, which
-# enters two parallel regions).
-SERIAL_BELOW = 1 << 15
+# Below this many elements a call runs on the calling thread (pyx/policy.h).
+SERIAL_BELOW = POLICY["serial_below"]
 
 _state = threading.local()
 _global = {"user": None, "forked_child": False}

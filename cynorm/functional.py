@@ -4,6 +4,7 @@ import math
 import numpy as np
 
 from ._isa import kernels as _kernels
+from ._runtime import POLICY
 from ._threads import threads_for
 from ._validation import (
     _F64,
@@ -28,13 +29,12 @@ from ._validation import (
 
 __all__ = ["layer_norm", "batch_norm", "layer_norm_backward", "batch_norm_backward"]
 
-# BatchNorm on (A, C, L): rows of L >= ROW_PATH_MIN contiguous elements are reduced one by one;
-# shorter ones (L == 1 is the (N, C) and (N, T, C) case) are reduced down the columns of (A, C*L).
-ROW_PATH_MIN = 64
-# BatchNorm runs two parallel regions (statistics, then normalization): threads pay off later.
-BATCH_NORM_SERIAL_BELOW = 1 << 17
-# Rows per block of the column reduction: about this many bytes stay in L2 between its passes.
-COLUMN_BLOCK_BYTES = 1 << 17
+# The policy table's thresholds (pyx/policy.h says why): BatchNorm on (A, C, L) reduces rows of
+# L >= ROW_PATH_MIN one by one, shorter ones down the columns of (A, C*L); it runs serially
+# below BATCH_NORM_SERIAL_BELOW elements; its column blocks hold about COLUMN_BLOCK_BYTES.
+ROW_PATH_MIN = POLICY["row_path_min"]
+BATCH_NORM_SERIAL_BELOW = POLICY["batch_norm_serial_below"]
+COLUMN_BLOCK_BYTES = POLICY["column_block_bytes"]
 
 
 def _rows_of(a, rows, cols):

@@ -26,7 +26,8 @@
 #include <sys/mman.h>
 #endif
 
-#define CYNORM_POOL_SLOTS 8
+#include "policy.h"  /* CYNORM_POOL_SLOTS */
+
 #define CYNORM_POOL_ALIGN 64
 
 typedef struct {

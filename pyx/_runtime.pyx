@@ -104,8 +104,22 @@ cdef extern from "_pool.h":
     void cynorm_pool_info(size_t* info) noexcept
     size_t cynorm_pool_limit() noexcept
 
-cdef enum:
-    CACHED_OUTPUT_MIN = 1 << 22   # bytes: smaller outputs are NumPy's (malloc's free lists)
+cdef extern from "policy.h":
+    enum:
+        CACHED_OUTPUT_MIN "CYNORM_CACHED_OUTPUT_MIN"
+        SERIAL_BELOW "CYNORM_SERIAL_BELOW"
+        BATCH_NORM_SERIAL_BELOW "CYNORM_BATCH_NORM_SERIAL_BELOW"
+        ROW_PATH_MIN "CYNORM_ROW_PATH_MIN"
+        COLUMN_BLOCK_BYTES "CYNORM_COLUMN_BLOCK_BYTES"
+
+# The policy table's thresholds that the Python front end applies (pyx/policy.h says why).
+POLICY = {
+    "serial_below": SERIAL_BELOW,
+    "batch_norm_serial_below": BATCH_NORM_SERIAL_BELOW,
+    "row_path_min": ROW_PATH_MIN,
+    "column_block_bytes": COLUMN_BLOCK_BYTES,
+    "cached_output_min": CACHED_OUTPUT_MIN,
+}
 
 
 cdef bint cached(int nd, cnp.npy_intp* dims, Py_ssize_t itemsize) noexcept:

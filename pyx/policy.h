@@ -69,5 +69,8 @@
 /* Outputs of at least this many bytes come from the output cache; smaller ones are NumPy's
  * (malloc's free lists serve them well; RESULTS item 53). */
 #define CYNORM_CACHED_OUTPUT_MIN (1 << 22)
+/* Freed buffers the output cache keeps at most (its byte limit, 1 GiB or a sixteenth of the
+ * machine's memory by default, is set at import: cynorm/_config.py). */
+#define CYNORM_POOL_SLOTS 8
 
 #endif /* CYNORM_POLICY_H */
