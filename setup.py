@@ -128,7 +128,8 @@ class BuildExt(build_ext):
 # a small call's cost is mostly this code, and compiled it runs about a third faster (measured
 # LayerNorm (5, 10) 3.0 -> 2.0 us a call).  The .py files stay the source of truth and are
 # shipped too; Python semantics are kept (no C division or typing directives here).
-FRONT_END = ["_validation", "_threads", "functional", "layers", "_moments"]
+FRONT_END = ["_validation", "_threads", "_outputs", "_module", "_layer_norm", "_batch_norm",
+             "_batch_norm_layers", "_moments", "functional", "layers"]
 FRONT_END_DIRECTIVES = {"language_level": 3, "binding": True, "embedsignature": False}
 
 # The kernels, one module per instruction set; the runtime (outputs, fast checks) once.

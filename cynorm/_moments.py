@@ -17,7 +17,8 @@ import numpy as np
 
 from ._threads import threads_for
 from ._validation import as_array, dtypes, to_compute
-from .functional import BATCH_NORM_SERIAL_BELOW, _feature_moments, _layout, _rescaled, _rows_of
+from ._batch_norm import BATCH_NORM_SERIAL_BELOW, _feature_moments, _layout, _rescaled
+from ._outputs import _rows_of
 
 __all__ = ["Moments", "moments"]
 

@@ -134,3 +134,44 @@ def feature_axis(axis, ndim):
         return np.lib.array_utils.normalize_axis_index(operator.index(axis), ndim)
     except TypeError:
         raise TypeError(f"axis must be an int, got {axis!r}") from None
+
+
+def row_mask(mask, lengths, batch_shape, op):
+    """The one validator of padding masks: a contiguous bool array, one element per row of the
+    batch dims (True = real token), from ``mask`` or from ``lengths``."""
+    if mask is not None and lengths is not None:
+        raise ValueError(f"{op}: give mask or lengths, not both")
+    if lengths is not None:
+        if len(batch_shape) != 2:
+            raise ValueError(f"{op}: lengths= needs input of shape (N, T, ...) with batch dims "
+                             f"(N, T), got batch dims {batch_shape}")
+        N, T = batch_shape
+        lens = as_array(lengths, "lengths")
+        if lens.dtype.kind not in "iu":
+            raise TypeError(f"lengths must be an integer array, got dtype {lens.dtype}")
+        if lens.shape != (N,):
+            raise ValueError(f"lengths must have shape ({N},), got {lens.shape}")
+        if lens.size and (lens.min() < 0 or lens.max() > T):
+            raise ValueError(f"lengths must lie in [0, {T}], got values from {lens.min()} to "
+                             f"{lens.max()}")
+        return (np.arange(T) < lens[:, None]).reshape(-1)
+    m = as_array(mask, "mask")
+    if m.dtype != np.bool_:
+        raise TypeError(f"mask must be a bool array (True = real token), got dtype {m.dtype}")
+    if m.shape != tuple(batch_shape):
+        raise ValueError(f"mask must have the input's batch shape {tuple(batch_shape)}, got "
+                         f"{m.shape}")
+    return np.ascontiguousarray(m).reshape(-1)
+
+
+def saved(value, name, n):
+    """Saved statistics: float64, contiguous, n elements (the shape is free: the kernels read
+    n contiguous values; read only)."""
+    if value is None:
+        raise ValueError(f"{name} is required (the statistics saved by the forward pass)")
+    if plain_size(value, _F64, n):
+        return value
+    arr = np.ascontiguousarray(as_array(value, name), dtype=np.float64)
+    if arr.size != n:
+        raise ValueError(f"{name} must have {n} elements (one per row or feature), got {arr.size}")
+    return arr

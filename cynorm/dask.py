@@ -16,7 +16,8 @@ import numpy as np
 from . import _threads
 from ._moments import RECORD, Moments, _reduce_axes, merge_arrays, moments as _np_moments
 from ._validation import dtypes, normalized_shape as _normalized_shape, real_scalar
-from .functional import _batch_norm_with_stats, layer_norm as _np_layer_norm
+from ._batch_norm import _batch_norm_with_stats
+from ._layer_norm import layer_norm as _np_layer_norm
 
 __all__ = ["moments", "moments_records", "batch_norm", "layer_norm"]
 

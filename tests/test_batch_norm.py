@@ -426,7 +426,7 @@ def test_float32_sweep_keeps_non_finite_values(rng):
     # inf / NaN in a block after the first: the float32 sweep's non-finite sums are redone in
     # float64, so the statistics (and the negative count that sends BatchNorm to its rescaled
     # path) are those of the float64 sweep.
-    from cynorm.functional import _kernels
+    from cynorm._batch_norm import _kernels
     x = rng.standard_normal((4096, 16)).astype(np.float32)
     x[3000, 2], x[100, 4], x[2000, 7] = np.nan, np.inf, -np.inf
     x[:, 9] = 3e38

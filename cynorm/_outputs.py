@@ -1,0 +1,85 @@
+"""The kernels' arrays: inputs as the kernels read them, outputs as they write them (a fresh
+array, out=, or in place), and the result in the caller's dtype.  Shared by every op."""
+import numpy as np
+
+from ._validation import as_array, as_rows, empty, masked_output, plain, same_memory, to_compute, view_rows
+
+
+def _rows_of(a, rows, cols):
+    """a itself when C-contiguous (the kernels take any ndim), else a 2-D view or copy."""
+    if a.flags.c_contiguous:
+        return a
+    return as_rows(a, rows, cols)
+
+
+def _kernel_input(a, cdt, rows, cols):
+    """a in the compute dtype, as the kernels read it: a itself when it already is (one
+    C-level check), else converted and seen as (rows, cols)."""
+    if plain(a, cdt, a.shape):
+        return a
+    return _rows_of(to_compute(a, cdt), rows, cols)
+
+
+def _output(x, shape, rows, cols, cdt, rdt, out, params, masked=False):
+    """(array the kernel writes, the array to return or None to cast / copy into out, whether
+    the kernel must write the padding rows' zeros itself).
+
+    The kernel writes straight into ``out`` when it has the compute dtype, a (rows, cols) view
+    with contiguous rows, and shares no memory with the inputs, or is exactly x (in place).
+    """
+    if out is None:
+        if masked:
+            y, write_padding = masked_output(shape, cdt, x)
+            return y, (y if rdt is cdt else None), write_padding
+        y = empty(shape, cdt, x)
+        return y, (y if rdt is cdt else None), True
+    if rdt is cdt and not _overlaps_any(out, params):
+        if out is x:
+            return out, out, True  # in place on a C-contiguous x
+        y2 = out if out.flags.c_contiguous else view_rows(out, rows, cols)
+        if y2 is not None:
+            if not np.may_share_memory(out, x):
+                return y2, out, True
+            x2 = x if x.ndim == 2 or not x.flags.c_contiguous else x.reshape(rows, cols)
+            y2v = y2 if y2.ndim == 2 else y2.reshape(rows, cols)
+            if same_memory(x2, y2v):
+                return y2, out, True
+    return empty((rows, cols), cdt, x), None, True
+
+
+def _overlaps_any(out, params):
+    """Whether out may share memory with one of the (optional) parameter arrays."""
+    for p in params:
+        if p is not None and np.may_share_memory(out, p):
+            return True
+    return False
+
+
+def _finish(y, result, shape, rdt, out):
+    if result is not None:
+        return result
+    y = y.reshape(shape)
+    if out is None:
+        return y.astype(rdt)
+    out[...] = y
+    return out
+
+
+def _grad_like(grad_out, x, cdt, rows, cols):
+    """grad_out checked against x's shape, in the compute dtype, as the kernels read it (seen
+    as (rows, cols) unless C-contiguous)."""
+    if plain(grad_out, cdt, x.shape):
+        return grad_out
+    g = as_array(grad_out, "grad_out")
+    if g.shape != x.shape:
+        raise ValueError(f"grad_out must have the shape of x, {x.shape}, got {g.shape}")
+    if g.dtype.kind not in "biuf":
+        raise TypeError(f"grad_out must be a real numeric array, got dtype {g.dtype}")
+    return _rows_of(to_compute(g, cdt), rows, cols)
+
+
+def _in_result_dtype(rdt, cdt, *arrays):
+    """The arrays computed in cdt, in the result dtype rdt (None stays None)."""
+    if rdt is cdt:
+        return arrays
+    return tuple(None if a is None else a.astype(rdt) for a in arrays)
