@@ -77,7 +77,7 @@ def test_timed_interleaves_and_warms(monkeypatch, warm):
     # rounds interleave the contenders; warm adds one untimed call before each sample
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
-    monkeypatch.setattr(bench, "_calibrate", lambda fn: (2, 1e-3))  # two timed calls per sample
+    monkeypatch.setattr(bench.timing, "_calibrate", lambda fn: (2, 1e-3))  # two timed calls per sample
     times = bench.timed(fns, rounds=3, warm=warm)
     assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
     sample = ["a"] * (2 + warm) + ["b"] * (2 + warm)
@@ -89,7 +89,7 @@ def test_timed_repeats_the_fast_contenders_within_a_round(monkeypatch):
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in ("slow", "fast")}
     cost = {fns["slow"]: 1.0, fns["fast"]: 0.05}
-    monkeypatch.setattr(bench, "_calibrate", lambda fn: (1, cost[fn]))
+    monkeypatch.setattr(bench.timing, "_calibrate", lambda fn: (1, cost[fn]))
     bench.timed(fns, rounds=2, max_repeats=3)
     assert calls == ["slow", "fast"] + ["slow", "fast", "fast", "fast"] * 2
     calls.clear()

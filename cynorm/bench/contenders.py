@@ -1,0 +1,262 @@
+"""What each case times: cynorm, the NumPy expression a user would write, torch (and
+scikit-learn for the scaler), and the same-size copies of the memory roof; every contender of a
+case computes the same thing (a test checks)."""
+import numpy as np
+
+from .grid import EPS, MASK_TARGETS, SKLEARN_OPS
+
+
+def _numpy_bn_axes(case):
+    axis = case.axis % len(case.shape)
+    return tuple(i for i in range(len(case.shape)) if i != axis), axis
+
+
+def _bn_setup(case, rng):
+    """(reduced axes, feature axis, C, weight, bias, running_mean, running_var) of a BN case."""
+    axes, axis = _numpy_bn_axes(case)
+    C = case.shape[axis]
+    w = rng.uniform(0.5, 2, C).astype(case.dtype)
+    b = rng.standard_normal(C).astype(case.dtype)
+    return axes, axis, C, w, b, np.zeros(C, case.dtype), np.ones(C, case.dtype)
+
+
+def contenders(case, torch=None, seed=0):
+    """{name: zero-argument callable} for one case, on fresh random data (not zeros)."""
+    import cynorm
+
+    rng = np.random.default_rng(seed)
+    x = (3.0 + 2.0 * rng.standard_normal(case.shape, dtype=np.float32)).astype(case.dtype)
+    if case.op.endswith("bwd") or "_bwd_" in case.op:
+        return _backward_contenders(case, x, rng, torch)
+    if case.op in MASK_TARGETS:
+        return _mask_contenders(case, x, rng, torch)
+    if case.op in ("moments",) + SKLEARN_OPS:
+        return _table_contenders(case, x, torch)
+    out = np.empty_like(x)
+    fns = {}
+    if case.op == "ln":
+        D = case.shape[-1]
+        w = rng.uniform(0.5, 2, D).astype(case.dtype)
+        b = rng.standard_normal(D).astype(case.dtype)
+        fns["cynorm"] = lambda: cynorm.layer_norm(x, D, w, b, EPS)
+        fns["cynorm_out"] = lambda: cynorm.layer_norm(x, D, w, b, EPS, out=out)
+
+        def numpy_ln():
+            m = x.mean(axis=-1, keepdims=True)
+            v = x.var(axis=-1, keepdims=True)
+            return (x - m) / np.sqrt(v + EPS) * w + b
+
+        fns["numpy"] = numpy_ln
+        if torch is not None:
+            tx, tw, tb = (torch.from_numpy(a) for a in (x, w, b))
+            F = torch.nn.functional
+
+            def torch_ln():
+                with torch.no_grad():
+                    return F.layer_norm(tx, (D,), tw, tb, EPS)
+
+            fns["torch"] = torch_ln
+        return fns
+
+    axes, axis, C, w, b, rm, rv = _bn_setup(case, rng)
+    training = case.op == "bn_train"
+    bshape = [1] * len(case.shape)
+    bshape[axis] = C
+    fns["cynorm"] = lambda: cynorm.batch_norm(x, rm, rv, w, b, training, 0.1, EPS, axis=case.axis)
+    fns["cynorm_out"] = lambda: cynorm.batch_norm(x, rm, rv, w, b, training, 0.1, EPS,
+                                                  axis=case.axis, out=out)
+    n = x.size // C
+    np_rm, np_rv = rm.copy(), rv.copy()
+
+    def numpy_bn():
+        if training:
+            m = x.mean(axis=axes)
+            v = x.var(axis=axes)
+            np_rm[...] = 0.9 * np_rm + 0.1 * m
+            np_rv[...] = 0.9 * np_rv + 0.1 * v * (n / (n - 1))
+        else:
+            m, v = np_rm, np_rv
+        return (x - m.reshape(bshape)) / np.sqrt(v.reshape(bshape) + EPS) * w.reshape(bshape) \
+            + b.reshape(bshape)
+
+    fns["numpy"] = numpy_bn
+    if torch is not None:
+        tx = torch.from_numpy(x)
+        if axis != 1:  # torch wants the channel on axis 1: a permuted view, as a user would
+            tx = tx.movedim(axis, 1)
+        tw, tb, trm, trv = (torch.from_numpy(a.copy()) for a in (w, b, rm, rv))
+        F = torch.nn.functional
+
+        def torch_bn():
+            with torch.no_grad():
+                y = F.batch_norm(tx, trm, trv, tw, tb, training, 0.1, EPS)
+                return y.movedim(1, axis) if axis != 1 else y
+
+        fns["torch"] = torch_bn
+    return fns
+
+
+def _backward_contenders(case, x, rng, torch):
+    import cynorm
+
+    g = rng.standard_normal(case.shape, dtype=np.float32).astype(case.dtype)
+    fns = {}
+    if case.op == "ln_bwd":
+        D = case.shape[-1]
+        w = rng.uniform(0.5, 2, D).astype(case.dtype)
+        b = rng.standard_normal(D).astype(case.dtype)
+        _, mean, rstd = cynorm.layer_norm(x, D, w, b, EPS, return_stats=True)
+        fns["cynorm"] = lambda: cynorm.layer_norm_backward(g, x, mean, rstd, D, w, b)
+        m, r = mean.astype(case.dtype), rstd.astype(case.dtype)
+        axes = tuple(range(x.ndim - 1))
+
+        def numpy_ln_bwd():
+            xh = (x - m) * r
+            gw = g * w
+            dx = r * (gw - gw.mean(-1, keepdims=True) - xh * (gw * xh).mean(-1, keepdims=True))
+            return dx, (g * xh).sum(axis=axes), g.sum(axis=axes)
+
+        fns["numpy"] = numpy_ln_bwd
+        if torch is not None:
+            tx, tg, tw, tb = (torch.from_numpy(a) for a in (x, g, w, b))
+            with torch.no_grad():
+                _, tm, tr = torch.ops.aten.native_layer_norm(tx, [D], tw, tb, EPS)
+            op = torch.ops.aten.native_layer_norm_backward
+
+            def torch_ln_bwd():
+                with torch.no_grad():
+                    return op(tg, tx, [D], tm, tr, tw, tb, [True, True, True])
+
+            fns["torch"] = torch_ln_bwd
+        return fns
+
+    axes, axis, C, w, b, rm, rv = _bn_setup(case, rng)
+    training = case.op == "bn_bwd_train"
+    _, mean, invstd = cynorm.batch_norm(x, rm.copy(), rv.copy(), w, b, training, 0.1, EPS,
+                                        axis=case.axis, return_stats=True)
+    fns["cynorm"] = lambda: cynorm.batch_norm_backward(g, x, mean, invstd, w, training,
+                                                       axis=case.axis, bias=b)
+    bshape = [1] * len(case.shape)
+    bshape[axis] = C
+    m, inv, wb = (a.astype(case.dtype).reshape(bshape) for a in (mean, invstd, w))
+    n = x.size // C
+
+    def numpy_bn_bwd():
+        xh = (x - m) * inv
+        sg = g.sum(axis=axes)
+        sgx = (g * xh).sum(axis=axes)
+        if training:
+            dx = wb * inv * (g - sg.reshape(bshape) / n - xh * sgx.reshape(bshape) / n)
+        else:
+            dx = g * (wb * inv)
+        return dx, sgx, sg
+
+    fns["numpy"] = numpy_bn_bwd
+    if torch is not None:
+        tx, tg = torch.from_numpy(x), torch.from_numpy(g)
+        if axis != 1:
+            tx, tg = tx.movedim(axis, 1), tg.movedim(axis, 1)
+        tw, trm, trv = (torch.from_numpy(a) for a in (w, rm, rv))
+        tmean = torch.from_numpy(mean.astype(case.dtype))
+        tinv = torch.from_numpy(invstd.astype(case.dtype))
+        op = torch.ops.aten.native_batch_norm_backward
+
+        def torch_bn_bwd():
+            with torch.no_grad():
+                dx, dw, db = op(tg, tx, tw, trm, trv, tmean, tinv, training, EPS,
+                                [True, True, True])
+                return (dx.movedim(1, axis) if axis != 1 else dx), dw, db
+
+        fns["torch"] = torch_bn_bwd
+    return fns
+
+
+def _mask_contenders(case, x, rng, torch):
+    """cynorm with a padding mask, the reference call it is held against, NumPy and torch."""
+    import cynorm
+
+    N, T, C = case.shape
+    if case.op == "ln_masked":
+        lengths = np.full(N, T // 2)  # half the tokens are padding
+    else:
+        lengths = rng.integers(1, T + 1, N)
+    mask = np.arange(T) < lengths[:, None]
+    real = np.ascontiguousarray(x[mask])
+    fns = {}
+    if case.op == "ln_masked":
+        fns["cynorm"] = lambda: cynorm.layer_norm(x, C, lengths=lengths)
+        fns["cynorm_reference"] = lambda: cynorm.layer_norm(x, C)
+
+        def numpy_ln_masked():
+            y = np.zeros_like(x)
+            r = x[mask]
+            y[mask] = (r - r.mean(-1, keepdims=True)) / np.sqrt(r.var(-1, keepdims=True) + EPS)
+            return y
+
+        fns["numpy"] = numpy_ln_masked
+        if torch is not None:
+            tx = torch.from_numpy(x)
+
+            def torch_ln():  # torch has no mask: the whole padded batch
+                with torch.no_grad():
+                    return torch.nn.functional.layer_norm(tx, (C,), eps=EPS)
+
+            fns["torch"] = torch_ln
+        return fns
+    rm, rv = np.zeros(C, case.dtype), np.ones(C, case.dtype)
+    fns["cynorm"] = lambda: cynorm.batch_norm(x, rm, rv, training=True, axis=-1, lengths=lengths)
+    fns["cynorm_reference"] = lambda: cynorm.batch_norm(real, rm, rv, training=True)
+
+    def numpy_bn_masked():
+        y = np.zeros_like(x)
+        r = x[mask]
+        y[mask] = (r - r.mean(0)) / np.sqrt(r.var(0) + EPS)
+        return y
+
+    fns["numpy"] = numpy_bn_masked
+    if torch is not None:
+        treal = torch.from_numpy(real)
+        trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+
+        def torch_bn_real():  # torch has no mask: BN on the real tokens alone
+            with torch.no_grad():
+                return torch.nn.functional.batch_norm(treal, trm, trv, training=True, eps=EPS)
+
+        fns["torch"] = torch_bn_real
+    return fns
+
+
+def _table_contenders(case, x, torch):
+    """Statistics of an (N, C) table: moments against NumPy and torch; BatchNormScaler
+    (eps=0: StandardScaler's arithmetic) against scikit-learn's StandardScaler."""
+    import cynorm
+
+    fns = {}
+    if case.op == "moments":
+        fns["cynorm"] = lambda: cynorm.moments(x, 0)
+        fns["numpy"] = lambda: (x.mean(axis=0), x.var(axis=0))
+        if torch is not None:
+            tx = torch.from_numpy(x)
+            fns["torch"] = lambda: torch.var_mean(tx, 0, correction=0)
+        return fns
+    from cynorm.sklearn import BatchNormScaler
+
+    fns["cynorm"] = lambda: BatchNormScaler(eps=0.0).fit_transform(x)
+    try:
+        from sklearn.preprocessing import StandardScaler
+    except ImportError:
+        return fns
+    fns["sklearn"] = lambda: StandardScaler().fit_transform(x)
+    return fns
+
+
+def copy_contenders(nbytes, torch=None):
+    """Same-size copies into a preallocated array (NumPy, 1 thread; torch, all threads): the
+    memory roof, timed in the same interleaved rounds as the case itself."""
+    src = np.random.default_rng(1).standard_normal(max(1, nbytes // 8))
+    dst = np.empty_like(src)
+    fns = {"copy_numpy": lambda: np.copyto(dst, src)}
+    if torch is not None:
+        tsrc, tdst = torch.from_numpy(src), torch.from_numpy(dst)
+        fns["copy_torch"] = lambda: tdst.copy_(tsrc)
+    return fns

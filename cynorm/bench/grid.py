@@ -1,0 +1,156 @@
+"""The benchmark grid: the ops, their shapes (the quick grid and the full one), the contenders' names, and one case."""
+import dataclasses
+import importlib.util
+import math
+
+import numpy as np
+
+
+EPS = 1e-5
+
+
+L3_BYTES = 32 << 20  # the L3 of the reference machine; larger inputs are "far larger than cache"
+
+
+OPS = {"ln": "LN forward", "bn_train": "BN train", "bn_eval": "BN eval",
+       "ln_bwd": "LN backward", "bn_bwd_train": "BN backward train",
+       "bn_bwd_eval": "BN backward eval", "bn_masked": "BN train masked (N, T, C)",
+       "ln_masked": "LN forward masked", "moments": "moments axis=0",
+       "scaler": "scaler fit_transform"}
+
+
+# Cases held against scikit-learn's StandardScaler instead of NumPy / torch.
+SKLEARN_OPS = ("scaler",)
+
+
+# Padding-mask cases: cynorm with the mask against a reference call, with the target ratio.
+#   bn_masked: against BN (cynorm) on the real tokens alone, concatenated: at most 1.10x
+#   ln_masked: half the tokens padding, against LN on the whole padded batch: at most 0.60x
+MASK_TARGETS = {"bn_masked": 1.10, "ln_masked": 0.60}
+
+
+# What each masked case is timed against (cynorm's own reference call, and torch, which has no
+# mask): named in the table and on the speed-up plot's labels.
+MASK_REFERENCES = {"bn_masked": "BN on the real tokens alone",
+                   "ln_masked": "LN on the whole padded batch"}
+
+
+LN_SHAPES = [((5, 10), -1), ((64, 128), -1), ((4096, 768), -1), ((32, 512, 1024), -1),
+             ((16384, 4096), -1)]
+
+
+BN_SHAPES = [((5, 10), 1), ((64, 128), 1), ((4096, 768), 1), ((32, 512, 1024), 1),
+             ((16384, 4096), 1), ((32, 256, 1024), 1), ((256, 64, 784), 1), ((64, 512, 768), -1)]
+
+
+# The quick grid keeps (16384, 4096) for LN forward (the issue's headline case) and BN training
+# (the plot of time against size follows both in (N, C)): each takes 10-15 s, NumPy's calls
+# taking about a second.  The other ops' large case, (32, 512, 1024), is also twice the L3.
+QUICK = {"ln": [(5, 10), (64, 128), (4096, 768), (16384, 4096)],
+         "bn_train": [(5, 10), (64, 128), (4096, 768), (32, 256, 1024), (64, 512, 768),
+                      (16384, 4096)],
+         "bn_eval": [(64, 128), (4096, 768), (32, 512, 1024)],
+         "ln_bwd": [(64, 128), (4096, 768), (32, 512, 1024)],
+         "bn_bwd_train": [(64, 128), (4096, 768), (32, 256, 1024), (64, 512, 768)],
+         "bn_bwd_eval": [(4096, 768)],
+         "bn_masked": [(64, 512, 768)],
+         "ln_masked": [(64, 512, 768)],
+         "moments": [(4096, 768), (100000, 64)],
+         "scaler": [(4096, 768), (100000, 64)]}
+
+
+MASK_SHAPES = [((16, 128, 64), -1), ((64, 512, 768), -1)]
+
+
+# statistics of (N, C) tables, the StandardScaler workload
+TABLE_SHAPES = [((1000, 20), 1), ((4096, 768), 1), ((100000, 64), 1), ((1000000, 32), 1)]
+
+
+CONTENDERS = ("cynorm", "cynorm_out", "numpy", "torch")
+
+
+# How the table, the report and the plots name each contender: one name everywhere.
+CONTENDER_NAMES = {"cynorm": "cynorm", "cynorm_out": "cynorm out=", "numpy": "NumPy",
+                   "torch": "torch"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    op: str
+    shape: tuple
+    dtype: str
+    axis: int = 1
+
+    @property
+    def id(self):
+        axis = "" if self.op.startswith("ln") or self.axis == 1 else f"-axis{self.axis}"
+        return f"{self.op}-{'x'.join(map(str, self.shape))}{axis}-{self.dtype}"
+
+    @property
+    def label(self):
+        axis = "" if self.op.startswith("ln") or self.axis == 1 else f" axis={self.axis}"
+        return f"{OPS[self.op]} {self.shape}{axis} {self.dtype}"
+
+    @property
+    def nbytes(self):
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+    @property
+    def contenders(self):
+        """The names ``contenders()`` returns for this case (torch's only when installed)."""
+        if self.op in SKLEARN_OPS:
+            return ("cynorm", "sklearn")
+        if self.op in MASK_TARGETS:
+            return ("cynorm", "cynorm_reference", "numpy", "torch")
+        if "bwd" in self.op or self.op == "moments":
+            return ("cynorm", "numpy", "torch")
+        return CONTENDERS
+
+    @property
+    def size_class(self):
+        if math.prod(self.shape) < 100_000:
+            return "small"
+        return "medium" if self.nbytes <= L3_BYTES else "large"
+
+    @property
+    def bytes_moved(self):
+        """Least traffic to memory: LN and BN eval read x and write y; BN training must read x
+        for the statistics before it can write anything, so twice once x outgrows the cache.
+        Backward reads x and grad_out and writes dx; BN backward needs its sums first, so it
+        reads both twice once they outgrow the cache (LN's sums are per row, in cache)."""
+        big = self.nbytes > L3_BYTES
+        if self.op in ("ln_bwd",):
+            return 3 * self.nbytes
+        if self.op.startswith("bn_bwd"):
+            return (5 if big else 3) * self.nbytes
+        if self.op == "moments":
+            return self.nbytes  # one read, nothing written
+        if self.op in SKLEARN_OPS:  # statistics (one read), then transform (read and write)
+            return 3 * self.nbytes
+        reads = 2 if self.op == "bn_train" and big else 1
+        return (reads + 1) * self.nbytes
+
+
+def cases(full=False, ops=None, dtypes=None, sizes=None):
+    """The benchmark grid: the quick subset, or with full=True every shape and dtype."""
+    ops = list(ops or OPS)
+    dtypes = list(dtypes or (["float32", "float64"] if full else ["float32"]))
+    out = []
+    for op in ops:
+        if op in SKLEARN_OPS and importlib.util.find_spec("sklearn") is None:
+            continue  # scikit-learn is not installed: nothing to hold cynorm against
+        if op in MASK_TARGETS:
+            grid = MASK_SHAPES
+        elif op in ("moments",) + SKLEARN_OPS:
+            grid = TABLE_SHAPES
+        else:
+            grid = LN_SHAPES if op.startswith("ln") else BN_SHAPES
+        for shape, axis in grid:
+            if not full and shape not in QUICK[op]:
+                continue
+            for dtype in dtypes:
+                case = Case(op, shape, dtype, axis)
+                if sizes and case.size_class not in sizes:
+                    continue
+                out.append(case)
+    return out
