@@ -125,8 +125,8 @@ class BuildExt(build_ext):
 
 
 # The Python front end (argument checks, dtype policy, dispatch) compiled from its .py sources:
-# a small call's cost is mostly this code, and compiled it runs about a third faster (measured
-# LayerNorm (5, 10) 3.0 -> 2.0 us a call).  The .py files stay the source of truth and are
+# a small call's cost is mostly this code, and compiled it runs about a third faster
+# (benchmarks/RESULTS.md, item 24).  The .py files stay the source of truth and are
 # shipped too; Python semantics are kept (no C division or typing directives here).
 FRONT_END = ["_validation", "_threads", "_outputs", "_module", "_layer_norm", "_batch_norm",
              "_batch_norm_layers", "_moments", "functional", "layers"]

@@ -203,9 +203,8 @@ static PyObject *cynorm_pool_capsule = NULL;
 /* An uninitialized array of this shape and type whose data comes from the cache: NumPy's
    current handler is swapped for this one around the allocation only.  Its data starts
    `phase` bytes (below CYNORM_POOL_ALIGN) into a cache line: the kernels' streaming stores
-   took 1.2-1.6 times as long where the input they read started at another place in its line
-   (2.4 times before their rows streamed whole lines only; benchmarks/RESULTS.md, items 66 and
-   67).  Free-threaded builds may race on the phase: that moves where a buffer starts, never
+   took longer where the input they read started at another place in its line
+   (benchmarks/RESULTS.md, items 66 and 67).  Free-threaded builds may race on the phase: that moves where a buffer starts, never
    what it holds. */
 static PyObject *cynorm_pool_empty(int nd, npy_intp *dims, int typenum, size_t phase) {
     PyObject *old, *arr, *back;

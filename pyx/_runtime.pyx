@@ -30,7 +30,7 @@ def cpu_supports(int level):
 def plain(object a, object dtype, tuple shape):
     """True when a is an ndarray of exactly this dtype object and shape, C-contiguous: what the
     kernels read as is.  The front end's fast check of parameters, read through the C API (the
-    same test in Python costs four attribute lookups, ~0.15 µs an array)."""
+    same test in Python costs four attribute lookups an array; benchmarks/RESULTS.md, item 31)."""
     cdef cnp.ndarray arr
     cdef Py_ssize_t k, n = len(shape)
     if type(a) is not cnp.ndarray:
@@ -65,7 +65,7 @@ def layer_norm_shape(object x, object normalized_shape):
     rows, cols) when x is an ndarray of exactly the float32 or float64 dtype object and
     normalized_shape an int, or a tuple of one int, equal to x's last dimension and not 0;
     else None, and the caller takes its general checks (which also raise the errors).  The
-    same steps in compiled Python cost ~0.25 µs more (attribute lookups, tuple slices)."""
+    same steps in compiled Python cost more (attribute lookups, tuple slices; RESULTS item 46)."""
     cdef cnp.ndarray arr
     cdef object dt, n_obj
     cdef int nd
@@ -198,7 +198,7 @@ def output_cache_info():
 
 
 def grad_outputs(cnp.ndarray x, cnp.dtype dtype, tuple param_shape, bint weight, bint bias):
-    """A backward call's fresh outputs, through the C API (np.empty costs ~0.15 µs an array
+    """A backward call's fresh outputs, through the C API (np.empty costs more an array
     from Python): (grad_input of x's shape, grad_weight and grad_bias of param_shape, each None
     unless asked for), all of this dtype."""
     cdef cnp.npy_intp dims[64]

@@ -83,8 +83,8 @@ cdef void column_block_centered(const floating** rows, Py_ssize_t nr, Py_ssize_t
         if floating is double and r + 8 <= nr:
             # float64 rows: a cache line of each of the four rows at a time, asking for the
             # same line of the next four (short row streams restarting every four rows are
-            # too short for the hardware prefetcher).  Measured (4096, 768) float64: 1.96 ->
-            # 1.50 ms on 1 thread; float32 rows lost by it (0.55 -> 0.59 ms), so they do not.
+            # too short for the hardware prefetcher).  float32 rows measured slower with it, so
+            # they do not (benchmarks/RESULTS.md, item 27).
             fb = 0
             while fb < F:
                 fe = fb + line if fb + line < F else F

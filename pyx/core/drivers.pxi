@@ -7,8 +7,8 @@
 # the entry points repeat only the checks without which a mistake would read or write out of
 # bounds, then dispatch on the dtype once.
 
-# (A one-thread prange still costs a thread-team round trip, ~0.6 µs, a third of a small call:
-# the drivers call the range function directly then.)
+# A one-thread prange still costs a thread-team round trip, a third of a small call: the
+# drivers call the range function directly then (benchmarks/RESULTS.md, item 7).
 
 
 cdef inline Py_ssize_t chunk(Py_ssize_t M, Py_ssize_t t, Py_ssize_t T) noexcept nogil:

@@ -66,8 +66,8 @@ cdef inline void bn_dx_vector(const floating* g, const floating* x, floating* dx
 cdef inline bint bn_dx_streamed(Py_ssize_t nbytes, int T) noexcept nogil:
     """Whether BatchNorm's dx takes streaming stores: on one thread, from the size the forward
     streams at up to the size every thread count streams at.  Beyond that (dx far larger than
-    the cache) they measured no faster than normal stores, on 1 and 2 threads: 0.95-1.13 of
-    the time for eval, 0.99-1.06 for training (benchmarks/RESULTS.md, item 37)."""
+    the cache) they measured no faster than normal stores, on 1 and 2 threads, for eval and
+    training (benchmarks/RESULTS.md, item 37)."""
     return T <= 1 and STREAM_BYTES_ONE_THREAD <= nbytes < STREAM_BYTES
 
 

@@ -230,10 +230,10 @@ static void cynorm_ln_paramgrads4_f(const float* const* g, const float* const* x
             q[k] = cf[k];
         }
 #if CYNORM_AVX2_BUILD || CYNORM_SSE2_BUILD
-    /* Plain stores below AVX-512: streamed, this sweep took 4-5 times as long on a Zen 3 with
-       AVX2 (LN backward (16384, 1024) float32, 1 thread, 101 against 34 ms), and neither
-       filling each line with two stores in a row nor streaming row after row helped where the
-       rows are 4 KiB apart (benchmarks/RESULTS.md, items 55 and 63). */
+    /* Plain stores below AVX-512: streamed, this sweep took several times as long on a Zen 3
+       with AVX2, and neither filling each line with two stores in a row nor streaming row
+       after row helped where the rows are 4 KiB apart (benchmarks/RESULTS.md, items 55 and
+       63). */
     nt = 0;
 #endif
     if (nt) {
@@ -243,7 +243,7 @@ static void cynorm_ln_paramgrads4_f(const float* const* g, const float* const* x
     }
 #if CYNORM_SSE2_BUILD
     /* four columns at a time (eight-float steps made each per-row scalar into a vector
-       through the stack, every step: LN backward (2048, 768) float32 took 3-4 times as long),
+       through the stack, every step, several times slower: benchmarks/RESULTS.md, item 61),
        then the scalar loop below for the last few */
     for (j = 0; j + 4 <= D; j += 4)
         cynorm_ln_pg_step4(gr, xr, j, h, l, r, p, q, w, dr, dw, db);

@@ -60,11 +60,8 @@ cdef inline void apply_prefetching(const floating* x, floating* y, Py_ssize_t n,
     """A LayerNorm row's y in chunks that start on its lines, each after a prefetch of the
     same part of nxt, the next row (NULL: none), with streaming stores or plain ones.  The next
     row's statistics then read it from the cache while this row is written, instead of waiting
-    on memory (streamed) or on the L3 (plain) once y is done:
-    - streamed, (16384, 4096) float32 out=, 2 threads, builds alternated 7 times: 21.6-23.3 ->
-      17.0-19.6 ms (benchmarks/RESULTS.md, item 69);
-    - plain, from PREFETCH_BYTES: (4096, 768) float32 out=, 2 threads, 1.16-1.30 -> 1.03-1.07
-      times BN eval's time (item 70)."""
+    on memory (streamed) or on the L3 (plain) once y is done (benchmarks/RESULTS.md, items 69
+    for the streamed rows and 70 for the plain ones, from PREFETCH_BYTES)."""
     cdef Py_ssize_t c0 = 0, c1, k
     cdef Py_ssize_t e = <Py_ssize_t>((-<Py_ssize_t>y) & (CYNORM_LINE_BYTES - 1)) \
         // <Py_ssize_t>sizeof(floating)
