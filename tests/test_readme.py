@@ -59,3 +59,32 @@ def test_ci_runs_the_readme_test_command():
     assert "torch==2.13.0" in command  # the whole suite, with the CPU build pinned
     ci = (README.parent / ".ci" / "run").read_text()
     assert f"{command} ||" in ci, command
+
+
+def test_architecture_names_files_that_exist():
+    """ARCHITECTURE.md is the map of the tree: every path it names is there."""
+    top = README.parent
+    arch = top / "ARCHITECTURE.md"
+    if not arch.exists():
+        pytest.skip("ARCHITECTURE.md is not next to the tests (installed package)")
+    text = arch.read_text()
+    named = set(re.findall(r"`((?:pyx|cynorm|tests|benchmarks)/[\w./]+?)`", text))
+    tree = text[text.index("```"):text.index("```", text.index("```") + 3)]
+    folder = None
+    for line in tree.splitlines()[1:]:
+        entry = line.split()[0].rstrip(",") if line.strip() else ""
+        if line.startswith("  ") and not line.startswith("    ") and entry.endswith("/"):
+            folder = entry
+        elif line.startswith("    ") and folder and not line.startswith("                "):
+            if "." in entry or entry.endswith("/"):
+                named.add(f"{parent}{folder}{entry}")
+        elif not line.startswith(" ") and entry.endswith("/"):
+            parent, folder = entry, None
+            named.add(entry)
+        elif line.startswith("  ") and not line.startswith("   ") and "." in entry:
+            named.add(f"{parent}{entry}")
+    assert len(named) > 30
+    new_op = {"pyx/ops/rms_norm.pxi", "pyx/ops/rms_norm.h", "cynorm/_rms_norm.py",
+              "tests/test_rms_norm.py"}  # the checklist's example files, to be written
+    missing = sorted(p for p in named - new_op if not (top / p).exists())
+    assert not missing, missing
