@@ -44,6 +44,7 @@ def build_flags():
 include "core/policy.pxi"
 include "core/moments.pxi"
 include "core/columns.pxi"
+include "core/features.pxi"
 include "core/stores.pxi"
 include "core/rescue.pxi"
 include "core/drivers.pxi"

@@ -36,7 +36,7 @@ cdef void normalize_rows_range(const floating* x, Py_ssize_t ldx, floating* y, P
     # params rows: m_hi, scale, shift; row i of x belongs to feature i % C
     cdef Py_ssize_t i, c
     for i in range(r0, r1):
-        c = i % C
+        c = row_feature(i, C)
         normalize_row_scalar(x + i * ldx, y + i * ldy, L, params[c], params[C + c],
                              params[2 * C + c], stream)
     if stream:
@@ -178,7 +178,7 @@ def normalize_running(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t 
         raise ValueError("normalize_running: a row mask needs the column layout")
     if is_float32(y) != f32 or rm == NULL or rv == NULL:
         raise TypeError("x, y and the running statistics must share one dtype")
-    if C <= 0 or (by_rows and rows % C) or (not by_rows and cols % C):
+    if not layout_fits(rows, cols, C, by_rows):
         raise ValueError("normalize_running: inconsistent shape")
     if rows * cols == 0:
         return
@@ -237,7 +237,7 @@ def normalize(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t cols,
         raise ValueError("normalize: a row mask needs the column layout")
     if is_float32(y) != f32:
         raise TypeError("x and y must have the same dtype")
-    if C <= 0 or (by_rows and rows % C) or (not by_rows and cols % C):
+    if not layout_fits(rows, cols, C, by_rows):
         raise ValueError("normalize: inconsistent shape")
     if rows * cols == 0:
         return

@@ -77,7 +77,7 @@ cdef void bn_sums_rows(const floating* g, Py_ssize_t ldg, const floating* x, Py_
     """Σg and Σg·(x - mean) of rows r0..r1 (row i: feature i % C) into parts[2i], parts[2i+1]."""
     cdef Py_ssize_t i
     for i in range(r0, r1):
-        gx_sums(g + i * ldg, NULL, x + i * ldx, L, mean[i % C], &parts[2 * i],
+        gx_sums(g + i * ldg, NULL, x + i * ldx, L, mean[row_feature(i, C)], &parts[2 * i],
                 &parts[2 * i + 1])
 
 
@@ -167,7 +167,7 @@ cdef void bn_dx_range(const floating* g, Py_ssize_t ldg, const floating* x, Py_s
         if mask != NULL and not mask[i]:
             zero_row(dx + i * lddx, N)
         elif by_rows:
-            c = i % C
+            c = row_feature(i, C)
             bn_dx_row(g + i * ldg, x + i * ldx, dx + i * lddx, N, coef[c], coef[K + c],
                       coef[2 * K + c], coef[3 * K + c], training, stream)
         else:
@@ -198,8 +198,8 @@ cdef void bn_reduce_sums(bint by_rows, Py_ssize_t M, Py_ssize_t N, Py_ssize_t C,
         sums[c] = 0.0
     for t in range(T):
         for j in range(N):
-            sums[j // L] += parts[2 * t * N + j]
-            sums[C + j // L] += parts[2 * t * N + N + j]
+            sums[column_feature(j, L)] += parts[2 * t * N + j]
+            sums[C + column_feature(j, L)] += parts[2 * t * N + N + j]
 
 
 cdef floating* column_means(Py_ssize_t N, Py_ssize_t C, const double* mean,
@@ -207,7 +207,7 @@ cdef floating* column_means(Py_ssize_t N, Py_ssize_t C, const double* mean,
     """The mean of each column's feature, in the data's dtype (see bn_mean_correction)."""
     cdef Py_ssize_t j, L = N // C
     for j in range(N):
-        out[j] = <floating>mean[j // L]
+        out[j] = <floating>mean[column_feature(j, L)]
     return out
 
 
@@ -258,7 +258,7 @@ cdef void bn_coefficients(Py_ssize_t N, Py_ssize_t C, bint by_rows, const double
     cdef double k1, k2, k3
     cdef floating mh, ml
     for j in range(j0, K if j1 < 0 else j1):
-        c = j if by_rows else j // L
+        c = j if by_rows else column_feature(j, L)
         k1 = (<double>w[c] if w != NULL else 1.0) * invstd[c]
         k2 = -k1 * invstd[c] * invstd[c] * sums[C + c] / n if training else 0.0
         k3 = -k1 * sums[c] / n if training else 0.0
@@ -390,6 +390,30 @@ cdef void bn_param_grads(Py_ssize_t C, const double* sums, const double* invstd,
             gb[c] = <floating>sums[c]
 
 
+cdef void _batch_norm_backward_run(const floating* g, Py_ssize_t ldg, const floating* x,
+                                   Py_ssize_t ldx, floating* dx, Py_ssize_t lddx, Py_ssize_t rows,
+                                   Py_ssize_t cols, Py_ssize_t C, bint by_rows, bint training,
+                                   bint grouped, const double* mp, const double* ip,
+                                   const floating* w, double n, double* parts, double* sp,
+                                   floating* coef, const unsigned char* mk,
+                                   int T) noexcept nogil:
+    """The three ways of batch_norm_backward, for either dtype: eval with parameter gradients
+    (their sums and dx in one pass), training by feature groups (large (N, C, L) input), or
+    the sums (when any are wanted), then the coefficients, then dx."""
+    if not training and sp != NULL:
+        bn_coefficients(cols, C, by_rows, mp, ip, w, sp, n, False, coef)
+        _batch_norm_eval_fused(g, ldg, x, ldx, dx, lddx, rows, cols, C, by_rows, mp, coef, parts,
+                               sp, mk, T)
+    elif grouped:
+        _batch_norm_grouped(g, ldg, x, ldx, dx, lddx, rows, cols, C, mp, ip, w, n, parts, sp,
+                            coef, T)
+    else:
+        if sp != NULL:
+            _batch_norm_sums(g, ldg, x, ldx, rows, cols, C, by_rows, mp, parts, sp, mk, T)
+        bn_coefficients(cols, C, by_rows, mp, ip, w, sp, n, training, coef)
+        _batch_norm_dx(g, ldg, x, ldx, dx, lddx, rows, cols, C, by_rows, coef, training, mk, T)
+
+
 def batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t rows,
                         Py_ssize_t cols, Py_ssize_t C, bint by_rows, cnp.ndarray mean,
                         cnp.ndarray invstd, cnp.ndarray weight, bint training,
@@ -422,7 +446,7 @@ def batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
     cdef void* coef = NULL
     if is_float32(g) != f32 or is_float32(dx) != f32 or mp == NULL or ip == NULL:
         raise TypeError("batch_norm_backward: inconsistent arrays")
-    if C <= 0 or (by_rows and rows % C) or (not by_rows and cols % C):
+    if not layout_fits(rows, cols, C, by_rows):
         raise ValueError("batch_norm_backward: inconsistent shape")
     if by_rows and mk != NULL:
         raise ValueError("batch_norm_backward: a row mask needs the column layout")
@@ -450,53 +474,17 @@ def batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
             if rows * cols == 0:
                 memset(parts + off, 0, 2 * C * sizeof(double))
             elif f32:
-                if not training and sp != NULL:
-                    bn_coefficients(cols, C, by_rows, mp, ip, <const float*>w, sp, n, False,
-                                    <float*>coef)
-                    _batch_norm_eval_fused(<const float*>cnp.PyArray_DATA(g), ldg,
-                                           <const float*>cnp.PyArray_DATA(x), ldx,
-                                           <float*>cnp.PyArray_DATA(dx), lddx, rows, cols, C,
-                                           by_rows, mp, <float*>coef, parts, sp, mk, T)
-                elif grouped:
-                    _batch_norm_grouped(<const float*>cnp.PyArray_DATA(g), ldg,
-                                        <const float*>cnp.PyArray_DATA(x), ldx,
-                                        <float*>cnp.PyArray_DATA(dx), lddx, rows, cols, C, mp, ip,
-                                        <const float*>w, n, parts, sp, <float*>coef, T)
-                else:
-                    if sp != NULL:
-                        _batch_norm_sums(<const float*>cnp.PyArray_DATA(g), ldg,
-                                         <const float*>cnp.PyArray_DATA(x), ldx, rows, cols, C,
-                                         by_rows, mp, parts, sp, mk, T)
-                    bn_coefficients(cols, C, by_rows, mp, ip, <const float*>w, sp, n, training,
-                                    <float*>coef)
-                    _batch_norm_dx(<const float*>cnp.PyArray_DATA(g), ldg,
-                                   <const float*>cnp.PyArray_DATA(x), ldx,
-                                   <float*>cnp.PyArray_DATA(dx), lddx, rows, cols, C, by_rows,
-                                   <float*>coef, training, mk, T)
+                _batch_norm_backward_run(<const float*>cnp.PyArray_DATA(g), ldg,
+                                         <const float*>cnp.PyArray_DATA(x), ldx,
+                                         <float*>cnp.PyArray_DATA(dx), lddx, rows, cols, C,
+                                         by_rows, training, grouped, mp, ip, <const float*>w, n,
+                                         parts, sp, <float*>coef, mk, T)
             else:
-                if not training and sp != NULL:
-                    bn_coefficients(cols, C, by_rows, mp, ip, <const double*>w, sp, n, False,
-                                    <double*>coef)
-                    _batch_norm_eval_fused(<const double*>cnp.PyArray_DATA(g), ldg,
-                                           <const double*>cnp.PyArray_DATA(x), ldx,
-                                           <double*>cnp.PyArray_DATA(dx), lddx, rows, cols, C,
-                                           by_rows, mp, <double*>coef, parts, sp, mk, T)
-                elif grouped:
-                    _batch_norm_grouped(<const double*>cnp.PyArray_DATA(g), ldg,
-                                        <const double*>cnp.PyArray_DATA(x), ldx,
-                                        <double*>cnp.PyArray_DATA(dx), lddx, rows, cols, C, mp, ip,
-                                        <const double*>w, n, parts, sp, <double*>coef, T)
-                else:
-                    if sp != NULL:
-                        _batch_norm_sums(<const double*>cnp.PyArray_DATA(g), ldg,
-                                         <const double*>cnp.PyArray_DATA(x), ldx, rows, cols, C,
-                                         by_rows, mp, parts, sp, mk, T)
-                    bn_coefficients(cols, C, by_rows, mp, ip, <const double*>w, sp, n,
-                                    training, <double*>coef)
-                    _batch_norm_dx(<const double*>cnp.PyArray_DATA(g), ldg,
-                                   <const double*>cnp.PyArray_DATA(x), ldx,
-                                   <double*>cnp.PyArray_DATA(dx), lddx, rows, cols, C, by_rows,
-                                   <double*>coef, training, mk, T)
+                _batch_norm_backward_run(<const double*>cnp.PyArray_DATA(g), ldg,
+                                         <const double*>cnp.PyArray_DATA(x), ldx,
+                                         <double*>cnp.PyArray_DATA(dx), lddx, rows, cols, C,
+                                         by_rows, training, grouped, mp, ip, <const double*>w, n,
+                                         parts, sp, <double*>coef, mk, T)
             if f32:
                 bn_param_grads(C, parts + off, ip, <float*>gw, <float*>gb)
             else:

@@ -85,7 +85,7 @@ def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t 
     cdef Py_ssize_t T, j
     cdef double n
     cdef double* parts
-    if C <= 0 or rows * cols == 0 or (by_rows and rows % C) or (not by_rows and cols % C):
+    if rows * cols == 0 or not layout_fits(rows, cols, C, by_rows):
         raise ValueError("feature_moments: inconsistent shape")
     if by_rows and mk != NULL:
         raise ValueError("feature_moments: a row mask needs the column layout")
