@@ -9,8 +9,22 @@ FULL = os.environ.get("CYNORM_BENCH_FULL", "0") not in ("", "0")
 GRID = bench.cases(full=FULL)
 
 
+# ONNX Runtime and JAX rows where the peer is installed and has the op.  JAX's thread pool
+# slows every OpenMP contender that runs after it in the same process, so its rows come last.
+INSTALLED = bench.peers.installed()
+PEER_OPS = {"onnxruntime": bench.peers.ONNX_OPS, "jax": bench.peers.JAX_OPS}
+
+
+def _peer_rows(case, peer):
+    return (peer in INSTALLED and case.op in PEER_OPS[peer]
+            and (peer != "onnxruntime" or case.op == "ln" or case.axis % len(case.shape) == 1))
+
+
 PAIRS = [pytest.param(case, name, id=f"{case.id}-{name}") for case in GRID
-         for name in case.contenders + (("memory_copy",) if case.size_class != "small" else ())]
+         for name in case.contenders + (("memory_copy",) if case.size_class != "small" else ())
+         + (("onnxruntime",) if _peer_rows(case, "onnxruntime") else ())]
+PAIRS += [pytest.param(case, "jax", id=f"{case.id}-jax") for case in GRID
+          if _peer_rows(case, "jax")]
 
 
 @pytest.mark.parametrize("case,contender", PAIRS)
@@ -27,7 +41,8 @@ def test_speed(benchmark, torch_or_none, case, contender):
     else:
         if contender == "torch" and torch_or_none is None:
             pytest.skip("torch is not installed: its rows are left out")
-        fn = bench.contenders(case, torch_or_none)[contender]
+        peers = bench.peers.in_process([contender]) if contender in PEER_OPS else None
+        fn = bench.contenders(case, torch_or_none, peers=peers)[contender]
     if case.size_class == "large":
         benchmark.pedantic(fn, rounds=7, warmup_rounds=1)
     else:

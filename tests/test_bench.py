@@ -186,3 +186,82 @@ def test_the_command_line_explains_each_command_and_default():
                          capture_output=True, text=True, timeout=60)
     assert sub.returncode == 0
     assert sub.stdout.count("(default:") >= 7
+
+
+PEER_CASES = [bench.Case("ln", (64, 128), "float32", -1), bench.Case("ln", (6, 9, 40), "float64", -1),
+              bench.Case("bn_train", (64, 7), "float32", 1),
+              bench.Case("bn_train", (8, 6, 70), "float64", 1),
+              bench.Case("bn_eval", (8, 5, 9), "float32", 1),
+              bench.Case("bn_eval", (8, 9, 5), "float32", -1),
+              bench.Case("ln_bwd", (16, 40), "float64", -1),
+              bench.Case("bn_bwd_train", (8, 4, 100), "float64", 1),
+              bench.Case("bn_bwd_eval", (6, 5, 7), "float64", -1),
+              bench.Case("moments", (300, 7), "float64")]
+
+
+def _as_arrays(value):
+    value = value if isinstance(value, (tuple, list)) else (value,)
+    if hasattr(value[0], "mean") and hasattr(value[0], "var") and not hasattr(value[0], "shape"):
+        return (value[0].mean, value[0].var())  # a cynorm.Moments
+    return tuple(np.asarray(v.numpy() if hasattr(v, "numpy") else v) for v in value)
+
+
+@pytest.mark.parametrize("case", PEER_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("peer", ["onnxruntime", "jax"])
+def test_peers_compute_what_numpy_does(case, peer):
+    optional("onnxruntime" if peer == "onnxruntime" else "jax")
+    fns = bench.contenders(case, None, peers=bench.peers.in_process([peer], threads=1))
+    supported = case.op in (bench.peers.ONNX_OPS if peer == "onnxruntime" else bench.peers.JAX_OPS)
+    if peer == "onnxruntime" and case.op != "ln" and case.axis % len(case.shape) != 1:
+        supported = False  # ONNX's BatchNormalization takes the channel on axis 1 only
+    assert (peer in fns) == supported
+    if not supported:
+        return
+    got, want = _as_arrays(fns[peer]()), _as_arrays(fns["numpy"]())
+    n = min(len(got), len(want))  # (y) or (y, running mean, running var); (dx, dw, db)
+    assert n >= 1
+    for a, b in zip(got[:n], want[:n]):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-4)
+
+
+def test_the_jax_worker_is_timed_like_any_contender():
+    optional("jax")
+    case = bench.Case("ln", (64, 128), "float32", -1)
+    team = bench.Peers(["jax"], threads=1)
+    try:
+        fns = bench.contenders(case, None, peers=team)
+        assert isinstance(fns["jax"], bench.peers._Remote)
+        times = bench.timed(fns, rounds=3)
+        assert set(times) == set(fns) and all(t > 0 for t in times.values())
+        remote = _as_arrays(fns["jax"]())[0]
+        local = bench.contenders(case, None, peers=bench.peers.in_process(["jax"], 1))["jax"]
+        np.testing.assert_allclose(remote, np.asarray(local()), rtol=1e-6)
+        np.testing.assert_allclose(remote, fns["numpy"](), atol=2e-5)
+        assert "jax" in team.versions()
+    finally:
+        team.close()
+    assert not team.jax._proc.is_alive()
+
+
+def test_accuracy_far_from_zero():
+    result = bench.accuracy.accuracy(["ln", "bn_train", "ln_bwd", "bn_bwd_train", "bn_eval"])
+    assert set(result) == {"ln", "bn_train", "ln_bwd", "bn_bwd_train"}  # BN eval: no case
+    for op, errors in result.items():
+        assert errors["cynorm"] is not None and errors["cynorm"] < 1e-5, (op, errors)
+        # the float32 NumPy expression loses digits far from zero: the table shows a trade
+        assert errors["numpy"] is None or errors["numpy"] > 10 * errors["cynorm"], (op, errors)
+    lines = bench.accuracy_table(result)
+    assert lines[0].startswith("| op | cynorm | NumPy") and "10000 standard deviations" in lines[-1]
+
+
+def test_the_table_has_a_column_per_peer_and_the_best_one():
+    rows = [_result("ln", "with peers", {"cynorm": 1.0, "cynorm_out": 0.9, "numpy": 8.0,
+                                         "torch": 4.0, "onnxruntime": 2.0, "jax": 3.0}),
+            _result("ln_bwd", "no ONNX", {"cynorm": 1.0, "numpy": 8.0, "torch": 0.5,
+                                          "jax": 3.0})]
+    text = "\n".join(bench.table(rows))
+    assert "| ONNX Runtime | JAX |" in text and "| vs best peer |" in text
+    assert "| 2.00× (ONNX Runtime) |" in text and "| 0.50× (torch) |" in text
+    summary = "\n".join(bench.summary(rows))
+    assert "against ONNX Runtime: geometric mean 2.00× over 1 cases" in summary
+    assert "against best peer: geometric mean 1.00× over 2 cases" in summary

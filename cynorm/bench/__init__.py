@@ -13,6 +13,7 @@ write; BN training: two reads and one write once x outgrows the cache; BN eval: 
 write) divided by it is the roof time.  For BN training on inputs only a little larger than the
 cache, part of the second read still comes from cache, so cynorm can beat that model.
 """
+from . import accuracy
 from .contenders import contenders, copy_contenders
 from .grid import (
     CONTENDER_NAMES,
@@ -27,13 +28,16 @@ from .grid import (
     Case,
     cases,
 )
-from .report import _plots, mask_table, sklearn_table, summary, table, write_report
+from . import peers
+from .peers import PEERS, Peers
+from .report import _plots, accuracy_table, mask_table, sklearn_table, summary, table, write_report
 from .timing import machine_info, run, timed
 
 __all__ = ["Case", "cases", "contenders", "copy_contenders", "run", "timed", "machine_info",
            "table", "summary", "mask_table", "sklearn_table", "write_report", "main", "OPS",
            "QUICK", "CONTENDERS", "CONTENDER_NAMES", "L3_BYTES", "MASK_REFERENCES",
-           "MASK_SHAPES", "MASK_TARGETS", "SKLEARN_OPS", "_plots"]
+           "MASK_SHAPES", "MASK_TARGETS", "SKLEARN_OPS", "_plots", "peers", "Peers", "PEERS",
+           "accuracy", "accuracy_table"]
 
 
 def main(argv=None):
@@ -55,6 +59,9 @@ def main(argv=None):
                    help="interleaved rounds per case (default: %(default)s)")
     p.add_argument("--no-torch", action="store_true", help="leave torch out (default: timed "
                    "when installed)")
+    p.add_argument("--contenders", default=None,
+                   help="comma list of the peers to hold cynorm against: torch, onnxruntime, "
+                        "jax (default: every one installed; NumPy is always timed)")
     p.add_argument("--out", default="cynorm-bench-report",
                    help="report folder (default: %(default)s)")
     args = p.parse_args(argv)
@@ -65,12 +72,24 @@ def main(argv=None):
     grid = cases(args.full, split(args.ops), split(args.dtype), split(args.sizes))
     if not grid:
         p.error("no case matches the options")
-    info, results = run(grid, args.threads, args.rounds, not args.no_torch)
+    chosen = split(args.contenders)
+    known = ("torch",) + PEERS
+    if chosen and set(chosen) - set(known):
+        p.error(f"--contenders: unknown {sorted(set(chosen) - set(known))}; expected some of "
+                f"{', '.join(known)}")
+    use_torch = not args.no_torch and (chosen is None or "torch" in chosen)
+    peers = [q for q in PEERS if chosen is None or q in chosen]
+    info, results = run(grid, args.threads, args.rounds, use_torch, peers=peers)
+    versions = ", ".join(f"{k} {v}" for k, v in info["peers"].items()) or "no other peer"
     print(f"cynorm {info['cynorm']} ({info['isa']} kernels, OpenMP "
           f"{'on' if info['openmp'] else 'off'}), {info['threads']} threads, torch "
-          f"{info['torch'] or 'not installed'}, NumPy {info['numpy']}, CPU {info['cpu']}\n")
+          f"{info['torch'] or 'not installed'}, {versions}, NumPy {info['numpy']}, "
+          f"CPU {info['cpu']}\n")
     print("\n".join(table(results)))
     print("\n" + "\n".join(summary(results)))
+    errors = accuracy_table(info.get("accuracy"))
+    if errors:
+        print("\nAccuracy far from zero:\n" + "\n".join(errors))
     masks = mask_table(results)
     if masks:
         print("\nPadding masks:\n" + "\n".join(masks))

@@ -15,29 +15,37 @@ def _bn_setup(case, rng):
     """(reduced axes, feature axis, C, weight, bias, running_mean, running_var) of a BN case."""
     axes, axis = _numpy_bn_axes(case)
     C = case.shape[axis]
-    w = rng.uniform(0.5, 2, C).astype(case.dtype)
-    b = rng.standard_normal(C).astype(case.dtype)
+    w, b = _params(rng, C, case.dtype)
     return axes, axis, C, w, b, np.zeros(C, case.dtype), np.ones(C, case.dtype)
 
 
-def contenders(case, torch=None, seed=0):
-    """{name: zero-argument callable} for one case, on fresh random data (not zeros)."""
+def _params(rng, n, dtype):
+    """weight and bias of n features, drawn as float32 (the same values in either dtype)."""
+    w = rng.uniform(0.5, 2, n).astype(np.float32).astype(dtype)
+    b = rng.standard_normal(n, dtype=np.float32).astype(dtype)
+    return w, b
+
+
+def contenders(case, torch=None, seed=0, peers=None, x=None):
+    """{name: zero-argument callable} for one case, on fresh random data (not zeros), or on x
+    when given; the parameters are drawn as float32 whatever the dtype, so a float64 case on
+    the same x holds the same values.  peers: a peers.Peers, whose contenders join in."""
     import cynorm
 
     rng = np.random.default_rng(seed)
-    x = (3.0 + 2.0 * rng.standard_normal(case.shape, dtype=np.float32)).astype(case.dtype)
+    if x is None:
+        x = (3.0 + 2.0 * rng.standard_normal(case.shape, dtype=np.float32)).astype(case.dtype)
     if case.op.endswith("bwd") or "_bwd_" in case.op:
-        return _backward_contenders(case, x, rng, torch)
+        return _backward_contenders(case, x, rng, torch, peers)
     if case.op in MASK_TARGETS:
         return _mask_contenders(case, x, rng, torch)
     if case.op in ("moments",) + SKLEARN_OPS:
-        return _table_contenders(case, x, torch)
+        return _table_contenders(case, x, torch, peers)
     out = np.empty_like(x)
     fns = {}
     if case.op == "ln":
         D = case.shape[-1]
-        w = rng.uniform(0.5, 2, D).astype(case.dtype)
-        b = rng.standard_normal(D).astype(case.dtype)
+        w, b = _params(rng, D, case.dtype)
         fns["cynorm"] = lambda: cynorm.layer_norm(x, D, w, b, EPS)
         fns["cynorm_out"] = lambda: cynorm.layer_norm(x, D, w, b, EPS, out=out)
 
@@ -56,6 +64,8 @@ def contenders(case, torch=None, seed=0):
                     return F.layer_norm(tx, (D,), tw, tb, EPS)
 
             fns["torch"] = torch_ln
+        if peers is not None:
+            fns.update(peers.contenders(case, {"x": x, "w": w, "b": b}))
         return fns
 
     axes, axis, C, w, b, rm, rv = _bn_setup(case, rng)
@@ -93,18 +103,19 @@ def contenders(case, torch=None, seed=0):
                 return y.movedim(1, axis) if axis != 1 else y
 
         fns["torch"] = torch_bn
+    if peers is not None:
+        fns.update(peers.contenders(case, {"x": x, "w": w, "b": b, "rm": rm, "rv": rv}))
     return fns
 
 
-def _backward_contenders(case, x, rng, torch):
+def _backward_contenders(case, x, rng, torch, peers=None):
     import cynorm
 
     g = rng.standard_normal(case.shape, dtype=np.float32).astype(case.dtype)
     fns = {}
     if case.op == "ln_bwd":
         D = case.shape[-1]
-        w = rng.uniform(0.5, 2, D).astype(case.dtype)
-        b = rng.standard_normal(D).astype(case.dtype)
+        w, b = _params(rng, D, case.dtype)
         _, mean, rstd = cynorm.layer_norm(x, D, w, b, EPS, return_stats=True)
         fns["cynorm"] = lambda: cynorm.layer_norm_backward(g, x, mean, rstd, D, w, b)
         m, r = mean.astype(case.dtype), rstd.astype(case.dtype)
@@ -128,6 +139,8 @@ def _backward_contenders(case, x, rng, torch):
                     return op(tg, tx, [D], tm, tr, tw, tb, [True, True, True])
 
             fns["torch"] = torch_ln_bwd
+        if peers is not None:
+            fns.update(peers.contenders(case, {"x": x, "g": g, "w": w, "b": b}))
         return fns
 
     axes, axis, C, w, b, rm, rv = _bn_setup(case, rng)
@@ -168,6 +181,8 @@ def _backward_contenders(case, x, rng, torch):
                 return (dx.movedim(1, axis) if axis != 1 else dx), dw, db
 
         fns["torch"] = torch_bn_bwd
+    if peers is not None:
+        fns.update(peers.contenders(case, {"x": x, "g": g, "w": w, "b": b, "rm": rm, "rv": rv}))
     return fns
 
 
@@ -226,7 +241,7 @@ def _mask_contenders(case, x, rng, torch):
     return fns
 
 
-def _table_contenders(case, x, torch):
+def _table_contenders(case, x, torch, peers=None):
     """Statistics of an (N, C) table: moments against NumPy and torch; BatchNormScaler
     (eps=0: StandardScaler's arithmetic) against scikit-learn's StandardScaler."""
     import cynorm
@@ -238,6 +253,8 @@ def _table_contenders(case, x, torch):
         if torch is not None:
             tx = torch.from_numpy(x)
             fns["torch"] = lambda: torch.var_mean(tx, 0, correction=0)
+        if peers is not None:
+            fns.update(peers.contenders(case, {"x": x}))
         return fns
     from cynorm.sklearn import BatchNormScaler
 

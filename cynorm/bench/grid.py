@@ -71,7 +71,10 @@ CONTENDERS = ("cynorm", "cynorm_out", "numpy", "torch")
 
 # How the table, the report and the plots name each contender: one name everywhere.
 CONTENDER_NAMES = {"cynorm": "cynorm", "cynorm_out": "cynorm out=", "numpy": "NumPy",
-                   "torch": "torch"}
+                   "torch": "torch", "onnxruntime": "ONNX Runtime", "jax": "JAX",
+                   "sklearn": "scikit-learn"}
+# The peers a user would weigh cynorm against: "vs best peer" is against the fastest of them.
+PEER_CONTENDERS = ("torch", "onnxruntime", "jax")
 
 
 @dataclasses.dataclass(frozen=True)

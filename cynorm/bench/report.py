@@ -6,7 +6,14 @@ import os
 
 import numpy as np
 
-from .grid import CONTENDER_NAMES, CONTENDERS, MASK_REFERENCES, MASK_TARGETS, OPS, SKLEARN_OPS
+from .grid import (
+    CONTENDER_NAMES,
+    MASK_REFERENCES,
+    MASK_TARGETS,
+    OPS,
+    PEER_CONTENDERS,
+    SKLEARN_OPS,
+)
 
 
 def _fmt(seconds):
@@ -17,29 +24,49 @@ def _fmt(seconds):
     return f"{seconds * 1e3:.2f} ms"
 
 
+def peers_in(results):
+    """The peers that were timed in this run (torch, ONNX Runtime, JAX), in that order."""
+    return [p for p in PEER_CONTENDERS if any(r["times"].get(p) for r in results)]
+
+
+def best_peer(times):
+    """(the fastest peer's name, its time) among those timed for a case, or (None, None)."""
+    timed = [(times[p], p) for p in PEER_CONTENDERS if times.get(p)]
+    return (min(timed)[1], min(timed)[0]) if timed else (None, None)
+
+
+def _ratio(other, c):
+    return f"{other / c:.2f}×" if other else "—"
+
+
 def table(results):
     """The report table as Markdown lines, with the notes that say how to read it."""
-    lines = ["| case | cynorm | cynorm out= | NumPy | torch | vs NumPy | vs torch | roof | "
-             "of roof |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    peers = peers_in(results)
+    names = [CONTENDER_NAMES[p] for p in peers]
+    head = (["case", "cynorm", "cynorm out=", "NumPy"] + names + ["vs NumPy"]
+            + [f"vs {n}" for n in names] + ["vs best peer", "roof", "of roof"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     above = False
     for r in results:
         if r["op"] in MASK_TARGETS or r["op"] in SKLEARN_OPS:
             continue
         t = r["times"]
-        c, co, n, tt = (t.get(k) for k in CONTENDERS)
+        c, co, n = t.get("cynorm"), t.get("cynorm_out"), t.get("numpy")
         roof = r.get("roof")
         best = co or c  # backward has no out=: its own time against the roof
+        share = None
         if roof:
             share = roof / best
             above |= share > 1.0
-        lines.append(
-            f"| {r['label']} | {_fmt(c)} | {_fmt(co)} | {_fmt(n)} | {_fmt(tt)} | "
-            f"{n / c:.2f}× | " + (f"{tt / c:.2f}× | " if tt else "— | ")
-            + (f"{_fmt(roof)} | {share:.2f}{'*' if share > 1.0 else ''} |" if roof
-               else "— | — |")
-        )
-    lines += ["", "vs NumPy, vs torch: their time / cynorm's (above 1: cynorm is faster). roof: "
+        who, fastest = best_peer(t)
+        cells = ([r["label"], _fmt(c), _fmt(co), _fmt(n)] + [_fmt(t.get(p)) for p in peers]
+                 + [_ratio(n, c)] + [_ratio(t.get(p), c) for p in peers]
+                 + [f"{fastest / c:.2f}× ({CONTENDER_NAMES[who]})" if who else "—",
+                    _fmt(roof), f"{share:.2f}{'*' if share > 1.0 else ''}" if roof else "—"])
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "vs NumPy, vs a peer: their time / cynorm's (above 1: cynorm is faster); vs "
+              "best peer: against the fastest of torch, ONNX Runtime and JAX for that case "
+              "(a peer's cell is — where it has no such op). roof: "
               "the time a same-size copy, timed in the same rounds, takes to move the case's "
               "bytes (medium and large cases only). of roof: roof / cynorm out= (backward, "
               "which has no out=: roof / cynorm); 1.00 is the copy's speed."]
@@ -55,15 +82,20 @@ def table(results):
 def summary(results):
     """Speed-ups: geometric means and the worst case against each contender."""
     lines = []
-    for other in ("numpy", "torch"):
-        ratios = [(r["times"][other] / r["times"]["cynorm"], r["label"]) for r in results
-                  if r["times"].get(other) and r["op"] not in MASK_TARGETS
-                  and r["op"] not in SKLEARN_OPS]
+    for other in ["numpy"] + peers_in(results) + ["best peer"]:
+        ratios = []
+        for r in results:
+            if r["op"] in MASK_TARGETS or r["op"] in SKLEARN_OPS:
+                continue
+            t = r["times"].get(other) if other != "best peer" else best_peer(r["times"])[1]
+            if t:
+                ratios.append((t / r["times"]["cynorm"], r["label"]))
         if ratios:
             gm = math.exp(sum(math.log(v) for v, _ in ratios) / len(ratios))
             worst = min(ratios)
-            lines.append(f"- against {'NumPy' if other == 'numpy' else 'torch'}: geometric mean "
-                         f"{gm:.2f}×, slowest case {worst[0]:.2f}× ({worst[1]})")
+            name = CONTENDER_NAMES.get(other, other)
+            lines.append(f"- against {name}: geometric mean {gm:.2f}× over {len(ratios)} "
+                         f"cases, slowest case {worst[0]:.2f}× ({worst[1]})")
     return lines
 
 
@@ -112,6 +144,30 @@ def sklearn_table(results):
     return lines
 
 
+def accuracy_table(accuracy):
+    """Each contender's max error per op on float32 data far from zero (bench/accuracy.py)."""
+    if not accuracy:
+        return []
+    from .accuracy import OFFSET, SHAPE
+
+    names = [n for n in CONTENDER_NAMES if any(n in e for e in accuracy.values())]
+    lines = ["| op | " + " | ".join(CONTENDER_NAMES[n] for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for op, errors in accuracy.items():
+        cells = []
+        for n in names:
+            if n not in errors:
+                cells.append("—")
+            else:
+                cells.append("NaN / inf" if errors[n] is None else f"{errors[n]:.1e}")
+        lines.append(f"| {OPS[op]} | " + " | ".join(cells) + " |")
+    lines += ["", f"Max abs error of the output (dx for backward) on float32 data of shape "
+              f"{SHAPE} whose mean lies {OFFSET:g} standard deviations from zero, against the "
+              "NumPy expression in float64 on the same values; — where a contender has no such "
+              "op."]
+    return lines
+
+
 def write_report(info, results, folder):
     """report.md, results.json and (with matplotlib) speedup.png and time_vs_size.png."""
     os.makedirs(folder, exist_ok=True)
@@ -120,16 +176,20 @@ def write_report(info, results, folder):
     plots = _plots(results, folder)
     md = [f"# cynorm benchmark report ({info['date']})", "",
           "Medians of interleaved rounds, seconds per call with a fresh output unless `out=`. "
-          "Speed-ups are NumPy or torch time divided by cynorm time (> 1: cynorm is faster). "
+          "Speed-ups are a contender's time divided by cynorm's (> 1: cynorm is faster); "
+          "vs best peer is against the fastest of torch, ONNX Runtime and JAX. "
           "The roof is the time a same-size copy into a preallocated array takes to move the "
           "case's bytes; `of roof` (roof / cynorm out=) is 1.0 at the roof. Small and medium inputs are "
           "reused between calls: cache figures. On large inputs a contender whose call takes "
           "at most a quarter of the slowest one's is sampled up to 5 times per round.", "",
           "## Machine", ""]
     for key in ("cpu", "cpu_count", "threads", "torch_threads", "openmp", "isa", "cynorm",
-                "numpy", "torch", "python", "platform", "build_flags"):
+                "numpy", "torch", "peers", "python", "platform", "build_flags"):
         md.append(f"- {key}: {info.get(key)}")
     md += ["", "## Results", ""] + table(results) + ["", "## Summary", ""] + summary(results)
+    errors = accuracy_table(info.get("accuracy"))
+    if errors:
+        md += ["", "## Accuracy far from zero", ""] + errors
     masks = mask_table(results)
     if masks:
         md += ["", "## Padding masks", ""] + masks
@@ -157,9 +217,11 @@ def _plots(results, folder):
                             if r["op"] in MASK_REFERENCES else "") for r in results]
     fig, ax = plt.subplots(figsize=(11, 0.45 * len(results) + 1.8))
     ypos = np.arange(len(results))
-    series = [("numpy", "NumPy", "tab:blue"), ("torch", "torch", "tab:orange")]
+    colors = {"numpy": "tab:blue", "torch": "tab:orange", "onnxruntime": "tab:purple",
+              "jax": "tab:red", "sklearn": "tab:green"}
+    series = [(p, CONTENDER_NAMES[p], colors[p]) for p in ["numpy"] + peers_in(results)]
     if any(r["times"].get("sklearn") for r in results):
-        series.append(("sklearn", "scikit-learn", "tab:green"))
+        series.append(("sklearn", "scikit-learn", colors["sklearn"]))
     height = 0.8 / len(series)
     every = []
     for k, (other, name, color) in enumerate(series):
@@ -201,7 +263,9 @@ def _plots(results, folder):
         for ax, ((op, dtype), rows) in zip(axes[0], groups.items()):
             sizes = [r["nbytes"] for r in rows]
             for name, style in (("cynorm", "o-"), ("cynorm_out", "o--"), ("numpy", "s-"),
-                                ("torch", "^-")):
+                                ("torch", "^-"), ("onnxruntime", "v-"), ("jax", "D-")):
+                if not any(r["times"].get(name) for r in rows):
+                    continue
                 ts = [r["times"].get(name, np.nan) or np.nan for r in rows]
                 ax.plot(sizes, ts, style, label=CONTENDER_NAMES[name])
             roofs = [r.get("roof", np.nan) for r in rows]

@@ -6,7 +6,9 @@ import time
 
 import numpy as np
 
+from .accuracy import accuracy
 from .contenders import contenders, copy_contenders
+from .peers import PEERS, Peers
 
 
 def _calibrate(fn, target=2e-3):
@@ -17,6 +19,28 @@ def _calibrate(fn, target=2e-3):
     dt = max(time.perf_counter() - t0, 1e-7)
     k = max(1, min(10_000, int(target / dt)))
     return k, k * dt
+
+
+class _Local:
+    """A contender run in this process (a zero-argument callable), with the interface timed
+    asks of every contender: calibrate(), and sample(k, warm) in seconds per call.  A peer in
+    a worker process of its own (peers._Remote) answers the same two."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def calibrate(self):
+        self.fn()  # warm up: first-touch, caches, thread start-up
+        return _calibrate(self.fn)
+
+    def sample(self, k, warm):
+        fn = self.fn
+        if warm:
+            fn()
+        t0 = time.perf_counter()
+        for _ in range(k):
+            fn()
+        return (time.perf_counter() - t0) / k
 
 
 def timed(fns, rounds=15, max_seconds=None, warm=False, max_repeats=1):
@@ -31,26 +55,20 @@ def timed(fns, rounds=15, max_seconds=None, warm=False, max_repeats=1):
     inputs NumPy's call can take seconds, so the time budget allows only three rounds; without
     repeats the medians of the fast contenders (and of the roof copies) rested on three
     samples, and one disturbed stretch of the machine moved them."""
+    runners = {name: fn if hasattr(fn, "sample") else _Local(fn) for name, fn in fns.items()}
     numbers, cost = {}, {}
-    for name, fn in fns.items():
-        fn()  # warm up: first-touch, caches, thread start-up
-        numbers[name], cost[name] = _calibrate(fn)
+    for name, runner in runners.items():
+        numbers[name], cost[name] = runner.calibrate()
     slowest = max(cost.values())
     repeats = {name: max(1, min(max_repeats, int(slowest / (4 * c)))) for name, c in cost.items()}
     samples = {name: [] for name in fns}
     start = time.perf_counter()
     for r in range(rounds):
         for sub in range(max(repeats.values())):
-            for name, fn in fns.items():
+            for name, runner in runners.items():
                 if sub >= repeats[name]:
                     continue
-                k = numbers[name]
-                if warm:
-                    fn()
-                t0 = time.perf_counter()
-                for _ in range(k):
-                    fn()
-                samples[name].append((time.perf_counter() - t0) / k)
+                samples[name].append(runner.sample(numbers[name], warm))
         if max_seconds is not None and r >= 2 and time.perf_counter() - start > max_seconds:
             break
     return {name: float(np.median(s)) for name, s in samples.items()}
@@ -75,8 +93,10 @@ def machine_info(threads):
     return info
 
 
-def run(case_list, threads=None, rounds=15, use_torch=True, progress=True, max_seconds=8.0):
-    """Time every case; returns (machine info, list of result dicts)."""
+def run(case_list, threads=None, rounds=15, use_torch=True, progress=True, max_seconds=8.0,
+        peers=PEERS):
+    """Time every case; returns (machine info, list of result dicts).  peers: which of
+    ONNX Runtime and JAX to hold cynorm against (those installed)."""
     import cynorm
 
     torch = None
@@ -89,28 +109,41 @@ def run(case_list, threads=None, rounds=15, use_torch=True, progress=True, max_s
     if torch is not None:
         torch.set_num_threads(threads)
     results = []
-    with cynorm.num_threads(threads):
-        for i, case in enumerate(case_list, 1):
-            if progress:
-                bar = "#" * int(20 * i / len(case_list))
-                print(f"\r[{bar:<20}] {i}/{len(case_list)} {case.label:<45}", end="",
-                      file=sys.stderr, flush=True)
-            fns = contenders(case, torch)
-            if case.size_class != "small":
-                fns.update(copy_contenders(case.nbytes, torch))
-            r = rounds if case.size_class != "large" else max(5, rounds // 3)
-            large = case.size_class == "large"
-            times = timed(fns, rounds=r, max_seconds=max_seconds, warm=not large,
-                          max_repeats=5 if large else 1)
-            copies = {k: times.pop(k) for k in list(times) if k.startswith("copy_")}
-            row = {"case": case.id, "label": case.label, "op": case.op, "shape": list(case.shape),
-                   "dtype": case.dtype, "axis": case.axis, "size_class": case.size_class,
-                   "nbytes": case.nbytes, "times": times, "copy_times": copies}
-            if copies:
-                row["bandwidth"] = 2 * case.nbytes / min(copies.values())
-                row["roof"] = case.bytes_moved / row["bandwidth"]
-            results.append(row)
-            del fns
+    team = Peers(peers, threads) if peers else None
+    try:
+        with cynorm.num_threads(threads):
+            _run_cases(case_list, torch, team, rounds, max_seconds, progress, results)
+        info = machine_info(threads)
+        info["peers"] = team.versions() if team is not None else {}
+        if team is not None:
+            info["accuracy"] = accuracy(sorted({c.op for c in case_list}), torch, team)
+    finally:
+        if team is not None:
+            team.close()
+    return info, results
+
+
+def _run_cases(case_list, torch, team, rounds, max_seconds, progress, results):
+    for i, case in enumerate(case_list, 1):
+        if progress:
+            bar = "#" * int(20 * i / len(case_list))
+            print(f"\r[{bar:<20}] {i}/{len(case_list)} {case.label:<45}", end="",
+                  file=sys.stderr, flush=True)
+        fns = contenders(case, torch, peers=team)
+        if case.size_class != "small":
+            fns.update(copy_contenders(case.nbytes, torch))
+        r = rounds if case.size_class != "large" else max(5, rounds // 3)
+        large = case.size_class == "large"
+        times = timed(fns, rounds=r, max_seconds=max_seconds, warm=not large,
+                      max_repeats=5 if large else 1)
+        copies = {k: times.pop(k) for k in list(times) if k.startswith("copy_")}
+        row = {"case": case.id, "label": case.label, "op": case.op, "shape": list(case.shape),
+               "dtype": case.dtype, "axis": case.axis, "size_class": case.size_class,
+               "nbytes": case.nbytes, "times": times, "copy_times": copies}
+        if copies:
+            row["bandwidth"] = 2 * case.nbytes / min(copies.values())
+            row["roof"] = case.bytes_moved / row["bandwidth"]
+        results.append(row)
+        del fns
     if progress:
         print(file=sys.stderr)
-    return machine_info(threads), results

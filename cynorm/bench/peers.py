@@ -1,0 +1,316 @@
+"""The peers a CPU user would also pick: ONNX Runtime and JAX, each optional.
+
+ONNX Runtime: each case is a one-node ONNX model built here with the ``onnx`` package (the
+standard LayerNormalization-17 and BatchNormalization-15, inference or training mode), run on
+the CPU execution provider with cynorm's thread count and its intra-op spinning turned off:
+with ORT's default spinning its pool keeps the cores busy after each run, which made cynorm's
+and torch's calls in the same process several times slower (shared/PERF.md).
+
+JAX: the jit-compiled expression (``block_until_ready``, inputs already on the device), timed
+in a worker process of its own: once XLA's CPU pool has run a computation it slows every
+OpenMP call in the process.  The worker answers the same calibrate / sample requests as a
+local contender, so its samples interleave with the others' round by round.
+"""
+import importlib.util
+import multiprocessing
+import os
+import time
+
+import numpy as np
+
+from .grid import EPS
+
+PEERS = ("onnxruntime", "jax")
+# what each peer has a case for (ONNX Runtime: inference ops and BN's training mode; no
+# backward, no masks, and BatchNormalization only with the channel on axis 1)
+ONNX_OPS = ("ln", "bn_train", "bn_eval")
+JAX_OPS = ("ln", "bn_train", "bn_eval", "ln_bwd", "bn_bwd_train", "bn_bwd_eval", "moments")
+
+
+def installed():
+    """The peers that can be imported here."""
+    need = {"onnxruntime": ("onnx", "onnxruntime"), "jax": ("jax",)}
+    return [p for p in PEERS if all(importlib.util.find_spec(m) for m in need[p])]
+
+
+# ---- ONNX Runtime --------------------------------------------------------------------------
+
+def onnx_session(op, shape, dtype, threads):
+    """(session, input names, output count) of the one-node model for op on inputs of shape."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    elem = TensorProto.FLOAT if np.dtype(dtype) == np.float32 else TensorProto.DOUBLE
+    C = shape[-1] if op == "ln" else shape[1]
+
+    def value(name, dims):
+        return helper.make_tensor_value_info(name, elem, list(dims))
+
+    inputs = [value("X", shape), value("W", (C,)), value("B", (C,))]
+    outputs = [value("Y", shape)]
+    if op == "ln":
+        node = helper.make_node("LayerNormalization", ["X", "W", "B"], ["Y"], axis=-1,
+                                epsilon=EPS)
+        opset = 17
+    else:
+        inputs += [value("M", (C,)), value("V", (C,))]
+        if op == "bn_train":  # ONNX's momentum weighs the old value: torch's 0.1 is 0.9 here
+            outputs += [value("RM", (C,)), value("RV", (C,))]
+            node = helper.make_node("BatchNormalization", ["X", "W", "B", "M", "V"],
+                                    ["Y", "RM", "RV"], epsilon=EPS, momentum=0.9,
+                                    training_mode=1)
+        else:
+            node = helper.make_node("BatchNormalization", ["X", "W", "B", "M", "V"], ["Y"],
+                                    epsilon=EPS)
+        opset = 15
+    graph = helper.make_graph([node], op, inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(model)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    sess = ort.InferenceSession(model.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+    return sess, [i.name for i in inputs]
+
+
+def onnx_contender(case, arrays, threads):
+    """A callable running the case's model on arrays (x, w, b[, rm, rv]), or None."""
+    if case.op not in ONNX_OPS or (case.op != "ln" and case.axis % len(case.shape) != 1):
+        return None
+    sess, names = onnx_session(case.op, case.shape, case.dtype, threads)
+    keys = ("x", "w", "b", "rm", "rv")
+    feed = {n: np.ascontiguousarray(arrays[k]) for n, k in zip(names, keys)}
+    return lambda: sess.run(None, feed)
+
+
+# ---- JAX -------------------------------------------------------------------------------------
+
+def jax_function(op, axis, ndim):
+    """The jit-compiled JAX expression of op (arguments as jax_arguments orders them)."""
+    import jax
+    import jax.numpy as jnp
+
+    axis = axis % ndim
+    axes = tuple(i for i in range(ndim) if i != axis)
+    bshape = tuple(-1 if i == axis else 1 for i in range(ndim))
+
+    def ln(x, w, b):
+        m = x.mean(-1, keepdims=True)
+        v = jnp.square(x - m).mean(-1, keepdims=True)
+        return (x - m) * jax.lax.rsqrt(v + EPS) * w + b
+
+    def bn_batch(x, w, b):
+        m = x.mean(axes, keepdims=True)
+        v = jnp.square(x - m).mean(axes, keepdims=True)
+        return (x - m) * jax.lax.rsqrt(v + EPS) * w.reshape(bshape) + b.reshape(bshape)
+
+    def bn_train(x, w, b, rm, rv):
+        n = x.size // x.shape[axis]
+        m = x.mean(axes)
+        v = jnp.square(x - m.reshape(bshape)).mean(axes)
+        y = (x - m.reshape(bshape)) * jax.lax.rsqrt(v.reshape(bshape) + EPS) \
+            * w.reshape(bshape) + b.reshape(bshape)
+        return y, 0.9 * rm + 0.1 * m, 0.9 * rv + 0.1 * v * (n / (n - 1))
+
+    def bn_eval(x, w, b, rm, rv):
+        return (x - rm.reshape(bshape)) * jax.lax.rsqrt(rv.reshape(bshape) + EPS) \
+            * w.reshape(bshape) + b.reshape(bshape)
+
+    def backward(f):
+        def grads(x, w, b, g, *rest):
+            _, pullback = jax.vjp(lambda x, w, b: f(x, w, b, *rest), x, w, b)
+            return pullback(g)
+        return grads
+
+    fns = {"ln": ln, "bn_train": bn_train, "bn_eval": bn_eval,
+           "ln_bwd": backward(ln), "bn_bwd_train": backward(bn_batch),
+           "bn_bwd_eval": backward(bn_eval),
+           "moments": lambda x: (x.mean(0), jnp.square(x - x.mean(0)).mean(0))}
+    return jax.jit(fns[op])
+
+
+def jax_arguments(op, arrays):
+    """The arrays jax_function(op) takes, in its order."""
+    if op == "moments":
+        return (arrays["x"],)
+    base = (arrays["x"], arrays["w"], arrays["b"])
+    if op.endswith("_bwd") or "_bwd_" in op:
+        base += (arrays["g"],)
+    if op in ("bn_train", "bn_eval", "bn_bwd_eval"):
+        base += (arrays["rm"], arrays["rv"])
+    return base
+
+
+def jax_in_process(case, arrays):
+    """The case's JAX contender as a local callable (for the pytest-benchmark suite, which
+    runs every JAX row after all the others, and for tests), or None."""
+    if case.op not in JAX_OPS:
+        return None
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    fn = jax_function(case.op, case.axis, len(case.shape))
+    args = [jax.device_put(a) for a in jax_arguments(case.op, arrays)]
+    jax.block_until_ready(fn(*args))
+    return lambda: jax.block_until_ready(fn(*args))
+
+
+class _InProcess:
+    """Peers for the pytest-benchmark suite and the tests: ONNX Runtime and JAX in this
+    process (JAX's pool then slows what runs after it: the suite runs its rows last)."""
+
+    def __init__(self, names, threads):
+        self.names = [n for n in names if n in installed()]
+        self.threads = threads
+
+    def contenders(self, case, arrays):
+        fns = {}
+        if "onnxruntime" in self.names:
+            fn = onnx_contender(case, arrays, self.threads)
+            if fn is not None:
+                fns["onnxruntime"] = fn
+        if "jax" in self.names:
+            fn = jax_in_process(case, arrays)
+            if fn is not None:
+                fns["jax"] = fn
+        return fns
+
+
+def in_process(names=PEERS, threads=None):
+    """Peers run in this process (see _InProcess)."""
+    import cynorm
+
+    return _InProcess(names, threads or cynorm.get_num_threads())
+
+
+def _jax_serve(conn, threads):
+    """The JAX worker's loop (a spawned process): prepare, calibrate, sample, result."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, cpus[:max(1, threads)])
+    except (AttributeError, OSError):
+        pass
+    import jax
+
+    jax.config.update("jax_enable_x64", True)  # float64 cases; float32 stays float32
+    fn = args = None
+    while True:
+        msg = conn.recv()
+        try:
+            if msg[0] == "stop":
+                return
+            if msg[0] == "prepare":
+                _, op, axis, ndim, arrays = msg
+                fn = jax_function(op, axis, ndim)
+                args = [jax.device_put(a) for a in jax_arguments(op, arrays)]
+                jax.block_until_ready(fn(*args))  # compile
+                conn.send(("ok", jax.__version__))
+            elif msg[0] == "calibrate":
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(*args))
+                dt = max(time.perf_counter() - t0, 1e-7)
+                k = max(1, min(10_000, int(2e-3 / dt)))
+                conn.send(("ok", (k, k * dt)))
+            elif msg[0] == "sample":
+                _, k, warm = msg
+                if warm:
+                    jax.block_until_ready(fn(*args))
+                t0 = time.perf_counter()
+                for _ in range(k):
+                    jax.block_until_ready(fn(*args))
+                conn.send(("ok", (time.perf_counter() - t0) / k))
+            elif msg[0] == "result":
+                out = fn(*args)
+                out = out if isinstance(out, tuple) else (out,)
+                conn.send(("ok", [np.asarray(o) for o in out]))
+        except Exception as exc:  # reported to the caller, the worker stays up
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+class JaxWorker:
+    """JAX in a process of its own; ``contender(case, arrays)`` gives a remote contender."""
+
+    def __init__(self, threads):
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_jax_serve, args=(child, threads), daemon=True)
+        self._proc.start()
+        self.version = None
+
+    def ask(self, *msg):
+        self._conn.send(msg)
+        status, value = self._conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"the JAX worker: {value}")
+        return value
+
+    def contender(self, case, arrays):
+        if case.op not in JAX_OPS:
+            return None
+        self.version = self.ask("prepare", case.op, case.axis, len(case.shape), dict(arrays))
+        return _Remote(self)
+
+    def close(self):
+        try:
+            self._conn.send(("stop",))
+        except (BrokenPipeError, OSError):
+            pass
+        self._proc.join(timeout=10)
+        if self._proc.is_alive():
+            self._proc.terminate()
+
+
+class _Remote:
+    """A contender that runs in the JAX worker: the interface timing.timed asks of every one."""
+
+    def __init__(self, worker):
+        self.worker = worker
+
+    def __call__(self):
+        return self.worker.ask("result")
+
+    def calibrate(self):
+        return tuple(self.worker.ask("calibrate"))
+
+    def sample(self, k, warm):
+        return self.worker.ask("sample", k, warm)
+
+
+class Peers:
+    """The peers of one run: which ones, their thread count, the JAX worker (started once)."""
+
+    def __init__(self, names, threads):
+        self.names = [n for n in names if n in installed()]
+        self.threads = threads
+        self.jax = JaxWorker(threads) if "jax" in self.names else None
+
+    def contenders(self, case, arrays):
+        fns = {}
+        if "onnxruntime" in self.names:
+            fn = onnx_contender(case, arrays, self.threads)
+            if fn is not None:
+                fns["onnxruntime"] = fn
+        if self.jax is not None:
+            fn = self.jax.contender(case, arrays)
+            if fn is not None:
+                fns["jax"] = fn
+        return fns
+
+    def versions(self):
+        out = {}
+        if "onnxruntime" in self.names:
+            import onnxruntime
+
+            out["onnxruntime"] = onnxruntime.__version__
+        if self.jax is not None:
+            out["jax"] = self.jax.version or self.jax.ask("prepare", "moments", 0, 2,
+                                                            {"x": np.zeros((2, 2))})
+        return out
+
+    def close(self):
+        if self.jax is not None:
+            self.jax.close()
