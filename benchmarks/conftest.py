@@ -1,7 +1,9 @@
 """pytest-benchmark suite: every case of cynorm.bench, one group per case, with cynorm (fresh
-output and out=), the NumPy expression, torch on CPU and a same-size memory copy side by side.
+output and out=), the NumPy expression, torch on CPU, ONNX Runtime and JAX where installed and
+the case has the op, and a same-size memory copy side by side.  The JAX rows run last: once
+XLA's pool has run, it may slow the OpenMP contenders after it in the same process.
 
-    pip install -e ".[bench]" && python -m pytest benchmarks
+    pip install -e ".[bench,peers]" torch==2.13.0 && python -m pytest benchmarks
 
 CYNORM_BENCH_FULL=1 runs the whole grid (every shape, float32 and float64).
 """

@@ -159,32 +159,12 @@ def jax_in_process(case, arrays):
     return lambda: jax.block_until_ready(fn(*args))
 
 
-class _InProcess:
-    """Peers for the pytest-benchmark suite and the tests: ONNX Runtime and JAX in this
-    process (JAX's pool then slows what runs after it: the suite runs its rows last)."""
-
-    def __init__(self, names, threads):
-        self.names = [n for n in names if n in installed()]
-        self.threads = threads
-
-    def contenders(self, case, arrays):
-        fns = {}
-        if "onnxruntime" in self.names:
-            fn = onnx_contender(case, arrays, self.threads)
-            if fn is not None:
-                fns["onnxruntime"] = fn
-        if "jax" in self.names:
-            fn = jax_in_process(case, arrays)
-            if fn is not None:
-                fns["jax"] = fn
-        return fns
-
-
 def in_process(names=PEERS, threads=None):
-    """Peers run in this process (see _InProcess)."""
+    """Peers that run JAX in this process too (the pytest-benchmark suite, which runs every JAX
+    row after all the others, and the tests)."""
     import cynorm
 
-    return _InProcess(names, threads or cynorm.get_num_threads())
+    return Peers(names, threads or cynorm.get_num_threads(), jax_worker=False)
 
 
 def _jax_serve(conn, threads):
@@ -285,24 +265,22 @@ class _Remote:
 
 
 class Peers:
-    """The peers of one run: which ones, their thread count, the JAX worker (started once)."""
+    """The peers of one run: which ones, their thread count, and JAX's worker process (started
+    once), or JAX in this process with jax_worker=False."""
 
-    def __init__(self, names, threads):
+    def __init__(self, names, threads, jax_worker=True):
         self.names = [n for n in names if n in installed()]
         self.threads = threads
-        self.jax = JaxWorker(threads) if "jax" in self.names else None
+        self.jax = JaxWorker(threads) if "jax" in self.names and jax_worker else None
 
     def contenders(self, case, arrays):
         fns = {}
         if "onnxruntime" in self.names:
-            fn = onnx_contender(case, arrays, self.threads)
-            if fn is not None:
-                fns["onnxruntime"] = fn
-        if self.jax is not None:
-            fn = self.jax.contender(case, arrays)
-            if fn is not None:
-                fns["jax"] = fn
-        return fns
+            fns["onnxruntime"] = onnx_contender(case, arrays, self.threads)
+        if "jax" in self.names:
+            fns["jax"] = (self.jax.contender(case, arrays) if self.jax is not None
+                          else jax_in_process(case, arrays))
+        return {name: fn for name, fn in fns.items() if fn is not None}
 
     def versions(self):
         out = {}
@@ -310,8 +288,11 @@ class Peers:
             import onnxruntime
 
             out["onnxruntime"] = onnxruntime.__version__
-        if self.jax is not None:
-            out["jax"] = self.jax.version
+        if "jax" in self.names:
+            import importlib.metadata
+
+            out["jax"] = (self.jax.version if self.jax is not None
+                          else importlib.metadata.version("jax"))
         return out
 
     def close(self):
