@@ -371,4 +371,4 @@ def test_batch_norm_layer_on_an_empty_batch(rng, torch, shape):
         for k in ("running_mean", "running_var"):
             np.testing.assert_array_equal(getattr(ours, k), before[k])
             np.testing.assert_allclose(getattr(ours, k), getattr(theirs, k).numpy(),
-                                       rtol=1e-12)
+                                       rtol=1e-12, atol=1e-14)  # a mean may be near 0
