@@ -142,8 +142,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     if out is not None:
         check_out(out, shape, rdt)
     if training:
-        if not eps > 0:
-            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+        check_training_eps(eps)
         if n == 1:
             raise ValueError("Expected more than 1 value per channel when training, got input "
                              f"size {shape}")
@@ -219,12 +218,18 @@ def _update_running(rm, rv, stats, count, momentum):
     rv[...] = (1.0 - momentum) * rv.astype(np.float64) + momentum * (stats[2] * (1.0 / (count - 1.0)))
 
 
+def check_training_eps(eps):
+    """torch's check: training normalizes with batch statistics, which need eps > 0."""
+    if not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+
+
 def _batch_norm_empty_1d(x, training, eps, out, return_stats):
     """batch_norm of a 1-D input with no elements: an empty result, as torch gives (other 1-D
     input is an error).  The dtype and eps are checked as for any input."""
     _, rdt = dtypes(x.dtype, "batch_norm")
-    if bool(training) and not real_scalar(eps, "eps") > 0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if training:
+        check_training_eps(real_scalar(eps, "eps"))
     if out is not None:
         check_out(out, x.shape, rdt)
     y = np.empty(x.shape, dtype=rdt) if out is None else out
@@ -391,8 +396,6 @@ def batch_norm_backward(grad_out, x, mean, invstd, weight=None, training=True, *
 
 def _batch_norm_backward_empty_1d(grad_out, x, weight, bias):
     cdt, rdt = dtypes(x.dtype, "batch_norm_backward")
-    g = as_array(grad_out, "grad_out")
-    if g.shape != x.shape:
-        raise ValueError(f"grad_out must have the shape of x, {x.shape}, got {g.shape}")
+    _grad_like(grad_out, x, cdt, 0, 1)  # checked as for any input; nothing to read
     sums = [None if p is None else np.zeros(np.shape(p), dtype=cdt) for p in (weight, bias)]
     return _in_result_dtype(rdt, cdt, np.empty(x.shape, dtype=cdt), *sums)

@@ -16,7 +16,7 @@ import numpy as np
 from . import _threads
 from ._moments import RECORD, Moments, _reduce_axes, merge_arrays, moments as _np_moments
 from ._validation import dtypes, normalized_shape as _normalized_shape, real_scalar
-from ._batch_norm import _batch_norm_with_stats
+from ._batch_norm import _batch_norm_with_stats, check_training_eps
 from ._layer_norm import layer_norm as _np_layer_norm
 
 __all__ = ["moments", "moments_records", "batch_norm", "layer_norm"]
@@ -114,8 +114,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     C = x.shape[ax]
     eps = real_scalar(eps, "eps")
     if training:
-        if not eps > 0:
-            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+        check_training_eps(eps)
         if running_mean is not None or running_var is not None:
             raise ValueError("cynorm.dask.batch_norm does not update running statistics; fit "
                              "them with cynorm.dask.moments or BatchNorm.partial_fit")
