@@ -16,8 +16,13 @@ def build_flags() -> str: ...
 def layer_norm(
     x: _F, y: _F, D: int, weight: _F | None, bias: _F | None, mean: _F64 | None,
     rstd: _F64 | None, eps: float, n_threads: int, mask: _Mask | None = None,
-    write_padding: bool = True,
+    write_padding: bool = True, residual: _F | None = None, h: _F | None = None,
 ) -> None: ...  # D: Py_ssize_t, eps: double, n_threads: int
+def rms_norm(
+    x: _F, y: _F, D: int, weight: _F | None, rstd: _F64 | None, eps: float, n_threads: int,
+    mask: _Mask | None = None, write_padding: bool = True, residual: _F | None = None,
+    h: _F | None = None,
+) -> None: ...
 def feature_moments(
     x: _F, rows: int, cols: int, C: int, by_rows: bool, stats: _F64, n_threads: int,
     rows_per_block: int = 64, mask: _Mask | None = None, fast: bool = False,
@@ -40,6 +45,11 @@ def normalize(
 def layer_norm_backward(
     g: _F, x: _F, dx: _F, D: int, weight: _F | None, mean: _F64, rstd: _F64,
     grad_weight: _F | None, grad_bias: _F | None, n_threads: int, mask: _Mask | None = None,
+    grad_residual: _F | None = None,
+) -> None: ...
+def rms_norm_backward(
+    g: _F, x: _F, dx: _F, D: int, weight: _F | None, rstd: _F64, grad_weight: _F | None,
+    n_threads: int, mask: _Mask | None = None, grad_residual: _F | None = None,
 ) -> None: ...
 def batch_norm_backward(
     g: _F, x: _F, dx: _F, rows: int, cols: int, C: int, by_rows: bool, mean: _F64,

@@ -4,10 +4,11 @@
 # and the fast argument checks are cynorm._runtime's (pyx/_runtime.pyx), built once.
 #
 # The core (pyx/core/) is written once and used by every op: block moments and Chan's merge,
-# the two-term mean, the column driver, the store policy, the row driver and the overflow
-# rescue's thresholds, with the vector primitives and sums in C headers.  Each op family has
-# its file in pyx/ops/, forward and backward: a per-row (or per-block) function, then a driver
-# that runs it over ranges of rows, then the entry point Python calls.
+# the two-term mean, the column driver, the store policy, the row driver, the overflow rescue
+# and the row normalizer (LayerNorm and RMSNorm, forward and backward), with the vector
+# primitives and sums in C headers.  Each op family has its file in pyx/ops/, forward and
+# backward: a per-row (or per-block) function, then a driver that runs it over ranges of rows,
+# then the entry point Python calls (the row norms' entry points call the core's rows).
 #
 # The normalized output is computed in the input dtype from ``x - m_hi``, where ``m_hi + m_lo``
 # is the float64 mean split into two numbers of the input dtype: the subtraction is exact for
@@ -23,7 +24,7 @@ cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.math cimport sqrt, isinf, isfinite, fabs, ilogb, ldexp, NAN
 from libc.stdlib cimport calloc, malloc, free
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 from _common cimport floating, CYNORM_HAVE_OPENMP, CYNORM_BUILD_FLAGS
 
@@ -48,9 +49,12 @@ include "core/features.pxi"
 include "core/stores.pxi"
 include "core/rescue.pxi"
 include "core/drivers.pxi"
+include "core/rows.pxi"
+include "core/rows_backward.pxi"
 
 # The ops: one file per family (forward and backward).  A new op is a new file here.
 include "ops/moments.pxi"
 include "ops/layer_norm.pxi"
+include "ops/rms_norm.pxi"
 include "ops/batch_norm.pxi"
 include "ops/batch_norm_backward.pxi"

@@ -79,6 +79,16 @@ cdef inline void row_moments(const floating* x, Py_ssize_t n, double* hi, double
         start += nb
 
 
+cdef inline void square_sum(const floating* x, Py_ssize_t n, double* q) noexcept nogil:
+    """q = Σx² of x[0:n] in float64 (the shifted sums with no shift: no cancellation to
+    guard against, a sum of positive terms)."""
+    cdef double s = 0.0
+    if floating is float:
+        cynorm_shifted_sums_f(NULL, NULL, x, n, 0.0, &s, q)
+    else:
+        cynorm_shifted_sums_d(NULL, NULL, x, n, 0.0, &s, q)
+
+
 cdef inline void merge_one(double* n_a, double* hi_a, double* lo_a, double* m2_a, double n_b,
                            double hi_b, double lo_b, double m2_b) noexcept nogil:
     """Merge the moments (n_b, hi_b + lo_b, m2_b) into (n_a, hi_a + lo_a, m2_a), Chan's formula."""

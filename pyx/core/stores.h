@@ -1,7 +1,8 @@
 /* cynorm core: the output rows written with streaming (non-temporal) stores.
  *
  * CYNORM_NT_ROW, the loop of every streamed row (plain stores outside the row's whole 64-byte
- * lines), the LN / BN forward rows cynorm_apply_nt_*, cynorm_zero_nt_* (padding rows), and
+ * lines), the LN / BN forward rows cynorm_apply_nt_*, cynorm_zero_nt_* (padding rows),
+ * cynorm_copy_nt_* (the residual forms' h), and
  * cynorm_sfence.  CYNORM_STREAMING says whether this build streams (x86 with SSE2 and GCC or
  * Clang); without, the same arithmetic with plain stores.  When a row streams is decided in
  * one place: streamed() in core/stores.pxi.
@@ -141,10 +142,19 @@ static void NAME(T* y, ptrdiff_t n) {                                           
     CYNORM_NT_ROW(T, y, n, y[j] = 0, STREAM(y + j, z));                                   \
 }
 
+/* y[0:n] = x[0:n] with streaming stores (h of the residual-add forms) */
+#define CYNORM_COPY_NT(NAME, T, VT, STREAM)                                               \
+static void NAME(const T* x, T* y, ptrdiff_t n) {                                         \
+    VT xv;                                                                                \
+    CYNORM_NT_ROW(T, y, n, y[j] = x[j], memcpy(&xv, x + j, sizeof xv); STREAM(y + j, xv)); \
+}
+
 CYNORM_APPLY_NT(cynorm_apply_nt_f, float, cynorm_ntf, CYNORM_STREAM_F)
 CYNORM_APPLY_NT(cynorm_apply_nt_d, double, cynorm_ntd, CYNORM_STREAM_D)
 CYNORM_ZERO_NT(cynorm_zero_nt_f, float, cynorm_ntf, CYNORM_STREAM_F)
 CYNORM_ZERO_NT(cynorm_zero_nt_d, double, cynorm_ntd, CYNORM_STREAM_D)
+CYNORM_COPY_NT(cynorm_copy_nt_f, float, cynorm_ntf, CYNORM_STREAM_F)
+CYNORM_COPY_NT(cynorm_copy_nt_d, double, cynorm_ntd, CYNORM_STREAM_D)
 #define CYNORM_STREAMING 1
 
 #else /* no streaming stores: the same arithmetic, plain stores */
@@ -172,6 +182,12 @@ static void NAME##_scalar(const T* x, T* y, ptrdiff_t n, T mh, T sc, T sh) {    
 
 static void cynorm_zero_nt_f(float* y, ptrdiff_t n) { memset(y, 0, n * sizeof(float)); }
 static void cynorm_zero_nt_d(double* y, ptrdiff_t n) { memset(y, 0, n * sizeof(double)); }
+static void cynorm_copy_nt_f(const float* x, float* y, ptrdiff_t n) {
+    memcpy(y, x, n * sizeof(float));
+}
+static void cynorm_copy_nt_d(const double* x, double* y, ptrdiff_t n) {
+    memcpy(y, x, n * sizeof(double));
+}
 CYNORM_APPLY_PLAIN(cynorm_apply_nt_f, float)
 CYNORM_APPLY_PLAIN(cynorm_apply_nt_d, double)
 

@@ -7,6 +7,8 @@ cdef extern from "core/stores.h" nogil:
     void cynorm_sfence() noexcept
     void cynorm_zero_nt_f(float* y, Py_ssize_t n) noexcept
     void cynorm_zero_nt_d(double* y, Py_ssize_t n) noexcept
+    void cynorm_copy_nt_f(const float* x, float* y, Py_ssize_t n) noexcept
+    void cynorm_copy_nt_d(const double* x, double* y, Py_ssize_t n) noexcept
     void cynorm_apply_nt_f(const float* x, float* y, Py_ssize_t n, float mh, float ml,
                            float rs, const float* w, const float* b) noexcept
     void cynorm_apply_nt_d(const double* x, double* y, Py_ssize_t n, double mh, double ml,

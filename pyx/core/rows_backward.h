@@ -1,10 +1,11 @@
-/* LayerNorm backward's vector loops: the row sums, dx of one row, and the parameter
+/* The row normalizer's backward (LayerNorm, RMSNorm with mean 0 and af 0), its float32 vector
+ * loops: the row sums, dx of one row, and the parameter
  * gradients of four rows at a time (with their dx in the same sweep).
  */
-#ifndef CYNORM_OPS_LAYER_NORM_H
-#define CYNORM_OPS_LAYER_NORM_H
+#ifndef CYNORM_CORE_ROWS_BACKWARD_H
+#define CYNORM_CORE_ROWS_BACKWARD_H
 
-#include "../core/simd.h"
+#include "simd.h"
 
 /* LayerNorm backward sums of one float32 row, with g' = g w (w may be NULL) and
  * d = (x - mh) - ml (the row mean split in two floats, as dx uses it):
@@ -277,4 +278,4 @@ static void cynorm_ln_paramgrads4_f(const float* const* g, const float* const* x
 }
 
 
-#endif /* CYNORM_OPS_LAYER_NORM_H */
+#endif /* CYNORM_CORE_ROWS_BACKWARD_H */
