@@ -1,4 +1,4 @@
-"""cynorm: fast, accurate, torch-compatible Batch and Layer Normalization for NumPy arrays."""
+"""cynorm: fast, accurate, torch-compatible Batch, Layer and RMS Normalization for NumPy arrays."""
 from ._version import __version__
 
 try:
@@ -22,8 +22,9 @@ from ._config import default_output_cache as _default_output_cache, show_config
 from ._runtime import output_cache_info, set_output_cache
 from ._moments import Moments, moments
 from ._threads import get_num_threads, num_threads, set_num_threads
-from .functional import batch_norm, batch_norm_backward, layer_norm, layer_norm_backward
-from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, LayerNorm
+from .functional import (add_layer_norm, add_rms_norm, batch_norm, batch_norm_backward,
+                         layer_norm, layer_norm_backward, rms_norm, rms_norm_backward)
+from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, LayerNorm, RMSNorm
 
 set_output_cache(_default_output_cache())
 
@@ -33,7 +34,12 @@ __all__ = [
     "batch_norm",
     "layer_norm_backward",
     "batch_norm_backward",
+    "rms_norm",
+    "rms_norm_backward",
+    "add_layer_norm",
+    "add_rms_norm",
     "LayerNorm",
+    "RMSNorm",
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",

@@ -1,27 +1,13 @@
-"""LayerNorm: ``layer_norm``, ``layer_norm_backward`` (torch.nn.functional semantics) and the
-``LayerNorm`` layer.  Kernels: pyx/ops/layer_norm.pxi."""
-import math
-
+"""LayerNorm: ``layer_norm``, ``add_layer_norm``, ``layer_norm_backward`` (torch.nn.functional
+semantics) and the ``LayerNorm`` layer, on the row norms' front end (_rows.py).  Kernels:
+pyx/ops/layer_norm.pxi, on the core's row normalizer."""
 import numpy as np
 
-from ._isa import kernels as _kernels
 from ._module import _Module, _layer_dtype
-from ._outputs import _finish, _grad_like, _in_result_dtype, _kernel_input, _output
-from ._threads import threads_for
-from ._validation import (
-    as_array,
-    check_out,
-    dtypes,
-    grad_outputs,
-    layer_norm_shape,
-    normalized_shape as _normalized_shape,
-    param,
-    real_scalar,
-    row_mask as _row_mask,
-    saved as _saved,
-)
+from ._rows import add_row_norm, row_norm, row_norm_backward
+from ._validation import normalized_shape as _normalized_shape, real_scalar
 
-__all__ = ["layer_norm", "layer_norm_backward", "LayerNorm"]
+__all__ = ["layer_norm", "add_layer_norm", "layer_norm_backward", "LayerNorm"]
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
@@ -62,62 +48,32 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     so float32 results stay within 1e-5 of the float64 reference even when the mean lies 1e6
     standard deviations from zero.
     """
-    x, cdt, rdt, nshape, rows, cols = _layer_norm_input(x, normalized_shape, "layer_norm")
-    if type(eps) is not float:
-        eps = real_scalar(eps, "eps")
-    w = param(weight, "weight", nshape, cdt)
-    b = param(bias, "bias", nshape, cdt)
-    shape = x.shape
-    row_mask = None
-    if mask is not None or lengths is not None:
-        row_mask = _row_mask(mask, lengths, shape[: len(shape) - len(nshape)], "layer_norm")
-    if out is not None:
-        check_out(out, shape, rdt)
-    stats = None
-    if return_stats:
-        batch = shape[: len(shape) - len(nshape)] + (1,) * len(nshape)
-        stats = np.full((2,) + batch, np.nan)
-    size = x.size
-    if size == 0:
-        y = np.empty(shape, dtype=rdt) if out is None else out
-        return (y, stats[0], stats[1]) if return_stats else y
-    x = _kernel_input(x, cdt, rows, cols)
-    y, result, write_padding = _output(x, shape, rows, cols, cdt, rdt, out, (w, b),
-                                       row_mask is not None)
-    mean = rstd = None
-    if return_stats:
-        mean, rstd = stats[0].reshape(rows), stats[1].reshape(rows)
-    _kernels.layer_norm(x, y, cols, w, b, mean, rstd, eps, threads_for(size), row_mask,
-                        write_padding)
-    y = _finish(y, result, shape, rdt, out)
-    return (y, stats[0], stats[1]) if return_stats else y
+    y, mean, rstd = row_norm("layer_norm", True, x, normalized_shape, weight, bias, eps, out,
+                             return_stats, mask, lengths)
+    return (y, mean, rstd) if return_stats else y
 
 
-def _layer_norm_input(x, normalized_shape, op):
-    """The one validator of LayerNorm inputs: (x, compute dtype, result dtype,
-    normalized_shape, rows, cols)."""
-    fast = layer_norm_shape(x, normalized_shape)
-    if fast is not None:  # float32 / float64 over the last dim
-        dt, nshape, rows, cols = fast
-        return x, dt, dt, nshape, rows, cols
-    if type(x) is not np.ndarray:
-        x = as_array(x)
-    cdt, rdt = dtypes(x.dtype, op)
-    nshape = _normalized_shape(normalized_shape)
-    shape = x.shape
-    k = len(nshape)
-    if len(shape) < k or shape[len(shape) - k:] != nshape:
-        raise ValueError(
-            f"Given normalized_shape={list(nshape)}, expected input with shape "
-            f"[*, {', '.join(map(str, nshape))}], but got input of size {list(shape)}"
-        )
-    cols = nshape[0] if k == 1 else math.prod(nshape)
-    rows = x.size // cols if cols else math.prod(shape[: len(shape) - k])
-    return x, cdt, rdt, nshape, rows, cols
+def add_layer_norm(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5, *,
+                   out=None, residual_out=None, return_stats=False, mask=None, lengths=None):
+    """The pre-norm block's residual add and LayerNorm in one pass: h = x + residual,
+    y = layer_norm(h).  Returns (y, h), or (y, h, mean, rstd) with return_stats.
+
+    h is rounded once to x's dtype, as torch's add; residual must have x's shape and dtype.
+    ``residual_out`` (x's shape and dtype) receives h and may be x or residual itself, to
+    update the residual stream in place; ``out`` receives y and must not overlap it.  x and
+    residual are read once and h is not read back (float32 / float64; other dtypes add, then
+    normalize).  With ``mask`` / ``lengths``, padding rows of y are 0 and h is written for
+    every row.  The other arguments are layer_norm's; its backward is layer_norm_backward
+    with ``grad_residual=``.
+    """
+    y, h, mean, rstd = add_row_norm("add_layer_norm", True, x, residual, normalized_shape,
+                                    weight, bias, eps, out, residual_out, return_stats, mask,
+                                    lengths)
+    return (y, h, mean, rstd) if return_stats else (y, h)
 
 
 def layer_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight=None, bias=None, *,
-                        mask=None, lengths=None):
+                        grad_residual=None, mask=None, lengths=None):
     """Gradients of layer_norm: (grad_input, grad_weight, grad_bias).
 
     ``mean`` and ``rstd`` are the statistics ``layer_norm(..., return_stats=True)`` returned
@@ -126,25 +82,12 @@ def layer_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight=None, 
     accumulated in float64 and returned in x's result dtype; grad_weight and grad_bias are
     summed over rows from per-thread partial sums: deterministic for a given thread count.
     With ``mask`` / ``lengths`` (as in layer_norm), padding rows get a zero gradient and add
-    nothing to grad_weight and grad_bias.
+    nothing to grad_weight and grad_bias.  ``grad_residual`` (x's shape; add_layer_norm's
+    backward): the gradient reaching h from the residual stream, added in the same pass, so
+    that grad_input is the whole gradient of h (a padding row's is its grad_residual).
     """
-    x, cdt, rdt, nshape, rows, cols = _layer_norm_input(x, normalized_shape,
-                                                        "layer_norm_backward")
-    g = _grad_like(grad_out, x, cdt, rows, cols)
-    w = param(weight, "weight", nshape, cdt)
-    if bias is not None:
-        param(bias, "bias", nshape, cdt)
-    mean = _saved(mean, "mean", rows)
-    rstd = _saved(rstd, "rstd", rows)
-    row_mask = None
-    if mask is not None or lengths is not None:
-        row_mask = _row_mask(mask, lengths, x.shape[: x.ndim - len(nshape)], "layer_norm_backward")
-    dx, grad_w, grad_b = grad_outputs(x, cdt, nshape, w is not None, bias is not None)
-    _kernels.layer_norm_backward(g, _kernel_input(x, cdt, rows, cols), dx, cols, w, mean, rstd,
-                                 grad_w, grad_b, threads_for(x.size), row_mask)
-    if rdt is cdt:
-        return dx, grad_w, grad_b
-    return _in_result_dtype(rdt, cdt, dx, grad_w, grad_b)
+    return row_norm_backward("layer_norm_backward", True, grad_out, x, mean, rstd,
+                             normalized_shape, weight, bias, mask, lengths, grad_residual)
 
 
 class LayerNorm(_Module):
