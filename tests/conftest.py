@@ -99,6 +99,34 @@ def ref_layer_norm():
     return ref
 
 
+def reference_rms(x, normalized_shape, weight=None, eps=None):
+    """RMSNorm in float64: (y, rstd per row).  Rows of huge values (or eps 0) are scaled by
+    their largest magnitude first, so that the squares cannot overflow or underflow."""
+    nshape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    x = np.asarray(x)
+    if eps is None:
+        eps = float(np.finfo(np.float64 if x.dtype == np.float64 else np.float32).eps)
+    x64 = x.astype(np.float64).reshape(-1, int(np.prod(nshape)))
+    with np.errstate(all="ignore"):
+        s = np.max(np.abs(x64), axis=1, keepdims=True)
+        s = np.where((s > 1e100) | ((eps == 0) & (s > 0)), s, 1.0)
+        xs = x64 / s
+        ms = np.mean(xs * xs, axis=1, keepdims=True) + (eps / s / s if eps else 0.0)
+        y = xs / np.sqrt(ms)
+        rstd = 1 / (s * np.sqrt(ms))
+    y = y.reshape(x.shape)
+    if weight is not None:
+        y = y * np.asarray(weight, np.float64)
+    return y, rstd.reshape(-1)
+
+
+@pytest.fixture(scope="session")
+def ref_rms_norm():
+    def ref(x, normalized_shape, weight=None, eps=None):
+        return reference_rms(x, normalized_shape, weight, eps)[0]
+    return ref
+
+
 def batch_statistics(x, axis=1):
     """Per-feature mean and biased variance in float64 (feature on ``axis``)."""
     axis = axis % np.ndim(x)

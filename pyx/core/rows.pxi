@@ -106,8 +106,10 @@ cdef inline void norm_finish(const floating* x, floating* y, Py_ssize_t n, const
             m2 == 0.0 and eps == 0.0)
     if rescale and rescaled_row(x, y, n, w, b, eps, centred, mean_out, rstd_out, stream):
         return
-    if not isfinite(m2):
-        rstd = NAN   # inf or NaN in the row itself: NaN out, never silent zeros
+    if not isfinite(m2) and (centred or m2 != m2):
+        # inf or NaN in the row itself: NaN out, never silent zeros (uncentred, an inf with no
+        # NaN gives rstd = 0, torch's result: 0 for the finite elements, NaN for the inf)
+        rstd = NAN
     if mean_out != NULL:
         mean_out[0] = hi + lo
     if rstd_out != NULL:
