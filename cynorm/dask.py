@@ -1,4 +1,5 @@
-"""Dask interface: moments, batch_norm and layer_norm of dask arrays (needs dask[array]).
+"""Dask interface: moments, batch_norm, layer_norm and rms_norm of dask arrays (needs
+dask[array]).
 
 ``import cynorm`` does not import this module; ``import cynorm.dask`` needs dask
 (``pip install cynorm[dask]``; add ``distributed`` for a cluster).
@@ -18,8 +19,9 @@ from ._moments import RECORD, Moments, _reduce_axes, merge_arrays, moments as _n
 from ._validation import dtypes, normalized_shape as _normalized_shape, real_scalar
 from ._batch_norm import _batch_norm_with_stats, check_training_eps
 from ._layer_norm import layer_norm as _np_layer_norm
+from ._rms_norm import rms_norm as _np_rms_norm
 
-__all__ = ["moments", "moments_records", "batch_norm", "layer_norm"]
+__all__ = ["moments", "moments_records", "batch_norm", "layer_norm", "rms_norm"]
 
 
 def _as_dask(x):
@@ -139,9 +141,29 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
                          meta=np.empty((0,) * x.ndim, dtype=rdt))
 
 
-def _layer_norm_block(x, normalized_shape, weight, bias, eps):
+def _row_norm_block(x, fn, normalized_shape, params, eps):
     with _threads.num_threads(1):
-        return _np_layer_norm(x, normalized_shape, weight, bias, eps)
+        return fn(x, normalized_shape, *params, eps)
+
+
+def _row_norm(fn, op, x, normalized_shape, params, eps):
+    """A row norm (fn: cynorm.layer_norm or rms_norm) over blocks holding whole rows."""
+    x = _as_dask(x)
+    rdt = dtypes(x.dtype, op)[1]
+    shape = _normalized_shape(normalized_shape)
+    k = len(shape)
+    if x.ndim < k or tuple(x.shape[x.ndim - k:]) != shape:
+        raise ValueError(f"Given normalized_shape={list(shape)}, expected input with shape "
+                         f"[*, {', '.join(map(str, shape))}], but got input of size {x.shape}")
+    params = tuple(None if v is None else np.asarray(v) for v in params)
+    for v, name in zip(params, ("weight", "bias")):
+        if v is not None and v.shape != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {v.shape}")
+    split = {i: -1 for i in range(x.ndim - k, x.ndim) if len(x.chunks[i]) > 1}
+    if split:
+        x = x.rechunk(split)
+    return da.map_blocks(_row_norm_block, x, fn, shape, params, eps, dtype=rdt,
+                         meta=np.empty((0,) * x.ndim, dtype=rdt))
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -150,21 +172,13 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     Each sample must lie in one chunk: the normalized dims are rechunked to one chunk each
     when they are split (the batch dims keep their chunks).
     """
-    x = _as_dask(x)
-    rdt = dtypes(x.dtype, "dask.layer_norm")[1]
-    shape = _normalized_shape(normalized_shape)
-    k = len(shape)
-    if x.ndim < k or tuple(x.shape[x.ndim - k:]) != shape:
-        raise ValueError(f"Given normalized_shape={list(shape)}, expected input with shape "
-                         f"[*, {', '.join(map(str, shape))}], but got input of size {x.shape}")
-    eps = real_scalar(eps, "eps")
-    w = None if weight is None else np.asarray(weight)
-    b = None if bias is None else np.asarray(bias)
-    for v, name in ((w, "weight"), (b, "bias")):
-        if v is not None and v.shape != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {v.shape}")
-    split = {i: -1 for i in range(x.ndim - k, x.ndim) if len(x.chunks[i]) > 1}
-    if split:
-        x = x.rechunk(split)
-    return da.map_blocks(_layer_norm_block, x, shape, w, b, eps, dtype=rdt,
-                         meta=np.empty((0,) * x.ndim, dtype=rdt))
+    return _row_norm(_np_layer_norm, "dask.layer_norm", x, normalized_shape, (weight, bias),
+                     real_scalar(eps, "eps"))
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None):
+    """Lazy RMSNorm of a dask array over its trailing ``normalized_shape`` dims (as
+    ``cynorm.rms_norm``; eps None: the compute dtype's machine epsilon), rechunked as
+    layer_norm is."""
+    return _row_norm(_np_rms_norm, "dask.rms_norm", x, normalized_shape, (weight,),
+                     None if eps is None else real_scalar(eps, "eps"))

@@ -14,7 +14,8 @@ from torch.autograd.function import once_differentiable
 
 from . import functional as F
 
-__all__ = ["layer_norm", "batch_norm", "LayerNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "batch_norm", "LayerNorm",
+           "RMSNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 _DTYPES = (torch.float16, torch.float32, torch.float64)
 
@@ -52,6 +53,59 @@ class _LayerNormFunction(torch.autograd.Function):
         return _tensor(dx, x), None, _tensor(dw, weight), _tensor(db, bias), None
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, eps):
+        y, rstd = F.rms_norm(_np(x), normalized_shape, _np(weight), eps, return_stats=True)
+        ctx.save_for_backward(x, weight)
+        ctx.stats = (rstd, normalized_shape)
+        return torch.from_numpy(y)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        rstd, normalized_shape = ctx.stats
+        dx, dw = F.rms_norm_backward(_np(grad_out), _np(x), rstd, normalized_shape,
+                                     _np(weight))
+        return _tensor(dx, x), None, _tensor(dw, weight), None
+
+
+class _AddNormFunction(torch.autograd.Function):
+    """(y, h) of add_layer_norm (bias given or not) or add_rms_norm (centred False)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, normalized_shape, weight, bias, eps, centred):
+        if centred:
+            y, h, mean, rstd = F.add_layer_norm(_np(x), _np(residual), normalized_shape,
+                                                _np(weight), _np(bias), eps, return_stats=True)
+        else:
+            y, h, rstd = F.add_rms_norm(_np(x), _np(residual), normalized_shape, _np(weight),
+                                        eps, return_stats=True)
+            mean = None
+        h = torch.from_numpy(h)
+        ctx.save_for_backward(h, weight, bias)
+        ctx.stats = (mean, rstd, normalized_shape, centred)
+        return torch.from_numpy(y), h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, grad_h):
+        h, weight, bias = ctx.saved_tensors
+        mean, rstd, normalized_shape, centred = ctx.stats
+        gh = None if grad_h is None else _np(grad_h.contiguous())
+        db = None
+        if centred:
+            dh, dw, db = F.layer_norm_backward(_np(grad_y), _np(h), mean, rstd,
+                                               normalized_shape, _np(weight), _np(bias),
+                                               grad_residual=gh)
+        else:
+            dh, dw = F.rms_norm_backward(_np(grad_y), _np(h), rstd, normalized_shape,
+                                         _np(weight), grad_residual=gh)
+        dh = _tensor(dh, h)
+        return dh, dh, None, _tensor(dw, weight), _tensor(db, bias), None, None
+
+
 class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, running_mean, running_var, weight, bias, training, momentum, eps):
@@ -74,9 +128,29 @@ class _BatchNormFunction(torch.autograd.Function):
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     """torch.nn.functional.layer_norm on cynorm's kernels (CPU)."""
-    if isinstance(normalized_shape, int):
-        normalized_shape = (normalized_shape,)
-    return _LayerNormFunction.apply(x, tuple(normalized_shape), weight, bias, float(eps))
+    return _LayerNormFunction.apply(x, _shape(normalized_shape), weight, bias, float(eps))
+
+
+def _shape(normalized_shape):
+    return (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None):
+    """torch.nn.functional.rms_norm on cynorm's kernels (CPU)."""
+    return _RMSNormFunction.apply(x, _shape(normalized_shape), weight,
+                                  None if eps is None else float(eps))
+
+
+def add_layer_norm(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """(y, h): h = x + residual and y = layer_norm(h) in one pass, differentiable in both."""
+    return _AddNormFunction.apply(x, residual, _shape(normalized_shape), weight, bias,
+                                  float(eps), True)
+
+
+def add_rms_norm(x, residual, normalized_shape, weight=None, eps=None):
+    """(y, h): h = x + residual and y = rms_norm(h) in one pass, differentiable in both."""
+    return _AddNormFunction.apply(x, residual, _shape(normalized_shape), weight, None,
+                                  None if eps is None else float(eps), False)
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
@@ -91,6 +165,13 @@ class LayerNorm(torch.nn.LayerNorm):
 
     def forward(self, x):
         return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch.nn.RMSNorm computed by cynorm."""
+
+    def forward(self, x):
+        return rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
 
 class _CynormBatchNorm:

@@ -1,4 +1,5 @@
-"""cynorm.dask: moments by reduction, batch_norm / layer_norm by map_blocks, on a LocalCluster."""
+"""cynorm.dask: moments by reduction, batch_norm / layer_norm / rms_norm by map_blocks, on a
+LocalCluster."""
 import numpy as np
 import pytest
 
@@ -62,6 +63,21 @@ def test_layer_norm_equals_in_memory(rng, chunks):
     d = da.from_array(x, chunks=chunks)  # the second splits the normalized dims: rechunked
     y = cd.layer_norm(d, (5, 12), w, None).compute()
     np.testing.assert_array_equal(y, cynorm.layer_norm(x, (5, 12), w))
+
+
+@pytest.mark.parametrize("chunks", [(7, 5, 12), (7, 2, 5)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rms_norm_equals_in_memory(rng, chunks, dtype):
+    x = hostile(rng, (21, 5, 12), dtype, offset=1e3)
+    w = rng.uniform(0.5, 2, (5, 12)).astype(dtype)
+    d = da.from_array(x, chunks=chunks)
+    for eps in (None, 1e-3):
+        y = cd.rms_norm(d, (5, 12), w, eps).compute()
+        assert y.dtype == dtype
+        np.testing.assert_array_equal(y, cynorm.rms_norm(x, (5, 12), w, eps))
+    np.testing.assert_array_equal(cd.rms_norm(d, 12).compute(), cynorm.rms_norm(x, 12))
+    with pytest.raises(ValueError, match="weight must have shape"):
+        cd.rms_norm(d, 12, np.ones(5))
 
 
 def test_errors(rng):

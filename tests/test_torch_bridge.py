@@ -116,3 +116,53 @@ def test_unsupported_tensors(torch, ct):
     x = np.ones((2, 3), np.float32)
     y = ct.layer_norm(torch.from_numpy(x), 3)
     assert y.dtype == torch.float32
+
+
+def test_gradcheck_rms_norm_and_the_residual_forms(torch, ct):
+    torch.manual_seed(5)
+    opts = {"dtype": torch.float64, "requires_grad": True}
+    x, r = torch.randn(6, 5, **opts), torch.randn(6, 5, **opts)
+    w, b = torch.randn(5, **opts), torch.randn(5, **opts)
+    assert torch.autograd.gradcheck(lambda x, w: ct.rms_norm(x, 5, w, 1e-3), (x, w))
+    assert torch.autograd.gradcheck(lambda x: ct.rms_norm(x, (6, 5)), (x,))
+    # both outputs differentiable, in x, residual and the parameters
+    assert torch.autograd.gradcheck(lambda x, r, w, b: ct.add_layer_norm(x, r, 5, w, b),
+                                    (x, r, w, b))
+    assert torch.autograd.gradcheck(lambda x, r, w: ct.add_rms_norm(x, r, 5, w, 1e-3),
+                                    (x, r, w))
+    # only y used downstream: h's gradient arrives as zeros
+    assert torch.autograd.gradcheck(lambda x, r: ct.add_rms_norm(x, r, 5)[0], (x, r))
+
+
+def test_residual_forms_equal_torch_unfused(torch, ct):
+    torch.manual_seed(6)
+    x, r = torch.randn(8, 3, 32) * 2 + 1, torch.randn(8, 3, 32)
+    w, b = torch.rand(32) + 0.5, torch.randn(32)
+    h = x + r
+    y, h2 = ct.add_layer_norm(x, r, 32, w, b)
+    torch.testing.assert_close(h2, h, rtol=0, atol=0)
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(h, (32,), w, b))
+    y, h2 = ct.add_rms_norm(x, r, 32, w)
+    torch.testing.assert_close(h2, h, rtol=0, atol=0)
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(h, (32,), w))
+
+
+@pytest.mark.parametrize("eps", [None, 1e-4])
+def test_rms_norm_module_is_drop_in(torch, ct, eps):
+    torch.manual_seed(7)
+    theirs = torch.nn.RMSNorm((4, 10), eps=eps)
+    ours = ct.RMSNorm((4, 10), eps=eps)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 2)
+    ours.load_state_dict(theirs.state_dict())
+    assert isinstance(ours, torch.nn.RMSNorm)
+    for step in range(2):
+        x = torch.randn(6, 4, 10) * 2 + step
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = theirs(xa), ours(xb)
+        torch.testing.assert_close(yb, ya, atol=2e-5, rtol=1e-5)
+        g = torch.randn(*x.shape)
+        ya.backward(g)
+        yb.backward(g)
+        torch.testing.assert_close(xb.grad, xa.grad, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, atol=1e-4, rtol=1e-4)
