@@ -25,7 +25,11 @@ def test_grid():
                                   bench.Case("ln_bwd", (16, 40), "float64", -1),
                                   bench.Case("bn_bwd_train", (8, 4, 100), "float64", 1),
                                   bench.Case("bn_bwd_train", (64, 7), "float32", 1),
-                                  bench.Case("bn_bwd_eval", (6, 5, 7), "float64", -1)],
+                                  bench.Case("bn_bwd_eval", (6, 5, 7), "float64", -1),
+                                  bench.Case("rms", (16, 40), "float32", -1),
+                                  bench.Case("add_ln", (4, 5, 40), "float64", -1),
+                                  bench.Case("add_rms", (16, 40), "float32", -1),
+                                  bench.Case("rms_bwd", (16, 40), "float64", -1)],
                          ids=lambda c: c.id)
 def test_contenders_compute_the_same_thing(case, torch):
     fns = bench.contenders(case, torch)
@@ -196,7 +200,13 @@ PEER_CASES = [bench.Case("ln", (64, 128), "float32", -1), bench.Case("ln", (6, 9
               bench.Case("ln_bwd", (16, 40), "float64", -1),
               bench.Case("bn_bwd_train", (8, 4, 100), "float64", 1),
               bench.Case("bn_bwd_eval", (6, 5, 7), "float64", -1),
-              bench.Case("moments", (300, 7), "float64")]
+              bench.Case("moments", (300, 7), "float64"),
+              bench.Case("rms", (3, 20, 64), "float32", -1),
+              bench.Case("rms", (30, 64), "float64", -1),
+              bench.Case("add_ln", (4, 9, 48), "float32", -1),
+              bench.Case("add_ln", (30, 48), "float64", -1),
+              bench.Case("add_rms", (30, 48), "float32", -1),
+              bench.Case("rms_bwd", (30, 48), "float64", -1)]
 
 
 def _as_arrays(value):
@@ -212,8 +222,11 @@ def test_peers_compute_what_numpy_does(case, peer):
     optional("onnxruntime" if peer == "onnxruntime" else "jax")
     fns = bench.contenders(case, None, peers=bench.peers.in_process([peer], threads=1))
     supported = case.op in (bench.peers.ONNX_OPS if peer == "onnxruntime" else bench.peers.JAX_OPS)
-    if peer == "onnxruntime" and case.op != "ln" and case.axis % len(case.shape) != 1:
+    if (peer == "onnxruntime" and case.op not in bench.ROW_OPS
+            and case.axis % len(case.shape) != 1):
         supported = False  # ONNX's BatchNormalization takes the channel on axis 1 only
+    if peer == "onnxruntime" and case.op in bench.FUSED_OPS and case.dtype != "float32":
+        supported = False  # ORT's Skip*LayerNormalization: float32 only
     assert (peer in fns) == supported
     if not supported:
         return
@@ -244,10 +257,14 @@ def test_the_jax_worker_is_timed_like_any_contender():
 
 
 def test_accuracy_far_from_zero():
-    result = bench.accuracy.accuracy(["ln", "bn_train", "ln_bwd", "bn_bwd_train", "bn_eval"])
-    assert set(result) == {"ln", "bn_train", "ln_bwd", "bn_bwd_train"}  # BN eval: no case
+    result = bench.accuracy.accuracy(["ln", "bn_train", "ln_bwd", "bn_bwd_train", "bn_eval",
+                                      "rms", "rms_bwd", "add_ln"])
+    assert set(result) == {"ln", "bn_train", "ln_bwd", "bn_bwd_train", "rms", "rms_bwd"}
+    # (BN eval and the residual forms have no case)
     for op, errors in result.items():
         assert errors["cynorm"] is not None and errors["cynorm"] < 1e-5, (op, errors)
+        if op.startswith("rms"):
+            continue   # no mean subtracted: nothing cancels far from zero
         # the float32 NumPy expression loses digits far from zero: the table shows a trade
         assert errors["numpy"] is None or errors["numpy"] > 10 * errors["cynorm"], (op, errors)
     lines = bench.accuracy_table(result)

@@ -18,26 +18,30 @@ from .contenders import contenders, copy_contenders
 from .grid import (
     CONTENDER_NAMES,
     CONTENDERS,
+    FUSED_OPS,
+    FUSED_TARGET,
     L3_BYTES,
     MASK_REFERENCES,
     MASK_SHAPES,
     MASK_TARGETS,
     OPS,
     QUICK,
+    ROW_OPS,
     SKLEARN_OPS,
     Case,
     cases,
 )
 from . import peers
 from .peers import PEERS, Peers
-from .report import _plots, accuracy_table, mask_table, sklearn_table, summary, table, write_report
+from .report import (_plots, accuracy_table, fused_table, mask_table, sklearn_table, summary,
+                     table, write_report)
 from .timing import machine_info, run, timed
 
 __all__ = ["Case", "cases", "contenders", "copy_contenders", "run", "timed", "machine_info",
            "table", "summary", "mask_table", "sklearn_table", "write_report", "main", "OPS",
            "QUICK", "CONTENDERS", "CONTENDER_NAMES", "L3_BYTES", "MASK_REFERENCES",
            "MASK_SHAPES", "MASK_TARGETS", "SKLEARN_OPS", "_plots", "peers", "Peers", "PEERS",
-           "accuracy", "accuracy_table"]
+           "accuracy", "accuracy_table", "fused_table", "FUSED_OPS", "FUSED_TARGET", "ROW_OPS"]
 
 
 def main(argv=None):
@@ -90,6 +94,9 @@ def main(argv=None):
     errors = accuracy_table(info.get("accuracy"))
     if errors:
         print("\nAccuracy far from zero:\n" + "\n".join(errors))
+    fused = fused_table(results)
+    if fused:
+        print("\nResidual add, fused:\n" + "\n".join(fused))
     masks = mask_table(results)
     if masks:
         print("\nPadding masks:\n" + "\n".join(masks))

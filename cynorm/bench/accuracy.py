@@ -10,13 +10,14 @@ LayerNorm takes E[x²] - E[x]² in float, which users see turn into NaN far from
 import numpy as np
 
 from .contenders import contenders
-from .grid import Case
+from .grid import ROW_OPS, Case
 
 OFFSET = 1e4
 SHAPE = (512, 768)
 # ops whose output does not grow with the offset (BN eval's running statistics sit at 0 and 1,
 # so its output would be about the offset itself: nothing to compare there)
-OPS = ("ln", "bn_train", "ln_bwd", "bn_bwd_train")
+# (not the residual forms: their h is rounded to float32 by definition, as torch's add)
+OPS = ("ln", "rms", "bn_train", "ln_bwd", "rms_bwd", "bn_bwd_train")
 
 
 def _first(value):
@@ -35,7 +36,7 @@ def accuracy(ops, torch=None, peers=None, seed=7):
     for op in ops:
         if op not in OPS:
             continue
-        axis = -1 if op.startswith("ln") else 1
+        axis = -1 if op in ROW_OPS else 1
         rng = np.random.default_rng(seed)
         x32 = (OFFSET + rng.standard_normal(SHAPE)).astype(np.float32)
         reference = contenders(Case(op, SHAPE, "float64", axis), None, seed=seed,

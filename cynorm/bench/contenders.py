@@ -3,7 +3,7 @@ scikit-learn for the scaler), and the same-size copies of the memory roof; every
 case computes the same thing (a test checks)."""
 import numpy as np
 
-from .grid import EPS, MASK_TARGETS, SKLEARN_OPS
+from .grid import EPS, FUSED_OPS, MASK_TARGETS, SKLEARN_OPS
 
 
 def _numpy_bn_axes(case):
@@ -41,6 +41,8 @@ def contenders(case, torch=None, seed=0, peers=None, x=None):
         return _mask_contenders(case, x, rng, torch)
     if case.op in ("moments",) + SKLEARN_OPS:
         return _table_contenders(case, x, torch, peers)
+    if case.op in ("rms",) + FUSED_OPS:
+        return _row_contenders(case, x, rng, torch, peers)
     out = np.empty_like(x)
     fns = {}
     if case.op == "ln":
@@ -49,12 +51,7 @@ def contenders(case, torch=None, seed=0, peers=None, x=None):
         fns["cynorm"] = lambda: cynorm.layer_norm(x, D, w, b, EPS)
         fns["cynorm_out"] = lambda: cynorm.layer_norm(x, D, w, b, EPS, out=out)
 
-        def numpy_ln():
-            m = x.mean(axis=-1, keepdims=True)
-            v = x.var(axis=-1, keepdims=True)
-            return (x - m) / np.sqrt(v + EPS) * w + b
-
-        fns["numpy"] = numpy_ln
+        fns["numpy"] = lambda: _numpy_ln(x, w, b)
         if torch is not None:
             tx, tw, tb = (torch.from_numpy(a) for a in (x, w, b))
             F = torch.nn.functional
@@ -108,11 +105,116 @@ def contenders(case, torch=None, seed=0, peers=None, x=None):
     return fns
 
 
+def _numpy_ln(x, w, b):
+    m = x.mean(axis=-1, keepdims=True)
+    v = x.var(axis=-1, keepdims=True)
+    return (x - m) / np.sqrt(v + EPS) * w + b
+
+
+def _numpy_rms(x, w):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + EPS) * w
+
+
+def _row_contenders(case, x, rng, torch, peers):
+    """RMSNorm and the residual-add forms (y, and h for those): cynorm (fresh outputs, and
+    out= with residual_out=, preallocated), cynorm's own add then normalize, NumPy and torch
+    (unfused, as a user writes them: torch has no fused residual op), and the peers."""
+    import cynorm
+
+    D = case.shape[-1]
+    w, b = _params(rng, D, case.dtype)
+    out, hout = np.empty_like(x), np.empty_like(x)
+    fns = {}
+    if case.op == "rms":
+        fns["cynorm"] = lambda: cynorm.rms_norm(x, D, w, EPS)
+        fns["cynorm_out"] = lambda: cynorm.rms_norm(x, D, w, EPS, out=out)
+        fns["numpy"] = lambda: _numpy_rms(x, w)
+        arrays = {"x": x, "w": w}
+    else:
+        r = rng.standard_normal(case.shape, dtype=np.float32).astype(case.dtype)
+        arrays = {"x": x, "r": r, "w": w, "b": b}
+        if case.op == "add_ln":
+            fns["cynorm"] = lambda: cynorm.add_layer_norm(x, r, D, w, b, EPS)
+            fns["cynorm_out"] = lambda: cynorm.add_layer_norm(x, r, D, w, b, EPS, out=out,
+                                                              residual_out=hout)
+
+            def unfused():
+                h = np.add(x, r)
+                return cynorm.layer_norm(h, D, w, b, EPS), h
+
+            def numpy_add_ln():
+                h = x + r
+                return _numpy_ln(h, w, b), h
+
+            fns["numpy"] = numpy_add_ln
+        else:
+            fns["cynorm"] = lambda: cynorm.add_rms_norm(x, r, D, w, EPS)
+            fns["cynorm_out"] = lambda: cynorm.add_rms_norm(x, r, D, w, EPS, out=out,
+                                                            residual_out=hout)
+
+            def unfused():
+                h = np.add(x, r)
+                return cynorm.rms_norm(h, D, w, EPS), h
+
+            def numpy_add_rms():
+                h = x + r
+                return _numpy_rms(h, w), h
+
+            fns["numpy"] = numpy_add_rms
+        fns["cynorm_unfused"] = unfused
+    if torch is not None:
+        t = {k: torch.from_numpy(a) for k, a in arrays.items()}
+        F = torch.nn.functional
+        if case.op == "rms":
+            def torch_fn():
+                with torch.no_grad():
+                    return F.rms_norm(t["x"], (D,), t["w"], EPS)
+        elif case.op == "add_ln":
+            def torch_fn():
+                with torch.no_grad():
+                    h = t["x"] + t["r"]
+                    return F.layer_norm(h, (D,), t["w"], t["b"], EPS), h
+        else:
+            def torch_fn():
+                with torch.no_grad():
+                    h = t["x"] + t["r"]
+                    return F.rms_norm(h, (D,), t["w"], EPS), h
+        fns["torch"] = torch_fn
+    if peers is not None:
+        fns.update(peers.contenders(case, arrays))
+    return fns
+
+
 def _backward_contenders(case, x, rng, torch, peers=None):
     import cynorm
 
     g = rng.standard_normal(case.shape, dtype=np.float32).astype(case.dtype)
     fns = {}
+    if case.op == "rms_bwd":
+        D = case.shape[-1]
+        w, _ = _params(rng, D, case.dtype)
+        _, rstd = cynorm.rms_norm(x, D, w, EPS, return_stats=True)
+        fns["cynorm"] = lambda: cynorm.rms_norm_backward(g, x, rstd, D, w)
+        r = rstd.astype(case.dtype)
+        axes = tuple(range(x.ndim - 1))
+
+        def numpy_rms_bwd():
+            xh = x * r
+            gw = g * w
+            return r * gw - xh * (r * (gw * xh).mean(-1, keepdims=True)), (g * xh).sum(axis=axes)
+
+        fns["numpy"] = numpy_rms_bwd
+        if torch is not None:
+            # torch's CPU RMSNorm is a composite: its backward is autograd through it (the
+            # graph of one forward, kept; only the backward is timed)
+            tx = torch.from_numpy(x).requires_grad_(True)
+            tw = torch.from_numpy(w).requires_grad_(True)
+            ty = torch.nn.functional.rms_norm(tx, (D,), tw, EPS)
+            tg = torch.from_numpy(g)
+            fns["torch"] = lambda: torch.autograd.grad(ty, (tx, tw), tg, retain_graph=True)
+        if peers is not None:
+            fns.update(peers.contenders(case, {"x": x, "g": g, "w": w}))
+        return fns
     if case.op == "ln_bwd":
         D = case.shape[-1]
         w, b = _params(rng, D, case.dtype)

@@ -12,11 +12,23 @@ EPS = 1e-5
 L3_BYTES = 32 << 20  # the L3 of the reference machine; larger inputs are "far larger than cache"
 
 
-OPS = {"ln": "LN forward", "bn_train": "BN train", "bn_eval": "BN eval",
-       "ln_bwd": "LN backward", "bn_bwd_train": "BN backward train",
+OPS = {"ln": "LN forward", "rms": "RMSNorm forward", "add_ln": "add + LN",
+       "add_rms": "add + RMSNorm", "bn_train": "BN train", "bn_eval": "BN eval",
+       "ln_bwd": "LN backward", "rms_bwd": "RMSNorm backward", "bn_bwd_train": "BN backward train",
        "bn_bwd_eval": "BN backward eval", "bn_masked": "BN train masked (N, T, C)",
        "ln_masked": "LN forward masked", "moments": "moments axis=0",
        "scaler": "scaler fit_transform"}
+
+
+# The row norms' ops (normalized over the last axis, on the LN shapes).
+ROW_OPS = ("ln", "rms", "add_ln", "add_rms", "ln_bwd", "rms_bwd", "ln_masked")
+
+
+# The residual-add forms, also timed against cynorm's own add then normalize (contender
+# "cynorm_unfused"): the fused call should take at most 1 / 1.5 of its time on inputs far
+# larger than the cache.
+FUSED_OPS = ("add_ln", "add_rms")
+FUSED_TARGET = 1.5
 
 
 # Cases held against scikit-learn's StandardScaler instead of NumPy / torch.
@@ -50,7 +62,11 @@ QUICK = {"ln": [(5, 10), (64, 128), (4096, 768), (16384, 4096)],
          "bn_train": [(5, 10), (64, 128), (4096, 768), (32, 256, 1024), (64, 512, 768),
                       (16384, 4096)],
          "bn_eval": [(64, 128), (4096, 768), (32, 512, 1024)],
+         "rms": [(64, 128), (4096, 768), (16384, 4096)],
+         "add_ln": [(64, 128), (4096, 768), (16384, 4096)],
+         "add_rms": [(64, 128), (4096, 768), (16384, 4096)],
          "ln_bwd": [(64, 128), (4096, 768), (32, 512, 1024)],
+         "rms_bwd": [(64, 128), (4096, 768), (32, 512, 1024)],
          "bn_bwd_train": [(64, 128), (4096, 768), (32, 256, 1024), (64, 512, 768)],
          "bn_bwd_eval": [(4096, 768)],
          "bn_masked": [(64, 512, 768)],
@@ -71,6 +87,7 @@ CONTENDERS = ("cynorm", "cynorm_out", "numpy", "torch")
 
 # How the table, the report and the plots name each contender: one name everywhere.
 CONTENDER_NAMES = {"cynorm": "cynorm", "cynorm_out": "cynorm out=", "numpy": "NumPy",
+                   "cynorm_unfused": "cynorm add, then norm",
                    "torch": "torch", "onnxruntime": "ONNX Runtime", "jax": "JAX",
                    "sklearn": "scikit-learn"}
 # The peers a user would weigh cynorm against: "vs best peer" is against the fastest of them.
@@ -86,12 +103,12 @@ class Case:
 
     @property
     def id(self):
-        axis = "" if self.op.startswith("ln") or self.axis == 1 else f"-axis{self.axis}"
+        axis = "" if self.op in ROW_OPS or self.axis == 1 else f"-axis{self.axis}"
         return f"{self.op}-{'x'.join(map(str, self.shape))}{axis}-{self.dtype}"
 
     @property
     def label(self):
-        axis = "" if self.op.startswith("ln") or self.axis == 1 else f" axis={self.axis}"
+        axis = "" if self.op in ROW_OPS or self.axis == 1 else f" axis={self.axis}"
         return f"{OPS[self.op]} {self.shape}{axis} {self.dtype}"
 
     @property
@@ -107,6 +124,8 @@ class Case:
             return ("cynorm", "cynorm_reference", "numpy", "torch")
         if "bwd" in self.op or self.op == "moments":
             return ("cynorm", "numpy", "torch")
+        if self.op in FUSED_OPS:
+            return ("cynorm", "cynorm_out", "numpy", "cynorm_unfused", "torch")
         return CONTENDERS
 
     @property
@@ -117,13 +136,16 @@ class Case:
 
     @property
     def bytes_moved(self):
-        """Least traffic to memory: LN and BN eval read x and write y; BN training must read x
+        """Least traffic to memory: LN, RMSNorm and BN eval read x and write y; the residual
+        forms read x and the residual and write h and y; BN training must read x
         for the statistics before it can write anything, so twice once x outgrows the cache.
         Backward reads x and grad_out and writes dx; BN backward needs its sums first, so it
         reads both twice once they outgrow the cache (LN's sums are per row, in cache)."""
         big = self.nbytes > L3_BYTES
-        if self.op in ("ln_bwd",):
+        if self.op in ("ln_bwd", "rms_bwd"):
             return 3 * self.nbytes
+        if self.op in FUSED_OPS:  # x and residual read, h and y written
+            return 4 * self.nbytes
         if self.op.startswith("bn_bwd"):
             return (5 if big else 3) * self.nbytes
         if self.op == "moments":
@@ -147,7 +169,7 @@ def cases(full=False, ops=None, dtypes=None, sizes=None):
         elif op in ("moments",) + SKLEARN_OPS:
             grid = TABLE_SHAPES
         else:
-            grid = LN_SHAPES if op.startswith("ln") else BN_SHAPES
+            grid = LN_SHAPES if op in ROW_OPS else BN_SHAPES
         for shape, axis in grid:
             if not full and shape not in QUICK[op]:
                 continue

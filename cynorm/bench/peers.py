@@ -1,7 +1,9 @@
 """The peers a CPU user would also pick: ONNX Runtime and JAX, each optional.
 
 ONNX Runtime: each case is a one-node ONNX model built here with the ``onnx`` package (the
-standard LayerNormalization-17 and BatchNormalization-15, inference or training mode), run on
+standard LayerNormalization-17, RMSNormalization-23 and BatchNormalization-15, inference or
+training mode; ORT's own SkipLayerNormalization and SkipSimplifiedLayerNormalization for the
+residual forms), run on
 the CPU execution provider with cynorm's thread count and its intra-op spinning turned off:
 with ORT's default spinning its pool keeps the cores busy after each run, which made cynorm's
 and torch's calls in the same process several times slower (shared/PERF.md).
@@ -23,8 +25,19 @@ from .grid import EPS
 PEERS = ("onnxruntime", "jax")
 # what each peer has a case for (ONNX Runtime: inference ops and BN's training mode; no
 # backward, no masks, and BatchNormalization only with the channel on axis 1)
-ONNX_OPS = ("ln", "bn_train", "bn_eval")
-JAX_OPS = ("ln", "bn_train", "bn_eval", "ln_bwd", "bn_bwd_train", "bn_bwd_eval", "moments")
+ONNX_OPS = ("ln", "rms", "add_ln", "add_rms", "bn_train", "bn_eval")
+JAX_OPS = ("ln", "rms", "add_ln", "add_rms", "bn_train", "bn_eval", "ln_bwd", "rms_bwd",
+           "bn_bwd_train", "bn_bwd_eval", "moments")
+# ONNX Runtime's node for each row op: the standard op where there is one, else ORT's own
+# (com.microsoft): (op type, domain, opset, inputs, outputs); "" skips an optional output
+ONNX_ROW_NODES = {
+    "ln": ("LayerNormalization", "", 17, ["X", "W", "B"], ["Y"]),
+    "rms": ("RMSNormalization", "", 23, ["X", "W"], ["Y"]),
+    "add_ln": ("SkipLayerNormalization", "com.microsoft", 1, ["X", "R", "W", "B"],
+               ["Y", "", "", "H"]),
+    "add_rms": ("SkipSimplifiedLayerNormalization", "com.microsoft", 1, ["X", "R", "W"],
+                ["Y", "", "", "H"]),
+}
 
 
 def installed():
@@ -42,19 +55,22 @@ def onnx_session(op, shape, dtype, threads):
     from onnx import TensorProto, helper
 
     elem = TensorProto.FLOAT if np.dtype(dtype) == np.float32 else TensorProto.DOUBLE
-    C = shape[-1] if op == "ln" else shape[1]
+    C = shape[-1] if op in ONNX_ROW_NODES else shape[1]
 
     def value(name, dims):
         return helper.make_tensor_value_info(name, elem, list(dims))
 
-    inputs = [value("X", shape), value("W", (C,)), value("B", (C,))]
-    outputs = [value("Y", shape)]
-    if op == "ln":
-        node = helper.make_node("LayerNormalization", ["X", "W", "B"], ["Y"], axis=-1,
-                                epsilon=EPS)
-        opset = 17
+    if op in ONNX_ROW_NODES:
+        kind, domain, opset, names, outs = ONNX_ROW_NODES[op]
+        dims = {"X": shape, "R": shape, "W": (C,), "B": (C,)}
+        inputs = [value(n, dims[n]) for n in names]
+        outputs = [value(n, shape) for n in outs if n]
+        attrs = {"axis": -1} if domain == "" else {}
+        node = helper.make_node(kind, names, outs, epsilon=EPS, domain=domain, **attrs)
     else:
-        inputs += [value("M", (C,)), value("V", (C,))]
+        inputs = [value("X", shape), value("W", (C,)), value("B", (C,)), value("M", (C,)),
+                  value("V", (C,))]
+        outputs = [value("Y", shape)]
         if op == "bn_train":  # ONNX's momentum weighs the old value: torch's 0.1 is 0.9 here
             outputs += [value("RM", (C,)), value("RV", (C,))]
             node = helper.make_node("BatchNormalization", ["X", "W", "B", "M", "V"],
@@ -63,9 +79,11 @@ def onnx_session(op, shape, dtype, threads):
         else:
             node = helper.make_node("BatchNormalization", ["X", "W", "B", "M", "V"], ["Y"],
                                     epsilon=EPS)
-        opset = 15
+        opset, domain = 15, ""
     graph = helper.make_graph([node], op, inputs, outputs)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    imports = [helper.make_opsetid("", 17), helper.make_opsetid(domain, opset)] if domain \
+        else [helper.make_opsetid("", opset)]
+    model = helper.make_model(graph, opset_imports=imports)
     onnx.checker.check_model(model)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -79,11 +97,14 @@ def onnx_session(op, shape, dtype, threads):
 
 def onnx_contender(case, arrays, threads):
     """A callable running the case's model on arrays (x, w, b[, rm, rv]), or None."""
-    if case.op not in ONNX_OPS or (case.op != "ln" and case.axis % len(case.shape) != 1):
+    if case.op not in ONNX_OPS or (case.op not in ONNX_ROW_NODES
+                                   and case.axis % len(case.shape) != 1):
         return None
+    if case.op in ("add_ln", "add_rms") and np.dtype(case.dtype) != np.float32:
+        return None   # ORT's Skip*LayerNormalization kernels are float32 (and float16) only
     sess, names = onnx_session(case.op, case.shape, case.dtype, threads)
-    keys = ("x", "w", "b", "rm", "rv")
-    feed = {n: np.ascontiguousarray(arrays[k]) for n, k in zip(names, keys)}
+    keys = {"X": "x", "R": "r", "W": "w", "B": "b", "M": "rm", "V": "rv"}
+    feed = {n: np.ascontiguousarray(arrays[keys[n]]) for n in names}
     return lambda: sess.run(None, feed)
 
 
@@ -102,6 +123,17 @@ def jax_function(op, axis, ndim):
         m = x.mean(-1, keepdims=True)
         v = jnp.square(x - m).mean(-1, keepdims=True)
         return (x - m) * jax.lax.rsqrt(v + EPS) * w + b
+
+    def rms(x, w):
+        return x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + EPS) * w
+
+    def add_ln(x, r, w, b):
+        h = x + r
+        return ln(h, w, b), h
+
+    def add_rms(x, r, w):
+        h = x + r
+        return rms(h, w), h
 
     def bn_batch(x, w, b):
         m = x.mean(axes, keepdims=True)
@@ -126,7 +158,12 @@ def jax_function(op, axis, ndim):
             return pullback(g)
         return grads
 
-    fns = {"ln": ln, "bn_train": bn_train, "bn_eval": bn_eval,
+    def rms_bwd(x, w, g):
+        _, pullback = jax.vjp(rms, x, w)
+        return pullback(g)
+
+    fns = {"ln": ln, "rms": rms, "add_ln": add_ln, "add_rms": add_rms, "rms_bwd": rms_bwd,
+           "bn_train": bn_train, "bn_eval": bn_eval,
            "ln_bwd": backward(ln), "bn_bwd_train": backward(bn_batch),
            "bn_bwd_eval": backward(bn_eval),
            "moments": lambda x: (x.mean(0), jnp.square(x - x.mean(0)).mean(0))}
@@ -137,6 +174,13 @@ def jax_arguments(op, arrays):
     """The arrays jax_function(op) takes, in its order."""
     if op == "moments":
         return (arrays["x"],)
+    if op == "rms":
+        return (arrays["x"], arrays["w"])
+    if op == "rms_bwd":
+        return (arrays["x"], arrays["w"], arrays["g"])
+    if op in ("add_ln", "add_rms"):
+        return (arrays["x"], arrays["r"], arrays["w"]) + ((arrays["b"],) if op == "add_ln"
+                                                          else ())
     base = (arrays["x"], arrays["w"], arrays["b"])
     if op.endswith("_bwd") or "_bwd_" in op:
         base += (arrays["g"],)

@@ -8,6 +8,8 @@ import numpy as np
 
 from .grid import (
     CONTENDER_NAMES,
+    FUSED_OPS,
+    FUSED_TARGET,
     MASK_REFERENCES,
     MASK_TARGETS,
     OPS,
@@ -96,6 +98,28 @@ def summary(results):
             name = CONTENDER_NAMES.get(other, other)
             lines.append(f"- against {name}: geometric mean {gm:.2f}× over {len(ratios)} "
                          f"cases, slowest case {worst[0]:.2f}× ({worst[1]})")
+    return lines
+
+
+def fused_table(results):
+    """The residual-add forms against cynorm's own add, then normalize: the ratio, and on
+    inputs far larger than the cache the target (FUSED_TARGET) and whether it was met."""
+    rows = [r for r in results if r["op"] in FUSED_OPS and r["times"].get("cynorm_unfused")]
+    if not rows:
+        return []
+    lines = ["| case | fused | fused out= | add, then norm | ratio | target | met |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r["times"]
+        ratio = t["cynorm_unfused"] / t["cynorm"]
+        large = r.get("size_class") == "large"
+        met = ("yes" if ratio >= FUSED_TARGET else "**no**") if large else "—"
+        lines.append(f"| {r['label']} | {_fmt(t['cynorm'])} | {_fmt(t.get('cynorm_out'))} | "
+                     f"{_fmt(t['cynorm_unfused'])} | {ratio:.2f}× | "
+                     f"{'≥ %.2f×' % FUSED_TARGET if large else '—'} | {met} |")
+    lines += ["", "ratio: the time of cynorm's np.add then layer_norm / rms_norm over the fused "
+              "call's (above 1: the fused call is faster); the target applies to inputs far "
+              "larger than the cache, where the fused call saves a write and a read of h."]
     return lines
 
 
@@ -190,6 +214,9 @@ def write_report(info, results, folder):
     errors = accuracy_table(info.get("accuracy"))
     if errors:
         md += ["", "## Accuracy far from zero", ""] + errors
+    fused = fused_table(results)
+    if fused:
+        md += ["", "## Residual add, fused", ""] + fused
     masks = mask_table(results)
     if masks:
         md += ["", "## Padding masks", ""] + masks
