@@ -77,6 +77,15 @@ def grid():
                             g, x, m, r, nshape, w, b))
                         out[key + "/bwd_now"] = _digest(*cynorm.layer_norm_backward(
                             g, x, m, r, nshape))
+                        # RMSNorm and the residual forms, on the same values (g as residual)
+                        y, r2 = cynorm.rms_norm(x, nshape, w, return_stats=True)
+                        out[key + "/rms"] = _digest(y, r2)
+                        out[key + "/rms_bwd"] = _digest(*cynorm.rms_norm_backward(
+                            g, x, r2, nshape, w, grad_residual=g))
+                        out[key + "/add_ln"] = _digest(*cynorm.add_layer_norm(
+                            x, g, nshape, w, b, return_stats=True))
+                        out[key + "/add_rms"] = _digest(*cynorm.add_rms_norm(
+                            x, g, nshape, w, return_stats=True))
             for shape, axis in SHAPES_BN:
                 for offset in (0.0, 1e4):
                     x0 = _data(rng, shape, dtype, offset)

@@ -6,7 +6,7 @@ import pytest
 import cynorm
 from cynorm import _isa
 from conftest import (TOL, at_phase, hostile, max_err, reference_eval_backward,
-                      reference_norm_backward, rel_err)
+                      reference_norm_backward, reference_rms, rel_err)
 
 ONE_THREAD_STREAMS = (1100, 2049)       # 9.0 MB of float32: streamed on 1 thread; on 2, plain
 #                                         stores (LN: each row prefetching the next)
@@ -36,6 +36,34 @@ def test_layer_norm(rng, ref_layer_norm, shape):
     y1, y2 = run(1, f, x), run(2, f, x)
     np.testing.assert_array_equal(y1, y2)   # rows are normalized alike on any thread count
     assert max_err(y1, ref_layer_norm(x, shape[1], w, b)) <= 4 * TOL[np.dtype(np.float32)]
+
+
+@pytest.mark.parametrize("shape", [ONE_THREAD_STREAMS, EVERY_COUNT_STREAMS])
+def test_rms_norm_and_the_residual_forms(rng, shape):
+    # streamed y, and streamed h for the residual forms (their outputs count twice)
+    x = hostile(rng, shape, np.float32)
+    res = hostile(rng, shape, np.float32)
+    w = rng.uniform(0.5, 2, shape[1]).astype(np.float32)
+    f = lambda x, **kw: cynorm.rms_norm(x, shape[1], w, **kw)  # noqa: E731
+    y1, y2 = run(1, f, x), run(2, f, x)
+    np.testing.assert_array_equal(y1, y2)
+    assert rel_err(y1, reference_rms(x, shape[1], w)[0]) <= 1e-6
+    h_want = x + res
+    for fused, norm in ((cynorm.add_rms_norm, cynorm.rms_norm),
+                        (cynorm.add_layer_norm, cynorm.layer_norm)):
+        want = norm(h_want, shape[1], w)
+        for n_threads in (1, 2):
+            with cynorm.num_threads(n_threads):
+                y, h = fused(x, res, shape[1], w)
+                np.testing.assert_array_equal(h, h_want)
+                np.testing.assert_array_equal(y, want)
+                for phase in (4, 44):
+                    out, hout = at_phase(x, phase), at_phase(x, 64 - phase)
+                    out.fill(np.nan)
+                    hout.fill(np.nan)
+                    fused(x, res, shape[1], w, out=out, residual_out=hout)
+                    np.testing.assert_array_equal(hout, h_want)
+                    np.testing.assert_array_equal(out, want)
 
 
 @pytest.mark.parametrize("affine", ["weight", "bias", "neither"])

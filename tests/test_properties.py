@@ -11,7 +11,7 @@ from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
 
 import cynorm  # noqa: E402
-from conftest import reference_norm  # noqa: E402
+from conftest import reference_norm, reference_rms  # noqa: E402
 
 settings.register_profile("quick", max_examples=60, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -264,3 +264,50 @@ def test_batch_norm_backward_property(x, training, seed):
     assert np.max(np.abs(dx - ref)) <= tol * max(1.0, float(np.abs(ref).max()))
     np.testing.assert_allclose(db, sg, rtol=tol, atol=tol * max(1.0, float(np.abs(g64).sum())))
     np.testing.assert_allclose(dw, sgx, rtol=tol, atol=tol * max(1.0, float(np.abs(sgx).max())))
+
+
+@given(x=arrays(), k=st.integers(1, 3), eps=st.sampled_from([None, 1e-5, 1.0]),
+       affine=st.booleans(), seed=st.integers(0, 2**16))
+def test_rms_norm_property(x, k, eps, affine, seed):
+    k = min(k, x.ndim)
+    nshape = x.shape[x.ndim - k:]
+    w = np.linspace(0.5, 2, int(np.prod(nshape))).reshape(nshape) if affine else None
+    y, rstd = cynorm.rms_norm(x, nshape, w, eps, return_stats=True)
+    assert y.shape == x.shape
+    assert y.dtype == (x.dtype if x.dtype.kind == "f" else np.float64)
+    cdt = np.float64 if x.dtype.kind != "f" or x.dtype == np.float64 else np.float32
+    ref_eps = float(np.finfo(cdt).eps) if eps is None else eps
+    if x.size:
+        ref, ref_rstd = reference_rms(x.astype(np.float64), nshape, w, ref_eps)
+        ok = np.isfinite(ref)   # all-zero rows with eps: 0, fine; reference NaN only for 0/0
+        assert np.max(np.abs(y[ok].astype(np.float64) - ref[ok])) <= _tol(x) * max(
+            1.0, float(np.abs(ref[ok]).max(initial=0)))
+        # the backward of the same call, with grad_residual, against the formula
+        g = np.random.default_rng(seed).standard_normal(x.shape)
+        gr = np.random.default_rng(seed + 1).standard_normal(x.shape)
+        x64 = x.astype(np.float64)
+        dx, dw = cynorm.rms_norm_backward(g, x64, ref_rstd, nshape, w, grad_residual=gr)
+        D = int(np.prod(nshape))
+        r = ref_rstd.reshape(-1, 1)
+        xh = x64.reshape(-1, D) * r
+        gw = g.reshape(-1, D) * (1.0 if w is None else w.reshape(D))
+        want = r * gw - xh * (r * (gw * xh).mean(1, keepdims=True)) + gr.reshape(-1, D)
+        ok = np.isfinite(want)
+        assert np.max(np.abs(dx.reshape(-1, D)[ok] - want[ok])) <= 1e-9 * max(
+            1.0, float(np.abs(want[ok]).max(initial=0)))
+        assert (dw is None) == (w is None)
+
+
+@given(x=arrays(min_dims=1, max_dims=4), k=st.integers(1, 2), centred=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_residual_forms_property(x, k, centred, seed):
+    # h is x + residual in x's dtype, exactly; y is the norm of h, exactly
+    k = min(k, x.ndim)
+    nshape = x.shape[x.ndim - k:]
+    r = np.random.default_rng(seed).standard_normal(x.shape).astype(x.dtype)
+    fused, norm = ((cynorm.add_layer_norm, cynorm.layer_norm) if centred
+                   else (cynorm.add_rms_norm, cynorm.rms_norm))
+    y, h = fused(x, r, nshape)
+    np.testing.assert_array_equal(h, x + r)
+    assert h.dtype == (x + r).dtype
+    np.testing.assert_array_equal(y, norm(x + r, nshape))
