@@ -62,19 +62,9 @@ def row_norm(op, centred, x, normalized_shape, weight, bias, eps, out, return_st
     """layer_norm (centred) or rms_norm: (y, mean, rstd), the statistics None unless
     return_stats (mean None for rms_norm)."""
     x, cdt, rdt, nshape, rows, cols = row_input(x, normalized_shape, op)
-    if centred:
-        if type(eps) is not float:
-            eps = real_scalar(eps, "eps")
-    else:
-        eps = rms_eps(eps, cdt)
-    w = param(weight, "weight", nshape, cdt)
-    b = param(bias, "bias", nshape, cdt)
     shape = x.shape
-    row_mask = None
-    if mask is not None or lengths is not None:
-        row_mask = _row_mask(mask, lengths, shape[: len(shape) - len(nshape)], op)
-    if out is not None:
-        check_out(out, shape, rdt)
+    eps, w, b, row_mask = _arguments(op, centred, shape, cdt, rdt, nshape, weight, bias, eps,
+                                     out, mask, lengths)
     mean, rstd, stats = _stats(return_stats, centred, shape, nshape, rows)
     if x.size == 0:
         y = np.empty(shape, dtype=rdt) if out is None else out
@@ -85,6 +75,23 @@ def row_norm(op, centred, x, normalized_shape, weight, bias, eps, out, return_st
     _call(centred, x, y, cols, w, b, stats, eps, threads_for(x.size), row_mask, write_padding,
           None, None)
     return _finish(y, result, shape, rdt, out), mean, rstd
+
+
+def _arguments(op, centred, shape, cdt, rdt, nshape, weight, bias, eps, out, mask, lengths):
+    """The checked (eps, weight, bias, row mask) of a forward call, and out checked."""
+    if centred:
+        if type(eps) is not float:
+            eps = real_scalar(eps, "eps")
+    else:
+        eps = rms_eps(eps, cdt)
+    w = param(weight, "weight", nshape, cdt)
+    b = param(bias, "bias", nshape, cdt)
+    row_mask = None
+    if mask is not None or lengths is not None:
+        row_mask = _row_mask(mask, lengths, shape[: len(shape) - len(nshape)], op)
+    if out is not None:
+        check_out(out, shape, rdt)
+    return eps, w, b, row_mask
 
 
 def _stats(return_stats, centred, shape, nshape, rows):
@@ -129,15 +136,8 @@ def add_row_norm(op, centred, x, residual, normalized_shape, weight, bias, eps, 
         y, mean, rstd = row_norm(op, centred, h, nshape, weight, bias, eps, out, return_stats,
                                  mask, lengths)
         return y, h, mean, rstd
-    eps = (eps if type(eps) is float else real_scalar(eps, "eps")) if centred else \
-        rms_eps(eps, cdt)
-    w = param(weight, "weight", nshape, cdt)
-    b = param(bias, "bias", nshape, cdt)
-    row_mask = None
-    if mask is not None or lengths is not None:
-        row_mask = _row_mask(mask, lengths, shape[: len(shape) - len(nshape)], op)
-    if out is not None:
-        check_out(out, shape, rdt)
+    eps, w, b, row_mask = _arguments(op, centred, shape, cdt, rdt, nshape, weight, bias, eps,
+                                     out, mask, lengths)
     mean, rstd, stats = _stats(return_stats, centred, shape, nshape, rows)
     if x.size == 0:
         h = np.empty(shape, dtype=rdt) if residual_out is None else residual_out
