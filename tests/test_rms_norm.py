@@ -194,9 +194,11 @@ def test_every_isa_build_agrees(rng, name):
                 dx, dw = np.empty_like(x), np.empty_like(w)
                 mod.rms_norm_backward(g, x, dx, D, w, rstd, dw, 1)
                 outs.append((y, rstd, dx, dw))
-            tol = 1e-6 if dtype == np.float32 else 1e-13
+            # relative to each output's largest magnitude: dx = rstd·g' - c·x cancels, and
+            # the builds round it differently (as LayerNorm's ISA test allows)
+            tol = 1e-5 if dtype == np.float32 else 1e-12
             for a, b in zip(*outs):
-                np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+                np.testing.assert_allclose(a, b, rtol=tol, atol=tol * float(np.abs(b).max()))
 
 
 @pytest.mark.parametrize("dtype,scale", [(np.float32, 1e-30), (np.float32, 1e30),
