@@ -1,4 +1,4 @@
-"""cynorm: fast, accurate, torch-compatible Batch, Layer and RMS Normalization for NumPy arrays."""
+"""cynorm: fast, accurate, torch-compatible Batch, Layer, RMS, Group and Instance Normalization for NumPy arrays."""
 from ._version import __version__
 
 try:
@@ -23,8 +23,10 @@ from ._runtime import output_cache_info, set_output_cache
 from ._moments import Moments, moments
 from ._threads import get_num_threads, num_threads, set_num_threads
 from .functional import (add_layer_norm, add_rms_norm, batch_norm, batch_norm_backward,
+                         group_norm, group_norm_backward, instance_norm, instance_norm_backward,
                          layer_norm, layer_norm_backward, rms_norm, rms_norm_backward)
-from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, LayerNorm, RMSNorm
+from .layers import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm,
+                     InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm)
 
 set_output_cache(_default_output_cache())
 
@@ -38,12 +40,20 @@ __all__ = [
     "rms_norm_backward",
     "add_layer_norm",
     "add_rms_norm",
+    "group_norm",
+    "group_norm_backward",
+    "instance_norm",
+    "instance_norm_backward",
     "LayerNorm",
     "RMSNorm",
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
     "Moments",
     "moments",
     "show_config",

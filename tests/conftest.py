@@ -232,3 +232,48 @@ def numeric_grad(f, arr, eps=1e-6):
         flat[i] = old
         gflat[i] = (up - down) / (2 * eps)
     return grad
+
+
+def _channels_first(x, axis):
+    """(x with channels on axis 1, whether x was channels-last)."""
+    x = np.asarray(x, np.float64)
+    last = x.ndim > 2 and axis % x.ndim == x.ndim - 1
+    return (np.moveaxis(x, -1, 1) if last else x), last
+
+
+def reference_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, axis=1):
+    """GroupNorm (InstanceNorm: num_groups = C) in float64, the mean carried beyond float64:
+    (y, mean, rstd), the statistics of shape (N, num_groups)."""
+    xc, last = _channels_first(x, axis)
+    N, C = xc.shape[:2]
+    xg = xc.reshape(N, num_groups, -1)
+    d = _centered(xg, (2,))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rstd = 1.0 / np.sqrt(np.mean(d * d, axis=2, keepdims=True) + eps)
+    y = (d * rstd).reshape(xc.shape)
+    pshape = (1, C) + (1,) * (xc.ndim - 2)
+    if weight is not None:
+        y = y * np.asarray(weight, np.float64).reshape(pshape)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64).reshape(pshape)
+    mean = np.mean(xg - d, axis=2)
+    return (np.moveaxis(y, 1, -1) if last else y), mean, rstd[..., 0]
+
+
+def reference_group_backward(g, x, num_groups, weight=None, eps=1e-5, axis=1):
+    """(dx, dweight, dbias) of reference_group_norm, in float64."""
+    xc, last = _channels_first(x, axis)
+    gc, _ = _channels_first(g, axis)
+    N, C = xc.shape[:2]
+    pshape = (1, C) + (1,) * (xc.ndim - 2)
+    d = _centered(xc.reshape(N, num_groups, -1), (2,))
+    rstd = 1.0 / np.sqrt(np.mean(d * d, axis=2, keepdims=True) + eps)
+    xhat = d * rstd
+    w = 1.0 if weight is None else np.asarray(weight, np.float64).reshape(pshape)
+    gw = (gc * w).reshape(N, num_groups, -1)
+    dx = rstd * (gw - gw.mean(axis=2, keepdims=True)
+                 - xhat * np.mean(gw * xhat, axis=2, keepdims=True))
+    dx = dx.reshape(xc.shape)
+    other = (0,) + tuple(range(2, xc.ndim))
+    dw = (gc * xhat.reshape(xc.shape)).sum(axis=other)
+    return (np.moveaxis(dx, 1, -1) if last else dx), dw, gc.sum(axis=other)

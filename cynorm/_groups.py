@@ -1,0 +1,166 @@
+"""The group norms' front end, shared by GroupNorm and InstanceNorm (one channel per group):
+the one validator of their input, the mask, the forward and backward calls.  The public
+functions and layers are in _group_norm.py and _instance_norm.py; the kernels in
+pyx/ops/group_norm.pxi."""
+import math
+
+import numpy as np
+
+from ._isa import kernels as _kernels
+from ._outputs import _overlaps_any
+from ._threads import threads_for
+from ._validation import (
+    as_array,
+    check_out,
+    dtypes,
+    empty,
+    feature_axis,
+    param,
+    real_scalar,
+    row_mask as _row_mask,
+    to_compute,
+)
+
+
+class GroupInput:
+    """x as the kernels read it, with its layout: (N, C, S) channels-first or (N, S, C)
+    channels-last, C-contiguous, in the compute dtype."""
+
+    __slots__ = ("x", "cdt", "rdt", "shape", "N", "C", "S", "last")
+
+    def __init__(self, x, op, axis):
+        if type(x) is not np.ndarray:
+            x = as_array(x)
+        if x.ndim < 2:
+            raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received "
+                               f"{x.ndim}")
+        self.cdt, self.rdt = dtypes(x.dtype, op)
+        ax = feature_axis(axis, x.ndim)
+        if ax not in (1, x.ndim - 1):
+            raise ValueError(f"{op}: axis must name the channel axis, 1 (channels-first) or -1 "
+                             f"(channels-last), got {axis} for input of {x.ndim} dims")
+        self.shape = x.shape
+        self.N = x.shape[0]
+        self.C = x.shape[ax]
+        self.S = math.prod(x.shape[1:]) // self.C if self.C else 0
+        self.last = ax == x.ndim - 1 and x.ndim > 2
+        self.x = np.ascontiguousarray(to_compute(x, self.cdt))
+
+    def channel_param(self, value, name, op):
+        """weight / bias: (C,) in the compute dtype, torch's error for another size."""
+        if value is None:
+            return None
+        arr = as_array(value, name)
+        if arr.size != self.C or arr.ndim != 1:
+            raise RuntimeError(
+                f"Expected {name} to be a vector of size equal to the number of channels in "
+                f"input, but got {name} of shape {list(arr.shape)} and input of shape "
+                f"{list(self.shape)}")
+        return param(arr, name, (self.C,), self.cdt)
+
+    def mask(self, mask, lengths, op):
+        """The (N, S) bool mask of real positions, or None; only for (N, C, L) / (N, L, C)."""
+        if mask is None and lengths is None:
+            return None
+        if len(self.shape) != 3:
+            raise ValueError(f"{op}: mask= and lengths= take input of shape (N, C, L), or "
+                             f"(N, L, C) with axis=-1; got shape {self.shape}")
+        return _row_mask(mask, lengths, (self.N, self.S), op)
+
+    def like(self, value, name):
+        """An array of x's shape (grad_out) as the kernels read it."""
+        a = as_array(value, name)
+        if a.shape != self.shape:
+            raise ValueError(f"{name} must have the shape of x, {self.shape}, got {a.shape}")
+        if a.dtype.kind not in "biuf":
+            raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
+        return np.ascontiguousarray(to_compute(a, self.cdt))
+
+
+def check_groups(inp, num_groups):
+    """torch's check of num_groups against the input's channels (RuntimeError, as F.group_norm)."""
+    if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)):
+        raise TypeError(f"num_groups must be an int, got {num_groups!r}")
+    G = int(num_groups)
+    if G < 1 or inp.C % G:
+        raise RuntimeError(
+            f"Expected number of channels in input to be divisible by num_groups, but got "
+            f"input of shape {list(inp.shape)} and num_groups={G}")
+    return G
+
+
+def forward(inp, G, w, b, eps, out, row_mask, given=None):
+    """y and the moments (4, N·G): count, mean hi, mean lo, M2.  given: those moments, read
+    instead of computed (InstanceNorm with running statistics)."""
+    eps = eps if type(eps) is float else real_scalar(eps, "eps")
+    if out is not None:
+        check_out(out, inp.shape, inp.rdt)
+    stats = given if given is not None else np.zeros((4, inp.N * G))
+    if inp.x.size == 0:
+        if given is None:
+            stats[1:] = np.nan
+        return (np.empty(inp.shape, inp.rdt) if out is None else out), stats
+    x = inp.x
+    y = None
+    if (out is not None and inp.rdt is inp.cdt and out.flags.c_contiguous
+            and not _overlaps_any(out, (w, b, row_mask))
+            and (out is x or not np.may_share_memory(out, x))):
+        y = out
+    target = y if y is not None else empty(inp.shape, inp.cdt, x)
+    _kernels.group_norm(x, target, inp.N, inp.C, inp.S, G, inp.last, w, b, eps, stats,
+                        given is not None, row_mask, True, threads_for(x.size))
+    if y is not None:
+        return y, stats
+    if out is None:
+        return (target if inp.rdt is inp.cdt else target.astype(inp.rdt)), stats
+    out[...] = target
+    return out, stats
+
+
+def mean_rstd(stats, eps, N, G):
+    """mean and rstd (N, G) float64 from the moments (NaN for a sample with no real position)."""
+    count, hi, lo, m2 = stats
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.where(count > 0, hi + lo, np.nan)
+        rstd = np.where(count > 0, 1.0 / np.sqrt(m2 / count + eps), np.nan)
+    return mean.reshape(N, G), rstd.reshape(N, G)
+
+
+def saved_stats(inp, G, value, name):
+    """Saved per-(sample, group) statistics as float64 (N·G,): (N, G), or (G,) for all samples."""
+    if value is None:
+        raise ValueError(f"{name} is required (the statistics saved by the forward pass)")
+    arr = np.asarray(as_array(value, name), dtype=np.float64)
+    n = inp.N * G
+    if arr.size == n:
+        return arr.reshape(n)
+    if arr.size == G:
+        return np.broadcast_to(arr.reshape(1, G), (inp.N, G)).reshape(n)
+    raise ValueError(f"{name} must have {n} elements (one per sample and group), got {arr.size}")
+
+
+def backward(inp, G, grad_out, mean, rstd, w, want_w, want_b, row_mask, fixed):
+    """(dx, dw, db) of a group norm over its saved mean and rstd (N·G each)."""
+    g = inp.like(grad_out, "grad_out")
+    N, C, S = inp.N, inp.C, inp.S
+    if row_mask is None:
+        count = np.full(N * G, float(C // G * S))
+    else:
+        count = np.repeat(row_mask.reshape(N, S).sum(axis=1) * float(C // G), G)
+    stats = np.stack([count, mean, rstd])
+    sums = np.zeros((N, 2, C))
+    dx = np.empty(inp.shape, inp.cdt)
+    if inp.x.size:
+        _kernels.group_norm_backward(g, inp.x, dx, N, C, S, G, inp.last, stats, w, fixed, sums,
+                                     row_mask, threads_for(inp.x.size))
+    dw = db = None
+    if want_w:
+        # a sample with no real position has rstd NaN and sums 0: it adds nothing
+        r = np.repeat(np.where(count > 0, rstd, 0.0).reshape(N, G), C // G, axis=1)
+        dw = np.einsum("nc,nc->c", r, sums[:, 1]) if N else np.zeros(C)
+        dw = dw.astype(inp.rdt)
+    if want_b:
+        db = sums[:, 0].sum(axis=0).astype(inp.rdt)
+    if inp.rdt is not inp.cdt:
+        dx = dx.astype(inp.rdt)
+    return dx, dw, db
