@@ -60,11 +60,8 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=N
     b = inp.channel_param(bias, "bias", "group_norm")
     row_mask = inp.mask(mask, lengths, "group_norm")
     eps = eps if type(eps) is float else real_scalar(eps, "eps")
-    y, stats = _groups.forward(inp, G, w, b, eps, out, row_mask)
-    if not return_stats:
-        return y
-    mean, rstd = _groups.mean_rstd(stats, eps, inp.N, G)
-    return y, mean, rstd
+    y, _, mean, rstd = _groups.forward(inp, G, w, b, eps, out, row_mask)
+    return (y, mean, rstd) if return_stats else y
 
 
 def group_norm_backward(grad_out, x, mean, rstd, num_groups, weight=None, *, bias=None, axis=1,

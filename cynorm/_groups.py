@@ -89,9 +89,16 @@ def check_groups(inp, num_groups):
     return G
 
 
+# rstd beyond these (tiny data with eps ~ 0, or data whose squares overflow) would leave the
+# range in which the kernels' coefficients (rstd·w, and rstd³ in backward) are exact in the
+# compute dtype: such samples are redone scaled by a power of two (exact), see _scaled.
+_RSTD_RANGE = {np.dtype(np.float32): (1e-15, 1e15), np.dtype(np.float64): (1e-140, 1e140)}
+
+
 def forward(inp, G, w, b, eps, out, row_mask, given=None):
-    """y and the moments (4, N·G): count, mean hi, mean lo, M2.  given: those moments, read
-    instead of computed (InstanceNorm with running statistics)."""
+    """(y, moments, mean, rstd): the moments (4, N·G) are count, mean hi, mean lo, M2; mean
+    and rstd (N, G) float64.  given: the moments, read instead of computed (InstanceNorm with
+    running statistics)."""
     eps = eps if type(eps) is float else real_scalar(eps, "eps")
     if out is not None:
         check_out(out, inp.shape, inp.rdt)
@@ -99,7 +106,8 @@ def forward(inp, G, w, b, eps, out, row_mask, given=None):
     if inp.x.size == 0:
         if given is None:
             stats[1:] = np.nan
-        return (np.empty(inp.shape, inp.rdt) if out is None else out), stats
+        mean, rstd = mean_rstd(stats, eps, inp.N, G)
+        return (np.empty(inp.shape, inp.rdt) if out is None else out), stats, mean, rstd
     x = inp.x
     y = None
     if (out is not None and inp.rdt is inp.cdt and out.flags.c_contiguous
@@ -109,12 +117,51 @@ def forward(inp, G, w, b, eps, out, row_mask, given=None):
     target = y if y is not None else empty(inp.shape, inp.cdt, x)
     _kernels.group_norm(x, target, inp.N, inp.C, inp.S, G, inp.last, w, b, eps, stats,
                         given is not None, row_mask, True, threads_for(x.size))
-    if y is not None:
-        return y, stats
-    if out is None:
-        return (target if inp.rdt is inp.cdt else target.astype(inp.rdt)), stats
-    out[...] = target
-    return out, stats
+    mean, rstd = mean_rstd(stats, eps, inp.N, G)
+    if given is None:
+        for n, k in _scaled(inp, rstd):
+            _rescue_forward(inp, n, k, G, w, b, eps, row_mask, target, mean, rstd)
+    if y is None and out is None:
+        y = target if inp.rdt is inp.cdt else target.astype(inp.rdt)
+    elif y is None:
+        out[...] = target
+        y = out
+    return y, stats, mean, rstd
+
+
+def _scaled(inp, rstd):
+    """(sample, k) for the samples to redo as x·2^-k: an rstd out of range, or NaN (squares
+    that overflowed), on finite data; k the exponent of the largest magnitude."""
+    lo, hi = _RSTD_RANGE[inp.cdt]
+    with np.errstate(invalid="ignore"):
+        bad = (~((rstd >= lo) & (rstd <= hi))).any(axis=1)
+    for n in np.flatnonzero(bad):
+        xn = inp.x[n]
+        if np.isfinite(xn).all() and xn.any():
+            yield int(n), int(np.frexp(np.abs(xn).max())[1])
+
+
+def _one(inp, n, k, row_mask):
+    """Sample n scaled by 2^-k as a (1, ...) array, with its mask row."""
+    xs = np.ldexp(inp.x[n:n + 1], -k).astype(inp.cdt)
+    m = None if row_mask is None else np.ascontiguousarray(row_mask.reshape(inp.N, -1)[n])
+    return xs, m
+
+
+def _rescue_forward(inp, n, k, G, w, b, eps, row_mask, target, mean, rstd):
+    """Sample n again on x·2^-k with eps·2^-2k: the same y, exactly scaled statistics."""
+    eps_s = float(np.ldexp(eps, -2 * k))
+    if not np.isfinite(eps_s):  # eps dominates: nothing to rescue
+        return
+    xs, m = _one(inp, n, k, row_mask)
+    st = np.zeros((4, G))
+    ys = np.empty_like(xs)
+    _kernels.group_norm(xs, ys, 1, inp.C, inp.S, G, inp.last, w, b, eps_s, st, False, m, True,
+                        1)
+    target[n] = ys[0]
+    mean_s, rstd_s = mean_rstd(st, eps_s, 1, G)
+    mean[n] = np.ldexp(mean_s[0], k)
+    rstd[n] = np.ldexp(rstd_s[0], -k)
 
 
 def mean_rstd(stats, eps, N, G):
@@ -150,13 +197,27 @@ def backward(inp, G, grad_out, mean, rstd, w, want_w, want_b, row_mask, fixed):
     stats = np.stack([count, mean, rstd])
     sums = np.zeros((N, 2, C))
     dx = np.empty(inp.shape, inp.cdt)
+    r_eff = rstd.reshape(N, G).copy()  # the rstd each sample's sums go with
     if inp.x.size:
         _kernels.group_norm_backward(g, inp.x, dx, N, C, S, G, inp.last, stats, w, fixed, sums,
                                      row_mask, threads_for(inp.x.size))
+        for n, k in _scaled(inp, r_eff):
+            # x·2^-k, mean·2^-k, rstd·2^k: the same normalization, coefficients in range;
+            # dx scales by 2^-k, the sums Σg·(x - mean) go with the scaled rstd
+            xs, m = _one(inp, n, k, row_mask)
+            st = np.stack([count.reshape(N, G)[n], np.ldexp(mean.reshape(N, G)[n], -k),
+                           np.ldexp(r_eff[n], k)])
+            dxs = np.empty_like(xs)
+            sums_s = np.zeros((1, 2, C))
+            _kernels.group_norm_backward(g[n:n + 1], xs, dxs, 1, C, S, G, inp.last, st, w,
+                                         fixed, sums_s, m, 1)
+            dx[n] = np.ldexp(dxs[0], -k)
+            sums[n] = sums_s[0]
+            r_eff[n] = st[2]
     dw = db = None
     if want_w:
         # a sample with no real position has rstd NaN and sums 0: it adds nothing
-        r = np.repeat(np.where(count > 0, rstd, 0.0).reshape(N, G), C // G, axis=1)
+        r = np.repeat(np.where(count.reshape(N, G) > 0, r_eff, 0.0), C // G, axis=1)
         dw = np.einsum("nc,nc->c", r, sums[:, 1]) if N else np.zeros(C)
         dw = dw.astype(inp.rdt)
     if want_b:

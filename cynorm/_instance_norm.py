@@ -64,13 +64,10 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
         given[2] = 0.0
         given[3] = np.tile(rv.astype(np.float64), N)
     row_mask = inp.mask(mask, lengths, "instance_norm")
-    y, stats = _groups.forward(inp, C, w, b, eps, out, row_mask, given)
+    y, stats, mean, rstd = _groups.forward(inp, C, w, b, eps, out, row_mask, given)
     if use_input_stats and rm is not None and momentum is not None and N:
         _update_running(rm, rv, stats, N, C, real_scalar(momentum, "momentum"))
-    if not return_stats:
-        return y
-    mean, rstd = _groups.mean_rstd(stats, eps, N, C)
-    return y, mean, rstd
+    return (y, mean, rstd) if return_stats else y
 
 
 def _update_running(rm, rv, stats, N, C, momentum):

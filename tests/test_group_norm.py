@@ -324,3 +324,44 @@ def test_layer_matches_torch_module(rng, torch, dtype):
     assert repr(plain) == "GroupNorm(2, 4, eps=1e-05, affine=False)"
     with pytest.raises(RuntimeError, match="needs a forward pass first"):
         cynorm.GroupNorm(2, 4).backward(np.ones((2, 4, 3)))
+
+
+@pytest.mark.parametrize("dtype,scale", [(np.float32, 1e-30), (np.float32, 1e30),
+                                         (np.float32, 1e37), (np.float64, 1e-300),
+                                         (np.float64, 1e200), (np.float64, 1e300)])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_tiny_and_huge_data(rng, dtype, scale, axis):
+    """Squares that overflow or underflow, eps 0 too: the result of the data scaled to ~1."""
+    x = (rng.standard_normal((3, 4, 40)) * scale + 2 * scale).astype(dtype)
+    g = rng.standard_normal(x.shape).astype(dtype)
+    if axis == -1:
+        x, g = channels_last(x), channels_last(g)
+    xs = x.astype(np.float64) / scale
+    for eps in (1e-5, 0.0):
+        eps_s = eps / scale / scale
+        if not np.isfinite(eps_s):
+            continue
+        ref, ref_mean, ref_rstd = reference_group_norm(xs, 2, eps=eps_s, axis=axis)
+        y, mean, rstd = cynorm.group_norm(x, 2, eps=eps, axis=axis, return_stats=True)
+        assert max_err(y, ref) <= 10 * TOL[np.dtype(dtype)]
+        np.testing.assert_allclose(mean / scale, ref_mean, rtol=1e-6)
+        np.testing.assert_allclose(rstd * scale, ref_rstd, rtol=1e-6)
+        dx, dw, db = cynorm.group_norm_backward(g, x, mean, rstd, 2, np.ones(4, dtype),
+                                                bias=np.ones(4, dtype), axis=axis)
+        rdx, rdw, rdb = reference_group_backward(g, xs, 2, np.ones(4), eps=eps_s, axis=axis)
+        assert max_err(dx * scale, rdx) <= 1e-5 * np.abs(rdx).max()
+        np.testing.assert_allclose(dw, rdw, rtol=1e-4, atol=1e-4)
+        yi = cynorm.instance_norm(x, eps=eps, axis=axis)
+        ri = reference_group_norm(xs, 4, eps=eps_s, axis=axis)[0]
+        assert max_err(yi, ri) <= 10 * TOL[np.dtype(dtype)]
+
+
+def test_nan_and_inf_stay_in_their_group(rng):
+    x = rng.standard_normal((2, 4, 10))
+    x[0, 0, 3] = np.nan
+    x[1, 3, 0] = np.inf
+    for axis, xa in ((1, x), (-1, channels_last(x))):
+        y = cynorm.group_norm(xa, 2, axis=axis)
+        yc = y if axis == 1 else np.moveaxis(y, -1, 1)
+        assert np.isnan(yc[0, :2]).all() and np.isnan(yc[1, 2:]).all()
+        assert np.isfinite(yc[0, 2:]).all() and np.isfinite(yc[1, :2]).all()
