@@ -1,5 +1,5 @@
-"""Dask interface: moments, batch_norm, layer_norm and rms_norm of dask arrays (needs
-dask[array]).
+"""Dask interface: moments, batch_norm, layer_norm, rms_norm, group_norm and instance_norm of
+dask arrays (needs dask[array]).
 
 ``import cynorm`` does not import this module; ``import cynorm.dask`` needs dask
 (``pip install cynorm[dask]``; add ``distributed`` for a cluster).
@@ -18,10 +18,13 @@ from . import _threads
 from ._moments import RECORD, Moments, _reduce_axes, merge_arrays, moments as _np_moments
 from ._validation import dtypes, normalized_shape as _normalized_shape, real_scalar
 from ._batch_norm import _batch_norm_with_stats, check_training_eps
+from ._group_norm import group_norm as _np_group_norm
+from ._instance_norm import instance_norm as _np_instance_norm
 from ._layer_norm import layer_norm as _np_layer_norm
 from ._rms_norm import rms_norm as _np_rms_norm
 
-__all__ = ["moments", "moments_records", "batch_norm", "layer_norm", "rms_norm"]
+__all__ = ["moments", "moments_records", "batch_norm", "layer_norm", "rms_norm", "group_norm",
+           "instance_norm"]
 
 
 def _as_dask(x):
@@ -182,3 +185,49 @@ def rms_norm(x, normalized_shape, weight=None, eps=None):
     layer_norm is."""
     return _row_norm(_np_rms_norm, "dask.rms_norm", x, normalized_shape, (weight,),
                      None if eps is None else real_scalar(eps, "eps"))
+
+
+def _sample_block(x, fn, args, kwargs):
+    with _threads.num_threads(1):
+        return fn(x, *args, **kwargs)
+
+
+def _per_sample(fn, op, x, args, kwargs):
+    """A per-sample norm (group_norm, instance_norm) over blocks holding whole samples: every
+    axis but the batch axis is rechunked to one chunk when it is split."""
+    x = _as_dask(x)
+    rdt = dtypes(x.dtype, op)[1]
+    if x.ndim < 2:
+        raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received "
+                           f"{x.ndim}")
+    split = {i: -1 for i in range(1, x.ndim) if len(x.chunks[i]) > 1}
+    if split:
+        x = x.rechunk(split)
+    # checked now, on an empty batch of the same sample shape: errors raise here, not at compute
+    fn(np.zeros((0,) + x.shape[1:], dtype=rdt), *args, **kwargs)
+    return da.map_blocks(_sample_block, x, fn, args, kwargs, dtype=rdt,
+                         meta=np.empty((0,) * x.ndim, dtype=rdt))
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1):
+    """Lazy GroupNorm of a dask array (as ``cynorm.group_norm``; ``axis=-1`` for
+    channels-last).  Each sample's channels and spatial dims must lie in one chunk: they are
+    rechunked so when split (the batch axis keeps its chunks)."""
+    params = tuple(None if v is None else np.asarray(v) for v in (weight, bias))
+    return _per_sample(_np_group_norm, "dask.group_norm", x, (num_groups,) + params,
+                       {"eps": real_scalar(eps, "eps"), "axis": axis})
+
+
+def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
+                  use_input_stats=True, eps=1e-5, *, axis=1):
+    """Lazy InstanceNorm of a dask array (as ``cynorm.instance_norm``), rechunked as
+    group_norm is.  The running statistics only normalize (``use_input_stats=False``): there
+    is nothing to update in place in a lazy graph."""
+    if use_input_stats and (running_mean is not None or running_var is not None):
+        raise ValueError("cynorm.dask.instance_norm does not update running statistics; give "
+                         "them with use_input_stats=False to normalize with them")
+    params = tuple(None if v is None else np.asarray(v)
+                   for v in (running_mean, running_var, weight, bias))
+    return _per_sample(_np_instance_norm, "dask.instance_norm", x,
+                       params + (bool(use_input_stats),),
+                       {"eps": real_scalar(eps, "eps"), "axis": axis})

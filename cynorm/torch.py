@@ -14,8 +14,9 @@ from torch.autograd.function import once_differentiable
 
 from . import functional as F
 
-__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "batch_norm", "LayerNorm",
-           "RMSNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "batch_norm", "group_norm",
+           "instance_norm", "LayerNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+           "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
 _DTYPES = (torch.float16, torch.float32, torch.float64)
 
@@ -126,6 +127,76 @@ class _BatchNormFunction(torch.autograd.Function):
         return _tensor(dx, x), None, None, _tensor(dw, weight), _tensor(db, bias), None, None, None
 
 
+def _channels(t):
+    """A tensor as the group norms' kernels read it: (array, axis).  A channels_last (or
+    channels_last_3d) tensor is read as its (N, *, C) memory, without a copy."""
+    a = _np(t)
+    if t.dim() in (4, 5) and not t.is_contiguous():
+        fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+        if t.is_contiguous(memory_format=fmt):
+            return a.transpose((0,) + tuple(range(2, t.dim())) + (1,)), -1
+    return a, 1
+
+
+def _from_channels(a, axis):
+    """The kernels' result as a tensor of the input's layout (channels_last stays so)."""
+    if axis == -1:
+        a = a.transpose((0, a.ndim - 1) + tuple(range(1, a.ndim - 1)))
+    return torch.from_numpy(a)
+
+
+class _GroupNormFunction(torch.autograd.Function):
+    """group_norm (num_groups given) or instance_norm (num_groups None)."""
+
+    @staticmethod
+    def forward(ctx, x, num_groups, weight, bias, eps, running, use_input_stats, momentum):
+        a, axis = _channels(x)
+        if num_groups is None:
+            rm, rv = running
+            y, mean, rstd = F.instance_norm(a, _np(rm), _np(rv), _np(weight), _np(bias),
+                                            use_input_stats, momentum, eps, axis=axis,
+                                            return_stats=True)
+        else:
+            y, mean, rstd = F.group_norm(a, num_groups, _np(weight), _np(bias), eps,
+                                         axis=axis, return_stats=True)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.stats = (mean, rstd, num_groups, use_input_stats)
+        return _from_channels(y, axis)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, bias = ctx.saved_tensors
+        mean, rstd, num_groups, use_input_stats = ctx.stats
+        a, axis = _channels(x)
+        g = _np(grad_out)
+        g = g.transpose((0,) + tuple(range(2, g.ndim)) + (1,)) if axis == -1 else g
+        if num_groups is None:
+            dx, dw, db = F.instance_norm_backward(g, a, mean, rstd, _np(weight),
+                                                  use_input_stats=use_input_stats,
+                                                  bias=_np(bias), axis=axis)
+        else:
+            dx, dw, db = F.group_norm_backward(g, a, mean, rstd, num_groups, _np(weight),
+                                               bias=_np(bias), axis=axis)
+        return (_from_channels(dx, axis).to(x.dtype), None, _tensor(dw, weight),
+                _tensor(db, bias), None, None, None, None)
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
+    """torch.nn.functional.group_norm on cynorm's kernels (CPU; channels_last read as is)."""
+    return _GroupNormFunction.apply(x, int(num_groups), weight, bias, float(eps), None, True,
+                                    None)
+
+
+def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
+                  use_input_stats=True, momentum=0.1, eps=1e-5):
+    """torch.nn.functional.instance_norm on cynorm's kernels (CPU); buffers updated in place
+    (not at all with momentum=None)."""
+    return _GroupNormFunction.apply(x, None, weight, bias, float(eps),
+                                    (running_mean, running_var), bool(use_input_stats),
+                                    None if momentum is None else float(momentum))
+
+
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     """torch.nn.functional.layer_norm on cynorm's kernels (CPU)."""
     return _LayerNormFunction.apply(x, _shape(normalized_shape), weight, bias, float(eps))
@@ -201,3 +272,31 @@ class BatchNorm2d(_CynormBatchNorm, torch.nn.BatchNorm2d):
 
 class BatchNorm3d(_CynormBatchNorm, torch.nn.BatchNorm3d):
     """torch.nn.BatchNorm3d computed by cynorm."""
+
+
+class GroupNorm(torch.nn.GroupNorm):
+    """torch.nn.GroupNorm computed by cynorm."""
+
+    def forward(self, x):
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class _CynormInstanceNorm:
+    """torch's _InstanceNorm (checks, unbatched input) with the normalization on cynorm."""
+
+    def _apply_instance_norm(self, x):
+        return instance_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                             self.training or not self.track_running_stats, self.momentum,
+                             self.eps)
+
+
+class InstanceNorm1d(_CynormInstanceNorm, torch.nn.InstanceNorm1d):
+    """torch.nn.InstanceNorm1d computed by cynorm."""
+
+
+class InstanceNorm2d(_CynormInstanceNorm, torch.nn.InstanceNorm2d):
+    """torch.nn.InstanceNorm2d computed by cynorm."""
+
+
+class InstanceNorm3d(_CynormInstanceNorm, torch.nn.InstanceNorm3d):
+    """torch.nn.InstanceNorm3d computed by cynorm."""

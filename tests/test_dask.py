@@ -80,6 +80,32 @@ def test_rms_norm_equals_in_memory(rng, chunks, dtype):
         cd.rms_norm(d, 12, np.ones(5))
 
 
+@pytest.mark.parametrize("chunks", [(3, 8, 5, 6), (2, 3, 2, 4)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_group_and_instance_norm_equal_in_memory(rng, chunks, dtype):
+    x = hostile(rng, (7, 8, 5, 6), dtype, offset=1e3)
+    w = rng.uniform(0.5, 2, 8).astype(dtype)
+    b = rng.standard_normal(8).astype(dtype)
+    d = da.from_array(x, chunks=chunks)  # the second splits a sample: rechunked
+    y = cd.group_norm(d, 4, w, b).compute()
+    assert y.dtype == dtype
+    np.testing.assert_array_equal(y, cynorm.group_norm(x, 4, w, b))
+    xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    yl = cd.group_norm(da.from_array(xl, chunks=(2, 5, 3, 4)), 2, axis=-1).compute()
+    np.testing.assert_array_equal(yl, cynorm.group_norm(xl, 2, axis=-1))
+    np.testing.assert_array_equal(cd.instance_norm(d, weight=w, bias=b).compute(),
+                                  cynorm.instance_norm(x, weight=w, bias=b))
+    rm, rv = rng.standard_normal(8), rng.uniform(0.5, 2, 8)
+    np.testing.assert_array_equal(cd.instance_norm(d, rm, rv, use_input_stats=False).compute(),
+                                  cynorm.instance_norm(x, rm, rv, use_input_stats=False))
+    with pytest.raises(RuntimeError, match="divisible by num_groups"):
+        cd.group_norm(d, 3)
+    with pytest.raises(ValueError, match="does not update running statistics"):
+        cd.instance_norm(d, rm, rv)
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        cd.instance_norm(d[:, :, :1, :1])
+
+
 def test_errors(rng):
     d = da.from_array(rng.standard_normal((10, 4)), chunks=5)
     with pytest.raises(ValueError, match="running_mean and running_var"):

@@ -158,3 +158,49 @@ def test_rms_norm_module_is_drop_in(torch, ct, eps):
     assert isinstance(ours, torch.nn.RMSNorm)
     for step in range(2):
         _step_both(torch, theirs, ours, torch.randn(6, 4, 10) * 2 + step)
+
+
+def test_gradcheck_group_and_instance_norm(torch, ct):
+    torch.manual_seed(3)
+    opts = {"dtype": torch.float64, "requires_grad": True}
+    x, w, b = torch.randn(3, 6, 5, **opts), torch.randn(6, **opts), torch.randn(6, **opts)
+    assert torch.autograd.gradcheck(lambda x, w, b: ct.group_norm(x, 3, w, b), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w, b: ct.instance_norm(x, weight=w, bias=b),
+                                    (x, w, b))
+    rm, rv = torch.randn(6, dtype=torch.float64), torch.rand(6, dtype=torch.float64) + 0.5
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: ct.instance_norm(x, rm, rv, w, b, use_input_stats=False), (x, w, b))
+    # channels_last tensors are read as they lie, and the result keeps their layout
+    x4 = torch.randn(2, 6, 4, 3, **opts).contiguous(memory_format=torch.channels_last)
+    assert torch.autograd.gradcheck(lambda x, w, b: ct.group_norm(x, 2, w, b), (x4, w, b))
+    y = ct.group_norm(x4, 2, w, b)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, torch.nn.functional.group_norm(x4, 2, w, b))
+
+
+@pytest.mark.parametrize("name,shape,kwargs", [
+    ("GroupNorm", (4, 12, 7), {"num_groups": 3}),
+    ("GroupNorm", (2, 12, 5, 6), {"num_groups": 4, "affine": False}),
+    ("InstanceNorm1d", (4, 12, 9), {"affine": True, "track_running_stats": True}),
+    ("InstanceNorm1d", (12, 9), {"affine": True}),
+    ("InstanceNorm2d", (2, 12, 5, 6), {"track_running_stats": True, "momentum": None}),
+    ("InstanceNorm3d", (2, 12, 3, 4, 5), {"affine": True, "bias": False}),
+])
+def test_group_and_instance_modules_are_drop_in(torch, ct, name, shape, kwargs):
+    torch.manual_seed(4)
+    kwargs = dict(kwargs)
+    args = (kwargs.pop("num_groups"), 12) if name == "GroupNorm" else (12,)
+    theirs = getattr(torch.nn, name)(*args, **kwargs)
+    ours = getattr(ct, name)(*args, **kwargs)
+    assert isinstance(ours, getattr(torch.nn, name))
+    if getattr(theirs, "weight", None) is not None:
+        with torch.no_grad():
+            theirs.weight.uniform_(0.5, 2)
+    ours.load_state_dict(theirs.state_dict())
+    for step in range(3):
+        _step_both(torch, theirs, ours, torch.randn(*shape) * 2 + step)
+    for (k, a), b in zip(theirs.state_dict().items(), ours.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=k)
+    theirs.eval()
+    ours.eval()
+    _step_both(torch, theirs, ours, torch.randn(*shape) * 3 - 1)
