@@ -89,25 +89,20 @@ def check_groups(inp, num_groups):
     return G
 
 
-# rstd beyond these (tiny data with eps ~ 0, or data whose squares overflow) would leave the
-# range in which the kernels' coefficients (rstd·w, and rstd³ in backward) are exact in the
-# compute dtype: such samples are redone scaled by a power of two (exact), see _scaled.
-_RSTD_RANGE = {np.dtype(np.float32): (1e-15, 1e15), np.dtype(np.float64): (1e-140, 1e140)}
-
-
 def forward(inp, G, w, b, eps, out, row_mask, given=None):
-    """(y, moments, mean, rstd): the moments (4, N·G) are count, mean hi, mean lo, M2; mean
-    and rstd (N, G) float64.  given: the moments, read instead of computed (InstanceNorm with
-    running statistics)."""
+    """(y, moments, mean, rstd): the moments (6, N·G) are count, mean hi, mean lo, M2, mean
+    and rstd; mean and rstd are also returned as (N, G) views.  given: the moments (6, N·G),
+    read instead of computed (InstanceNorm with running statistics)."""
     eps = eps if type(eps) is float else real_scalar(eps, "eps")
     if out is not None:
         check_out(out, inp.shape, inp.rdt)
-    stats = given if given is not None else np.zeros((4, inp.N * G))
+    N = inp.N
+    stats = given if given is not None else np.empty((6, N * G))
     if inp.x.size == 0:
-        if given is None:
-            stats[1:] = np.nan
-        mean, rstd = mean_rstd(stats, eps, inp.N, G)
-        return (np.empty(inp.shape, inp.rdt) if out is None else out), stats, mean, rstd
+        stats[1:] = np.nan
+        stats[0] = 0.0
+        return ((np.empty(inp.shape, inp.rdt) if out is None else out), stats,
+                stats[4].reshape(N, G), stats[5].reshape(N, G))
     x = inp.x
     y = None
     if (out is not None and inp.rdt is inp.cdt and out.flags.c_contiguous
@@ -115,10 +110,10 @@ def forward(inp, G, w, b, eps, out, row_mask, given=None):
             and (out is x or not np.may_share_memory(out, x))):
         y = out
     target = y if y is not None else empty(inp.shape, inp.cdt, x)
-    _kernels.group_norm(x, target, inp.N, inp.C, inp.S, G, inp.last, w, b, eps, stats,
-                        given is not None, row_mask, True, threads_for(x.size))
-    mean, rstd = mean_rstd(stats, eps, inp.N, G)
-    if given is None:
+    bad = _kernels.group_norm(x, target, N, inp.C, inp.S, G, inp.last, w, b, eps, stats,
+                              given is not None, row_mask, True, threads_for(x.size))
+    mean, rstd = stats[4].reshape(N, G), stats[5].reshape(N, G)
+    if bad and given is None:
         for n, k in _scaled(inp, rstd):
             _rescue_forward(inp, n, k, G, w, b, eps, row_mask, target, mean, rstd)
     if y is None and out is None:
@@ -130,11 +125,12 @@ def forward(inp, G, w, b, eps, out, row_mask, given=None):
 
 
 def _scaled(inp, rstd):
-    """(sample, k) for the samples to redo as x·2^-k: an rstd out of range, or NaN (squares
-    that overflowed), on finite data; k the exponent of the largest magnitude."""
-    lo, hi = _RSTD_RANGE[inp.cdt]
+    """(sample, k) for the samples to redo as x·2^-k: an rstd out of the range in which the
+    kernels' coefficients (rstd·w; rstd³ in backward) stay exact in the compute dtype, or NaN
+    (squares that overflowed), on finite data; k the exponent of the largest magnitude."""
+    top = _kernels.RSTD_MAX[inp.cdt.name]
     with np.errstate(invalid="ignore"):
-        bad = (~((rstd >= lo) & (rstd <= hi))).any(axis=1)
+        bad = (~((rstd >= 1.0 / top) & (rstd <= top))).any(axis=1)
     for n in np.flatnonzero(bad):
         xn = inp.x[n]
         if np.isfinite(xn).all() and xn.any():
@@ -154,23 +150,13 @@ def _rescue_forward(inp, n, k, G, w, b, eps, row_mask, target, mean, rstd):
     if not np.isfinite(eps_s):  # eps dominates: nothing to rescue
         return
     xs, m = _one(inp, n, k, row_mask)
-    st = np.zeros((4, G))
+    st = np.empty((6, G))
     ys = np.empty_like(xs)
     _kernels.group_norm(xs, ys, 1, inp.C, inp.S, G, inp.last, w, b, eps_s, st, False, m, True,
                         1)
     target[n] = ys[0]
-    mean_s, rstd_s = mean_rstd(st, eps_s, 1, G)
-    mean[n] = np.ldexp(mean_s[0], k)
-    rstd[n] = np.ldexp(rstd_s[0], -k)
-
-
-def mean_rstd(stats, eps, N, G):
-    """mean and rstd (N, G) float64 from the moments (NaN for a sample with no real position)."""
-    count, hi, lo, m2 = stats
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean = np.where(count > 0, hi + lo, np.nan)
-        rstd = np.where(count > 0, 1.0 / np.sqrt(m2 / count + eps), np.nan)
-    return mean.reshape(N, G), rstd.reshape(N, G)
+    mean[n] = np.ldexp(st[4], k)
+    rstd[n] = np.ldexp(st[5], -k)
 
 
 def saved_stats(inp, G, value, name):
@@ -195,33 +181,39 @@ def backward(inp, G, grad_out, mean, rstd, w, want_w, want_b, row_mask, fixed):
     else:
         count = np.repeat(row_mask.reshape(N, S).sum(axis=1) * float(C // G), G)
     stats = np.stack([count, mean, rstd])
-    sums = np.zeros((N, 2, C))
+    sums = np.empty((N, 2, C))
     dx = np.empty(inp.shape, inp.cdt)
-    r_eff = rstd.reshape(N, G).copy()  # the rstd each sample's sums go with
-    if inp.x.size:
-        _kernels.group_norm_backward(g, inp.x, dx, N, C, S, G, inp.last, stats, w, fixed, sums,
-                                     row_mask, threads_for(inp.x.size))
-        for n, k in _scaled(inp, r_eff):
-            # x·2^-k, mean·2^-k, rstd·2^k: the same normalization, coefficients in range;
-            # dx scales by 2^-k, the sums Σg·(x - mean) go with the scaled rstd
-            xs, m = _one(inp, n, k, row_mask)
-            st = np.stack([count.reshape(N, G)[n], np.ldexp(mean.reshape(N, G)[n], -k),
-                           np.ldexp(r_eff[n], k)])
-            dxs = np.empty_like(xs)
-            sums_s = np.zeros((1, 2, C))
-            _kernels.group_norm_backward(g[n:n + 1], xs, dxs, 1, C, S, G, inp.last, st, w,
-                                         fixed, sums_s, m, 1)
-            dx[n] = np.ldexp(dxs[0], -k)
-            sums[n] = sums_s[0]
-            r_eff[n] = st[2]
-    dw = db = None
-    if want_w:
-        # a sample with no real position has rstd NaN and sums 0: it adds nothing
-        r = np.repeat(np.where(count.reshape(N, G) > 0, r_eff, 0.0), C // G, axis=1)
-        dw = np.einsum("nc,nc->c", r, sums[:, 1]) if N else np.zeros(C)
-        dw = dw.astype(inp.rdt)
-    if want_b:
-        db = sums[:, 0].sum(axis=0).astype(inp.rdt)
+    dw = np.zeros(C, inp.cdt) if want_w else None
+    db = np.zeros(C, inp.cdt) if want_b else None
+    if inp.x.size and _kernels.group_norm_backward(g, inp.x, dx, N, C, S, G, inp.last, stats,
+                                                   w, fixed, sums, dw, db, row_mask,
+                                                   threads_for(inp.x.size)):
+        _rescue_backward(inp, G, g, stats, w, fixed, row_mask, sums, dx, dw, db)
     if inp.rdt is not inp.cdt:
-        dx = dx.astype(inp.rdt)
+        return tuple(None if a is None else a.astype(inp.rdt) for a in (dx, dw, db))
     return dx, dw, db
+
+
+def _rescue_backward(inp, G, g, stats, w, fixed, row_mask, sums, dx, dw, db):
+    """The samples _scaled picks, again on x·2^-k, mean·2^-k and rstd·2^k (the same
+    normalization, its coefficients in range): dx scales by 2^-k, and the sums Σg·(x - mean)
+    go with the scaled rstd; then dw and db again from every sample's sums."""
+    N, C, S = inp.N, inp.C, inp.S
+    count, mean, rstd = (a.reshape(N, G) for a in stats)
+    r_eff = rstd.copy()
+    for n, k in _scaled(inp, rstd):
+        xs, m = _one(inp, n, k, row_mask)
+        st = np.stack([count[n], np.ldexp(mean[n], -k), np.ldexp(rstd[n], k)])
+        dxs = np.empty_like(xs)
+        sums_s = np.empty((1, 2, C))
+        _kernels.group_norm_backward(g[n:n + 1], xs, dxs, 1, C, S, G, inp.last, st, w, fixed,
+                                     sums_s, None, None, m, 1)
+        dx[n] = np.ldexp(dxs[0], -k)
+        sums[n] = sums_s[0]
+        r_eff[n] = st[2]
+    # a sample with no real position has rstd NaN and sums 0: it adds nothing
+    r = np.repeat(np.where(count > 0, r_eff, 0.0), C // G, axis=1)
+    if dw is not None:
+        dw[...] = np.einsum("nc,nc->c", r, sums[:, 1])
+    if db is not None:
+        db[...] = sums[:, 0].sum(axis=0)

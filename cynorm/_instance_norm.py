@@ -58,7 +58,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
         if rm is None or rv is None:
             raise RuntimeError("Expected running_mean and running_var to be defined when "
                                "use_input_stats is false")
-        given = np.empty((4, N * C))
+        given = np.empty((6, N * C))
         given[0] = 1.0
         given[1] = np.tile(rm.astype(np.float64), N)
         given[2] = 0.0
@@ -72,7 +72,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
 
 def _update_running(rm, rv, stats, N, C, momentum):
     """The running statistics from the per-instance moments (count, hi, lo, M2)."""
-    count, hi, lo, m2 = (s.reshape(N, C) for s in stats)
+    count, hi, lo, m2 = (s.reshape(N, C) for s in stats[:4])
     valid = count >= 2
     n = valid.sum(axis=0)
     if not n.any():

@@ -59,9 +59,10 @@ def batch_norm_backward(
 def group_norm(
     x: _F, y: _F, N: int, C: int, S: int, G: int, channels_last: bool, weight: _F | None,
     bias: _F | None, eps: float, stats: _F64, given: bool, mask: _Mask | None,
-    write_padding: bool, n_threads: int, fast: bool = True,
-) -> None: ...
+    write_padding: bool, n_threads: int,
+) -> int: ...
 def group_norm_backward(
     g: _F, x: _F, dx: _F, N: int, C: int, S: int, G: int, channels_last: bool, stats: _F64,
-    weight: _F | None, fixed: bool, sums: _F64, mask: _Mask | None, n_threads: int,
-) -> None: ...
+    weight: _F | None, fixed: bool, sums: _F64, grad_weight: _F | None,
+    grad_bias: _F | None, mask: _Mask | None, n_threads: int,
+) -> int: ...

@@ -10,14 +10,16 @@ LayerNorm takes E[x²] - E[x]² in float, which users see turn into NaN far from
 import numpy as np
 
 from .contenders import contenders
-from .grid import ROW_OPS, Case
+from .grid import GROUP_OPS, ROW_OPS, Case
 
 OFFSET = 1e4
 SHAPE = (512, 768)
+GROUP_SHAPE = (8, 64, 32, 32)  # the group norms' case: (N, C, H, W)
 # ops whose output does not grow with the offset (BN eval's running statistics sit at 0 and 1,
 # so its output would be about the offset itself: nothing to compare there)
 # (not the residual forms: their h is rounded to float32 by definition, as torch's add)
-OPS = ("ln", "rms", "bn_train", "ln_bwd", "rms_bwd", "bn_bwd_train")
+OPS = ("ln", "rms", "bn_train", "ln_bwd", "rms_bwd", "bn_bwd_train", "gn", "in", "gn_bwd",
+       "in_bwd")
 
 
 def _first(value):
@@ -37,13 +39,14 @@ def accuracy(ops, torch=None, peers=None, seed=7):
         if op not in OPS:
             continue
         axis = -1 if op in ROW_OPS else 1
+        shape = GROUP_SHAPE if op in GROUP_OPS else SHAPE
         rng = np.random.default_rng(seed)
-        x32 = (OFFSET + rng.standard_normal(SHAPE)).astype(np.float32)
-        reference = contenders(Case(op, SHAPE, "float64", axis), None, seed=seed,
+        x32 = (OFFSET + rng.standard_normal(shape)).astype(np.float32)
+        reference = contenders(Case(op, shape, "float64", axis), None, seed=seed,
                                x=x32.astype(np.float64))["numpy"]
         want = _first(reference())
         errors = {}
-        for name, fn in contenders(Case(op, SHAPE, "float32", axis), torch, seed=seed,
+        for name, fn in contenders(Case(op, shape, "float32", axis), torch, seed=seed,
                                    peers=peers, x=x32).items():
             if name == "cynorm_out":
                 continue

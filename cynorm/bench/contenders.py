@@ -3,7 +3,7 @@ scikit-learn for the scaler), and the same-size copies of the memory roof; every
 case computes the same thing (a test checks)."""
 import numpy as np
 
-from .grid import EPS, FUSED_OPS, MASK_TARGETS, SKLEARN_OPS
+from .grid import EPS, FUSED_OPS, GROUP_OPS, MASK_TARGETS, SKLEARN_OPS
 
 
 def _numpy_bn_axes(case):
@@ -35,6 +35,10 @@ def contenders(case, torch=None, seed=0, peers=None, x=None):
     rng = np.random.default_rng(seed)
     if x is None:
         x = (3.0 + 2.0 * rng.standard_normal(case.shape, dtype=np.float32)).astype(case.dtype)
+    if case.op in GROUP_OPS:
+        from .group_contenders import group_contenders
+
+        return group_contenders(case, x, rng, torch, peers)
     if case.op.endswith("bwd") or "_bwd_" in case.op:
         return _backward_contenders(case, x, rng, torch, peers)
     if case.op in MASK_TARGETS:

@@ -17,11 +17,18 @@ OPS = {"ln": "LN forward", "rms": "RMSNorm forward", "add_ln": "add + LN",
        "ln_bwd": "LN backward", "rms_bwd": "RMSNorm backward", "bn_bwd_train": "BN backward train",
        "bn_bwd_eval": "BN backward eval", "bn_masked": "BN train masked (N, T, C)",
        "ln_masked": "LN forward masked", "moments": "moments axis=0",
-       "scaler": "scaler fit_transform"}
+       "scaler": "scaler fit_transform", "gn": "GroupNorm forward", "in": "InstanceNorm forward",
+       "gn_bwd": "GroupNorm backward", "in_bwd": "InstanceNorm backward"}
 
 
 # The row norms' ops (normalized over the last axis, on the LN shapes).
 ROW_OPS = ("ln", "rms", "add_ln", "add_rms", "ln_bwd", "rms_bwd", "ln_masked")
+
+
+# The group norms' ops (per sample: GroupNorm with GROUPS groups, InstanceNorm), on
+# GROUP_SHAPES: channels-first (axis 1) and channels-last (axis -1, the shape as it lies).
+GROUP_OPS = ("gn", "in", "gn_bwd", "in_bwd")
+GROUPS = 32
 
 
 # The residual-add forms, also timed against cynorm's own add then normalize (contender
@@ -72,7 +79,17 @@ QUICK = {"ln": [(5, 10), (64, 128), (4096, 768), (16384, 4096)],
          "bn_masked": [(64, 512, 768)],
          "ln_masked": [(64, 512, 768)],
          "moments": [(4096, 768), (100000, 64)],
-         "scaler": [(4096, 768), (100000, 64)]}
+         "scaler": [(4096, 768), (100000, 64)],
+         "gn": [(8, 64, 16, 16), (32, 64, 56, 56), (8, 320, 64, 64), (32, 56, 56, 64)],
+         "in": [(32, 64, 56, 56), (32, 56, 56, 64)],
+         "gn_bwd": [(32, 64, 56, 56), (32, 56, 56, 64)],
+         "in_bwd": [(32, 64, 56, 56)]}
+
+
+# (8, 320, 64, 64) is a diffusion U-Net block; each shape also channels-last
+GROUP_SHAPES = [((8, 64, 16, 16), 1), ((32, 64, 56, 56), 1), ((16, 256, 64, 64), 1),
+                ((8, 320, 64, 64), 1), ((8, 16, 16, 64), -1), ((32, 56, 56, 64), -1),
+                ((16, 64, 64, 256), -1), ((8, 64, 64, 320), -1)]
 
 
 MASK_SHAPES = [((16, 128, 64), -1), ((64, 512, 768), -1)]
@@ -142,7 +159,7 @@ class Case:
         Backward reads x and grad_out and writes dx; BN backward needs its sums first, so it
         reads both twice once they outgrow the cache (LN's sums are per row, in cache)."""
         big = self.nbytes > L3_BYTES
-        if self.op in ("ln_bwd", "rms_bwd"):
+        if self.op in ("ln_bwd", "rms_bwd", "gn_bwd", "in_bwd"):  # sums per sample, in cache
             return 3 * self.nbytes
         if self.op in FUSED_OPS:  # x and residual read, h and y written
             return 4 * self.nbytes
@@ -169,7 +186,8 @@ def cases(full=False, ops=None, dtypes=None, sizes=None):
         elif op in ("moments",) + SKLEARN_OPS:
             grid = TABLE_SHAPES
         else:
-            grid = LN_SHAPES if op in ROW_OPS else BN_SHAPES
+            grid = LN_SHAPES if op in ROW_OPS else GROUP_SHAPES if op in GROUP_OPS \
+                else BN_SHAPES
         for shape, axis in grid:
             if not full and shape not in QUICK[op]:
                 continue

@@ -20,14 +20,14 @@ import time
 
 import numpy as np
 
-from .grid import EPS
+from .grid import EPS, GROUPS
 
 PEERS = ("onnxruntime", "jax")
 # what each peer has a case for (ONNX Runtime: inference ops and BN's training mode; no
 # backward, no masks, and BatchNormalization only with the channel on axis 1)
-ONNX_OPS = ("ln", "rms", "add_ln", "add_rms", "bn_train", "bn_eval")
+ONNX_OPS = ("ln", "rms", "add_ln", "add_rms", "bn_train", "bn_eval", "gn", "in")
 JAX_OPS = ("ln", "rms", "add_ln", "add_rms", "bn_train", "bn_eval", "ln_bwd", "rms_bwd",
-           "bn_bwd_train", "bn_bwd_eval", "moments")
+           "bn_bwd_train", "bn_bwd_eval", "moments", "gn", "in", "gn_bwd", "in_bwd")
 # ONNX Runtime's node for each row op: the standard op where there is one, else ORT's own
 # (com.microsoft): (op type, domain, opset, inputs, outputs); "" skips an optional output
 ONNX_ROW_NODES = {
@@ -60,7 +60,14 @@ def onnx_session(op, shape, dtype, threads):
     def value(name, dims):
         return helper.make_tensor_value_info(name, elem, list(dims))
 
-    if op in ONNX_ROW_NODES:
+    if op in ("gn", "in"):  # GroupNormalization-21 (per-channel scale), InstanceNormalization
+        inputs = [value("X", shape), value("W", (C,)), value("B", (C,))]
+        outputs = [value("Y", shape)]
+        attrs = {"num_groups": GROUPS} if op == "gn" else {}
+        node = helper.make_node("GroupNormalization" if op == "gn" else "InstanceNormalization",
+                                ["X", "W", "B"], ["Y"], epsilon=EPS, **attrs)
+        opset, domain = (21 if op == "gn" else 17), ""
+    elif op in ONNX_ROW_NODES:
         kind, domain, opset, names, outs = ONNX_ROW_NODES[op]
         dims = {"X": shape, "R": shape, "W": (C,), "B": (C,)}
         inputs = [value(n, dims[n]) for n in names]
@@ -100,8 +107,9 @@ def onnx_contender(case, arrays, threads):
     if case.op not in ONNX_OPS or (case.op not in ONNX_ROW_NODES
                                    and case.axis % len(case.shape) != 1):
         return None
-    if case.op in ("add_ln", "add_rms") and np.dtype(case.dtype) != np.float32:
-        return None   # ORT's Skip*LayerNormalization kernels are float32 (and float16) only
+    if case.op in ("add_ln", "add_rms", "in") and np.dtype(case.dtype) != np.float32:
+        return None   # ORT's Skip*LayerNormalization and InstanceNormalization kernels are
+                      # float32 (and float16) only
     sess, names = onnx_session(case.op, case.shape, case.dtype, threads)
     keys = {"X": "x", "R": "r", "W": "w", "B": "b", "M": "rm", "V": "rv"}
     feed = {n: np.ascontiguousarray(arrays[keys[n]]) for n in names}
@@ -162,7 +170,24 @@ def jax_function(op, axis, ndim):
         _, pullback = jax.vjp(rms, x, w)
         return pullback(g)
 
+    def group(G):
+        """GroupNorm with G groups (InstanceNorm: G = C), channels on ``axis`` (1 or last)."""
+        def gn(x, w, b):
+            N, C = x.shape[0], x.shape[axis]
+            xg = x.reshape(N, G, C // G, -1) if axis == 1 else x.reshape(N, -1, G, C // G)
+            red = (2, 3) if axis == 1 else (1, 3)
+            m = xg.mean(red, keepdims=True)
+            v = jnp.square(xg - m).mean(red, keepdims=True)
+            y = ((xg - m) * jax.lax.rsqrt(v + EPS)).reshape(x.shape)
+            return y * w.reshape(bshape) + b.reshape(bshape)
+        return gn
+
+    def instance(x, w, b):
+        return group(x.shape[axis])(x, w, b)
+
     fns = {"ln": ln, "rms": rms, "add_ln": add_ln, "add_rms": add_rms, "rms_bwd": rms_bwd,
+           "gn": group(GROUPS), "in": instance, "gn_bwd": backward(group(GROUPS)),
+           "in_bwd": backward(instance),
            "bn_train": bn_train, "bn_eval": bn_eval,
            "ln_bwd": backward(ln), "bn_bwd_train": backward(bn_batch),
            "bn_bwd_eval": backward(bn_eval),

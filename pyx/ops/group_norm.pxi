@@ -98,15 +98,17 @@ cdef inline Py_ssize_t rows_per_block(Py_ssize_t F, size_t itemsize) noexcept no
     return 8 if r < 8 else (MAX_BLOCK_ROWS if r > MAX_BLOCK_ROWS else r)
 
 
-cdef inline void group_params(const double* st, Py_ssize_t u, Py_ssize_t NG, double eps,
+cdef inline void group_params(double* st, Py_ssize_t u, Py_ssize_t NG, double eps,
                               const floating* w, const floating* b, Py_ssize_t c0,
                               Py_ssize_t c1, Py_ssize_t C, floating* params) noexcept nogil:
-    """params (3, C) of channels c0..c1 from the moments of unit u (st: count, hi, lo, M2)."""
+    """params (3, C) of channels c0..c1 from the moments of unit u (st: count, hi, lo, M2),
+    and its mean and rstd into st's rows 4 and 5 (NaN for a unit with no real position)."""
     cdef Py_ssize_t c
-    cdef double count = st[u]
+    cdef double count = st[u], var = st[3 * NG + u] / count
     for c in range(c0, c1):
-        feature_params(st[NG + u], st[2 * NG + u], st[3 * NG + u] / count, eps, w, b, c, C,
-                       params)
+        feature_params(st[NG + u], st[2 * NG + u], var, eps, w, b, c, C, params)
+    st[4 * NG + u] = st[NG + u] + st[2 * NG + u] if count > 0 else NAN
+    st[5 * NG + u] = 1.0 / sqrt(var + eps) if count > 0 else NAN
 
 
 cdef void group_first_unit(const floating* x, floating* y, Py_ssize_t u, Py_ssize_t C,
@@ -140,9 +142,10 @@ cdef void group_last_unit(const floating* x, floating* y, Py_ssize_t n, Py_ssize
                           Py_ssize_t S, Py_ssize_t G, Py_ssize_t NG, const floating* w,
                           const floating* b, double eps, double* st, bint given,
                           const unsigned char* mask, bint write_padding, floating* params,
-                          double* scratch, bint fast, bint stream) noexcept nogil:
+                          double* scratch, bint stream) noexcept nogil:
     """Channels-last sample n: its column moments merged per group into st (unless given),
-    then its rows.  scratch: 6·C doubles."""
+    then its rows.  scratch: 5·C doubles.  (The float64 column sweep: the float32 one
+    (column_chunk_moments' sk) measured slower on these narrow rows.)"""
     cdef Py_ssize_t Cg = C // G, g, c, u
     cdef const floating* xn = x + n * S * C
     cdef const unsigned char* m = mask + n * S if mask != NULL else NULL
@@ -150,11 +153,9 @@ cdef void group_last_unit(const floating* x, floating* y, Py_ssize_t n, Py_ssize
     cdef double* hi = scratch
     cdef double* lo = scratch + C
     cdef double* m2 = scratch + 2 * C
-    cdef bint f32_sweep = fast and floating is float
     if not given:
         column_chunk_moments(xn, C, 0, S, C, rows_per_block(C, sizeof(floating)), m, &cnt, hi, lo, m2,
-                             scratch + 3 * C, scratch + 4 * C,
-                             <float*>(scratch + 5 * C) if f32_sweep else NULL)
+                             scratch + 3 * C, scratch + 4 * C, NULL)
         for g in range(G):
             u = n * G + g
             st[u] = 0.0
@@ -173,34 +174,34 @@ cdef void group_last_unit(const floating* x, floating* y, Py_ssize_t n, Py_ssize
 cdef void _group_norm(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                       Py_ssize_t G, bint channels_last, const floating* w, const floating* b,
                       double eps, double* st, bint given, const unsigned char* mask,
-                      bint write_padding, floating* params, double* scratch, bint fast,
+                      bint write_padding, floating* params, double* scratch,
                       int T) noexcept nogil:
     """The driver: units in contiguous ranges, one per thread (params: 3·C per thread,
-    scratch: 6·C doubles per thread)."""
+    scratch: 5·C doubles per thread)."""
     cdef Py_ssize_t t
     cdef bint stream = streamed(N * C * S * <Py_ssize_t>sizeof(floating), T)
     if T <= 1:
         group_norm_units(x, y, N, C, S, G, channels_last, w, b, eps, st, given, mask,
-                         write_padding, params, scratch, fast, stream, 0, 1)
+                         write_padding, params, scratch, stream, 0, 1)
         return
     for t in prange(T, num_threads=T, schedule="static", chunksize=1):
         group_norm_units(x, y, N, C, S, G, channels_last, w, b, eps, st, given, mask,
-                         write_padding, params + 3 * C * t, scratch + 6 * C * t, fast, stream,
-                         t, T)
+                         write_padding, params + 3 * C * t, scratch + 5 * C * t, stream, t,
+                         T)
 
 
 cdef void group_norm_units(const floating* x, floating* y, Py_ssize_t N,
                            Py_ssize_t C, Py_ssize_t S, Py_ssize_t G, bint channels_last,
                            const floating* w, const floating* b, double eps, double* st,
                            bint given, const unsigned char* mask, bint write_padding,
-                           floating* params, double* scratch, bint fast, bint stream,
-                           Py_ssize_t t, Py_ssize_t T) noexcept nogil:
+                           floating* params, double* scratch, bint stream, Py_ssize_t t,
+                           Py_ssize_t T) noexcept nogil:
     """Thread t of T: its contiguous range of units."""
     cdef Py_ssize_t U = N if channels_last else N * G, u
     for u in range(chunk(U, t, T), chunk(U, t + 1, T)):
         if channels_last:
             group_last_unit(x, y, u, C, S, G, N * G, w, b, eps, st, given, mask,
-                            write_padding, params, scratch, fast, stream)
+                            write_padding, params, scratch, stream)
         else:
             group_first_unit(x, y, u, C, S, G, N * G, w, b, eps, st, given, mask,
                              write_padding, params, stream)
@@ -336,18 +337,20 @@ cdef inline void check_group_array(cnp.ndarray a, Py_ssize_t n, bint written) ex
 def group_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                Py_ssize_t G, bint channels_last, cnp.ndarray weight, cnp.ndarray bias,
                double eps, cnp.ndarray stats, bint given, cnp.ndarray mask, bint write_padding,
-               int n_threads, bint fast=True):
+               int n_threads):
     """GroupNorm of x seen as (N, C, S), or (N, S, C) when channels_last, into y (same layout).
 
-    stats (4, N·G) float64: count, mean as hi + lo, M2 per (sample, group), written; with
-    given, read instead (the running statistics of InstanceNorm's eval: count 1, M2 = var).
-    mask (N, S) bytes or None.  fast: float32 channels-last moments to about 1e-7 relative
-    (core/columns.pxi), in about half the time.
+    stats (6, N·G) float64: count, mean as hi + lo, M2 per (sample, group), written; with
+    given, read instead (the running statistics of InstanceNorm's eval: count 1, M2 = var);
+    then mean and rstd, written.  mask (N, S) bytes or None.  Returns the number of (sample,
+    group) with real positions whose rstd is out of the rescue's range (core/rescue.pxi) or
+    NaN.
     """
     cdef int f32 = is_float32(x)
     cdef Py_ssize_t NG = N * G
     cdef const unsigned char* mk = mask_data(mask, N * S)
-    cdef double* st = float64_data(stats, 4 * NG, not given)
+    cdef double* st = float64_data(stats, 6 * NG)
+    cdef Py_ssize_t u, bad = 0
     cdef void* w = optional_data(weight, C, f32)
     cdef void* b = optional_data(bias, C, f32)
     cdef int T = max(1, min(n_threads, N if channels_last else NG))
@@ -360,7 +363,7 @@ def group_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_ssiz
     if is_float32(y) != f32:
         raise TypeError("group_norm: y's dtype differs from x's")
     params = malloc(3 * C * T * (4 if f32 else 8))
-    scratch = <double*>malloc(sizeof(double) * 6 * C * T)
+    scratch = <double*>malloc(sizeof(double) * 5 * C * T)
     if params == NULL or scratch == NULL:
         free(params)
         free(scratch)
@@ -369,24 +372,51 @@ def group_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_ssiz
         if f32:
             _group_norm(<const float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y), N, C, S,
                         G, channels_last, <const float*>w, <const float*>b, eps, st, given, mk,
-                        write_padding, <float*>params, scratch, fast, T)
+                        write_padding, <float*>params, scratch, T)
         else:
             _group_norm(<const double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(y), N, C,
                         S, G, channels_last, <const double*>w, <const double*>b, eps, st, given,
-                        mk, write_padding, <double*>params, scratch, fast, T)
+                        mk, write_padding, <double*>params, scratch, T)
+        for u in range(NG):
+            bad += st[u] > 0 and rstd_out_of_range(st[5 * NG + u], f32)
     free(params)
     free(scratch)
+    return bad
+
+
+cdef void group_param_grads(Py_ssize_t N, Py_ssize_t C, Py_ssize_t G, const double* st,
+                            const double* sums, floating* gw, floating* gb) noexcept nogil:
+    """dw = Σ_n rstd·Σg·(x - mean), db = Σ_n Σg per channel, over the samples in order
+    (samples with no real position add nothing); gw or gb may be NULL."""
+    cdef Py_ssize_t NG = N * G, Cg = C // G, c, n, u
+    cdef double sw, sb
+    for c in range(C):
+        sw = 0.0
+        sb = 0.0
+        for n in range(N):
+            u = n * G + c // Cg
+            sb += sums[n * 2 * C + c]
+            if st[u] > 0:
+                sw += st[2 * NG + u] * sums[n * 2 * C + C + c]
+        if gw != NULL:
+            gw[c] = <floating>sw
+        if gb != NULL:
+            gb[c] = <floating>sb
 
 
 def group_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t N,
                         Py_ssize_t C, Py_ssize_t S, Py_ssize_t G, bint channels_last,
                         cnp.ndarray stats, cnp.ndarray weight, bint fixed, cnp.ndarray sums,
-                        cnp.ndarray mask, int n_threads):
+                        cnp.ndarray grad_weight, cnp.ndarray grad_bias, cnp.ndarray mask,
+                        int n_threads):
     """dx of GroupNorm (layout as group_norm), and sums (N, 2, C) float64: per (sample,
-    channel) Σg and Σg·(x - mean) over the real positions.
+    channel) Σg and Σg·(x - mean) over the real positions; grad_weight, grad_bias (C,) (or
+    None) receive dw and db from them.
 
     stats (3, N·G) float64: count, mean and rstd per (sample, group).  fixed: the
-    statistics are constants (InstanceNorm with running statistics): dx = g·w·rstd.
+    statistics are constants (InstanceNorm with running statistics): dx = g·w·rstd.  Returns
+    the number of (sample, group) with real positions whose rstd is out of the rescue's range
+    or NaN.
     """
     cdef int f32 = is_float32(x)
     cdef Py_ssize_t NG = N * G
@@ -394,8 +424,11 @@ def group_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
     cdef double* st = float64_data(stats, 3 * NG, False)
     cdef double* sm = float64_data(sums, 2 * N * C)
     cdef void* w = optional_data(weight, C, f32)
+    cdef void* gw = optional_data(grad_weight, C, f32)
+    cdef void* gb = optional_data(grad_bias, C, f32)
     cdef int T = max(1, min(n_threads, N if channels_last else NG))
     cdef void* coef
+    cdef Py_ssize_t u, bad = 0
     if G < 1 or C % G or N < 1 or S < 1:
         raise ValueError("group_norm_backward: inconsistent shape")
     check_group_array(g, N * C * S, False)
@@ -412,9 +445,14 @@ def group_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
                                  <const float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(dx),
                                  N, C, S, G, channels_last, st, <const float*>w, fixed, mk, sm,
                                  <float*>coef, T)
+            group_param_grads(N, C, G, st, sm, <float*>gw, <float*>gb)
         else:
             _group_norm_backward(<const double*>cnp.PyArray_DATA(g),
                                  <const double*>cnp.PyArray_DATA(x),
                                  <double*>cnp.PyArray_DATA(dx), N, C, S, G, channels_last, st,
                                  <const double*>w, fixed, mk, sm, <double*>coef, T)
+            group_param_grads(N, C, G, st, sm, <double*>gw, <double*>gb)
+        for u in range(NG):
+            bad += st[u] > 0 and rstd_out_of_range(st[2 * NG + u], f32)
     free(coef)
+    return bad
