@@ -65,6 +65,13 @@
 /* Rows per step of the eval pass by rows: their sums, then their dx (RESULTS item 17). */
 #define CYNORM_FUSED_ROWS 16
 
+/* ---- GroupNorm / InstanceNorm (kernels, ops/group_norm.pxi) ---- */
+/* The channels-last apply by column blocks: rows per block (a block stays in cache while its
+ * columns are swept), and the longest rows it takes; longer rows measured faster row by row
+ * (RESULTS item 79). */
+#define CYNORM_APPLY_ROWS 64
+#define CYNORM_APPLY_COLUMNS 64
+
 /* ---- outputs (runtime, _pool.h) ---- */
 /* Outputs of at least this many bytes come from the output cache; smaller ones are NumPy's
  * (malloc's free lists serve them well; RESULTS item 53). */

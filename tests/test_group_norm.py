@@ -363,3 +363,41 @@ def test_nan_and_inf_stay_in_their_group(rng):
         yc = y if axis == 1 else np.moveaxis(y, -1, 1)
         assert np.isnan(yc[0, :2]).all() and np.isnan(yc[1, 2:]).all()
         assert np.isfinite(yc[0, 2:]).all() and np.isfinite(yc[1, :2]).all()
+
+
+@pytest.mark.parametrize("phase", [0, 16])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_streamed_outputs_at_any_alignment(rng, phase, axis):
+    """Outputs past the streaming threshold (28 MB of float32), written at any place in a
+    cache line: the same values as the reference; masked rows too (channels-last vector
+    path with 64 channels)."""
+    from conftest import at_phase
+    shape = (4, 64, 27000) if axis == 1 else (4, 27000, 64)
+    x = hostile(rng, shape, np.float32, offset=1e3)
+    out = at_phase(x, phase)
+    lengths = np.array([27000, 13001, 0, 5])
+    for kw in ({}, {"lengths": lengths}):
+        y = cynorm.group_norm(x, 32, axis=axis, out=out, **kw)
+        assert y is out
+        for n in (0, 1, 3):
+            L = lengths[n] if kw else 27000
+            xs = x[n:n + 1, :, :L] if axis == 1 else x[n:n + 1, :L]
+            ys = y[n:n + 1, :, :L] if axis == 1 else y[n:n + 1, :L]
+            assert max_err(ys, reference_group_norm(xs, 32, axis=axis)[0]) <= 1e-5
+        if kw:
+            assert (y[2] == 0).all()
+            pad = y[1, :, 13001:] if axis == 1 else y[1, 13001:]
+            assert (pad == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channels_last_masked_vector_path(rng, dtype):
+    """Channels-last with 64 channels (whole vector blocks) and 70 (a tail), masked."""
+    for C in (64, 70):
+        x = hostile(rng, (3, 300, C), dtype, offset=1e2)
+        mask = rng.random((3, 300)) < 0.7
+        y = cynorm.group_norm(x, 2, axis=-1, mask=mask)
+        for n in range(3):
+            ref = reference_group_norm(x[n][mask[n]][None], 2, axis=-1)[0][0]
+            assert max_err(y[n][mask[n]], ref) <= TOL[np.dtype(dtype)]
+            assert (y[n][~mask[n]] == 0).all()

@@ -172,7 +172,7 @@ def accuracy_table(accuracy):
     """Each contender's max error per op on float32 data far from zero (bench/accuracy.py)."""
     if not accuracy:
         return []
-    from .accuracy import OFFSET, SHAPE
+    from .accuracy import GROUP_SHAPE, OFFSET, SHAPE
 
     names = [n for n in CONTENDER_NAMES if any(n in e for e in accuracy.values())]
     lines = ["| op | " + " | ".join(CONTENDER_NAMES[n] for n in names) + " |",
@@ -186,7 +186,8 @@ def accuracy_table(accuracy):
                 cells.append("NaN / inf" if errors[n] is None else f"{errors[n]:.1e}")
         lines.append(f"| {OPS[op]} | " + " | ".join(cells) + " |")
     lines += ["", f"Max abs error of the output (dx for backward) on float32 data of shape "
-              f"{SHAPE} whose mean lies {OFFSET:g} standard deviations from zero, against the "
+              f"{SHAPE} ({GROUP_SHAPE} for GroupNorm and InstanceNorm) whose mean lies "
+              f"{OFFSET:g} standard deviations from zero, against the "
               "NumPy expression in float64 on the same values; — where a contender has no such "
               "op."]
     return lines

@@ -14,6 +14,15 @@
 # channel Σg and Σg·(x - mean), then dx = k1·g + k2·(x - m_hi) + k3 on BatchNorm's dx rows
 # (ops/batch_norm_backward.pxi); Python forms dw and db from the per-(sample, channel) sums.
 
+cdef extern from "ops/group_norm.h" nogil:
+    void cynorm_gn_apply_f(const float* x, float* y, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t F,
+                           const float* mh, const float* sc, const float* sh,
+                           const unsigned char* mask, int nt) noexcept
+    void cynorm_gn_apply_d(const double* x, double* y, Py_ssize_t r0, Py_ssize_t r1,
+                           Py_ssize_t F, const double* mh, const double* sc, const double* sh,
+                           const unsigned char* mask, int nt) noexcept
+
+
 cdef inline Py_ssize_t run_from(const unsigned char* m, Py_ssize_t j, Py_ssize_t S,
                                 bint real) noexcept nogil:
     """The first position from j on whose mask value is not ``real`` (S if none)."""
@@ -167,8 +176,33 @@ cdef void group_last_unit(const floating* x, floating* y, Py_ssize_t n, Py_ssize
                           lo[c], m2[c])
     for g in range(G):
         group_params(st, n * G + g, NG, eps, w, b, g * Cg, (g + 1) * Cg, C, params)
-    normalize_columns_range(xn, C, y + n * S * C, C, 0, S, C, C, params, m, write_padding,
-                            stream)
+    columns_apply(xn, y + n * S * C, S, C, params, m, write_padding, stream)
+
+
+cdef void columns_apply(const floating* x, floating* y, Py_ssize_t S, Py_ssize_t C,
+                        const floating* params, const unsigned char* m, bint write_padding,
+                        bint stream) noexcept nogil:
+    """A channels-last sample's rows, APPLY_ROWS rows at a time so that each block of rows
+    stays in cache while ops/group_norm.h goes down it a few columns at a time; padding rows
+    are written as 0.  stream: streaming stores where the rows are whole lines, 64-byte
+    aligned.  Rows longer than APPLY_COLUMNS, and streamed rows not so aligned, take
+    BatchNorm's rows (normalize_columns_range)."""
+    cdef Py_ssize_t r0 = 0, r1, i
+    cdef int nt = stream
+    if C > APPLY_COLUMNS or (stream and ((<size_t>y) % 64 or (C * sizeof(floating)) % 64)):
+        normalize_columns_range(x, C, y, C, 0, S, C, C, params, m, write_padding, stream)
+        return
+    while r0 < S:
+        r1 = r0 + APPLY_ROWS if r0 + APPLY_ROWS < S else S
+        if floating is float:
+            cynorm_gn_apply_f(x, y, r0, r1, C, params, params + C, params + 2 * C, m, nt)
+        else:
+            cynorm_gn_apply_d(x, y, r0, r1, C, params, params + C, params + 2 * C, m, nt)
+        if m != NULL and write_padding:
+            for i in range(r0, r1):
+                if not m[i]:
+                    zero_row(y + i * C, C, stream)
+        r0 = r1
 
 
 cdef void _group_norm(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
