@@ -129,6 +129,7 @@ class BuildExt(build_ext):
 # (benchmarks/RESULTS.md, item 24).  The .py files stay the source of truth and are
 # shipped too; Python semantics are kept (no C division or typing directives here).
 FRONT_END = ["_validation", "_threads", "_outputs", "_module", "_rows", "_layer_norm", "_rms_norm",
+             "_groups", "_group_norm", "_instance_norm",
              "_batch_norm", "_batch_norm_layers", "_moments", "functional", "layers"]
 FRONT_END_DIRECTIVES = {"language_level": 3, "binding": True, "embedsignature": False}
 

@@ -5,6 +5,7 @@ from numpy.typing import NDArray
 
 ISA: str  # "baseline", "avx2" or "avx512"
 FLOAT32_BIG_M2: float  # M2 beyond which a float32 x - mean may overflow
+RSTD_MAX: dict[str, float]  # the group norms redo a sample whose rstd lies beyond
 __test__: dict[str, str]  # Cython's doctest table
 
 _F = NDArray[np.floating]

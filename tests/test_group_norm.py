@@ -401,3 +401,35 @@ def test_channels_last_masked_vector_path(rng, dtype):
             ref = reference_group_norm(x[n][mask[n]][None], 2, axis=-1)[0][0]
             assert max_err(y[n][mask[n]], ref) <= TOL[np.dtype(dtype)]
             assert (y[n][~mask[n]] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["baseline", "avx2", "avx512"])
+def test_every_isa_build_agrees(rng, name):
+    from cynorm import _isa
+    module = _isa.load(name)
+    if module is None:
+        pytest.skip(f"{name} kernels not built or not runnable on this CPU")
+    for dtype in DTYPES:
+        for N, C, S, G, last in ((3, 64, 70, 32, True), (2, 12, 301, 4, False),
+                                 (4, 70, 9, 7, True), (2, 8, 33, 8, False)):
+            x = hostile(rng, (N, S, C) if last else (N, C, S), dtype, offset=1e2)
+            g = rng.standard_normal(x.shape).astype(dtype)
+            w = rng.uniform(0.5, 2, C).astype(dtype)
+            mask = (np.arange(S) < rng.integers(0, S + 1, N)[:, None]).reshape(-1)
+            outs = []
+            for mod in (cynorm._isa.kernels, module):
+                for m in (None, mask):
+                    y, st = np.empty_like(x), np.empty((6, N * G))
+                    mod.group_norm(x, y, N, C, S, G, last, w, w, 1e-5, st, False, m, True, 1)
+                    count = np.where(np.isnan(st[4]), 0.0, st[0])
+                    dx, sums = np.empty_like(x), np.empty((N, 2, C))
+                    dw, db = np.empty_like(w), np.empty_like(w)
+                    mod.group_norm_backward(g, x, dx, N, C, S, G, last,
+                                            np.stack([count, st[4], st[5]]), w, False, sums,
+                                            dw, db, m, 1)
+                    outs.append((y, st[4:], dx, dw, db))
+            tol = 1e-5 if dtype == np.float32 else 1e-12
+            for a, b in zip(outs[:2], outs[2:]):
+                for u, v in zip(a, b):
+                    np.testing.assert_allclose(u, v, rtol=tol,
+                                               atol=tol * float(np.nanmax(np.abs(v))))

@@ -311,3 +311,38 @@ def test_residual_forms_property(x, k, centred, seed):
     np.testing.assert_array_equal(h, x + r)
     assert h.dtype == (x + r).dtype
     np.testing.assert_array_equal(y, norm(x + r, nshape))
+
+
+@given(x=arrays(min_dims=2, max_dims=5), data=st.data(), eps=st.sampled_from([1e-5, 1e-2, 1.0]),
+       affine=st.booleans(), last=st.booleans(), seed=st.integers(0, 2**16))
+def test_group_and_instance_norm_property(x, data, eps, affine, last, seed):
+    from conftest import reference_group_backward, reference_group_norm
+    axis = -1 if last else 1
+    C = x.shape[axis]
+    G = data.draw(st.sampled_from([d for d in range(1, C + 1) if C % d == 0] or [1]))
+    w = np.linspace(0.5, 2, C) if affine else None
+    b = np.linspace(-1, 1, C) if affine else None
+    y, mean, rstd = cynorm.group_norm(x, G, w, b, eps, axis=axis, return_stats=True)
+    assert y.shape == x.shape and mean.shape == (x.shape[0], G)
+    assert y.dtype == (x.dtype if x.dtype.kind == "f" else np.float64)
+    if x.size:
+        ref = reference_group_norm(x.astype(np.float64), G, w, b, eps, axis=axis)[0]
+        assert np.max(np.abs(y.astype(np.float64) - ref)) <= _tol(x) * max(
+            1.0, float(np.abs(ref).max()))
+        g = np.random.default_rng(seed).standard_normal(x.shape)
+        x64 = x.astype(np.float64)
+        _, m64, r64 = cynorm.group_norm(x64, G, w, b, eps, axis=axis, return_stats=True)
+        dx, dw, db = cynorm.group_norm_backward(g, x64, m64, r64, G, w, bias=b, axis=axis)
+        rdx, rdw, rdb = reference_group_backward(g, x64, G, w, eps, axis=axis)
+        assert np.max(np.abs(dx - rdx)) <= 1e-8 * max(1.0, float(np.abs(rdx).max()))
+        assert (dw is None) == (w is None) and (db is None) == (b is None)
+    spatial = int(np.prod(x.shape[1:])) // max(C, 1) if C else 0
+    if spatial <= 1:
+        with pytest.raises(ValueError, match="more than 1 spatial element"):
+            cynorm.instance_norm(x, weight=w, bias=b, eps=eps, axis=axis)
+    else:
+        yi = cynorm.instance_norm(x, weight=w, bias=b, eps=eps, axis=axis)
+        if x.size:
+            ref = reference_group_norm(x.astype(np.float64), C, w, b, eps, axis=axis)[0]
+            assert np.max(np.abs(yi.astype(np.float64) - ref)) <= _tol(x) * max(
+                1.0, float(np.abs(ref).max()))
