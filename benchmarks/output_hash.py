@@ -25,6 +25,10 @@ SHAPES_BN = [((9, 13), 1), ((300, 70), 1), ((8, 6, 70), 1), ((4, 5, 9, 11), 1),
 MASKED = [(4, 9, 24), (8, 300, 256)]
 
 
+SHAPES_GN = [((4, 64, 300), 32, 1), ((4, 300, 64), 32, -1), ((2, 12, 9, 7), 3, 1),
+             ((2, 9, 7, 12), 4, -1), ((3, 40, 70), 7, -1)]
+
+
 def _data(rng, shape, dtype, offset):
     return (offset + rng.standard_normal(shape) * 3.0).astype(dtype)
 
@@ -139,6 +143,29 @@ def grid():
                     g, x, m, s, w, True, axis=-1, mask=mask))
                 mo = cynorm.moments(x, axis=(0, 1), mask=mask)
                 out[key + "/moments"] = _digest(mo.count, mo.mean, mo.var())
+            # GroupNorm and InstanceNorm, both layouts, masked too (after the others: their
+            # draws do not move the earlier ones')
+            for shape, G, axis in SHAPES_GN if hasattr(cynorm, "group_norm") else ():
+                x = _data(rng, shape, dtype, 1e3)
+                C = shape[axis]
+                w = rng.uniform(0.5, 2, C).astype(dtype)
+                b = rng.standard_normal(C).astype(dtype)
+                g = rng.standard_normal(shape).astype(dtype)
+                lengths = rng.integers(0, shape[2 if axis == 1 else 1] + 1, shape[0])
+                key = f"t{threads}/{np.dtype(dtype)}/gn{shape}g{G}a{axis}"
+                for kw, tag in (({}, ""), ({"lengths": lengths}, "/masked")):
+                    if kw and len(shape) != 3:
+                        continue
+                    y, m, r = cynorm.group_norm(x, G, w, b, axis=axis, return_stats=True, **kw)
+                    out[key + tag] = _digest(y, m, r)
+                    out[key + tag + "/bwd"] = _digest(*cynorm.group_norm_backward(
+                        g, x, m, r, G, w, bias=b, axis=axis, **kw))
+                    rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+                    y, m, r = cynorm.instance_norm(x, rm, rv, w, b, axis=axis,
+                                                   return_stats=True, **kw)
+                    out[key + tag + "/in"] = _digest(y, m, r, rm, rv)
+                    out[key + tag + "/in_bwd"] = _digest(*cynorm.instance_norm_backward(
+                        g, x, m, r, w, bias=b, axis=axis, **kw))
     cynorm.set_num_threads(None)
     return out
 
