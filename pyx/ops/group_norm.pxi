@@ -180,24 +180,50 @@ cdef void group_last_unit(const floating* x, floating* y, Py_ssize_t n, Py_ssize
 
 
 cdef void columns_apply(const floating* x, floating* y, Py_ssize_t S, Py_ssize_t C,
-                        const floating* params, const unsigned char* m, bint write_padding,
+                        floating* params, const unsigned char* m, bint write_padding,
                         bint stream) noexcept nogil:
     """A channels-last sample's rows, APPLY_ROWS rows at a time so that each block of rows
     stays in cache while ops/group_norm.h goes down it a few columns at a time; padding rows
-    are written as 0.  stream: streaming stores where the rows are whole lines, 64-byte
-    aligned.  Rows longer than APPLY_COLUMNS, and streamed rows not so aligned, take
-    BatchNorm's rows (normalize_columns_range)."""
-    cdef Py_ssize_t r0 = 0, r1, i
+    are written as 0.  params: 3·C (m_hi, scale, shift), then 3·C of scratch.
+
+    stream: streaming stores of whole lines.  Rows that are whole lines but start h elements
+    before a line's start (y not 64-byte aligned) are taken as rows shifted by h: each shifted
+    row is aligned and holds channels h, ..., C - 1, 0, ..., h - 1, so the parameters are
+    rotated by h once (the scratch) and the first h and last C - h elements go one by one.
+    Rows longer than APPLY_COLUMNS, and streamed rows that are not whole lines (or masked and
+    not aligned), take BatchNorm's rows (normalize_columns_range)."""
+    cdef Py_ssize_t r0 = 0, r1, i, k, h = 0, n = S
     cdef int nt = stream
-    if C > APPLY_COLUMNS or (stream and ((<size_t>y) % 64 or (C * sizeof(floating)) % 64)):
+    cdef const floating* p = params
+    cdef floating* q = params + 3 * C
+    if stream:
+        h = ((64 - (<size_t>y) % 64) % 64) // sizeof(floating)
+    if (C > APPLY_COLUMNS
+            or (stream and ((C * sizeof(floating)) % 64 or (<size_t>y) % sizeof(floating)
+                            or (h and (m != NULL or S < 2))))):
         normalize_columns_range(x, C, y, C, 0, S, C, C, params, m, write_padding, stream)
         return
-    while r0 < S:
-        r1 = r0 + APPLY_ROWS if r0 + APPLY_ROWS < S else S
+    if h:
+        for k in range(C):
+            i = (h + k) % C
+            q[k] = p[i]
+            q[C + k] = p[C + i]
+            q[2 * C + k] = p[2 * C + i]
+        for k in range(h):     # the first h elements, then the shifted rows from x + h
+            y[k] = (x[k] - p[k]) * p[C + k] + p[2 * C + k]
+        for k in range(h, C):  # the last C - h
+            i = (S - 1) * C + k
+            y[i] = (x[i] - p[k]) * p[C + k] + p[2 * C + k]
+        x += h
+        y += h
+        p = q
+        n = S - 1
+    while r0 < n:
+        r1 = r0 + APPLY_ROWS if r0 + APPLY_ROWS < n else n
         if floating is float:
-            cynorm_gn_apply_f(x, y, r0, r1, C, params, params + C, params + 2 * C, m, nt)
+            cynorm_gn_apply_f(x, y, r0, r1, C, p, p + C, p + 2 * C, m, nt)
         else:
-            cynorm_gn_apply_d(x, y, r0, r1, C, params, params + C, params + 2 * C, m, nt)
+            cynorm_gn_apply_d(x, y, r0, r1, C, p, p + C, p + 2 * C, m, nt)
         if m != NULL and write_padding:
             for i in range(r0, r1):
                 if not m[i]:
@@ -210,7 +236,7 @@ cdef void _group_norm(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t C
                       double eps, double* st, bint given, const unsigned char* mask,
                       bint write_padding, floating* params, double* scratch,
                       int T) noexcept nogil:
-    """The driver: units in contiguous ranges, one per thread (params: 3·C per thread,
+    """The driver: units in contiguous ranges, one per thread (params: 6·C per thread,
     scratch: 5·C doubles per thread)."""
     cdef Py_ssize_t t
     cdef bint stream = streamed(N * C * S * <Py_ssize_t>sizeof(floating), T)
@@ -220,7 +246,7 @@ cdef void _group_norm(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t C
         return
     for t in prange(T, num_threads=T, schedule="static", chunksize=1):
         group_norm_units(x, y, N, C, S, G, channels_last, w, b, eps, st, given, mask,
-                         write_padding, params + 3 * C * t, scratch + 5 * C * t, stream, t,
+                         write_padding, params + 6 * C * t, scratch + 5 * C * t, stream, t,
                          T)
 
 
@@ -396,7 +422,7 @@ def group_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_ssiz
     check_group_array(y, N * C * S, True)
     if is_float32(y) != f32:
         raise TypeError("group_norm: y's dtype differs from x's")
-    params = malloc(3 * C * T * (4 if f32 else 8))
+    params = malloc(6 * C * T * (4 if f32 else 8))
     scratch = <double*>malloc(sizeof(double) * 5 * C * T)
     if params == NULL or scratch == NULL:
         free(params)
