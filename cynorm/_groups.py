@@ -15,6 +15,7 @@ from ._validation import (
     dtypes,
     empty,
     feature_axis,
+    grad_outputs,
     param,
     real_scalar,
     row_mask as _row_mask,
@@ -182,9 +183,11 @@ def backward(inp, G, grad_out, mean, rstd, w, want_w, want_b, row_mask, fixed):
         count = np.repeat(row_mask.reshape(N, S).sum(axis=1) * float(C // G), G)
     stats = np.stack([count, mean, rstd])
     sums = np.empty((N, 2, C))
-    dx = np.empty(inp.shape, inp.cdt)
-    dw = np.zeros(C, inp.cdt) if want_w else None
-    db = np.zeros(C, inp.cdt) if want_b else None
+    dx, dw, db = grad_outputs(inp.x, inp.cdt, (C,), want_w, want_b)  # dx: the output cache
+    if inp.x.size == 0:  # no kernel call: nothing was summed
+        for a in (dw, db):
+            if a is not None:
+                a[...] = 0
     if inp.x.size and _kernels.group_norm_backward(g, inp.x, dx, N, C, S, G, inp.last, stats,
                                                    w, fixed, sums, dw, db, row_mask,
                                                    threads_for(inp.x.size)):
