@@ -3,7 +3,7 @@
 import numpy as np
 
 from ._batch_norm import _feature_last_mask, _invstd, batch_norm, batch_norm_backward
-from ._module import _Module, _layer_dtype
+from ._module import _Module, _layer_dtype, _positive_int
 from ._moments import _moments
 from ._validation import as_array, dtypes, feature_axis, real_scalar, to_compute
 
@@ -31,34 +31,15 @@ class BatchNorm(_Module):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, axis=1, dtype=np.float32, *, bias=True):
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
-                or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        self.num_features = int(num_features)
+        self.num_features = _positive_int(num_features, "num_features")
         self.eps = real_scalar(eps, "eps")
         self.momentum = None if momentum is None else real_scalar(momentum, "momentum")
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.axis = int(axis)
         self.dtype = _layer_dtype(dtype)
-        C = self.num_features
-        self.weight = np.ones(C, dtype=self.dtype) if self.affine else None
-        self.bias = np.zeros(C, dtype=self.dtype) if self.affine and bias else None
-        if self.track_running_stats:
-            self.running_mean = np.zeros(C, dtype=self.dtype)
-            self.running_var = np.ones(C, dtype=self.dtype)
-            self.num_batches_tracked = np.zeros((), dtype=np.int64)
-        else:
-            self.running_mean = None
-            self.running_var = None
-            self.num_batches_tracked = None
+        self._channels(self.num_features, self.affine, bias, self.track_running_stats)
         self.moments_ = None
-
-    def reset_running_stats(self):
-        if self.track_running_stats:
-            self.running_mean[...] = 0
-            self.running_var[...] = 1
-            self.num_batches_tracked[...] = 0
 
     def _check_input_dim(self, x):
         if self._ndims is not None and x.ndim not in self._ndims:

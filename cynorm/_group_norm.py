@@ -4,7 +4,7 @@ pyx/ops/group_norm.pxi."""
 import numpy as np
 
 from . import _groups
-from ._module import _Module, _layer_dtype
+from ._module import _Module, _layer_dtype, _positive_int
 from ._validation import real_scalar
 
 __all__ = ["group_norm", "group_norm_backward", "GroupNorm"]
@@ -75,16 +75,8 @@ def group_norm_backward(grad_out, x, mean, rstd, num_groups, weight=None, *, bia
     count.  With ``mask`` / ``lengths`` (as in group_norm), padding positions get a zero
     gradient and add nothing to the sums.
     """
-    inp = _groups.GroupInput(x, "group_norm_backward", axis)
-    G = _groups.check_groups(inp, num_groups)
-    w = inp.channel_param(weight, "weight", "group_norm_backward")
-    if bias is not None:
-        inp.channel_param(bias, "bias", "group_norm_backward")
-    row_mask = inp.mask(mask, lengths, "group_norm_backward")
-    mean = _groups.saved_stats(inp, G, mean, "mean")
-    rstd = _groups.saved_stats(inp, G, rstd, "rstd")
-    return _groups.backward(inp, G, grad_out, mean, rstd, w, w is not None, bias is not None,
-                            row_mask, False)
+    return _groups.backward_call("group_norm_backward", num_groups, grad_out, x, mean, rstd,
+                                 weight, bias, axis, mask, lengths, False)
 
 
 class GroupNorm(_Module):
@@ -100,9 +92,8 @@ class GroupNorm(_Module):
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, bias=True,
                  axis=1, dtype=np.float32):
         super().__init__()
-        for name, v in (("num_groups", num_groups), ("num_channels", num_channels)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        num_groups = _positive_int(num_groups, "num_groups")
+        num_channels = _positive_int(num_channels, "num_channels")
         if num_channels % num_groups:
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups "
                              f"({num_groups})")
@@ -112,9 +103,7 @@ class GroupNorm(_Module):
         self.affine = bool(affine)
         self.axis = int(axis)
         self.dtype = _layer_dtype(dtype)
-        C = self.num_channels
-        self.weight = np.ones(C, dtype=self.dtype) if self.affine else None
-        self.bias = np.zeros(C, dtype=self.dtype) if self.affine and bias else None
+        self._channels(self.num_channels, self.affine, bias, False)
 
     def _check(self, x):
         x = np.asarray(x) if not isinstance(x, np.ndarray) else x

@@ -173,6 +173,22 @@ def saved_stats(inp, G, value, name):
     raise ValueError(f"{name} must have {n} elements (one per sample and group), got {arr.size}")
 
 
+def backward_call(op, num_groups, grad_out, x, mean, rstd, weight, bias, axis, mask, lengths,
+                  fixed):
+    """group_norm_backward, or instance_norm_backward (num_groups None: one channel a group):
+    the arguments checked, then backward."""
+    inp = GroupInput(x, op, axis)
+    G = inp.C if num_groups is None else check_groups(inp, num_groups)
+    w = inp.channel_param(weight, "weight", op)
+    if bias is not None:
+        inp.channel_param(bias, "bias", op)
+    row_mask = inp.mask(mask, lengths, op)
+    mean = saved_stats(inp, G, mean, "mean")
+    rstd = saved_stats(inp, G, rstd, "rstd")
+    return backward(inp, G, grad_out, mean, rstd, w, w is not None, bias is not None, row_mask,
+                    fixed)
+
+
 def backward(inp, G, grad_out, mean, rstd, w, want_w, want_b, row_mask, fixed):
     """(dx, dw, db) of a group norm over its saved mean and rstd (N·G each)."""
     g = inp.like(grad_out, "grad_out")

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 
 from . import _groups
-from ._module import _Module, _layer_dtype
+from ._module import _Module, _layer_dtype, _positive_int
 from ._validation import as_array, real_scalar
 
 __all__ = ["instance_norm", "instance_norm_backward", "InstanceNorm1d", "InstanceNorm2d",
@@ -94,16 +94,8 @@ def instance_norm_backward(grad_out, x, mean, rstd, weight=None, *, use_input_st
     statistics, constants: ``dx = grad_out * weight * rstd``.  The rest is as in
     group_norm_backward.
     """
-    inp = _groups.GroupInput(x, "instance_norm_backward", axis)
-    C = inp.C
-    w = inp.channel_param(weight, "weight", "instance_norm_backward")
-    if bias is not None:
-        inp.channel_param(bias, "bias", "instance_norm_backward")
-    row_mask = inp.mask(mask, lengths, "instance_norm_backward")
-    mean = _groups.saved_stats(inp, C, mean, "mean")
-    rstd = _groups.saved_stats(inp, C, rstd, "rstd")
-    return _groups.backward(inp, C, grad_out, mean, rstd, w, w is not None, bias is not None,
-                            row_mask, not use_input_stats)
+    return _groups.backward_call("instance_norm_backward", None, grad_out, x, mean, rstd, weight,
+                                 bias, axis, mask, lengths, not use_input_stats)
 
 
 class _InstanceNorm(_Module):
@@ -124,31 +116,14 @@ class _InstanceNorm(_Module):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
                  track_running_stats=False, *, bias=True, axis=1, dtype=np.float32):
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
-                or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        self.num_features = int(num_features)
+        self.num_features = _positive_int(num_features, "num_features")
         self.eps = real_scalar(eps, "eps")
         self.momentum = None if momentum is None else real_scalar(momentum, "momentum")
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.axis = int(axis)
         self.dtype = _layer_dtype(dtype)
-        C = self.num_features
-        self.weight = np.ones(C, dtype=self.dtype) if self.affine else None
-        self.bias = np.zeros(C, dtype=self.dtype) if self.affine and bias else None
-        if self.track_running_stats:
-            self.running_mean = np.zeros(C, dtype=self.dtype)
-            self.running_var = np.ones(C, dtype=self.dtype)
-            self.num_batches_tracked = np.zeros((), dtype=np.int64)
-        else:
-            self.running_mean = self.running_var = self.num_batches_tracked = None
-
-    def reset_running_stats(self):
-        if self.track_running_stats:
-            self.running_mean[...] = 0
-            self.running_var[...] = 1
-            self.num_batches_tracked[...] = 0
+        self._channels(self.num_features, self.affine, bias, self.track_running_stats)
 
     def _batched(self, x):
         """(x with a batch dim, whether one was added), after torch's ndim and channel checks."""

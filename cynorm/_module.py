@@ -13,6 +13,13 @@ def _layer_dtype(dtype):
     return dt
 
 
+def _positive_int(value, name):
+    """A layer's size argument: a positive int (not a bool), or ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
 class _Module:
     """What LayerNorm and BatchNorm share: train/eval, alpha/beta, state_dict."""
 
@@ -24,6 +31,26 @@ class _Module:
         self._saved = None
         self.grad_weight = None
         self.grad_bias = None
+
+    def _channels(self, C, affine, bias, track_running_stats):
+        """weight (ones) and bias (zeros) of C channels when affine (no bias with bias=False),
+        and running_mean (zeros), running_var (ones), num_batches_tracked (0) when tracked;
+        None for each one absent (BatchNorm, InstanceNorm)."""
+        self.weight = np.ones(C, dtype=self.dtype) if affine else None
+        self.bias = np.zeros(C, dtype=self.dtype) if affine and bias else None
+        if track_running_stats:
+            self.running_mean = np.zeros(C, dtype=self.dtype)
+            self.running_var = np.ones(C, dtype=self.dtype)
+            self.num_batches_tracked = np.zeros((), dtype=np.int64)
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+
+    def reset_running_stats(self):
+        """running_mean to 0, running_var to 1, num_batches_tracked to 0 (when tracked)."""
+        if getattr(self, "running_mean", None) is not None:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked[...] = 0
 
     def train(self, mode=True):
         self.training = bool(mode)
