@@ -48,6 +48,9 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     b = inp.channel_param(bias, "bias", "instance_norm")
     rm = _running(running_mean, "running_mean", C)
     rv = _running(running_var, "running_var", C)
+    if (rm is None) != (rv is None):
+        raise ValueError("instance_norm: give running_mean and running_var together, or "
+                         "neither")
     eps = eps if type(eps) is float else real_scalar(eps, "eps")
     if use_input_stats:
         if inp.S <= 1:

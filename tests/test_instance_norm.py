@@ -231,6 +231,8 @@ def test_errors_match_torch(torch):
         cynorm.instance_norm(np.zeros((2, 3, 4)), use_input_stats=False)
     with pytest.raises(RuntimeError, match="running_mean should contain 3 elements not 4"):
         cynorm.instance_norm(np.zeros((2, 3, 4)), np.zeros(4), np.ones(4))
+    with pytest.raises(ValueError, match="running_mean and running_var together"):
+        cynorm.instance_norm(np.zeros((2, 3, 4)), np.zeros(3), None)
     with pytest.raises(TypeError, match="running_mean must be a float numpy.ndarray"):
         cynorm.instance_norm(np.zeros((2, 3, 4)), [0, 0, 0], np.ones(3))
     with pytest.raises(ValueError, match=r"expected 2D or 3D input \(got 4D input\)"):
