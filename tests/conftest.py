@@ -260,14 +260,24 @@ def reference_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, axis=1
     return (np.moveaxis(y, 1, -1) if last else y), mean, rstd[..., 0]
 
 
-def reference_group_backward(g, x, num_groups, weight=None, eps=1e-5, axis=1):
-    """(dx, dweight, dbias) of reference_group_norm, in float64."""
+def reference_group_backward(g, x, num_groups, weight=None, eps=1e-5, axis=1, stats=None):
+    """(dx, dweight, dbias) of reference_group_norm, in float64.
+
+    stats=(mean, rstd), float64 of shape (N, num_groups), gives the backward at those
+    statistics: x is centred on the mean as given (in extended precision), not on its exact
+    mean.  A group mean rounded to float64 moves x - mean by up to half an ulp of the mean, so
+    a group whose spread is far below its mean (two close elements 1e4 from zero) has a
+    gradient that no backward taking a float64 mean can give more exactly than this."""
     xc, last = _channels_first(x, axis)
     gc, _ = _channels_first(g, axis)
     N, C = xc.shape[:2]
     pshape = (1, C) + (1,) * (xc.ndim - 2)
-    d = _centered(xc.reshape(N, num_groups, -1), (2,))
-    rstd = 1.0 / np.sqrt(np.mean(d * d, axis=2, keepdims=True) + eps)
+    if stats is None:
+        d = _centered(xc.reshape(N, num_groups, -1), (2,))
+        rstd = 1.0 / np.sqrt(np.mean(d * d, axis=2, keepdims=True) + eps)
+    else:
+        mean, rstd = (np.asarray(s, np.float64).reshape(N, num_groups, 1) for s in stats)
+        d = (xc.reshape(N, num_groups, -1).astype(np.longdouble) - mean).astype(np.float64)
     xhat = d * rstd
     w = 1.0 if weight is None else np.asarray(weight, np.float64).reshape(pshape)
     gw = (gc * w).reshape(N, num_groups, -1)

@@ -70,14 +70,16 @@ def test_backward_against_reference(rng, dtype, offset, shape, G):
     x = hostile(rng, shape, dtype, offset=offset)
     g = rng.standard_normal(shape).astype(dtype)
     w, b = params(rng, shape[1], dtype)
-    tol = 2e-4 if dtype == np.float32 else 1e-9
+    tol = 2e-4 if dtype == np.float32 else 1e-11
     for weight in (None, w):
-        ref_dx, ref_dw, ref_db = reference_group_backward(g, x, G, weight)
-        for axis, xa, ga, rdx in ((1, x, g, ref_dx),
-                                  (-1, channels_last(x), channels_last(g), channels_last(ref_dx))):
+        for axis, xa, ga in ((1, x, g), (-1, channels_last(x), channels_last(g))):
             if len(shape) == 2 and axis == -1:
                 continue
             _, mean, rstd = cynorm.group_norm(xa, G, weight, b, axis=axis, return_stats=True)
+            # the statistics are checked against the exact ones by the forward's test; the
+            # backward is checked at the float64 statistics it is given (see the reference)
+            rdx, ref_dw, ref_db = reference_group_backward(ga, xa, G, weight, axis=axis,
+                                                           stats=(mean, rstd))
             dx, dw, db = cynorm.group_norm_backward(ga, xa, mean, rstd, G, weight, bias=b,
                                                     axis=axis)
             assert dx.dtype == dtype and dx.shape == xa.shape
@@ -169,7 +171,8 @@ def test_masks_match_cut_sequences(rng, dtype, axis):
                 continue
             cut = (slice(n, n + 1), slice(None), slice(0, Ln)) if axis == 1 else \
                 (slice(n, n + 1), slice(0, Ln))
-            rdx, rdw, rdb = reference_group_backward(g[cut], x[cut], G, w, axis=axis)
+            rdx, rdw, rdb = reference_group_backward(g[cut], x[cut], G, w, axis=axis,
+                                                     stats=(mean[n:n + 1], rstd[n:n + 1]))
             ref_dx[cut] = rdx
             ref_dw += rdw
             ref_db += rdb
