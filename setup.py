@@ -75,8 +75,8 @@ def _openmp_flags(compiler):
 # Extra builds of the same kernels for wider vector units, picked at import by cynorm/_isa.py.
 # Flags for GCC and Clang; an x86-64 compiler of another kind builds the baseline only.
 ISA_VARIANTS = {
-    "cynorm._kernels_avx2": ["-mavx2", "-mfma"],
-    "cynorm._kernels_avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512cd", "-mavx512dq",
+    "cynorm._kernels_avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "cynorm._kernels_avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512cd", "-mavx512dq",
                                "-mavx512bw", "-mavx512vl", "-mprefer-vector-width=512"],
 }
 WANT_VARIANTS = (

@@ -15,6 +15,7 @@ from ._validation import (
     dtypes,
     feature_axis,
     grad_outputs,
+    is_bfloat16,
     param,
     plain,
     real_scalar,
@@ -266,7 +267,7 @@ def _buffer(value, name, C):
                         f"{type(value).__name__}")
     if value.shape != (C,):
         raise ValueError(f"{name} should contain {C} elements not {value.size}")
-    if value.dtype.kind != "f":
+    if value.dtype.kind != "f" and not is_bfloat16(value.dtype):
         raise TypeError(f"{name} must be a floating array, got dtype {value.dtype}")
     if not value.flags.writeable:
         raise ValueError(f"{name} is read-only; it must be updated in place")

@@ -16,6 +16,7 @@ from ._validation import (
     empty,
     feature_axis,
     grad_outputs,
+    is_real,
     param,
     real_scalar,
     row_mask as _row_mask,
@@ -73,7 +74,7 @@ class GroupInput:
         a = as_array(value, name)
         if a.shape != self.shape:
             raise ValueError(f"{name} must have the shape of x, {self.shape}, got {a.shape}")
-        if a.dtype.kind not in "biuf":
+        if not is_real(a.dtype):
             raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
         return np.ascontiguousarray(to_compute(a, self.cdt))
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from . import _groups
 from ._module import _Module, _layer_dtype, _positive_int
-from ._validation import as_array, real_scalar
+from ._validation import as_array, is_bfloat16, real_scalar
 
 __all__ = ["instance_norm", "instance_norm_backward", "InstanceNorm1d", "InstanceNorm2d",
            "InstanceNorm3d"]
@@ -18,7 +18,8 @@ def _running(value, name, C):
     """A running buffer: a float ndarray of C elements, updated in place."""
     if value is None:
         return None
-    if not isinstance(value, np.ndarray) or value.dtype.kind != "f":
+    if not isinstance(value, np.ndarray) or (value.dtype.kind != "f"
+                                             and not is_bfloat16(value.dtype)):
         raise TypeError(f"{name} must be a float numpy.ndarray (it is updated in place), got "
                         f"{type(value).__name__}")
     if value.size != C:

@@ -5,6 +5,8 @@ from numpy.typing import NDArray
 
 ISA: str  # "baseline", "avx2" or "avx512"
 FLOAT32_BIG_M2: float  # M2 beyond which a float32 x - mean may overflow
+HALF_FLOAT16: int  # layer_norm's and rms_norm's half=: x, y (residual, h) are uint16 views of
+HALF_BFLOAT16: int  # float16 or bfloat16 data, weight and bias float32
 RSTD_MAX: dict[str, float]  # the group norms redo a sample whose rstd lies beyond
 __test__: dict[str, str]  # Cython's doctest table
 
@@ -18,11 +20,12 @@ def layer_norm(
     x: _F, y: _F, D: int, weight: _F | None, bias: _F | None, mean: _F64 | None,
     rstd: _F64 | None, eps: float, n_threads: int, mask: _Mask | None = None,
     write_padding: bool = True, residual: _F | None = None, h: _F | None = None,
+    half: int = -1,
 ) -> None: ...  # D: Py_ssize_t, eps: double, n_threads: int
 def rms_norm(
     x: _F, y: _F, D: int, weight: _F | None, rstd: _F64 | None, eps: float, n_threads: int,
     mask: _Mask | None = None, write_padding: bool = True, residual: _F | None = None,
-    h: _F | None = None,
+    h: _F | None = None, half: int = -1,
 ) -> None: ...
 def feature_moments(
     x: _F, rows: int, cols: int, C: int, by_rows: bool, stats: _F64, n_threads: int,

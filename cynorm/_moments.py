@@ -16,7 +16,7 @@ import operator
 import numpy as np
 
 from ._threads import threads_for
-from ._validation import as_array, dtypes, to_compute
+from ._validation import as_array, dtypes, is_real, to_compute
 from ._batch_norm import BATCH_NORM_SERIAL_BELOW, _feature_moments, _layout, _rescaled
 from ._outputs import _rows_of
 
@@ -29,7 +29,7 @@ RECORD = np.dtype([(name, np.float64) for name in _FIELDS])
 
 def _float64_field(value, name, shape=None):
     arr = as_array(value, name)
-    if arr.dtype.kind not in "biuf":
+    if not is_real(arr.dtype):
         raise TypeError(f"Moments: {name} must be a real numeric array, got dtype {arr.dtype}")
     arr = np.array(arr, dtype=np.float64, copy=True)
     if shape is not None and arr.shape != shape:

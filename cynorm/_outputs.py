@@ -2,7 +2,8 @@
 array, out=, or in place), and the result in the caller's dtype.  Shared by every op."""
 import numpy as np
 
-from ._validation import as_array, as_rows, empty, masked_output, plain, same_memory, to_compute, view_rows
+from ._validation import (as_array, as_rows, empty, is_real, masked_output, plain, same_memory,
+                          to_compute, view_rows)
 
 
 def _rows_of(a, rows, cols):
@@ -73,7 +74,7 @@ def _grad_like(grad_out, x, cdt, rows, cols):
     g = as_array(grad_out, "grad_out")
     if g.shape != x.shape:
         raise ValueError(f"grad_out must have the shape of x, {x.shape}, got {g.shape}")
-    if g.dtype.kind not in "biuf":
+    if not is_real(g.dtype):
         raise TypeError(f"grad_out must be a real numeric array, got dtype {g.dtype}")
     return _rows_of(to_compute(g, cdt), rows, cols)
 

@@ -14,6 +14,7 @@ from ._validation import (
     dtypes,
     empty,
     grad_outputs,
+    is_half,
     layer_norm_shape,
     masked_output,
     normalized_shape as _normalized_shape,
@@ -49,6 +50,19 @@ def row_input(x, normalized_shape, op):
     return x, cdt, rdt, nshape, rows, cols
 
 
+def half_kind(dtype):
+    """The kernels' 16-bit kind for a float16 or bfloat16 dtype (read and written by the
+    kernels), or -1 for any other dtype."""
+    if not is_half(dtype):
+        return -1
+    return _kernels.HALF_BFLOAT16 if dtype.kind == "V" else _kernels.HALF_FLOAT16
+
+
+def _bits(a):
+    """A 16-bit array as the kernels take it (its bits as uint16; None stays None)."""
+    return None if a is None else a.view(np.uint16)
+
+
 def rms_eps(eps, cdt):
     """RMSNorm's eps: None is the machine epsilon of the compute dtype (float32 for float16
     and float32 input, as torch's opmath type), else a real number."""
@@ -69,11 +83,13 @@ def row_norm(op, centred, x, normalized_shape, weight, bias, eps, out, return_st
     if x.size == 0:
         y = np.empty(shape, dtype=rdt) if out is None else out
         return y, mean, rstd
-    x = _kernel_input(x, cdt, rows, cols)
-    y, result, write_padding = _output(x, shape, rows, cols, cdt, rdt, out, (w, b),
+    half = half_kind(x.dtype)
+    kdt = rdt if half >= 0 else cdt  # the dtype the kernel reads and writes
+    x = _kernel_input(x, kdt, rows, cols)
+    y, result, write_padding = _output(x, shape, rows, cols, kdt, rdt, out, (w, b),
                                        row_mask is not None)
     _call(centred, x, y, cols, w, b, stats, eps, threads_for(x.size), row_mask, write_padding,
-          None, None)
+          None, None, half)
     return _finish(y, result, shape, rdt, out), mean, rstd
 
 
@@ -107,8 +123,18 @@ def _stats(return_stats, centred, shape, nshape, rows):
     return None, rstd, (None, rstd.reshape(rows))
 
 
-def _call(centred, x, y, cols, w, b, stats, eps, threads, row_mask, write_padding, r, h):
+def _call(centred, x, y, cols, w, b, stats, eps, threads, row_mask, write_padding, r, h,
+          half=-1):
     mean, rstd = stats
+    if half >= 0:
+        x, y, r, h = _bits(x), _bits(y), _bits(r), _bits(h)
+        if centred:
+            _kernels.layer_norm(x, y, cols, w, b, mean, rstd, eps, threads, row_mask,
+                                write_padding, r, h, half)
+        else:
+            _kernels.rms_norm(x, y, cols, w, rstd, eps, threads, row_mask, write_padding, r, h,
+                              half)
+        return
     if centred:
         _kernels.layer_norm(x, y, cols, w, b, mean, rstd, eps, threads, row_mask,
                             write_padding, r, h)
@@ -130,8 +156,10 @@ def add_row_norm(op, centred, x, residual, normalized_shape, weight, bias, eps, 
         check_out(residual_out, shape, x.dtype)
         if out is not None and np.may_share_memory(out, residual_out):
             raise ValueError(f"{op}: out and residual_out must not overlap")
-    if x.dtype is not cdt or not x.dtype.isnative:
-        # float16, integers, bool, byte-swapped: h in x's dtype (torch's add), then the norm
+    half = half_kind(x.dtype)
+    kdt = rdt if half >= 0 else cdt  # the dtype the kernel reads and writes
+    if half < 0 and (x.dtype is not cdt or not x.dtype.isnative):
+        # integers, bool, byte-swapped: h in x's dtype (torch's add), then the norm
         h = np.add(x, r, out=residual_out)
         y, mean, rstd = row_norm(op, centred, h, nshape, weight, bias, eps, out, return_stats,
                                  mask, lengths)
@@ -143,21 +171,21 @@ def add_row_norm(op, centred, x, residual, normalized_shape, weight, bias, eps, 
         h = np.empty(shape, dtype=rdt) if residual_out is None else residual_out
         y = np.empty(shape, dtype=rdt) if out is None else out
         return y, h, mean, rstd
-    xk = _kernel_input(x, cdt, rows, cols)
-    rk = _kernel_input(r, cdt, rows, cols)
+    xk = _kernel_input(x, kdt, rows, cols)
+    rk = _kernel_input(r, kdt, rows, cols)
     inputs = (xk, rk)
     h = _target(residual_out, rows, cols, inputs, (w, b))
     if h is None:
-        h = empty(shape, cdt, xk)
+        h = empty(shape, kdt, xk)
     write_padding = True
     if out is None and row_mask is not None:
-        y, write_padding = masked_output(shape, cdt, xk)
+        y, write_padding = masked_output(shape, kdt, xk)
     else:
         y = _target(out, rows, cols, inputs, (w, b))
         if y is None:
-            y = empty(shape, cdt, xk)
+            y = empty(shape, kdt, xk)
     _call(centred, xk, y, cols, w, b, stats, eps, threads_for(x.size), row_mask,
-          write_padding, rk, h)
+          write_padding, rk, h, half)
     return _result(y, out, shape), _result(h, residual_out, shape), mean, rstd
 
 

@@ -1,8 +1,10 @@
 """Argument checks and the dtype policy, shared by every public function and layer.
 
 Dtype policy (NumPy's rule for ``mean``): float32 and float64 are computed natively; float16
-is computed in float32 and returned as float16; bool and integers are computed and returned
-in float64; anything else (complex, object, strings, datetimes, long double) is a TypeError.
+and bfloat16 (ml_dtypes' dtype, recognized without importing ml_dtypes) are computed in
+float32 and returned in their own dtype (the row norms read and write them in the kernels,
+the other ops convert); bool and integers are computed and returned in float64; anything else
+(complex, object, strings, datetimes, long double) is a TypeError.
 """
 import operator
 
@@ -24,6 +26,23 @@ def as_array(x, name="input"):
         raise TypeError(f"{name} must be array-like, got {type(x).__name__}: {exc}") from None
 
 
+def is_bfloat16(dtype):
+    """Whether dtype is ml_dtypes' bfloat16 (by its name and module: ml_dtypes not imported)."""
+    return (dtype.kind == "V" and dtype.itemsize == 2 and dtype.name == "bfloat16"
+            and getattr(dtype.type, "__module__", "").startswith("ml_dtypes"))
+
+
+def is_half(dtype):
+    """Whether dtype is a 16-bit float the kernels read and write (float16, bfloat16), in
+    native byte order."""
+    return (dtype.kind == "f" and dtype.itemsize == 2 and dtype.isnative) or is_bfloat16(dtype)
+
+
+def is_real(dtype):
+    """Whether dtype is bool, an integer or a real float (bfloat16 included)."""
+    return dtype.kind in "biuf" or is_bfloat16(dtype)
+
+
 def dtypes(dtype, op):
     """(compute dtype, result dtype) for an input dtype, or TypeError naming it."""
     if dtype is _F32 or dtype is _F64:
@@ -36,9 +55,11 @@ def dtypes(dtype, op):
         return _F32, _F16
     if kind in "biu":
         return _F64, _F64
+    if is_bfloat16(dtype):
+        return _F32, dtype
     raise TypeError(
-        f"cynorm.{op}: unsupported dtype {dtype}; expected float16, float32, float64, "
-        "an integer or a bool array"
+        f"cynorm.{op}: unsupported dtype {dtype}; expected float16, bfloat16, float32, "
+        "float64, an integer or a bool array"
     )
 
 
@@ -78,7 +99,7 @@ def param(value, name, shape, cdt=_F64):
     arr = as_array(value, name)
     if arr.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
-    if arr.dtype.kind not in "biuf":
+    if not is_real(arr.dtype):
         raise TypeError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
     return np.ascontiguousarray(arr, dtype=cdt)
 

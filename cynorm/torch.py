@@ -2,7 +2,9 @@
 
 Needs torch; ``import cynorm`` never imports this module.  CPU tensors of float16, float32 and
 float64 are passed to the kernels without copies (``Tensor.numpy()`` shares memory, so the
-running statistics of BatchNorm are updated in place); other devices and dtypes raise.
+running statistics of BatchNorm are updated in place); bfloat16 tensors too, seen as 16-bit
+integers and then as ml_dtypes' bfloat16 (ml_dtypes is imported at the first one); other
+devices and dtypes raise.  Results have the input's dtype.
 
     import cynorm.torch
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), cynorm.torch.LayerNorm(32))
@@ -18,7 +20,17 @@ __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "batch_no
            "instance_norm", "LayerNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
            "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
-_DTYPES = (torch.float16, torch.float32, torch.float64)
+_DTYPES = (torch.float16, torch.float32, torch.float64, torch.bfloat16)
+
+
+def _bfloat16():
+    """ml_dtypes' bfloat16 NumPy dtype (imported at the first bfloat16 tensor)."""
+    try:
+        import ml_dtypes  # noqa: PLC0415 - only bfloat16 tensors need it
+    except ImportError:
+        raise TypeError("cynorm.torch needs ml_dtypes for bfloat16 tensors "
+                        "(pip install ml_dtypes)") from None
+    return ml_dtypes.bfloat16
 
 
 def _np(t):
@@ -27,12 +39,22 @@ def _np(t):
     if t.device.type != "cpu":
         raise ValueError(f"cynorm.torch works on CPU tensors, got a tensor on {t.device}")
     if t.dtype not in _DTYPES:
-        raise TypeError(f"cynorm.torch takes float16, float32 or float64 tensors, got {t.dtype}")
+        raise TypeError(f"cynorm.torch takes float16, bfloat16, float32 or float64 tensors, got "
+                        f"{t.dtype}")
+    if t.dtype is torch.bfloat16:  # the same memory, as bits, then as ml_dtypes' bfloat16
+        return t.detach().view(torch.int16).numpy().view(_bfloat16())
     return t.detach().numpy()
 
 
+def _from_np(a):
+    """A tensor sharing a's memory (bfloat16 through its bits)."""
+    if a.dtype.kind == "V" and a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view("int16")).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
 def _tensor(a, like):
-    return None if a is None else torch.from_numpy(a).to(like.dtype)
+    return None if a is None else _from_np(a).to(like.dtype)
 
 
 class _LayerNormFunction(torch.autograd.Function):
@@ -42,7 +64,7 @@ class _LayerNormFunction(torch.autograd.Function):
                                      return_stats=True)
         ctx.save_for_backward(x, weight, bias)
         ctx.stats = (mean, rstd, tuple(normalized_shape))
-        return torch.from_numpy(y)
+        return _from_np(y)
 
     @staticmethod
     @once_differentiable
@@ -60,7 +82,7 @@ class _RMSNormFunction(torch.autograd.Function):
         y, rstd = F.rms_norm(_np(x), normalized_shape, _np(weight), eps, return_stats=True)
         ctx.save_for_backward(x, weight)
         ctx.stats = (rstd, normalized_shape)
-        return torch.from_numpy(y)
+        return _from_np(y)
 
     @staticmethod
     @once_differentiable
@@ -84,10 +106,10 @@ class _AddNormFunction(torch.autograd.Function):
             y, h, rstd = F.add_rms_norm(_np(x), _np(residual), normalized_shape, _np(weight),
                                         eps, return_stats=True)
             mean = None
-        h = torch.from_numpy(h)
+        h = _from_np(h)
         ctx.save_for_backward(h, weight, bias)
         ctx.stats = (mean, rstd, normalized_shape, centred)
-        return torch.from_numpy(y), h
+        return _from_np(y), h
 
     @staticmethod
     @once_differentiable
@@ -115,7 +137,7 @@ class _BatchNormFunction(torch.autograd.Function):
                                        axis=1, return_stats=True)
         ctx.save_for_backward(x, weight, bias)
         ctx.stats = (mean, invstd, training)
-        return torch.from_numpy(y)
+        return _from_np(y)
 
     @staticmethod
     @once_differentiable
@@ -142,7 +164,7 @@ def _from_channels(a, axis):
     """The kernels' result as a tensor of the input's layout (channels_last stays so)."""
     if axis == -1:
         a = a.transpose((0, a.ndim - 1) + tuple(range(1, a.ndim - 1)))
-    return torch.from_numpy(a)
+    return _from_np(a)
 
 
 class _GroupNormFunction(torch.autograd.Function):

@@ -20,18 +20,19 @@ cdef extern from *:
     #ifndef CYNORM_BUILD_FLAGS
     #define CYNORM_BUILD_FLAGS ""
     #endif
-    /* 1 when this CPU (and the OS) runs code built for the ISA level: 0 baseline, 1 AVX2+FMA,
+    /* 1 when this CPU (and the OS) runs code built for the ISA level: 0 baseline, 1 AVX2+FMA+F16C,
        2 AVX-512 F/CD/DQ/BW/VL.  GCC and Clang on x86 only; elsewhere only the baseline. */
     static int cynorm_cpu_supports(int level) {
     #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
         __builtin_cpu_init();
         if (level == 1)
-            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+                && __builtin_cpu_supports("f16c");
         if (level == 2)
             return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512cd")
                 && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw")
                 && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2")
-                && __builtin_cpu_supports("fma");
+                && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     #endif
         return level == 0;
     }

@@ -24,6 +24,7 @@ cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.math cimport sqrt, isinf, isfinite, fabs, ilogb, ldexp, NAN
 from libc.stdlib cimport calloc, malloc, free
+from libc.stdint cimport uint16_t
 from libc.string cimport memcpy, memset
 
 from _common cimport floating, CYNORM_HAVE_OPENMP, CYNORM_BUILD_FLAGS
@@ -50,6 +51,7 @@ include "core/stores.pxi"
 include "core/rescue.pxi"
 include "core/drivers.pxi"
 include "core/rows.pxi"
+include "core/halves.pxi"
 include "core/rows_backward.pxi"
 
 # The ops: one file per family (forward and backward).  A new op is a new file here.

@@ -200,6 +200,43 @@ def hostile(rng, shape, dtype=np.float64, offset=None, scale=None):
     return x.astype(dtype)
 
 
+def bfloat16_or_skip():
+    """ml_dtypes' bfloat16, or a skip naming the reason (the test extra installs ml_dtypes)."""
+    ml_dtypes = optional("ml_dtypes")
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def half_dtype(name):
+    """float16, or bfloat16 (a skip without ml_dtypes)."""
+    return np.dtype(np.float16) if name == "float16" else bfloat16_or_skip()
+
+
+def correctly_rounded(ref, dtype):
+    """The float64 values ref rounded once, to nearest even, to the 16-bit dtype (bfloat16
+    by its 8-bit significand in float64 arithmetic: a cast through float32 would round twice;
+    float16 by NumPy's cast, which rounds from float64 directly)."""
+    ref = np.asarray(ref, np.float64)
+    if dtype == np.float16:
+        return ref.astype(np.float16)
+    with np.errstate(all="ignore"):
+        m, e = np.frexp(ref)
+        r = np.ldexp(np.round(m * 256.0) / 256.0, e)  # exact steps; np.round: half to even
+    r = np.where(np.isfinite(ref), r, ref)
+    return r.astype(np.float32).astype(dtype)  # exact: r has 8 significant bits
+
+
+def ulps16(a, b):
+    """Per element, how many 16-bit floats apart a and b are (same 16-bit dtype; +0 and -0
+    are the same; NaN vs NaN is 0, NaN vs a number a large count)."""
+    def ordered(v):
+        i = np.asarray(v).view(np.uint16).astype(np.int64)
+        return np.where(i & 0x8000, -(i & 0x7FFF), i)
+    d = np.abs(ordered(a) - ordered(b))
+    na = np.isnan(np.asarray(a, np.float32))
+    nb = np.isnan(np.asarray(b, np.float32))
+    return np.where(na & nb, 0, np.where(na | nb, 1 << 20, d))
+
+
 def at_phase(like, phase):
     """An uninitialized array of like's shape and dtype whose data starts `phase` bytes into a
     64-byte cache line."""

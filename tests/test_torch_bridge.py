@@ -111,8 +111,9 @@ def test_a_model_trains_the_same(torch, ct):
 
 
 def test_unsupported_tensors(torch, ct):
-    with pytest.raises(TypeError, match="bfloat16"):
-        ct.layer_norm(torch.ones(2, 3, dtype=torch.bfloat16), 3)
+    for dt in (torch.int32, torch.complex64, torch.bool):
+        with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64 tensors"):
+            ct.layer_norm(torch.ones(2, 3, dtype=dt), 3)
     x = np.ones((2, 3), np.float32)
     y = ct.layer_norm(torch.from_numpy(x), 3)
     assert y.dtype == torch.float32

@@ -95,6 +95,22 @@ cdef inline void norm_finish(const floating* x, floating* y, Py_ssize_t n, const
     """The rest of a row once its statistics (and rstd = 1 / sqrt(m2 / n + eps)) are known
     (nxt: the next row, prefetched while this one is written; mean_out NULL: not kept)."""
     cdef floating mh, ml, rs
+    if row_scale(x, y, n, w, b, eps, centred, hi, lo, m2, rstd, mean_out, rstd_out, stream,
+                 &mh, &ml, &rs):
+        return
+    if stream or nxt != NULL:
+        apply_prefetching(x, y, n, mh, ml, rs, w, b, nxt, stream)
+    else:
+        apply_plain(x, y, n, mh, ml, rs, w, b)
+
+
+cdef inline bint row_scale(const floating* x, floating* y, Py_ssize_t n, const floating* w,
+                           const floating* b, double eps, bint centred, double hi, double lo,
+                           double m2, double rstd, double* mean_out, double* rstd_out,
+                           bint stream, floating* mh, floating* ml, floating* rs) noexcept nogil:
+    """A row's statistics kept, and its mean (mh + ml) and rstd (rs) as the output takes them;
+    or 1 when the row's statistics left the float range and the row was redone (y written)
+    scaled by a power of two."""
     cdef bint rescale
     if floating is float:
         # deviations near FLT_MAX would overflow x - mean in float32, or 1 / std would
@@ -105,7 +121,7 @@ cdef inline void norm_finish(const floating* x, floating* y, Py_ssize_t n, const
         rescale = not isfinite(m2) or (m2 < TINY_M2 and eps < TINY_M2 and m2 > 0.0) or (
             m2 == 0.0 and eps == 0.0)
     if rescale and rescaled_row(x, y, n, w, b, eps, centred, mean_out, rstd_out, stream):
-        return
+        return 1
     if not isfinite(m2) and (centred or m2 != m2):
         # inf or NaN in the row itself: NaN out, never silent zeros (uncentred, an inf with no
         # NaN gives rstd = 0, torch's result: 0 for the finite elements, NaN for the inf)
@@ -114,12 +130,9 @@ cdef inline void norm_finish(const floating* x, floating* y, Py_ssize_t n, const
         mean_out[0] = hi + lo
     if rstd_out != NULL:
         rstd_out[0] = rstd
-    split_mean(hi, lo, &mh, &ml)
-    rs = <floating>rstd
-    if stream or nxt != NULL:
-        apply_prefetching(x, y, n, mh, ml, rs, w, b, nxt, stream)
-    else:
-        apply_plain(x, y, n, mh, ml, rs, w, b)
+    split_mean(hi, lo, mh, ml)
+    rs[0] = <floating>rstd
+    return 0
 
 
 cdef int rescaled_row(const floating* x, floating* y, Py_ssize_t n, const floating* w,

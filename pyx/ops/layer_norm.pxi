@@ -9,7 +9,7 @@
 def layer_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t D, cnp.ndarray weight,
                cnp.ndarray bias, cnp.ndarray mean, cnp.ndarray rstd, double eps, int n_threads,
                cnp.ndarray mask=None, bint write_padding=True, cnp.ndarray residual=None,
-               cnp.ndarray h=None):
+               cnp.ndarray h=None, int half=-1):
     """y = (x - mean) * rstd * weight + bias over each row of D elements of x.
 
     x and y (same dtype) are C-contiguous or 2-D with contiguous rows; weight and bias are
@@ -18,7 +18,13 @@ def layer_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t D, cnp.ndarray weight,
     padding, not computed and written as 0 (not written at all with write_padding=False, for
     a y that holds zeros already: fresh zeroed pages then stay untouched).  residual and h
     (both or neither, laid out as x): h = x + residual is written, and normalized instead of x.
+    half (HALF_F16, HALF_BF16; -1: none): x, y, residual and h are uint16 arrays of float16 or
+    bfloat16 bits, weight and bias float32 (core/halves.pxi).
     """
+    if half >= 0:
+        run_half_norm(x, y, D, weight, bias, mean, rstd, eps, n_threads, mask, write_padding,
+                      True, residual, h, half)
+        return
     run_norm(x, y, D, weight, bias, mean, rstd, eps, n_threads, mask, write_padding, True,
              residual, h)
 

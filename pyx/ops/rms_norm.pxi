@@ -8,9 +8,14 @@
 
 def rms_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t D, cnp.ndarray weight, cnp.ndarray rstd,
              double eps, int n_threads, cnp.ndarray mask=None, bint write_padding=True,
-             cnp.ndarray residual=None, cnp.ndarray h=None):
+             cnp.ndarray residual=None, cnp.ndarray h=None,
+             int half=-1):
     """y = x * rstd * weight over each row of D elements of x, as layer_norm (the same
     arguments, without bias and mean)."""
+    if half >= 0:
+        run_half_norm(x, y, D, weight, None, None, rstd, eps, n_threads, mask, write_padding,
+                      False, residual, h, half)
+        return
     run_norm(x, y, D, weight, None, None, rstd, eps, n_threads, mask, write_padding, False,
              residual, h)
 

@@ -1,0 +1,268 @@
+/* cynorm core: 16-bit floats (IEEE float16 and bfloat16) widened to float32 and narrowed back.
+ *
+ * The kernels keep 16-bit data as uint16_t bit patterns; a row is widened into a float32
+ * scratch row, computed there as float32 data is, and its result narrowed once on the way
+ * out, rounding to nearest even.
+ *
+ * - float16: F16C's vcvtph2ps / vcvtps2ph eight at a time when the build has F16C (the AVX2
+ *   and AVX-512 builds: setup.py adds -mf16c, and _common.pxd's CPU check asks for it), else
+ *   the portable scalar conversions below (subnormals, inf and NaN included).
+ * - bfloat16: the upper half of a float32; widened by a shift, narrowed by adding the
+ *   rounding bias (0x7fff plus the lowest kept bit) before the shift, NaN kept quiet.  Plain
+ *   integer loops, vectorized by the compiler.
+ *
+ * kind 0 is float16, kind 1 bfloat16 (CYNORM_F16, CYNORM_BF16).
+ */
+#ifndef CYNORM_CORE_HALVES_H
+#define CYNORM_CORE_HALVES_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "stores.h"
+
+#define CYNORM_F16 0
+#define CYNORM_BF16 1
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+static inline float cynorm_h2f(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, u;
+    float f;
+    if (e == 0x1f) {
+        u = sign | 0x7f800000u | (m << 13);                /* inf, NaN (payload kept) */
+    } else if (e == 0) {
+        f = (float)m * 5.9604644775390625e-8f;             /* zero, subnormal: m * 2^-24 */
+        memcpy(&u, &f, sizeof u);
+        u |= sign;
+    } else {
+        u = sign | ((e + 112u) << 23) | (m << 13);         /* rebias 15 -> 127 */
+    }
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t cynorm_f2h(float f) {
+    uint32_t u, a, sign;
+    float t;
+    memcpy(&u, &f, sizeof u);
+    sign = (u >> 16) & 0x8000u;
+    a = u & 0x7fffffffu;
+    if (a > 0x7f800000u)                                   /* NaN: quiet, top payload bits */
+        return (uint16_t)(sign | 0x7e00u | ((a >> 13) & 0x3ffu));
+    if (a >= 0x477ff000u)                                  /* from 65520 (rounds up): inf */
+        return (uint16_t)(sign | 0x7c00u);
+    if (a < 0x38800000u) {                                 /* below 2^-14: subnormal or 0 */
+        /* adding 0.5 leaves the value in units of 2^-24 in the low bits, rounded to nearest
+           even by the float addition itself */
+        memcpy(&t, &a, sizeof t);
+        t += 0.5f;
+        memcpy(&a, &t, sizeof a);
+        return (uint16_t)(sign | (a - 0x3f000000u));
+    }
+    /* normal: rebias 127 -> 15 (-112 << 23), round the 13 dropped bits to nearest even (a
+       carry into the exponent is the correct result) */
+    a += 0xc8000fffu + ((a >> 13) & 1u);
+    return (uint16_t)(sign | (a >> 13));
+}
+
+static inline float cynorm_bf2f(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t cynorm_f2bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((u >> 16) | 0x40u);              /* NaN stays NaN, quiet */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+#define CYNORM_HALF_VECTORS 1
+typedef uint32_t cynorm_v8u __attribute__((vector_size(32)));
+typedef uint16_t cynorm_v8h __attribute__((vector_size(16)));
+
+/* eight floats narrowed to eight 16-bit values in a register, rounded to nearest even */
+static inline cynorm_v8h cynorm_pack8(cynorm_v8f v, int kind) {
+    if (kind == CYNORM_BF16) {
+#if defined(__AVX2__)
+        const __m256i u = _mm256_castps_si256((__m256)v), top = _mm256_srli_epi32(u, 16);
+        __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
+                                     _mm256_and_si256(top, _mm256_set1_epi32(1)));
+        __m256 nan = _mm256_cmp_ps((__m256)v, (__m256)v, _CMP_UNORD_Q);
+        r = _mm256_castps_si256(_mm256_blendv_ps(
+            _mm256_castsi256_ps(_mm256_srli_epi32(r, 16)),
+            _mm256_castsi256_ps(_mm256_or_si256(top, _mm256_set1_epi32(0x40))), nan));
+        /* the eight 16-bit values (all < 2^16: packus keeps them) in the low 128 bits */
+        r = _mm256_packus_epi32(r, r);
+        return (cynorm_v8h)_mm256_castsi256_si128(_mm256_permute4x64_epi64(r, 0x08));
+#else
+        cynorm_v8u u, r, q, m;
+        memcpy(&u, &v, sizeof u);
+        r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+        q = (u >> 16) | 0x40u;                          /* NaN: quiet */
+        m = (cynorm_v8u)((u & 0x7fffffffu) > 0x7f800000u);
+        return __builtin_convertvector((r & ~m) | (q & m), cynorm_v8h);
+#endif
+    }
+#if defined(__F16C__)
+    return (cynorm_v8h)_mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+    {
+        cynorm_v8h o;
+        for (int k = 0; k < 8; k++)
+            o[k] = cynorm_f2h(v[k]);
+        return o;
+    }
+#endif
+}
+
+static inline void cynorm_narrow8(cynorm_v8f v, uint16_t* d, int kind) {
+    cynorm_v8h o = cynorm_pack8(v, kind);
+    memcpy(d, &o, sizeof o);
+}
+#else
+#define CYNORM_HALF_VECTORS 0
+#endif
+
+/* d[0:n] = s[0:n] widened to float32 */
+static inline void cynorm_widen_half(const uint16_t* s, float* d, ptrdiff_t n, int kind) {
+    ptrdiff_t j = 0;
+    if (kind == CYNORM_BF16) {
+#if CYNORM_HALF_VECTORS
+        for (; j + 8 <= n; j += 8) {
+            cynorm_v8h h;
+            cynorm_v8u u;
+            memcpy(&h, s + j, sizeof h);
+            u = __builtin_convertvector(h, cynorm_v8u) << 16;
+            memcpy(d + j, &u, sizeof u);
+        }
+#endif
+        for (; j < n; j++)
+            d[j] = cynorm_bf2f(s[j]);
+        return;
+    }
+#if defined(__F16C__)
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(d + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + j))));
+#endif
+    for (; j < n; j++)
+        d[j] = cynorm_h2f(s[j]);
+}
+
+/* d[0:n] = s[0:n] narrowed, rounded to nearest even */
+static inline void cynorm_narrow_half(const float* s, uint16_t* d, ptrdiff_t n, int kind) {
+    ptrdiff_t j = 0;
+#if CYNORM_HALF_VECTORS
+    for (; j + 8 <= n; j += 8) {
+        cynorm_v8f v;
+        memcpy(&v, s + j, sizeof v);
+        cynorm_narrow8(v, d + j, kind);
+    }
+#endif
+    for (; j < n; j++)
+        d[j] = kind == CYNORM_BF16 ? cynorm_f2bf(s[j]) : cynorm_f2h(s[j]);
+}
+
+static inline uint16_t cynorm_f2half(float f, int kind) {
+    return kind == CYNORM_BF16 ? cynorm_f2bf(f) : cynorm_f2h(f);
+}
+
+/* y[0:n] = x[0:n], 16-bit elements, streamed in the row's whole lines (as cynorm_copy_nt_f) */
+#if CYNORM_STREAMING
+typedef uint16_t cynorm_nth __attribute__((vector_size(CYNORM_NT_BYTES)));
+#if defined(__AVX512F__)
+#define CYNORM_NT_STORE_H(p, v) _mm512_stream_si512((void*)(p), (__m512i)(v))
+#elif defined(__AVX__)
+#define CYNORM_NT_STORE_H(p, v) _mm256_stream_si256((__m256i*)(p), (__m256i)(v))
+#else
+#define CYNORM_NT_STORE_H(p, v) _mm_stream_si128((__m128i*)(p), (__m128i)(v))
+#endif
+#define CYNORM_STREAM_H(p, v) CYNORM_STREAM(cynorm_nth, CYNORM_NT_STORE_H, p, v)
+CYNORM_COPY_NT(cynorm_copy_nt_h, uint16_t, cynorm_nth, CYNORM_STREAM_H)
+#else
+static void cynorm_copy_nt_h(const uint16_t* x, uint16_t* y, ptrdiff_t n) {
+    memcpy(y, x, n * sizeof(uint16_t));
+}
+#endif
+
+/* LayerNorm's / RMSNorm's row written in 16 bits: y = (x - m) * rs * w + b (w, b: NULL for
+ * none), computed in float64 from the widened row x and narrowed once, with plain stores or
+ * (stream) streamed in the row's whole lines.  float64, not float32: where b cancels
+ * (x - m) * rs * w the output is far smaller than its terms, and float32's rounding of the
+ * terms (about 1e-7 of them) would be several 16-bit ulps of the result. */
+#define CYNORM_HALF_ELEM(j)                                                               \
+    (w ? (b ? ((double)x[j] - m) * rs * (double)w[j] + (double)b[j]                        \
+            : ((double)x[j] - m) * rs * (double)w[j])                                      \
+       : (b ? ((double)x[j] - m) * rs + (double)b[j] : ((double)x[j] - m) * rs))
+
+#if CYNORM_HALF_VECTORS
+typedef double cynorm_v8d __attribute__((vector_size(64)));
+
+static inline cynorm_v8f cynorm_half_block(const float* x, const float* w, const float* b,
+                                           double m, double rs) {
+    cynorm_v8f xv, wv, bv;
+    cynorm_v8d r;
+    memcpy(&xv, x, sizeof xv);
+    r = (__builtin_convertvector(xv, cynorm_v8d) - m) * rs;
+    if (w) {
+        memcpy(&wv, w, sizeof wv);
+        r = r * __builtin_convertvector(wv, cynorm_v8d);
+    }
+    if (b) {
+        memcpy(&bv, b, sizeof bv);
+        r = r + __builtin_convertvector(bv, cynorm_v8d);
+    }
+    /* float64 -> float32 -> 16 bits: the second rounding can move a value that the first
+       left on a tie by one unit, never more */
+    return __builtin_convertvector(r, cynorm_v8f);
+}
+#endif
+
+static void cynorm_apply_half(const float* x, uint16_t* y, ptrdiff_t n, double m, double rs,
+                              const float* w, const float* b, int kind, int stream) {
+    ptrdiff_t j = 0;
+#if CYNORM_HALF_VECTORS
+#if CYNORM_STREAMING
+    if (stream) {
+        cynorm_nth hv;
+#define CYNORM_HB(k) cynorm_pack8(cynorm_half_block(x + j + (k), w ? w + j + (k) : NULL,     \
+                                                    b ? b + j + (k) : NULL, m, rs), kind)
+        /* one vector of CYNORM_NT_BYTES built in registers from 8-element blocks (through
+           memory it stalls on store forwarding at every streamed store) */
+#if CYNORM_NT_BYTES == 64
+#define CYNORM_HALF_NT_VEC()                                                              \
+        hv = (cynorm_nth)_mm512_inserti64x4(                                              \
+            _mm512_castsi256_si512(_mm256_set_m128i((__m128i)CYNORM_HB(8), (__m128i)CYNORM_HB(0))), \
+            _mm256_set_m128i((__m128i)CYNORM_HB(24), (__m128i)CYNORM_HB(16)), 1)
+#elif CYNORM_NT_BYTES == 32
+#define CYNORM_HALF_NT_VEC()                                                              \
+        hv = (cynorm_nth)_mm256_set_m128i((__m128i)CYNORM_HB(8), (__m128i)CYNORM_HB(0))
+#else
+#define CYNORM_HALF_NT_VEC() hv = (cynorm_nth)CYNORM_HB(0)
+#endif
+        CYNORM_NT_ROW(uint16_t, y, n, y[j] = cynorm_f2half((float)CYNORM_HALF_ELEM(j), kind),
+            CYNORM_HALF_NT_VEC();
+            CYNORM_STREAM_H(y + j, hv));
+#undef CYNORM_HALF_NT_VEC
+#undef CYNORM_HB
+        return;
+    }
+#endif
+    for (; j + 8 <= n; j += 8)
+        cynorm_narrow8(cynorm_half_block(x + j, w ? w + j : NULL, b ? b + j : NULL, m, rs),
+                       y + j, kind);
+#endif
+    (void)stream;
+    for (; j < n; j++)
+        y[j] = cynorm_f2half((float)CYNORM_HALF_ELEM(j), kind);
+}
+
+#endif /* CYNORM_CORE_HALVES_H */

@@ -1,0 +1,182 @@
+# Core: the row normalizer on 16-bit floats (float16, bfloat16), forward.
+#
+# A row of 16-bit elements is widened into a per-thread float32 scratch row (core/halves.h),
+# normalized there by the float32 row normalizer (norm_row, core/rows.pxi: float64
+# statistics, the split mean), and its output narrowed once, rounding to nearest even,
+# straight into y (or through a 16-bit scratch row, streamed, for outputs far larger than
+# the cache).  Each row is read in full before any of its outputs is written, so y (and h)
+# may be x (or residual) themselves, row for row, as for the float rows.
+#
+# The residual-add forms: h = x + residual in float32, rounded once to the 16-bit type and
+# written out (torch's add in half precision); the rounded h is what is normalized.
+
+cdef extern from "core/halves.h" nogil:
+    enum:
+        HALF_F16 "CYNORM_F16"
+        HALF_BF16 "CYNORM_BF16"
+    void cynorm_widen_half(const uint16_t* s, float* d, Py_ssize_t n, int kind) noexcept
+    void cynorm_narrow_half(const float* s, uint16_t* d, Py_ssize_t n, int kind) noexcept
+    void cynorm_copy_nt_h(const uint16_t* x, uint16_t* y, Py_ssize_t n) noexcept
+    void cynorm_apply_half(const float* x, uint16_t* y, Py_ssize_t n, double m, double rs,
+                           const float* w, const float* b, int kind, int stream) noexcept
+
+
+cdef inline bint is_bits16(cnp.ndarray a) noexcept:
+    return cnp.PyArray_TYPE(a) == cnp.NPY_UINT16
+
+
+cdef inline void put_half_row(const float* ys, uint16_t* y, uint16_t* hs, Py_ssize_t n,
+                              int kind, bint stream) noexcept nogil:
+    """y[0:n] = ys narrowed: directly, or through hs with streaming stores."""
+    if stream:
+        cynorm_narrow_half(ys, hs, n, kind)
+        cynorm_copy_nt_h(hs, y, n)
+    else:
+        cynorm_narrow_half(ys, y, n, kind)
+
+
+cdef inline void apply_half_row(const float* xs, uint16_t* y, Py_ssize_t n, double m,
+                                double rs, const float* w, const float* b, int kind,
+                                bint stream, const uint16_t* nxt) noexcept nogil:
+    """A row's 16-bit output from its widened row xs; with nxt (the next input row, else
+    NULL), in chunks that start on y's lines, each after a prefetch of the same part of nxt
+    (as the float rows' apply_prefetching: the next row's widening then reads the cache)."""
+    cdef Py_ssize_t c0 = 0, c1, k
+    cdef Py_ssize_t e = <Py_ssize_t>((-<Py_ssize_t>y) & (CYNORM_LINE_BYTES - 1)) // 2
+    if nxt == NULL:
+        cynorm_apply_half(xs, y, n, m, rs, w, b, kind, stream)
+        return
+    while c0 < n:
+        c1 = e + PREFETCH_CHUNK if e + PREFETCH_CHUNK < n else n
+        k = c0 * 2
+        while k < c1 * 2:
+            cynorm_prefetch(<const char*>nxt + k)
+            k += CYNORM_LINE_BYTES
+        cynorm_apply_half(xs + c0, y + c0, c1 - c0, m, rs, w + c0 if w != NULL else NULL,
+                          b + c0 if b != NULL else NULL, kind, stream)
+        c0 = c1
+        e = c1
+
+
+cdef void half_norm_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssize_t ldy,
+                         Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t D, const float* w,
+                         const float* b, double eps, bint centred, double* mean, double* rstd,
+                         const unsigned char* mask, bint write_padding, bint stream,
+                         bint prefetch, const uint16_t* res, Py_ssize_t ldr, uint16_t* h,
+                         Py_ssize_t ldh, float* scratch, int kind) noexcept nogil:
+    # scratch: this thread's 2·D floats then D 16-bit elements (the widened row; the output
+    # and the narrowed row of a row redone by the rescue, and h's sum).  Padding rows (mask
+    # 0): y written as 0 (unless write_padding is off), statistics left alone; h is written
+    # for every row.  prefetch: the next row of x is prefetched while this one is written.
+    cdef float* xs = scratch
+    cdef float* ys = scratch + D
+    cdef uint16_t* hs = <uint16_t*>(scratch + 2 * D)
+    cdef Py_ssize_t i, j, k
+    cdef double hi, lo, m2, rsd
+    cdef float mh, ml, rs
+    for i in range(r0, r1):
+        if res != NULL:
+            cynorm_widen_half(x + i * ldx, xs, D, kind)
+            cynorm_widen_half(res + i * ldr, ys, D, kind)
+            for j in range(D):
+                xs[j] = xs[j] + ys[j]
+            put_half_row(xs, h + i * ldh, hs, D, kind, stream)
+            # the rounded h, read back from the row just written (in cache)
+            cynorm_widen_half(hs if stream else h + i * ldh, xs, D, kind)
+        if mask != NULL and not mask[i]:
+            if write_padding:
+                memset(y + i * ldy, 0, D * sizeof(uint16_t))
+            continue
+        if res == NULL:
+            cynorm_widen_half(x + i * ldx, xs, D, kind)
+        hi = 0.0
+        lo = 0.0
+        m2 = 0.0
+        row_stats(<const float*>xs, D, centred, &hi, &lo, &m2)
+        rsd = 1.0 / sqrt(m2 / D + eps)
+        if row_scale(<const float*>xs, ys, D, w, b, eps, centred, hi, lo, m2, rsd,
+                     mean + i if mean != NULL else NULL, rstd + i if rstd != NULL else NULL,
+                     False, &mh, &ml, &rs):
+            put_half_row(ys, y + i * ldy, hs, D, kind, stream)   # redone by the rescue
+        else:
+            # the output in float64 (core/halves.h): the mean and rstd as float64, rstd NaN
+            # where row_scale made it so (a non-finite row)
+            apply_half_row(xs, y + i * ldy, D, hi + lo, rsd if rs == rs else NAN, w, b, kind,
+                           stream, x + (i + 1) * ldx if prefetch and i + 1 < r1 else NULL)
+    if stream:
+        cynorm_sfence()
+
+
+cdef void _half_norm(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssize_t ldy,
+                     Py_ssize_t M, Py_ssize_t D, const float* w, const float* b, double* mean,
+                     double* rstd, double eps, bint centred, const unsigned char* mask,
+                     bint write_padding, const uint16_t* res, Py_ssize_t ldr, uint16_t* h,
+                     Py_ssize_t ldh, float* scratch, Py_ssize_t per_thread, int kind,
+                     int n_threads) noexcept nogil:
+    cdef Py_ssize_t t, nbytes = M * D * <Py_ssize_t>sizeof(uint16_t)
+    cdef bint stream, prefetch
+    if res != NULL:
+        nbytes *= 2   # h and y
+    stream = streamed(nbytes, n_threads)
+    prefetch = stream or nbytes >= PREFETCH_BYTES
+    if n_threads <= 1:
+        half_norm_rows(x, ldx, y, ldy, 0, M, D, w, b, eps, centred, mean, rstd, mask,
+                       write_padding, stream, prefetch, res, ldr, h, ldh, scratch, kind)
+        return
+    for t in prange(n_threads, num_threads=n_threads, schedule="static", chunksize=1):
+        half_norm_rows(x, ldx, y, ldy, chunk(M, t, n_threads), chunk(M, t + 1, n_threads), D,
+                       w, b, eps, centred, mean, rstd, mask, write_padding, stream, prefetch,
+                       res, ldr, h, ldh, scratch + t * per_thread, kind)
+
+
+cdef run_half_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t D, cnp.ndarray weight,
+                   cnp.ndarray bias, cnp.ndarray mean, cnp.ndarray rstd, double eps,
+                   int n_threads, cnp.ndarray mask, bint write_padding, bint centred,
+                   cnp.ndarray residual, cnp.ndarray h, int kind):
+    """run_norm for 16-bit data: x, y (and residual, h) are uint16 arrays holding float16
+    (kind HALF_F16) or bfloat16 (HALF_BF16) bits; weight and bias are float32 or None."""
+    cdef Py_ssize_t M = cnp.PyArray_SIZE(x) // D if D > 0 else 0
+    cdef const unsigned char* mk = mask_data(mask, M)
+    cdef Py_ssize_t ldx = row_stride(x, M, D, False), ldy = row_stride(y, M, D, True)
+    cdef Py_ssize_t ldr = 0, ldh = 0, per_thread
+    cdef void* w = optional_data(weight, D, 1)
+    cdef void* b = optional_data(bias, D, 1)
+    cdef double* mp = float64_data(mean, M)
+    cdef double* rp = float64_data(rstd, M)
+    cdef const uint16_t* rd = NULL
+    cdef uint16_t* hd = NULL
+    cdef float* scratch
+    cdef int T = max(1, n_threads)
+    if kind != HALF_F16 and kind != HALF_BF16:
+        raise ValueError(f"unknown 16-bit kind {kind}")
+    if not is_bits16(x) or not is_bits16(y):
+        raise TypeError("16-bit kernels take x and y as uint16 arrays")
+    if (residual is None) != (h is None):
+        raise ValueError("residual and h go together")
+    if residual is not None:
+        ldr = row_stride(residual, M, D, False)
+        ldh = row_stride(h, M, D, True)
+        if not is_bits16(residual) or not is_bits16(h):
+            raise TypeError("16-bit kernels take residual and h as uint16 arrays")
+        rd = <const uint16_t*>cnp.PyArray_DATA(residual)
+        hd = <uint16_t*>cnp.PyArray_DATA(h)
+    if M == 0:
+        return
+    # per thread: 2·D floats and D 16-bit elements, rounded up to whole 64-byte lines
+    per_thread = ((2 * D * 4 + D * 2 + 63) // 64) * 16
+    scratch = <float*>malloc(T * per_thread * sizeof(float))
+    if scratch == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            _half_norm(<const uint16_t*>cnp.PyArray_DATA(x), ldx,
+                       <uint16_t*>cnp.PyArray_DATA(y), ldy, M, D, <const float*>w,
+                       <const float*>b, mp, rp, eps, centred, mk, write_padding, rd, ldr, hd,
+                       ldh, scratch, per_thread, kind, T)
+    finally:
+        free(scratch)
+
+
+# the kinds as the front end passes them (layer_norm's and rms_norm's half=)
+HALF_FLOAT16 = HALF_F16
+HALF_BFLOAT16 = HALF_BF16

@@ -1,0 +1,307 @@
+"""16-bit floats (float16, bfloat16): read and written by the row norms' kernels (LayerNorm,
+RMSNorm and their residual forms), converted by the other ops.  Each output element is within
+one unit in the last place of the correctly rounded float64 reference computed from the same
+16-bit input."""
+import numpy as np
+import pytest
+
+import cynorm
+from conftest import (at_phase, correctly_rounded, half_dtype, optional, reference_norm,
+                      reference_rms, ulps16)
+
+HALVES = ["float16", "bfloat16"]
+
+
+def _data(rng, shape, dt, offset_sigmas=1e3, scale=3.0):
+    """16-bit data whose mean lies offset_sigmas standard deviations from zero."""
+    x = scale * offset_sigmas + scale * rng.standard_normal(shape)
+    return x.astype(np.float32).astype(dt)
+
+
+def _ref(op, x, D, w=None, b=None, eps=None):
+    x64 = x.astype(np.float64)
+    w64 = None if w is None else w.astype(np.float64)
+    if op == "layer_norm":
+        b64 = None if b is None else b.astype(np.float64)
+        return reference_norm(x64, (-1,), w64, b64, 1e-5 if eps is None else eps, (D,))
+    return reference_rms(x64, D, w64, eps)[0]
+
+
+def _call(op, x, D, w, b, **kw):
+    if op == "layer_norm":
+        return cynorm.layer_norm(x, D, w, b, **kw)
+    return cynorm.rms_norm(x, D, w, **kw)
+
+
+def _check(y, ref, dt):
+    assert y.dtype == dt
+    u = ulps16(y, correctly_rounded(ref, dt))
+    assert u.max() <= 1, f"{int(u.max())} ulps at {np.unravel_index(u.argmax(), u.shape)}"
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("D", [1, 7, 64, 300, 4099])
+@pytest.mark.parametrize("params", ["none", "float32", "input"])
+def test_within_one_ulp_of_the_reference(rng, name, op, D, params):
+    dt = half_dtype(name)
+    x = _data(rng, (37, D), dt)
+    w = b = None
+    if params != "none":
+        pdt = np.float32 if params == "float32" else dt
+        w = rng.uniform(0.5, 2.0, D).astype(pdt)
+        b = rng.standard_normal(D).astype(pdt)
+    y = _call(op, x, D, w, b)
+    _check(y, _ref(op, x, D, w, b), dt)
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_statistics_are_float64(rng, name):
+    dt = half_dtype(name)
+    x = _data(rng, (5, 3, 200), dt)
+    y, mean, rstd = cynorm.layer_norm(x, 200, return_stats=True)
+    x64 = x.astype(np.float64)
+    assert mean.dtype == rstd.dtype == np.float64 and mean.shape == (5, 3, 1)
+    np.testing.assert_allclose(mean, x64.mean(-1, keepdims=True), rtol=1e-15)
+    np.testing.assert_allclose(rstd, 1 / np.sqrt(x64.var(-1, keepdims=True) + 1e-5), rtol=1e-12)
+    y2, rstd2 = cynorm.rms_norm(x, 200, return_stats=True)
+    ms = np.mean(x64 * x64, -1, keepdims=True) + np.finfo(np.float32).eps
+    np.testing.assert_allclose(rstd2, 1 / np.sqrt(ms), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_out_in_place_and_strided_rows(rng, name, op):
+    dt = half_dtype(name)
+    wide = _data(rng, (40, 129), dt, offset_sigmas=10)
+    x = wide[:, 1:121]   # rows with a stride, not C-contiguous
+    w = rng.uniform(0.5, 2, 120).astype(np.float32)
+    ref = _ref(op, x, 120, w)
+    _check(_call(op, x, 120, w, None), ref, dt)
+    for phase in (0, 2, 30):
+        out = at_phase(np.empty((40, 120), dt), phase)
+        y = _call(op, x, 120, w, None, out=out)
+        assert y is out
+        _check(y, ref, dt)
+    xc = np.ascontiguousarray(x)
+    y = _call(op, xc, 120, w, None, out=xc)   # in place
+    assert y is xc
+    _check(xc, ref, dt)
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_large_outputs_stream(rng, name, op):
+    """Outputs past the streaming threshold (policy.h CYNORM_STREAM_BYTES), at a phase that
+    leaves partial lines at both ends of every row."""
+    dt = half_dtype(name)
+    x = _data(rng, (1536, 8200), dt, offset_sigmas=100)   # 25 MB of 16-bit output
+    out = at_phase(x, 6)
+    y = _call(op, x, 8200, None, None, out=out)
+    assert y is out
+    _check(y, _ref(op, x, 8200), dt)
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("op", ["add_layer_norm", "add_rms_norm"])
+def test_residual_forms(rng, name, op):
+    dt = half_dtype(name)
+    x = _data(rng, (3, 11, 513), dt, offset_sigmas=30)
+    r = _data(rng, (3, 11, 513), dt, offset_sigmas=0)
+    w = rng.uniform(0.5, 2, 513).astype(dt)
+    fn = getattr(cynorm, op)
+    y, h = fn(x, r, 513, w) if op == "add_rms_norm" else fn(x, r, 513, w, None)
+    # h: the sum rounded once to the 16-bit type (torch's add)
+    want_h = (x.astype(np.float32) + r.astype(np.float32)).astype(dt)
+    assert h.dtype == dt
+    np.testing.assert_array_equal(h.view(np.uint16), want_h.view(np.uint16))
+    _check(y, _ref(op[4:], want_h, 513, w), dt)
+    # in place: y over x, h over the residual
+    y2, h2 = fn(x, r, 513, w, out=x, residual_out=r) if op == "add_rms_norm" else fn(
+        x, r, 513, w, None, out=x, residual_out=r)
+    assert y2 is x and h2 is r
+    np.testing.assert_array_equal(r.view(np.uint16), want_h.view(np.uint16))
+    np.testing.assert_array_equal(x.view(np.uint16), y.view(np.uint16))
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_masks(rng, name, op):
+    dt = half_dtype(name)
+    x = _data(rng, (4, 9, 96), dt, offset_sigmas=50)
+    lengths = np.array([9, 0, 4, 1])
+    y = _call(op, x, 96, None, None, lengths=lengths)
+    for n, L in enumerate(lengths):
+        assert not np.any(y[n, L:].view(np.uint16)), "padding rows must be +0"
+        if L:
+            np.testing.assert_array_equal(
+                y[n, :L].view(np.uint16), _call(op, x[n, :L], 96, None, None).view(np.uint16))
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_nan_and_inf(rng, name):
+    dt = half_dtype(name)
+    x = _data(rng, (4, 50), dt, offset_sigmas=0)
+    x[1, 7] = np.nan
+    x[2, 3] = np.inf
+    y = cynorm.layer_norm(x, 50)
+    assert np.isnan(y[1].astype(np.float32)).all() and np.isnan(y[2].astype(np.float32)).all()
+    _check(y[[0, 3]], _ref("layer_norm", x[[0, 3]], 50), dt)
+    r = cynorm.rms_norm(x, 50)
+    assert np.isnan(r[1].astype(np.float32)).all()
+    # an inf with no NaN: torch's 0 for the finite elements, NaN for the inf
+    r2 = r[2].astype(np.float32)
+    assert np.isnan(r2[3]) and (r2[np.arange(50) != 3] == 0).all()
+
+
+def test_float16_overflow_range_gives_finite_output(rng):
+    """Inputs near float16's largest finite value (65504): the statistics are float64, so the
+    normalized output is finite and within one ulp."""
+    x = np.clip(60000 + 4000 * rng.standard_normal((6, 333)), -65504, 65504).astype(np.float16)
+    x[0, :5] = 65504
+    x[1, :5] = -65504
+    for op in ("layer_norm", "rms_norm"):
+        y = _call(op, x, 333, None, None)
+        assert np.isfinite(y.astype(np.float32)).all()
+        _check(y, _ref(op, x, 333), np.dtype(np.float16))
+
+
+def test_bfloat16_beyond_float32_squares(rng):
+    """bfloat16 spans float32's range: squares that overflow float32 are rescued (the row
+    redone scaled) and the output stays within one ulp."""
+    dt = half_dtype("bfloat16")
+    x = (1e37 * rng.standard_normal((5, 77))).astype(np.float32).astype(dt)
+    for op in ("layer_norm", "rms_norm"):
+        y = _call(op, x, 77, None, None)
+        assert np.isfinite(y.astype(np.float32)).all()
+        _check(y, _ref(op, x, 77), dt)
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_subnormal_inputs_and_outputs(rng, name):
+    dt = half_dtype(name)
+    tiny = float(np.finfo(np.float16).smallest_normal if name == "float16" else 1.1754944e-38)
+    # inputs: subnormal 16-bit values (eps 0, so their own spread is what is normalized)
+    x = (tiny * rng.uniform(-0.9, 0.9, (6, 40))).astype(np.float32).astype(dt)
+    assert np.any(x.astype(np.float32) != 0)
+    for op in ("layer_norm", "rms_norm"):
+        y = _call(op, x, 40, None, None, eps=0.0)
+        _check(y, _ref(op, x, 40, eps=0.0), dt)
+    # outputs: a weight small enough that the normalized values are subnormal halves
+    x = _data(rng, (6, 40), dt, offset_sigmas=0, scale=1.0)
+    w = np.full(40, tiny / 16, np.float32)
+    for op in ("layer_norm", "rms_norm"):
+        y = _call(op, x, 40, w, None)
+        assert np.any((y.astype(np.float32) != 0) & (np.abs(y.astype(np.float32)) < tiny))
+        _check(y, _ref(op, x, 40, w), dt)
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_every_kernels_module(rng, name):
+    """The conversions of every built kernels module (the baseline's portable scalar ones,
+    F16C in the AVX2 build), on tails, subnormals, NaN and values that round up."""
+    from cynorm import _isa
+
+    dt = half_dtype(name)
+    kind_name = "HALF_BFLOAT16" if name == "bfloat16" else "HALF_FLOAT16"
+    x = _data(rng, (9, 203), dt, offset_sigmas=5)
+    x[3, 5] = np.nan
+    w = np.full(203, 1e-6, np.float32)
+    w[:100] = rng.uniform(0.5, 70000.0 if name == "float16" else 1e30, 100)
+    ref = _ref("layer_norm", x, 203, w)
+    levels = _isa.available()
+    assert "baseline" in levels
+    for level in levels:
+        k = _isa.load(level)
+        y = np.empty_like(x)
+        k.layer_norm(x.view(np.uint16), y.view(np.uint16), 203, w, None, None, None, 1e-5, 2,
+                     None, True, None, None, getattr(k, kind_name))
+        ok = np.arange(9) != 3
+        _check(y[ok], ref[ok], dt)
+        assert np.isnan(y[3].astype(np.float32)).all(), level
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_other_ops_convert(rng, name):
+    """BatchNorm, GroupNorm, InstanceNorm and the moments take 16-bit input through float32
+    and return the input's dtype."""
+    dt = half_dtype(name)
+    x = _data(rng, (8, 6, 20), dt, offset_sigmas=20)
+    x64 = x.astype(np.float64)
+    y = cynorm.batch_norm(x, training=True)
+    assert y.dtype == dt
+    _check(y, reference_norm(x64, (0, 2)), dt)
+    y = cynorm.group_norm(x, 3)
+    assert y.dtype == dt
+    _check(y, reference_norm(x64.reshape(8, 3, 40), (2,)).reshape(x.shape), dt)
+    y = cynorm.instance_norm(x)
+    assert y.dtype == dt
+    _check(y, reference_norm(x64, (2,)), dt)
+    m = cynorm.moments(x, axis=(0, 2))
+    np.testing.assert_allclose(m.mean, x64.mean((0, 2)), rtol=1e-14)
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_backward_in_the_input_dtype(rng, name):
+    dt = half_dtype(name)
+    x = _data(rng, (16, 64), dt, offset_sigmas=10)
+    g = _data(rng, (16, 64), dt, offset_sigmas=0, scale=1.0)
+    w = rng.uniform(0.5, 2, 64).astype(dt)
+    _, mean, rstd = cynorm.layer_norm(x, 64, w, None, return_stats=True)
+    dx, dw, db = cynorm.layer_norm_backward(g, x, mean, rstd, 64, w, w)
+    assert dx.dtype == dw.dtype == db.dtype == dt
+    g64, x64 = g.astype(np.float64), x.astype(np.float64)
+    xh = (x64 - x64.mean(1, keepdims=True)) / np.sqrt(x64.var(1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(db.astype(np.float64), g64.sum(0), rtol=2e-2, atol=1e-2)
+    np.testing.assert_allclose(dw.astype(np.float64), (g64 * xh).sum(0), rtol=2e-2, atol=1e-2)
+
+
+def test_bfloat16_recognized_without_importing_ml_dtypes():
+    import subprocess
+    import sys
+
+    code = ("import sys, cynorm, numpy as np; cynorm.layer_norm(np.ones((2, 3)), 3); "
+            "assert 'ml_dtypes' not in sys.modules, 'import cynorm imported ml_dtypes'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bad_dtypes_still_raise():
+    with pytest.raises(TypeError, match="bfloat16"):
+        cynorm.layer_norm(np.ones((2, 3), np.complex64), 3)
+    x = np.ones((2, 3), np.float16)
+    with pytest.raises(TypeError, match="out must have dtype float16"):
+        cynorm.layer_norm(x, 3, out=np.empty((2, 3), np.float32))
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_torch_half_tensors_under_autograd(rng, torch, name, op):
+    import cynorm.torch as ct
+
+    half_dtype(name)   # bfloat16 needs ml_dtypes
+    tdt = getattr(torch, name)
+    x0 = torch.from_numpy(50 + 3 * rng.standard_normal((12, 96)).astype(np.float32))
+    x = x0.to(tdt).requires_grad_()
+    xt = x0.to(tdt).requires_grad_()
+    w = torch.from_numpy(rng.uniform(0.5, 2, 96).astype(np.float32)).to(tdt).requires_grad_()
+    wt = w.detach().clone().requires_grad_()
+    if op == "layer_norm":
+        y = ct.layer_norm(x, (96,), w, None)
+        yt = torch.nn.functional.layer_norm(xt, (96,), wt, None)
+    else:
+        y = ct.rms_norm(x, (96,), w)
+        yt = torch.nn.functional.rms_norm(xt, (96,), wt)
+    assert y.dtype == tdt
+    # both against the float64 reference: cynorm within 1 ulp, torch's own half result close
+    ref = torch.from_numpy(_ref(op, x.detach().float().numpy().astype(np.float64), 96,
+                                w.detach().float().numpy()))
+    ulp = torch.finfo(tdt).eps * ref.abs().clamp(min=1.0)
+    assert ((y.double() - ref).abs() <= ulp).all()
+    assert ((yt.double() - ref).abs() <= 4 * ulp).all()
+    g = torch.randn(12, 96).to(tdt)
+    y.backward(g)
+    yt.backward(g)
+    assert x.grad.dtype == tdt and w.grad.dtype == tdt
+    tol = 8 * torch.finfo(tdt).eps
+    torch.testing.assert_close(x.grad.float(), xt.grad.float(), rtol=tol, atol=tol * 4)
+    torch.testing.assert_close(w.grad.float(), wt.grad.float(), rtol=tol, atol=tol * 20)
