@@ -56,6 +56,47 @@ def test_within_one_ulp_of_the_reference(rng, name, op, D, params):
 
 
 @pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("D", [16, 203, 4096])
+def test_bias_cancelling_the_product(rng, name, D):
+    """Outputs far smaller than their terms: b chosen as minus the product (to float32), so
+    that most outputs are the product's last bits; the kernels' float32 terms alone would be
+    several 16-bit ulps off there (core/halves.h computes such blocks again in float64)."""
+    dt = half_dtype(name)
+    x = _data(rng, (24, D), dt, offset_sigmas=50)
+    w = rng.uniform(0.5, 2.0, D).astype(np.float32)
+    x64 = x.astype(np.float64)
+    z = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+    b = (-(z[7] * w)).astype(np.float32)   # row 7 cancels almost everywhere, others partly
+    ref = _ref("layer_norm", x, D, w, b)
+    assert np.median(np.abs(ref[7])) < 1e-5 * np.median(np.abs(b))
+    _check(cynorm.layer_norm(x, D, w, b), ref, dt)
+    out = at_phase(np.empty_like(x), 2)
+    _check(cynorm.layer_norm(x, D, w, b, out=out), ref, dt)
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_elements_equal_to_the_mean_give_zero(rng, name):
+    """A row whose mean is one of its elements: there the output is exactly 0 (bfloat16 keeps
+    values down to 1e-38, so the statistics' last bits must not show)."""
+    dt = half_dtype(name)
+    D = 8200
+    x = _data(rng, (24, D), dt, offset_sigmas=100).astype(np.float64)   # 300 + 3 N(0, 1)
+    x = np.clip(x, 258, 510)   # where both types step by 2 (float16 by 0.25)
+    for row in x:   # the sum moved to 300 D by steps of 2 on random elements
+        steps = int(300 * D - row.sum()) // 2
+        idx = rng.choice(D, abs(steps), replace=False)
+        row[idx] += 2 * np.sign(steps)
+        row[0] += 300 * D - row.sum()
+    x = x.astype(dt)
+    assert (x.astype(np.float64).mean(-1) == 300).all()
+    for out in (None, at_phase(np.empty_like(x), 6)):
+        y = cynorm.layer_norm(x, D, out=out)
+        at = x.astype(np.float32) == 300
+        assert at.any() and (y[at].astype(np.float32) == 0).all()
+        _check(y, _ref("layer_norm", x, D), dt)
+
+
+@pytest.mark.parametrize("name", HALVES)
 def test_statistics_are_float64(rng, name):
     dt = half_dtype(name)
     x = _data(rng, (5, 3, 200), dt)

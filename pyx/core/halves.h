@@ -18,6 +18,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 #include "stores.h"
@@ -25,7 +26,7 @@
 #define CYNORM_F16 0
 #define CYNORM_BF16 1
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
@@ -124,10 +125,46 @@ static inline cynorm_v8h cynorm_pack8(cynorm_v8f v, int kind) {
 #endif
 }
 
-static inline void cynorm_narrow8(cynorm_v8f v, uint16_t* d, int kind) {
-    cynorm_v8h o = cynorm_pack8(v, kind);
+/* eight 16-bit values stored from a register (GCC would fold the store into vcvtps2ph's
+   memory form, several times slower on AMD's cores) */
+static inline void cynorm_store8h(uint16_t* d, cynorm_v8h o) {
+#if defined(__SSE2__)
+    __asm__("" : "+x"(o));
+    _mm_storeu_si128((__m128i*)d, (__m128i)o);
+#else
     memcpy(d, &o, sizeof o);
+#endif
 }
+
+static inline void cynorm_narrow8(cynorm_v8f v, uint16_t* d, int kind) {
+    cynorm_store8h(d, cynorm_pack8(v, kind));
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define CYNORM_HALF16 1
+/* the AVX-512 build's blocks of sixteen: cynorm_pack8 and cynorm_half_block on one zmm */
+static inline __m256i cynorm_pack16(__m512 v, int kind) {
+    if (kind == CYNORM_BF16) {
+        const __m512i u = _mm512_castps_si512(v);
+        __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
+                                     _mm512_and_si512(_mm512_srli_epi32(u, 16),
+                                                      _mm512_set1_epi32(1)));
+        /* NaN: (u | quiet bit) >> 16, as cynorm_f2bf */
+        r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), u,
+                                 _mm512_set1_epi32(0x400000));
+        return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+    }
+    return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+static inline void cynorm_narrow16(__m512 v, uint16_t* d, int kind) {
+    __m256i o = cynorm_pack16(v, kind);
+    __asm__("" : "+v"(o));   /* as cynorm_store8h */
+    _mm256_storeu_si256((__m256i*)d, o);
+}
+#else
+#define CYNORM_HALF16 0
+#endif
 #else
 #define CYNORM_HALF_VECTORS 0
 #endif
@@ -136,7 +173,15 @@ static inline void cynorm_narrow8(cynorm_v8f v, uint16_t* d, int kind) {
 static inline void cynorm_widen_half(const uint16_t* s, float* d, ptrdiff_t n, int kind) {
     ptrdiff_t j = 0;
     if (kind == CYNORM_BF16) {
-#if CYNORM_HALF_VECTORS
+#if defined(__AVX512F__)
+        for (; j + 16 <= n; j += 16)
+            _mm512_storeu_si512((void*)(d + j), _mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                _mm256_loadu_si256((const __m256i*)(s + j))), 16));
+#elif defined(__AVX2__)
+        for (; j + 8 <= n; j += 8)
+            _mm256_storeu_si256((__m256i*)(d + j), _mm256_slli_epi32(_mm256_cvtepu16_epi32(
+                _mm_loadu_si128((const __m128i*)(s + j))), 16));
+#elif CYNORM_HALF_VECTORS
         for (; j + 8 <= n; j += 8) {
             cynorm_v8h h;
             cynorm_v8u u;
@@ -149,6 +194,10 @@ static inline void cynorm_widen_half(const uint16_t* s, float* d, ptrdiff_t n, i
             d[j] = cynorm_bf2f(s[j]);
         return;
     }
+#if defined(__AVX512F__)
+    for (; j + 16 <= n; j += 16)
+        _mm512_storeu_ps(d + j, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + j))));
+#endif
 #if defined(__F16C__)
     for (; j + 8 <= n; j += 8)
         _mm256_storeu_ps(d + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + j))));
@@ -160,6 +209,10 @@ static inline void cynorm_widen_half(const uint16_t* s, float* d, ptrdiff_t n, i
 /* d[0:n] = s[0:n] narrowed, rounded to nearest even */
 static inline void cynorm_narrow_half(const float* s, uint16_t* d, ptrdiff_t n, int kind) {
     ptrdiff_t j = 0;
+#if CYNORM_HALF16
+    for (; j + 16 <= n; j += 16)
+        cynorm_narrow16(_mm512_loadu_ps(s + j), d + j, kind);
+#endif
 #if CYNORM_HALF_VECTORS
     for (; j + 8 <= n; j += 8) {
         cynorm_v8f v;
@@ -193,51 +246,116 @@ static void cynorm_copy_nt_h(const uint16_t* x, uint16_t* y, ptrdiff_t n) {
 }
 #endif
 
-/* LayerNorm's / RMSNorm's row written in 16 bits: y = (x - m) * rs * w + b (w, b: NULL for
- * none), computed in float64 from the widened row x and narrowed once, with plain stores or
- * (stream) streamed in the row's whole lines.  float64, not float32: where b cancels
- * (x - m) * rs * w the output is far smaller than its terms, and float32's rounding of the
- * terms (about 1e-7 of them) would be several 16-bit ulps of the result. */
+/* LayerNorm's / RMSNorm's row written in 16 bits, y = (x - mean) * rstd * w + b (w, b: NULL
+ * for none), narrowed once, with plain stores or (stream) streamed in the row's whole lines.
+ *
+ * In float32 as the float rows compute it, ((x - mh) - ml) * (rs * w) + b, except where the
+ * bias cancels most of the product.  The float32 terms carry errors of a few 2^-24 of
+ * |(x - mean) * rstd * w| <= |y| + |b|; while |y| >= 2^-9 |b| that is below 2^-13 |y|, a
+ * quarter of a float16 ulp (2^-11 |y| or more; bfloat16's is larger), so the narrowed result
+ * is the correctly rounded one or its neighbour.  A block with a lane below that bound (or
+ * NaN) is computed again in float64 (m, rsd: the mean and rstd as float64), where the terms'
+ * errors are 2^-53 of them. */
 #define CYNORM_HALF_ELEM(j)                                                               \
-    (w ? (b ? ((double)x[j] - m) * rs * (double)w[j] + (double)b[j]                        \
-            : ((double)x[j] - m) * rs * (double)w[j])                                      \
-       : (b ? ((double)x[j] - m) * rs + (double)b[j] : ((double)x[j] - m) * rs))
+    (w ? (b ? ((x[j] - mh) - ml) * (rs * w[j]) + b[j] : ((x[j] - mh) - ml) * (rs * w[j]))  \
+       : (b ? ((x[j] - mh) - ml) * rs + b[j] : ((x[j] - mh) - ml) * rs))
+#define CYNORM_HALF_ELEM64(j)                                                             \
+    ((float)(w ? (b ? ((double)x[j] - m) * rsd * (double)w[j] + (double)b[j]              \
+                    : ((double)x[j] - m) * rsd * (double)w[j])                            \
+               : (b ? ((double)x[j] - m) * rsd + (double)b[j] : ((double)x[j] - m) * rsd)))
+#define CYNORM_HALF_CANCEL 0.001953125f /* 2^-9 */
+
+static inline float cynorm_half_elem(const float* x, const float* w, const float* b, float mh,
+                                     float ml, float rs, double m, double rsd, ptrdiff_t j) {
+    float v = CYNORM_HALF_ELEM(j);
+    if (b && !(fabsf(v) >= CYNORM_HALF_CANCEL * fabsf(b[j])))
+        v = CYNORM_HALF_ELEM64(j);
+    return v;
+}
 
 #if CYNORM_HALF_VECTORS
-typedef double cynorm_v8d __attribute__((vector_size(64)));
+typedef int32_t cynorm_v8i __attribute__((vector_size(32)));
 
 static inline cynorm_v8f cynorm_half_block(const float* x, const float* w, const float* b,
-                                           double m, double rs) {
-    cynorm_v8f xv, wv, bv;
-    cynorm_v8d r;
+                                           float mh, float ml, float rs, double m,
+                                           double rsd) {
+    cynorm_v8f xv, wv, bv, r;
+    cynorm_v8i ok, mag = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff,
+                          0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
+    int all = 1;
     memcpy(&xv, x, sizeof xv);
-    r = (__builtin_convertvector(xv, cynorm_v8d) - m) * rs;
+    r = (xv - mh) - ml;
     if (w) {
         memcpy(&wv, w, sizeof wv);
-        r = r * __builtin_convertvector(wv, cynorm_v8d);
+        r = r * (rs * wv);
+    } else {
+        r = r * rs;
     }
-    if (b) {
-        memcpy(&bv, b, sizeof bv);
-        r = r + __builtin_convertvector(bv, cynorm_v8d);
-    }
-    /* float64 -> float32 -> 16 bits: the second rounding can move a value that the first
-       left on a tie by one unit, never more */
-    return __builtin_convertvector(r, cynorm_v8f);
+    if (!b)
+        return r;
+    memcpy(&bv, b, sizeof bv);
+    r = r + bv;
+    ok = (cynorm_v8f)((cynorm_v8i)r & mag) >= CYNORM_HALF_CANCEL * (cynorm_v8f)((cynorm_v8i)bv & mag);
+#if defined(__AVX__)
+    all = _mm256_movemask_ps((__m256)ok) == 0xff;
+#else
+    for (int k = 0; k < 8; k++)
+        all &= ok[k] != 0;
+#endif
+    if (!all)   /* rare: the bias cancels the product (or NaN) */
+        for (int k = 0; k < 8; k++)
+            r[k] = CYNORM_HALF_ELEM64(k);
+    return r;
 }
+
 #endif
 
-static void cynorm_apply_half(const float* x, uint16_t* y, ptrdiff_t n, double m, double rs,
-                              const float* w, const float* b, int kind, int stream) {
+#if CYNORM_HALF16
+static inline __m512 cynorm_half_block16(const float* x, const float* w, const float* b,
+                                         float mh, float ml, float rs, double m, double rsd) {
+    __m512 r = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x), _mm512_set1_ps(mh)),
+                             _mm512_set1_ps(ml));
+    __m512 bv;
+    r = _mm512_mul_ps(r, w ? _mm512_mul_ps(_mm512_set1_ps(rs), _mm512_loadu_ps(w))
+                           : _mm512_set1_ps(rs));
+    if (!b)
+        return r;
+    bv = _mm512_loadu_ps(b);
+    r = _mm512_add_ps(r, bv);
+    if (_mm512_cmp_ps_mask(_mm512_abs_ps(r),
+                           _mm512_mul_ps(_mm512_set1_ps(CYNORM_HALF_CANCEL), _mm512_abs_ps(bv)),
+                           _CMP_GE_OQ) != 0xffff) {
+        float t[16];   /* rare: the bias cancels the product (or NaN) */
+        for (int k = 0; k < 16; k++)
+            t[k] = CYNORM_HALF_ELEM64(k);
+        r = _mm512_loadu_ps(t);
+    }
+    return r;
+}
+
+#endif
+
+static void cynorm_apply_half(const float* x, uint16_t* y, ptrdiff_t n, float mh, float ml,
+                              float rs, double m, double rsd, const float* w, const float* b,
+                              int kind, int stream) {
     ptrdiff_t j = 0;
 #if CYNORM_HALF_VECTORS
 #if CYNORM_STREAMING
     if (stream) {
         cynorm_nth hv;
 #define CYNORM_HB(k) cynorm_pack8(cynorm_half_block(x + j + (k), w ? w + j + (k) : NULL,     \
-                                                    b ? b + j + (k) : NULL, m, rs), kind)
+                                                    b ? b + j + (k) : NULL, mh, ml, rs, m,   \
+                                                    rsd), kind)
         /* one vector of CYNORM_NT_BYTES built in registers from 8-element blocks (through
            memory it stalls on store forwarding at every streamed store) */
-#if CYNORM_NT_BYTES == 64
+#if CYNORM_NT_BYTES == 64 && CYNORM_HALF16
+#define CYNORM_HB16(k) cynorm_pack16(cynorm_half_block16(x + j + (k), w ? w + j + (k) : NULL, \
+                                                         b ? b + j + (k) : NULL, mh, ml, rs, \
+                                                         m, rsd), kind)
+#define CYNORM_HALF_NT_VEC()                                                              \
+        hv = (cynorm_nth)_mm512_inserti64x4(_mm512_castsi256_si512(CYNORM_HB16(0)),       \
+                                            CYNORM_HB16(16), 1)
+#elif CYNORM_NT_BYTES == 64
 #define CYNORM_HALF_NT_VEC()                                                              \
         hv = (cynorm_nth)_mm512_inserti64x4(                                              \
             _mm512_castsi256_si512(_mm256_set_m128i((__m128i)CYNORM_HB(8), (__m128i)CYNORM_HB(0))), \
@@ -248,21 +366,28 @@ static void cynorm_apply_half(const float* x, uint16_t* y, ptrdiff_t n, double m
 #else
 #define CYNORM_HALF_NT_VEC() hv = (cynorm_nth)CYNORM_HB(0)
 #endif
-        CYNORM_NT_ROW(uint16_t, y, n, y[j] = cynorm_f2half((float)CYNORM_HALF_ELEM(j), kind),
+        CYNORM_NT_ROW(uint16_t, y, n,
+            y[j] = cynorm_f2half(cynorm_half_elem(x, w, b, mh, ml, rs, m, rsd, j), kind),
             CYNORM_HALF_NT_VEC();
             CYNORM_STREAM_H(y + j, hv));
 #undef CYNORM_HALF_NT_VEC
 #undef CYNORM_HB
+#undef CYNORM_HB16
         return;
     }
 #endif
+#if CYNORM_HALF16
+    for (; j + 16 <= n; j += 16)
+        cynorm_narrow16(cynorm_half_block16(x + j, w ? w + j : NULL, b ? b + j : NULL, mh, ml,
+                                            rs, m, rsd), y + j, kind);
+#endif
     for (; j + 8 <= n; j += 8)
-        cynorm_narrow8(cynorm_half_block(x + j, w ? w + j : NULL, b ? b + j : NULL, m, rs),
-                       y + j, kind);
+        cynorm_narrow8(cynorm_half_block(x + j, w ? w + j : NULL, b ? b + j : NULL, mh, ml,
+                                         rs, m, rsd), y + j, kind);
 #endif
     (void)stream;
     for (; j < n; j++)
-        y[j] = cynorm_f2half((float)CYNORM_HALF_ELEM(j), kind);
+        y[j] = cynorm_f2half(cynorm_half_elem(x, w, b, mh, ml, rs, m, rsd, j), kind);
 }
 
 #endif /* CYNORM_CORE_HALVES_H */

@@ -17,8 +17,9 @@ cdef extern from "core/halves.h" nogil:
     void cynorm_widen_half(const uint16_t* s, float* d, Py_ssize_t n, int kind) noexcept
     void cynorm_narrow_half(const float* s, uint16_t* d, Py_ssize_t n, int kind) noexcept
     void cynorm_copy_nt_h(const uint16_t* x, uint16_t* y, Py_ssize_t n) noexcept
-    void cynorm_apply_half(const float* x, uint16_t* y, Py_ssize_t n, double m, double rs,
-                           const float* w, const float* b, int kind, int stream) noexcept
+    void cynorm_apply_half(const float* x, uint16_t* y, Py_ssize_t n, float mh, float ml,
+                           float rs, double m, double rsd, const float* w, const float* b,
+                           int kind, int stream) noexcept
 
 
 cdef inline bint is_bits16(cnp.ndarray a) noexcept:
@@ -35,16 +36,16 @@ cdef inline void put_half_row(const float* ys, uint16_t* y, uint16_t* hs, Py_ssi
         cynorm_narrow_half(ys, y, n, kind)
 
 
-cdef inline void apply_half_row(const float* xs, uint16_t* y, Py_ssize_t n, double m,
-                                double rs, const float* w, const float* b, int kind,
-                                bint stream, const uint16_t* nxt) noexcept nogil:
+cdef inline void apply_half_row(const float* xs, uint16_t* y, Py_ssize_t n, float mh, float ml,
+                                float rs, double m, double rsd, const float* w, const float* b,
+                                int kind, bint stream, const uint16_t* nxt) noexcept nogil:
     """A row's 16-bit output from its widened row xs; with nxt (the next input row, else
     NULL), in chunks that start on y's lines, each after a prefetch of the same part of nxt
     (as the float rows' apply_prefetching: the next row's widening then reads the cache)."""
     cdef Py_ssize_t c0 = 0, c1, k
     cdef Py_ssize_t e = <Py_ssize_t>((-<Py_ssize_t>y) & (CYNORM_LINE_BYTES - 1)) // 2
     if nxt == NULL:
-        cynorm_apply_half(xs, y, n, m, rs, w, b, kind, stream)
+        cynorm_apply_half(xs, y, n, mh, ml, rs, m, rsd, w, b, kind, stream)
         return
     while c0 < n:
         c1 = e + PREFETCH_CHUNK if e + PREFETCH_CHUNK < n else n
@@ -52,7 +53,7 @@ cdef inline void apply_half_row(const float* xs, uint16_t* y, Py_ssize_t n, doub
         while k < c1 * 2:
             cynorm_prefetch(<const char*>nxt + k)
             k += CYNORM_LINE_BYTES
-        cynorm_apply_half(xs + c0, y + c0, c1 - c0, m, rs, w + c0 if w != NULL else NULL,
+        cynorm_apply_half(xs + c0, y + c0, c1 - c0, mh, ml, rs, m, rsd, w + c0 if w != NULL else NULL,
                           b + c0 if b != NULL else NULL, kind, stream)
         c0 = c1
         e = c1
@@ -94,15 +95,20 @@ cdef void half_norm_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssiz
         m2 = 0.0
         row_stats(<const float*>xs, D, centred, &hi, &lo, &m2)
         rsd = 1.0 / sqrt(m2 / D + eps)
-        if row_scale(<const float*>xs, ys, D, w, b, eps, centred, hi, lo, m2, rsd,
+        # the mean rounded to one float64 first (hi + lo, 0): an element equal to the mean
+        # then gives 0, as the exact result does, and not lo's last bits, which bfloat16's
+        # range would keep (a row's hi + lo may differ from the exact mean by 1e-21 of it)
+        hi = hi + lo
+        if row_scale(<const float*>xs, ys, D, w, b, eps, centred, hi, 0.0, m2, rsd,
                      mean + i if mean != NULL else NULL, rstd + i if rstd != NULL else NULL,
                      False, &mh, &ml, &rs):
             put_half_row(ys, y + i * ldy, hs, D, kind, stream)   # redone by the rescue
         else:
-            # the output in float64 (core/halves.h): the mean and rstd as float64, rstd NaN
-            # where row_scale made it so (a non-finite row)
-            apply_half_row(xs, y + i * ldy, D, hi + lo, rsd if rs == rs else NAN, w, b, kind,
-                           stream, x + (i + 1) * ldx if prefetch and i + 1 < r1 else NULL)
+            # the mean and rstd in float64 too, for the blocks redone in float64 (rstd NaN
+            # where row_scale made it so: a non-finite row)
+            apply_half_row(xs, y + i * ldy, D, mh, ml, rs, hi, rsd if rs == rs else NAN,
+                           w, b, kind, stream,
+                           x + (i + 1) * ldx if prefetch and i + 1 < r1 else NULL)
     if stream:
         cynorm_sfence()
 
