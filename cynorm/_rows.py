@@ -26,14 +26,16 @@ from ._validation import (
     view_rows,
 )
 
+_F32 = np.dtype(np.float32)
+
 
 def row_input(x, normalized_shape, op):
     """The one validator of a row norm's input: (x, compute dtype, result dtype,
     normalized_shape, rows, cols)."""
     fast = layer_norm_shape(x, normalized_shape)
-    if fast is not None:  # float32 / float64 over the last dim
+    if fast is not None:  # float32 / float64 / float16 / bfloat16 over the last dim
         dt, nshape, rows, cols = fast
-        return x, dt, dt, nshape, rows, cols
+        return x, (_F32 if dt.itemsize == 2 else dt), dt, nshape, rows, cols
     if type(x) is not np.ndarray:
         x = as_array(x)
     cdt, rdt = dtypes(x.dtype, op)
@@ -56,11 +58,6 @@ def half_kind(dtype):
     if not is_half(dtype):
         return -1
     return _kernels.HALF_BFLOAT16 if dtype.kind == "V" else _kernels.HALF_FLOAT16
-
-
-def _bits(a):
-    """A 16-bit array as the kernels take it (its bits as uint16; None stays None)."""
-    return None if a is None else a.view(np.uint16)
 
 
 def rms_eps(eps, cdt):
@@ -126,8 +123,7 @@ def _stats(return_stats, centred, shape, nshape, rows):
 def _call(centred, x, y, cols, w, b, stats, eps, threads, row_mask, write_padding, r, h,
           half=-1):
     mean, rstd = stats
-    if half >= 0:
-        x, y, r, h = _bits(x), _bits(y), _bits(r), _bits(h)
+    if half >= 0:  # 16-bit arrays: the kernels take their bits
         if centred:
             _kernels.layer_norm(x, y, cols, w, b, mean, rstd, eps, threads, row_mask,
                                 write_padding, r, h, half)

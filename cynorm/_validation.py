@@ -10,7 +10,8 @@ import operator
 
 import numpy as np
 
-from ._runtime import empty, grad_outputs, layer_norm_shape, masked_output, plain, plain_size
+from ._runtime import (empty, grad_outputs, layer_norm_shape, masked_output, note_bfloat16, plain,
+                       plain_size)
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
@@ -26,16 +27,28 @@ def as_array(x, name="input"):
         raise TypeError(f"{name} must be array-like, got {type(x).__name__}: {exc}") from None
 
 
+_BF16: list[np.dtype] = []  # ml_dtypes' bfloat16 dtype object, once one has been recognized
+
+
 def is_bfloat16(dtype):
-    """Whether dtype is ml_dtypes' bfloat16 (by its name and module: ml_dtypes not imported)."""
-    return (dtype.kind == "V" and dtype.itemsize == 2 and dtype.name == "bfloat16"
-            and getattr(dtype.type, "__module__", "").startswith("ml_dtypes"))
+    """Whether dtype is ml_dtypes' bfloat16 (by its name and module: ml_dtypes not imported;
+    the first native one recognized is kept, found by identity from then on)."""
+    if _BF16 and dtype is _BF16[0]:
+        return True
+    if dtype.kind != "V" or dtype.itemsize != 2 or dtype.name != "bfloat16":
+        return False
+    if not getattr(dtype.type, "__module__", "").startswith("ml_dtypes"):
+        return False
+    if dtype.isnative and not _BF16:
+        _BF16.append(dtype)
+        note_bfloat16(dtype)
+    return True
 
 
 def is_half(dtype):
     """Whether dtype is a 16-bit float the kernels read and write (float16, bfloat16), in
     native byte order."""
-    return (dtype.kind == "f" and dtype.itemsize == 2 and dtype.isnative) or is_bfloat16(dtype)
+    return dtype.itemsize == 2 and dtype.isnative and (dtype.kind == "f" or is_bfloat16(dtype))
 
 
 def is_real(dtype):

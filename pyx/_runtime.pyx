@@ -58,11 +58,21 @@ def plain_size(object a, object dtype, Py_ssize_t n):
 
 cdef object F32 = cnp.PyArray_DescrFromType(cnp.NPY_FLOAT)
 cdef object F64 = cnp.PyArray_DescrFromType(cnp.NPY_DOUBLE)
+cdef object F16 = cnp.PyArray_DescrFromType(cnp.NPY_FLOAT16)
+cdef object BF16 = F64  # ml_dtypes' bfloat16 once the front end has recognized it (F64 before)
+
+
+def note_bfloat16(object dtype):
+    """Record ml_dtypes' bfloat16 dtype object (the front end's is_bfloat16, at the first one
+    it recognizes): layer_norm_shape takes it from then on."""
+    global BF16
+    BF16 = dtype
 
 
 def layer_norm_shape(object x, object normalized_shape):
     """The front end's fast check of a LayerNorm input: (dtype, normalized_shape as a tuple,
-    rows, cols) when x is an ndarray of exactly the float32 or float64 dtype object and
+    rows, cols) when x is an ndarray of exactly the float32, float64, float16 or (once noted)
+    bfloat16 dtype object and
     normalized_shape an int, or a tuple of one int, equal to x's last dimension and not 0;
     else None, and the caller takes its general checks (which also raise the errors).  The
     same steps in compiled Python cost more (attribute lookups, tuple slices; RESULTS item 46)."""
@@ -75,7 +85,7 @@ def layer_norm_shape(object x, object normalized_shape):
     arr = <cnp.ndarray>x
     dt = <object>cnp.PyArray_DESCR(arr)
     nd = cnp.PyArray_NDIM(arr)
-    if (dt is not F32 and dt is not F64) or nd == 0:
+    if (dt is not F32 and dt is not F64 and dt is not F16 and dt is not BF16) or nd == 0:
         return None
     n = cnp.PyArray_DIMS(arr)[nd - 1]
     if n == 0:

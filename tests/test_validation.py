@@ -30,17 +30,18 @@ def test_plain_accepts_only_what_the_kernels_read_as_is():
 
 def test_layer_norm_shape_takes_only_the_usual_call():
     """The fast check of LayerNorm inputs: (dtype, normalized_shape, rows, cols) for an
-    ndarray of exactly float32 / float64 normalized over its last dim, None for everything
-    else (which the general checks then take, or refuse)."""
-    f64, f32 = np.dtype(np.float64), np.dtype(np.float32)
+    ndarray of exactly float32 / float64 / float16 (bfloat16 once noted) normalized over its
+    last dim, None for everything else (which the general checks then take, or refuse)."""
+    f64, f32, f16 = np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16)
     a = np.zeros((3, 4, 5))
     assert _runtime.layer_norm_shape(a, 5) == (f64, (5,), 12, 5)
+    assert _runtime.layer_norm_shape(a.astype(f16), 5) == (f16, (5,), 12, 5)
     assert _runtime.layer_norm_shape(a, (5,)) == (f64, (5,), 12, 5)
     assert _runtime.layer_norm_shape(a.astype(f32)[:, ::2], 5) == (f32, (5,), 6, 5)
     assert _runtime.layer_norm_shape(a, 5)[0] is f64
     for x, n in [(a, 4), (a, -5), (a, (4, 5)), (a, (5.0,)), (a, 5.0), (a, True),
                  (a, np.int64(5)), (a, 2 ** 70), (a, [5]), (a, "5"), (a, ()),
-                 (a.astype(">f8"), 5), (a.astype(np.float16), 5), (a.astype(int), 5),
+                 (a.astype(">f8"), 5), (a.astype(">f2"), 5), (a.astype(int), 5),
                  (a.view(_Sub), 5), (a.tolist(), 5), (np.zeros(()), 1), (np.zeros((3, 0)), 0)]:
         assert _runtime.layer_norm_shape(x, n) is None, (getattr(x, "dtype", x), n)
 

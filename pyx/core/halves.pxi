@@ -22,8 +22,15 @@ cdef extern from "core/halves.h" nogil:
                            int kind, int stream) noexcept
 
 
+cdef extern from "numpy/ndarraytypes.h":
+    enum: NPY_USERDEF   # the first type number of a user dtype (ml_dtypes' bfloat16)
+
+
 cdef inline bint is_bits16(cnp.ndarray a) noexcept:
-    return cnp.PyArray_TYPE(a) == cnp.NPY_UINT16
+    """Whether a holds 16-bit floats' bits: uint16, float16 or a 2-byte user dtype (bfloat16)."""
+    cdef int t = cnp.PyArray_TYPE(a)
+    return cnp.PyArray_ITEMSIZE(a) == 2 and (
+        t == cnp.NPY_UINT16 or t == cnp.NPY_FLOAT16 or t >= NPY_USERDEF)
 
 
 cdef inline void put_half_row(const float* ys, uint16_t* y, uint16_t* hs, Py_ssize_t n,
@@ -139,8 +146,9 @@ cdef run_half_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t D, cnp.ndarray weigh
                    cnp.ndarray bias, cnp.ndarray mean, cnp.ndarray rstd, double eps,
                    int n_threads, cnp.ndarray mask, bint write_padding, bint centred,
                    cnp.ndarray residual, cnp.ndarray h, int kind):
-    """run_norm for 16-bit data: x, y (and residual, h) are uint16 arrays holding float16
-    (kind HALF_F16) or bfloat16 (HALF_BF16) bits; weight and bias are float32 or None."""
+    """run_norm for 16-bit data: x, y (and residual, h) are 16-bit arrays (float16, bfloat16
+    or uint16 views) holding float16 (kind HALF_F16) or bfloat16 (HALF_BF16) bits; weight and
+    bias are float32 or None."""
     cdef Py_ssize_t M = cnp.PyArray_SIZE(x) // D if D > 0 else 0
     cdef const unsigned char* mk = mask_data(mask, M)
     cdef Py_ssize_t ldx = row_stride(x, M, D, False), ldy = row_stride(y, M, D, True)
@@ -156,14 +164,15 @@ cdef run_half_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t D, cnp.ndarray weigh
     if kind != HALF_F16 and kind != HALF_BF16:
         raise ValueError(f"unknown 16-bit kind {kind}")
     if not is_bits16(x) or not is_bits16(y):
-        raise TypeError("16-bit kernels take x and y as uint16 arrays")
+        raise TypeError("16-bit kernels take x and y as 16-bit float (or uint16) arrays")
     if (residual is None) != (h is None):
         raise ValueError("residual and h go together")
     if residual is not None:
         ldr = row_stride(residual, M, D, False)
         ldh = row_stride(h, M, D, True)
         if not is_bits16(residual) or not is_bits16(h):
-            raise TypeError("16-bit kernels take residual and h as uint16 arrays")
+            raise TypeError("16-bit kernels take residual and h as 16-bit float (or uint16) "
+                            "arrays")
         rd = <const uint16_t*>cnp.PyArray_DATA(residual)
         hd = <uint16_t*>cnp.PyArray_DATA(h)
     if M == 0:
