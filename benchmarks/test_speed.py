@@ -16,11 +16,9 @@ PEER_OPS = {"onnxruntime": bench.peers.ONNX_OPS, "jax": bench.peers.JAX_OPS}
 
 
 def _peer_rows(case, peer):
-    return (peer in INSTALLED and case.op in PEER_OPS[peer]
-            and (peer != "onnxruntime" or case.op in bench.ROW_OPS
-                 or case.axis % len(case.shape) == 1)
-            and not (peer == "onnxruntime" and case.op in bench.FUSED_OPS
-                     and case.dtype != "float32"))
+    if peer == "onnxruntime":
+        return peer in INSTALLED and bench.peers.onnx_supports(case)
+    return peer in INSTALLED and case.op in PEER_OPS[peer]
 
 
 PAIRS = [pytest.param(case, name, id=f"{case.id}-{name}") for case in GRID

@@ -8,11 +8,20 @@ from conftest import optional
 from cynorm import bench
 
 
+# the 16-bit cases (bfloat16 where ml_dtypes is installed: the test extra brings it)
+HALF_CASES = [bench.Case(op, shape, dt, -1) for dt in bench.half_dtypes()
+              for op, shape in [("ln", (16, 40)), ("rms", (3, 5, 64)), ("add_ln", (16, 48)),
+                                ("add_rms", (16, 48))]]
+
+
 def test_grid():
     quick = bench.cases()
     full = bench.cases(full=True)
     assert {c.op for c in quick} == set(bench.OPS)
-    assert len(full) > len(quick) and {c.dtype for c in full} == {"float32", "float64"}
+    halves = set(bench.half_dtypes())
+    assert len(full) > len(quick) and {c.dtype for c in full} == {"float32", "float64"} | halves
+    assert {c.op for c in quick if c.dtype in halves} == set(bench.HALF_OPS)
+    assert {c.dtype for c in bench.cases(dtypes=["float64"])} == {"float64"}
     assert all(c.size_class == "small" for c in bench.cases(sizes=["small"]))
     case = bench.Case("bn_train", (16384, 4096), "float32")
     assert case.bytes_moved == 3 * case.nbytes and case.size_class == "large"
@@ -29,7 +38,7 @@ def test_grid():
                                   bench.Case("rms", (16, 40), "float32", -1),
                                   bench.Case("add_ln", (4, 5, 40), "float64", -1),
                                   bench.Case("add_rms", (16, 40), "float32", -1),
-                                  bench.Case("rms_bwd", (16, 40), "float64", -1)],
+                                  bench.Case("rms_bwd", (16, 40), "float64", -1)] + HALF_CASES,
                          ids=lambda c: c.id)
 def test_contenders_compute_the_same_thing(case, torch):
     fns = bench.contenders(case, torch)
@@ -38,8 +47,11 @@ def test_contenders_compute_the_same_thing(case, torch):
         got = got if isinstance(got, tuple) else (got,)
         ref = results["numpy"] if isinstance(results["numpy"], tuple) else (results["numpy"],)
         assert len(got) == len(ref)
+        tol = 1e-4 if case.dtype not in bench.HALF_DTYPES else _tolerance(case) / 4
         for a, b in zip(got, ref):
-            np.testing.assert_allclose(np.asarray(a), b, atol=1e-4, rtol=1e-4, err_msg=name)
+            a = a.float().numpy() if hasattr(a, "float") else np.asarray(a)
+            np.testing.assert_allclose(a.astype(np.float64), np.asarray(b).astype(np.float64),
+                                       atol=tol, rtol=tol, err_msg=name)
 
 
 @pytest.mark.parametrize("case", [c for op in bench.OPS
@@ -206,7 +218,14 @@ PEER_CASES = [bench.Case("ln", (64, 128), "float32", -1), bench.Case("ln", (6, 9
               bench.Case("add_ln", (4, 9, 48), "float32", -1),
               bench.Case("add_ln", (30, 48), "float64", -1),
               bench.Case("add_rms", (30, 48), "float32", -1),
-              bench.Case("rms_bwd", (30, 48), "float64", -1)]
+              bench.Case("rms_bwd", (30, 48), "float64", -1)] + HALF_CASES
+
+
+def _tolerance(case):
+    """float32 / float64: 2e-4; 16-bit: 8 units of the dtype's epsilon (JAX computes in it)."""
+    if case.dtype in bench.HALF_DTYPES:
+        return 8 * float(np.finfo(np.float16).eps if case.dtype == "float16" else 2.0 ** -7)
+    return 2e-4
 
 
 def _as_arrays(value):
@@ -221,20 +240,20 @@ def _as_arrays(value):
 def test_peers_compute_what_numpy_does(case, peer):
     optional("onnxruntime" if peer == "onnxruntime" else "jax")
     fns = bench.contenders(case, None, peers=bench.peers.in_process([peer], threads=1))
-    supported = case.op in (bench.peers.ONNX_OPS if peer == "onnxruntime" else bench.peers.JAX_OPS)
-    if (peer == "onnxruntime" and case.op not in bench.ROW_OPS
-            and case.axis % len(case.shape) != 1):
-        supported = False  # ONNX's BatchNormalization takes the channel on axis 1 only
-    if peer == "onnxruntime" and case.op in bench.FUSED_OPS and case.dtype != "float32":
-        supported = False  # ORT's Skip*LayerNormalization: float32 only
+    if peer == "onnxruntime":
+        supported = bench.peers.onnx_supports(case)
+    else:
+        supported = case.op in bench.peers.JAX_OPS
     assert (peer in fns) == supported
     if not supported:
         return
     got, want = _as_arrays(fns[peer]()), _as_arrays(fns["numpy"]())
     n = min(len(got), len(want))  # (y) or (y, running mean, running var); (dx, dw, db)
     assert n >= 1
+    tol = _tolerance(case)
     for a, b in zip(got[:n], want[:n]):
-        np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-4)
+        np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64), atol=tol,
+                                   rtol=tol)
 
 
 def test_the_jax_worker_is_timed_like_any_contender():

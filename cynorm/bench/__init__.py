@@ -20,6 +20,8 @@ from .grid import (
     CONTENDERS,
     FUSED_OPS,
     FUSED_TARGET,
+    HALF_DTYPES,
+    HALF_OPS,
     L3_BYTES,
     MASK_REFERENCES,
     MASK_SHAPES,
@@ -30,6 +32,8 @@ from .grid import (
     SKLEARN_OPS,
     Case,
     cases,
+    half_dtypes,
+    np_dtype,
 )
 from . import peers
 from .peers import PEERS, Peers
@@ -41,7 +45,8 @@ __all__ = ["Case", "cases", "contenders", "copy_contenders", "run", "timed", "ma
            "table", "summary", "mask_table", "sklearn_table", "write_report", "main", "OPS",
            "QUICK", "CONTENDERS", "CONTENDER_NAMES", "L3_BYTES", "MASK_REFERENCES",
            "MASK_SHAPES", "MASK_TARGETS", "SKLEARN_OPS", "_plots", "peers", "Peers", "PEERS",
-           "accuracy", "accuracy_table", "fused_table", "FUSED_OPS", "FUSED_TARGET", "ROW_OPS"]
+           "accuracy", "accuracy_table", "fused_table", "FUSED_OPS", "FUSED_TARGET", "ROW_OPS",
+           "HALF_OPS", "HALF_DTYPES", "half_dtypes", "np_dtype"]
 
 
 def main(argv=None):
@@ -49,11 +54,13 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(prog="cynorm bench", description=__doc__.split("\n")[0])
     p.add_argument("--full", action="store_true",
-                   help="every shape in float32 and float64 (default: the quick grid, float32)")
+                   help="every shape in float32 and float64 (default: the quick grid, float32;"
+                        " both also time the row norms in float16 and bfloat16)")
     p.add_argument("--ops", default=None,
                    help="comma list of " + ", ".join(OPS) + " (default: all of them)")
     p.add_argument("--dtype", default=None,
-                   help="comma list of float32, float64 (default: float32; with --full both)")
+                   help="comma list of float32, float64, float16, bfloat16 (default: float32, "
+                        "and the row norms in float16 and bfloat16; with --full float64 too)")
     p.add_argument("--sizes", default=None,
                    help="comma list of small, medium, large (default: all three)")
     p.add_argument("--threads", type=int, default=None,

@@ -3,7 +3,14 @@ scikit-learn for the scaler), and the same-size copies of the memory roof; every
 case computes the same thing (a test checks)."""
 import numpy as np
 
-from .grid import EPS, FUSED_OPS, GROUP_OPS, MASK_TARGETS, SKLEARN_OPS
+from .grid import EPS, FUSED_OPS, GROUP_OPS, MASK_TARGETS, SKLEARN_OPS, np_dtype
+
+
+def torch_of(torch, a):
+    """torch.from_numpy(a), for bfloat16 arrays too (through their bits)."""
+    if a.dtype.kind == "V" and a.dtype.itemsize == 2:  # ml_dtypes' bfloat16
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
 
 
 def _numpy_bn_axes(case):
@@ -21,8 +28,8 @@ def _bn_setup(case, rng):
 
 def _params(rng, n, dtype):
     """weight and bias of n features, drawn as float32 (the same values in either dtype)."""
-    w = rng.uniform(0.5, 2, n).astype(np.float32).astype(dtype)
-    b = rng.standard_normal(n, dtype=np.float32).astype(dtype)
+    w = rng.uniform(0.5, 2, n).astype(np.float32).astype(np_dtype(dtype))
+    b = rng.standard_normal(n, dtype=np.float32).astype(np_dtype(dtype))
     return w, b
 
 
@@ -34,7 +41,8 @@ def contenders(case, torch=None, seed=0, peers=None, x=None):
 
     rng = np.random.default_rng(seed)
     if x is None:
-        x = (3.0 + 2.0 * rng.standard_normal(case.shape, dtype=np.float32)).astype(case.dtype)
+        x = (3.0 + 2.0 * rng.standard_normal(case.shape, dtype=np.float32)).astype(
+            np_dtype(case.dtype))
     if case.op in GROUP_OPS:
         from .group_contenders import group_contenders
 
@@ -57,7 +65,7 @@ def contenders(case, torch=None, seed=0, peers=None, x=None):
 
         fns["numpy"] = lambda: _numpy_ln(x, w, b)
         if torch is not None:
-            tx, tw, tb = (torch.from_numpy(a) for a in (x, w, b))
+            tx, tw, tb = (torch_of(torch, a) for a in (x, w, b))
             F = torch.nn.functional
 
             def torch_ln():
@@ -110,12 +118,17 @@ def contenders(case, torch=None, seed=0, peers=None, x=None):
 
 
 def _numpy_ln(x, w, b):
+    if x.dtype.itemsize == 2:  # 16-bit floats: in float32, as a user would, and back
+        f32 = np.float32
+        return _numpy_ln(x.astype(f32), w.astype(f32), b.astype(f32)).astype(x.dtype)
     m = x.mean(axis=-1, keepdims=True)
     v = x.var(axis=-1, keepdims=True)
     return (x - m) / np.sqrt(v + EPS) * w + b
 
 
 def _numpy_rms(x, w):
+    if x.dtype.itemsize == 2:
+        return _numpy_rms(x.astype(np.float32), w.astype(np.float32)).astype(x.dtype)
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + EPS) * w
 
 
@@ -135,7 +148,7 @@ def _row_contenders(case, x, rng, torch, peers):
         fns["numpy"] = lambda: _numpy_rms(x, w)
         arrays = {"x": x, "w": w}
     else:
-        r = rng.standard_normal(case.shape, dtype=np.float32).astype(case.dtype)
+        r = rng.standard_normal(case.shape, dtype=np.float32).astype(np_dtype(case.dtype))
         arrays = {"x": x, "r": r, "w": w, "b": b}
         if case.op == "add_ln":
             fns["cynorm"] = lambda: cynorm.add_layer_norm(x, r, D, w, b, EPS)
@@ -167,7 +180,7 @@ def _row_contenders(case, x, rng, torch, peers):
             fns["numpy"] = numpy_add_rms
         fns["cynorm_unfused"] = unfused
     if torch is not None:
-        t = {k: torch.from_numpy(a) for k, a in arrays.items()}
+        t = {k: torch_of(torch, a) for k, a in arrays.items()}
         F = torch.nn.functional
         if case.op == "rms":
             def torch_fn():

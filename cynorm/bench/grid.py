@@ -31,6 +31,28 @@ GROUP_OPS = ("gn", "in", "gn_bwd", "in_bwd")
 GROUPS = 32
 
 
+# The ops whose kernels read and write 16-bit floats: the default grid also times them in
+# float16 and bfloat16 (bfloat16 with ml_dtypes installed), on their quick shapes (every shape
+# with full=True), against torch's float16 / bfloat16 CPU kernels and the peers that have them.
+HALF_OPS = ("ln", "rms", "add_ln", "add_rms")
+HALF_DTYPES = ("float16", "bfloat16")
+
+
+def np_dtype(name):
+    """The NumPy dtype of a case's dtype name (bfloat16: ml_dtypes', imported here)."""
+    if name == "bfloat16":
+        import ml_dtypes  # noqa: PLC0415 - only bfloat16 cases need it
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def half_dtypes():
+    """The 16-bit dtypes this machine can time (bfloat16 needs ml_dtypes)."""
+    has_bf16 = importlib.util.find_spec("ml_dtypes") is not None
+    return tuple(d for d in HALF_DTYPES if d != "bfloat16" or has_bf16)
+
+
 # The residual-add forms, also timed against cynorm's own add then normalize (contender
 # "cynorm_unfused"): the fused call should take at most 1 / 1.5 of its time on inputs far
 # larger than the cache.
@@ -130,7 +152,7 @@ class Case:
 
     @property
     def nbytes(self):
-        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape) * np_dtype(self.dtype).itemsize
 
     @property
     def contenders(self):
@@ -174,8 +196,10 @@ class Case:
 
 
 def cases(full=False, ops=None, dtypes=None, sizes=None):
-    """The benchmark grid: the quick subset, or with full=True every shape and dtype."""
+    """The benchmark grid: the quick subset, or with full=True every shape and dtype (with no
+    dtypes given, HALF_OPS also in float16 and bfloat16)."""
     ops = list(ops or OPS)
+    halves = half_dtypes() if not dtypes else ()
     dtypes = list(dtypes or (["float32", "float64"] if full else ["float32"]))
     out = []
     for op in ops:
@@ -191,7 +215,7 @@ def cases(full=False, ops=None, dtypes=None, sizes=None):
         for shape, axis in grid:
             if not full and shape not in QUICK[op]:
                 continue
-            for dtype in dtypes:
+            for dtype in dtypes + (list(halves) if op in HALF_OPS else []):
                 case = Case(op, shape, dtype, axis)
                 if sizes and case.size_class not in sizes:
                     continue

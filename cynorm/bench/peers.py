@@ -54,7 +54,8 @@ def onnx_session(op, shape, dtype, threads):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    elem = TensorProto.FLOAT if np.dtype(dtype) == np.float32 else TensorProto.DOUBLE
+    elem = {"float32": TensorProto.FLOAT, "float64": TensorProto.DOUBLE,
+            "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}[dtype]
     C = shape[-1] if op in ONNX_ROW_NODES else shape[1]
 
     def value(name, dims):
@@ -102,14 +103,22 @@ def onnx_session(op, shape, dtype, threads):
     return sess, [i.name for i in inputs]
 
 
-def onnx_contender(case, arrays, threads):
-    """A callable running the case's model on arrays (x, w, b[, rm, rv]), or None."""
+def onnx_supports(case):
+    """Whether ONNX Runtime has the case: its op, on the channel axis 1 for the BN and group
+    ops, in a dtype its CPU kernels take."""
     if case.op not in ONNX_OPS or (case.op not in ONNX_ROW_NODES
                                    and case.axis % len(case.shape) != 1):
+        return False
+    if case.dtype == "bfloat16":
+        return False  # its Python API takes no bfloat16 NumPy arrays (nor ml_dtypes')
+    # its Skip*LayerNormalization and InstanceNormalization kernels: float32 and float16 only
+    return not (case.op in ("add_ln", "add_rms", "in") and case.dtype == "float64")
+
+
+def onnx_contender(case, arrays, threads):
+    """A callable running the case's model on arrays (x, w, b[, rm, rv]), or None."""
+    if not onnx_supports(case):
         return None
-    if case.op in ("add_ln", "add_rms", "in") and np.dtype(case.dtype) != np.float32:
-        return None   # ORT's Skip*LayerNormalization and InstanceNormalization kernels are
-                      # float32 (and float16) only
     sess, names = onnx_session(case.op, case.shape, case.dtype, threads)
     keys = {"X": "x", "R": "r", "W": "w", "B": "b", "M": "rm", "V": "rv"}
     feed = {n: np.ascontiguousarray(arrays[keys[n]]) for n in names}
