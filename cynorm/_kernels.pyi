@@ -6,7 +6,7 @@ from numpy.typing import NDArray
 ISA: str  # "baseline", "avx2" or "avx512"
 FLOAT32_BIG_M2: float  # M2 beyond which a float32 x - mean may overflow
 HALF_FLOAT16: int  # layer_norm's and rms_norm's half=: x, y (residual, h) hold float16 or
-HALF_BFLOAT16: int  # bfloat16 data (or their uint16 views), weight and bias float32
+HALF_BFLOAT16: int  # bfloat16 data (or their uint16 views), weight and bias float32 or the same
 RSTD_MAX: dict[str, float]  # the group norms redo a sample whose rstd lies beyond
 __test__: dict[str, str]  # Cython's doctest table
 

@@ -19,6 +19,7 @@ from ._validation import (
     masked_output,
     normalized_shape as _normalized_shape,
     param,
+    plain,
     real_scalar,
     row_mask as _row_mask,
     same_memory,
@@ -97,8 +98,13 @@ def _arguments(op, centred, shape, cdt, rdt, nshape, weight, bias, eps, out, mas
             eps = real_scalar(eps, "eps")
     else:
         eps = rms_eps(eps, cdt)
-    w = param(weight, "weight", nshape, cdt)
-    b = param(bias, "bias", nshape, cdt)
+    # 16-bit input: parameters of its own dtype go to the kernels as they are (widened there
+    # once a call), others in float32
+    pdt = rdt if rdt.itemsize == 2 and half_kind(rdt) >= 0 else cdt
+    w = weight if pdt is not cdt and plain(weight, pdt, nshape) else param(weight, "weight",
+                                                                           nshape, cdt)
+    b = bias if pdt is not cdt and plain(bias, pdt, nshape) else param(bias, "bias", nshape,
+                                                                       cdt)
     row_mask = None
     if mask is not None or lengths is not None:
         row_mask = _row_mask(mask, lengths, shape[: len(shape) - len(nshape)], op)

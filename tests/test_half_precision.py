@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import cynorm
-from conftest import (at_phase, correctly_rounded, half_dtype, optional, reference_norm,
-                      reference_rms, ulps16)
+from conftest import (at_phase, bfloat16_or_skip, correctly_rounded, half_dtype, optional,
+                      reference_norm, reference_rms, ulps16)
 
 HALVES = ["float16", "bfloat16"]
 
@@ -94,6 +94,37 @@ def test_elements_equal_to_the_mean_give_zero(rng, name):
         at = x.astype(np.float32) == 300
         assert at.any() and (y[at].astype(np.float32) == 0).all()
         _check(y, _ref("layer_norm", x, D), dt)
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "add_layer_norm"])
+def test_parameters_of_any_real_dtype(rng, name, op):
+    """Parameters in the input's dtype are read by the kernels as they are, others converted
+    to float32 first: the same output either way, for the values they hold."""
+    dt = half_dtype(name)
+    other = np.float16 if name == "bfloat16" else bfloat16_or_skip()
+    x = _data(rng, (9, 130), dt, offset_sigmas=20)
+    r = _data(rng, (9, 130), dt, offset_sigmas=0)
+    w16 = rng.uniform(0.5, 2.0, 130).astype(np.float32).astype(dt)
+    b16 = rng.standard_normal(130).astype(np.float32).astype(dt)
+    want = None
+    for w, b in [(w16, b16), (w16.astype(np.float32), b16.astype(np.float32)),
+                 (w16.astype(np.float64), b16.astype(np.float64)),
+                 (w16[::-1].copy()[::-1], b16), (w16.astype(other), b16.astype(other))]:
+        if w.dtype == other and not (w.astype(np.float32) == w16.astype(np.float32)).all():
+            continue   # the other 16-bit type does not hold these values exactly
+        if op == "add_layer_norm":
+            y = cynorm.add_layer_norm(x, r, 130, w, b)[0]
+        else:
+            y = _call(op, x, 130, w, b)
+        assert y.dtype == dt
+        if want is None:
+            want = y
+        np.testing.assert_array_equal(y.view(np.uint16), want.view(np.uint16))
+    ref_x = (x.astype(np.float32) + r.astype(np.float32)).astype(dt) if op == "add_layer_norm" \
+        else x
+    _check(want, _ref(op.replace("add_", ""), ref_x, 130, w16,
+                      None if op == "rms_norm" else b16), dt)
 
 
 @pytest.mark.parametrize("name", HALVES)

@@ -142,19 +142,31 @@ cdef void _half_norm(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssize_t 
                        res, ldr, h, ldh, scratch + t * per_thread, kind)
 
 
+cdef const void* half_param(cnp.ndarray a, Py_ssize_t D, int kind) except? NULL:
+    """A parameter's data: float32, or 16-bit of the input's kind (widened by the caller)."""
+    if a is not None and is_bits16(a):
+        if cnp.PyArray_SIZE(a) != D or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+            raise ValueError(f"expected a contiguous array of {D} elements")
+        if (cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT16 and kind != HALF_F16) or (
+                cnp.PyArray_TYPE(a) >= NPY_USERDEF and kind != HALF_BF16):
+            raise TypeError("16-bit parameters must have the input's dtype")
+        return cnp.PyArray_DATA(a)
+    return optional_data(a, D, 1)
+
+
 cdef run_half_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t D, cnp.ndarray weight,
                    cnp.ndarray bias, cnp.ndarray mean, cnp.ndarray rstd, double eps,
                    int n_threads, cnp.ndarray mask, bint write_padding, bint centred,
                    cnp.ndarray residual, cnp.ndarray h, int kind):
     """run_norm for 16-bit data: x, y (and residual, h) are 16-bit arrays (float16, bfloat16
     or uint16 views) holding float16 (kind HALF_F16) or bfloat16 (HALF_BF16) bits; weight and
-    bias are float32 or None."""
+    bias are float32, 16-bit of the same kind, or None."""
     cdef Py_ssize_t M = cnp.PyArray_SIZE(x) // D if D > 0 else 0
     cdef const unsigned char* mk = mask_data(mask, M)
     cdef Py_ssize_t ldx = row_stride(x, M, D, False), ldy = row_stride(y, M, D, True)
     cdef Py_ssize_t ldr = 0, ldh = 0, per_thread
-    cdef void* w = optional_data(weight, D, 1)
-    cdef void* b = optional_data(bias, D, 1)
+    cdef const void* w = half_param(weight, D, kind)
+    cdef const void* b = half_param(bias, D, kind)
     cdef double* mp = float64_data(mean, M)
     cdef double* rp = float64_data(rstd, M)
     cdef const uint16_t* rd = NULL
@@ -177,11 +189,18 @@ cdef run_half_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t D, cnp.ndarray weigh
         hd = <uint16_t*>cnp.PyArray_DATA(h)
     if M == 0:
         return
-    # per thread: 2·D floats and D 16-bit elements, rounded up to whole 64-byte lines
+    # per thread: 2·D floats and D 16-bit elements, rounded up to whole 64-byte lines; then
+    # the 16-bit parameters widened (D floats each)
     per_thread = ((2 * D * 4 + D * 2 + 63) // 64) * 16
-    scratch = <float*>malloc(T * per_thread * sizeof(float))
+    scratch = <float*>malloc((T * per_thread + 2 * D) * sizeof(float))
     if scratch == NULL:
         raise MemoryError()
+    if w != NULL and is_bits16(weight):
+        cynorm_widen_half(<const uint16_t*>w, scratch + T * per_thread, D, kind)
+        w = scratch + T * per_thread
+    if b != NULL and is_bits16(bias):
+        cynorm_widen_half(<const uint16_t*>b, scratch + T * per_thread + D, D, kind)
+        b = scratch + T * per_thread + D
     try:
         with nogil:
             _half_norm(<const uint16_t*>cnp.PyArray_DATA(x), ldx,
