@@ -54,6 +54,10 @@
 #define CYNORM_PREFETCH_BYTES (8 << 20)
 /* Elements of a LayerNorm row per prefetch of the next one (RESULTS item 69). */
 #define CYNORM_PREFETCH_CHUNK 256
+/* 16-bit rows (core/halves.pxi) prefetch the row at least this many bytes ahead, not the next
+ * one: a row is read, widened and written in less time than its successor takes to arrive
+ * from memory (RESULTS item 83). */
+#define CYNORM_HALF_PREFETCH_AHEAD 16384
 
 /* ---- BatchNorm backward (kernels, ops/batch_norm_backward.pxi) ---- */
 /* Training by rows ((N, C, L) with long L) when g and x together outgrow GROUP_MIN_BYTES:

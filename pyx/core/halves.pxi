@@ -70,12 +70,12 @@ cdef void half_norm_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssiz
                          Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t D, const float* w,
                          const float* b, double eps, bint centred, double* mean, double* rstd,
                          const unsigned char* mask, bint write_padding, bint stream,
-                         bint prefetch, const uint16_t* res, Py_ssize_t ldr, uint16_t* h,
+                         Py_ssize_t ahead, const uint16_t* res, Py_ssize_t ldr, uint16_t* h,
                          Py_ssize_t ldh, float* scratch, int kind) noexcept nogil:
     # scratch: this thread's 2·D floats then D 16-bit elements (the widened row; the output
     # and the narrowed row of a row redone by the rescue, and h's sum).  Padding rows (mask
     # 0): y written as 0 (unless write_padding is off), statistics left alone; h is written
-    # for every row.  prefetch: the next row of x is prefetched while this one is written.
+    # for every row.  ahead > 0: row i + ahead of x is prefetched while row i is written.
     cdef float* xs = scratch
     cdef float* ys = scratch + D
     cdef uint16_t* hs = <uint16_t*>(scratch + 2 * D)
@@ -115,7 +115,7 @@ cdef void half_norm_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssiz
             # where row_scale made it so: a non-finite row)
             apply_half_row(xs, y + i * ldy, D, mh, ml, rs, hi, rsd if rs == rs else NAN,
                            w, b, kind, stream,
-                           x + (i + 1) * ldx if prefetch and i + 1 < r1 else NULL)
+                           x + (i + ahead) * ldx if ahead > 0 and i + ahead < r1 else NULL)
     if stream:
         cynorm_sfence()
 
@@ -126,19 +126,20 @@ cdef void _half_norm(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssize_t 
                      bint write_padding, const uint16_t* res, Py_ssize_t ldr, uint16_t* h,
                      Py_ssize_t ldh, float* scratch, Py_ssize_t per_thread, int kind,
                      int n_threads) noexcept nogil:
-    cdef Py_ssize_t t, nbytes = M * D * <Py_ssize_t>sizeof(uint16_t)
-    cdef bint stream, prefetch
+    cdef Py_ssize_t t, ahead = 0, nbytes = M * D * <Py_ssize_t>sizeof(uint16_t)
+    cdef bint stream
     if res != NULL:
         nbytes *= 2   # h and y
     stream = streamed(nbytes, n_threads)
-    prefetch = stream or nbytes >= PREFETCH_BYTES
+    if stream or nbytes >= PREFETCH_BYTES:
+        ahead = (HALF_PREFETCH_AHEAD + 2 * D - 1) // (2 * D)   # rows, at least one
     if n_threads <= 1:
         half_norm_rows(x, ldx, y, ldy, 0, M, D, w, b, eps, centred, mean, rstd, mask,
-                       write_padding, stream, prefetch, res, ldr, h, ldh, scratch, kind)
+                       write_padding, stream, ahead, res, ldr, h, ldh, scratch, kind)
         return
     for t in prange(n_threads, num_threads=n_threads, schedule="static", chunksize=1):
         half_norm_rows(x, ldx, y, ldy, chunk(M, t, n_threads), chunk(M, t + 1, n_threads), D,
-                       w, b, eps, centred, mean, rstd, mask, write_padding, stream, prefetch,
+                       w, b, eps, centred, mean, rstd, mask, write_padding, stream, ahead,
                        res, ldr, h, ldh, scratch + t * per_thread, kind)
 
 
