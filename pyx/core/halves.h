@@ -228,6 +228,50 @@ static inline uint16_t cynorm_f2half(float f, int kind) {
     return kind == CYNORM_BF16 ? cynorm_f2bf(f) : cynorm_f2h(f);
 }
 
+static inline float cynorm_half2f(uint16_t h, int kind) {
+    return kind == CYNORM_BF16 ? cynorm_bf2f(h) : cynorm_h2f(h);
+}
+
+/* The residual forms' h = x + r, rounded once to 16 bits, in one pass: h[0:n] written (16-bit)
+ * and s[0:n] = h widened back (the row to normalize) */
+static inline void cynorm_add_half(const uint16_t* x, const uint16_t* r, uint16_t* h, float* s,
+                                   ptrdiff_t n, int kind) {
+    ptrdiff_t j = 0;
+#if CYNORM_HALF16
+    for (; j + 16 <= n; j += 16) {
+        __m256i xv = _mm256_loadu_si256((const __m256i*)(x + j));
+        __m256i rv = _mm256_loadu_si256((const __m256i*)(r + j));
+        __m512 v;
+        __m256i o;
+        if (kind == CYNORM_BF16)
+            v = _mm512_add_ps(
+                _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(xv), 16)),
+                _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rv), 16)));
+        else
+            v = _mm512_add_ps(_mm512_cvtph_ps(xv), _mm512_cvtph_ps(rv));
+        o = cynorm_pack16(v, kind);
+        _mm256_storeu_si256((__m256i*)(h + j), o);
+        _mm512_storeu_ps(s + j, kind == CYNORM_BF16
+            ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(o), 16))
+            : _mm512_cvtph_ps(o));
+    }
+#elif CYNORM_HALF_VECTORS
+    for (; j + 8 <= n; j += 8) {
+        float a[8], c[8];
+        cynorm_widen_half(x + j, a, 8, kind);
+        cynorm_widen_half(r + j, c, 8, kind);
+        for (int k = 0; k < 8; k++)
+            a[k] += c[k];
+        cynorm_narrow_half(a, h + j, 8, kind);
+        cynorm_widen_half(h + j, s + j, 8, kind);
+    }
+#endif
+    for (; j < n; j++) {
+        h[j] = cynorm_f2half(cynorm_half2f(x[j], kind) + cynorm_half2f(r[j], kind), kind);
+        s[j] = cynorm_half2f(h[j], kind);
+    }
+}
+
 /* y[0:n] = x[0:n], 16-bit elements, streamed in the row's whole lines (as cynorm_copy_nt_f) */
 #if CYNORM_STREAMING
 typedef uint16_t cynorm_nth __attribute__((vector_size(CYNORM_NT_BYTES)));

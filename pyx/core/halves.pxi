@@ -17,6 +17,8 @@ cdef extern from "core/halves.h" nogil:
     void cynorm_widen_half(const uint16_t* s, float* d, Py_ssize_t n, int kind) noexcept
     void cynorm_narrow_half(const float* s, uint16_t* d, Py_ssize_t n, int kind) noexcept
     void cynorm_copy_nt_h(const uint16_t* x, uint16_t* y, Py_ssize_t n) noexcept
+    void cynorm_add_half(const uint16_t* x, const uint16_t* r, uint16_t* h, float* s,
+                         Py_ssize_t n, int kind) noexcept
     void cynorm_apply_half(const float* x, uint16_t* y, Py_ssize_t n, float mh, float ml,
                            float rs, double m, double rsd, const float* w, const float* b,
                            int kind, int stream) noexcept
@@ -84,13 +86,11 @@ cdef void half_norm_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssiz
     cdef float mh, ml, rs
     for i in range(r0, r1):
         if res != NULL:
-            cynorm_widen_half(x + i * ldx, xs, D, kind)
-            cynorm_widen_half(res + i * ldr, ys, D, kind)
-            for j in range(D):
-                xs[j] = xs[j] + ys[j]
-            put_half_row(xs, h + i * ldh, hs, D, kind, stream)
-            # the rounded h, read back from the row just written (in cache)
-            cynorm_widen_half(hs if stream else h + i * ldh, xs, D, kind)
+            # h's row (through hs when streamed) and, in xs, its rounded values widened
+            cynorm_add_half(x + i * ldx, res + i * ldr, hs if stream else h + i * ldh, xs, D,
+                            kind)
+            if stream:
+                cynorm_copy_nt_h(hs, h + i * ldh, D)
         if mask != NULL and not mask[i]:
             if write_padding:
                 memset(y + i * ldy, 0, D * sizeof(uint16_t))
