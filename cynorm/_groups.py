@@ -11,6 +11,7 @@ from ._outputs import _overlaps_any
 from ._threads import threads_for
 from ._validation import (
     as_array,
+    cast,
     check_out,
     dtypes,
     empty,
@@ -119,7 +120,7 @@ def forward(inp, G, w, b, eps, out, row_mask, given=None):
         for n, k in _scaled(inp, rstd):
             _rescue_forward(inp, n, k, G, w, b, eps, row_mask, target, mean, rstd)
     if y is None and out is None:
-        y = target if inp.rdt is inp.cdt else target.astype(inp.rdt)
+        y = target if inp.rdt is inp.cdt else cast(target, inp.rdt)
     elif y is None:
         out[...] = target
         y = out
@@ -210,7 +211,7 @@ def backward(inp, G, grad_out, mean, rstd, w, want_w, want_b, row_mask, fixed):
                                                    threads_for(inp.x.size)):
         _rescue_backward(inp, G, g, stats, w, fixed, row_mask, sums, dx, dw, db)
     if inp.rdt is not inp.cdt:
-        return tuple(None if a is None else a.astype(inp.rdt) for a in (dx, dw, db))
+        return tuple(None if a is None else cast(a, inp.rdt) for a in (dx, dw, db))
     return dx, dw, db
 
 

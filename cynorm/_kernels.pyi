@@ -27,6 +27,8 @@ def rms_norm(
     mask: _Mask | None = None, write_padding: bool = True, residual: _F | None = None,
     h: _F | None = None, half: int = -1,
 ) -> None: ...
+def convert_half(src: NDArray[np.generic], dst: NDArray[np.generic], kind: int,
+                 n_threads: int) -> None: ...  # float32 <-> 16-bit (kind: HALF_FLOAT16 / _BFLOAT16)
 def feature_moments(
     x: _F, rows: int, cols: int, C: int, by_rows: bool, stats: _F64, n_threads: int,
     rows_per_block: int = 64, mask: _Mask | None = None, fast: bool = False,

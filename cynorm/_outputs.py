@@ -2,7 +2,7 @@
 array, out=, or in place), and the result in the caller's dtype.  Shared by every op."""
 import numpy as np
 
-from ._validation import (as_array, as_rows, empty, is_real, masked_output, plain, same_memory,
+from ._validation import (as_array, as_rows, cast, empty, is_real, masked_output, plain, same_memory,
                           to_compute, view_rows)
 
 
@@ -61,7 +61,7 @@ def _finish(y, result, shape, rdt, out):
         return result
     y = y.reshape(shape)
     if out is None:
-        return y.astype(rdt)
+        return cast(y, rdt)
     out[...] = y
     return out
 
@@ -83,4 +83,4 @@ def _in_result_dtype(rdt, cdt, *arrays):
     """The arrays computed in cdt, in the result dtype rdt (None stays None)."""
     if rdt is cdt:
         return arrays
-    return tuple(None if a is None else a.astype(rdt) for a in arrays)
+    return tuple(None if a is None else cast(a, rdt) for a in arrays)

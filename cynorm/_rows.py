@@ -14,7 +14,7 @@ from ._validation import (
     dtypes,
     empty,
     grad_outputs,
-    is_half,
+    half_kind,
     layer_norm_shape,
     masked_output,
     normalized_shape as _normalized_shape,
@@ -51,14 +51,6 @@ def row_input(x, normalized_shape, op):
     cols = nshape[0] if k == 1 else math.prod(nshape)
     rows = x.size // cols if cols else math.prod(shape[: len(shape) - k])
     return x, cdt, rdt, nshape, rows, cols
-
-
-def half_kind(dtype):
-    """The kernels' 16-bit kind for a float16 or bfloat16 dtype (read and written by the
-    kernels), or -1 for any other dtype."""
-    if not is_half(dtype):
-        return -1
-    return _kernels.HALF_BFLOAT16 if dtype.kind == "V" else _kernels.HALF_FLOAT16
 
 
 def rms_eps(eps, cdt):

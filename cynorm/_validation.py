@@ -10,8 +10,10 @@ import operator
 
 import numpy as np
 
+from ._isa import kernels as _kernels
 from ._runtime import (empty, grad_outputs, layer_norm_shape, masked_output, note_bfloat16, plain,
                        plain_size)
+from ._threads import threads_for
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
@@ -51,6 +53,28 @@ def is_half(dtype):
     return dtype.itemsize == 2 and dtype.isnative and (dtype.kind == "f" or is_bfloat16(dtype))
 
 
+def half_kind(dtype):
+    """The kernels' 16-bit kind for a float16 or bfloat16 dtype (read and written by the
+    kernels), or -1 for any other dtype."""
+    if not is_half(dtype):
+        return -1
+    return _kernels.HALF_BFLOAT16 if dtype.kind == "V" else _kernels.HALF_FLOAT16
+
+
+def cast(a, dtype):
+    """a converted to dtype (a new array): float32 to or from float16 / bfloat16 by the
+    kernels' conversions (F16C, rounding to nearest even, on several threads) when a is
+    C-contiguous, anything else by astype."""
+    if a.flags.c_contiguous and a.size:
+        kind = half_kind(dtype) if a.dtype is _F32 else (
+            half_kind(a.dtype) if dtype is _F32 else -1)
+        if kind >= 0:
+            out = np.empty(a.shape, dtype)
+            _kernels.convert_half(a, out, kind, threads_for(a.size))
+            return out
+    return a.astype(dtype)
+
+
 def is_real(dtype):
     """Whether dtype is bool, an integer or a real float (bfloat16 included)."""
     return dtype.kind in "biuf" or is_bfloat16(dtype)
@@ -80,8 +104,8 @@ def to_compute(x, cdt):
     """x in the compute dtype (native byte order): the array itself when it already is."""
     if x.dtype is cdt or (x.dtype == cdt and x.dtype.isnative):
         return x
-    # byte-swapped, float16, integers, bool
-    return x.astype(cdt)
+    # byte-swapped, float16, bfloat16, integers, bool
+    return cast(x, cdt)
 
 
 def as_rows(a, rows, cols):

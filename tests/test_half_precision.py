@@ -294,6 +294,44 @@ def test_every_kernels_module(rng, name):
 
 
 @pytest.mark.parametrize("name", HALVES)
+def test_conversions_match_numpy_casts(rng, name):
+    """The other ops' float32 <-> 16-bit conversions (the kernels' convert_half, every built
+    module): the same bits as NumPy's (float16) and ml_dtypes' (bfloat16) casts, on ties,
+    overflow, subnormals and inf, in both directions; NaN where they give NaN (the payloads
+    differ: NumPy keeps a signalling NaN signalling, ml_dtypes gives one NaN for all, the
+    kernels quiet the payload they keep)."""
+    from cynorm import _isa
+    from cynorm._validation import cast, half_kind
+
+    dt = half_dtype(name)
+    x = (rng.standard_normal(50_003) * 3.0 ** rng.integers(-40, 40, 50_003)).astype(np.float32)
+    bits16 = rng.integers(0, 1 << 16, 4096, dtype=np.uint16)
+    ties = bits16.view(dt).astype(np.float32).view(np.uint32)
+    ties = (ties + np.uint32(0x1000 if name == "float16" else 0x8000)).view(np.float32)
+    x = np.concatenate([x, ties, np.array([np.nan, -np.inf, np.inf, 65504, 65520, 70000,
+                                           1e-8, -3e-39, 0.0, -0.0], np.float32)])
+    with np.errstate(all="ignore"):
+        want = x.astype(dt)
+    back = want.astype(np.float32)
+
+    def same(a, b, bits):
+        nan = np.isnan(b.astype(np.float32))
+        assert (np.isnan(a.astype(np.float32)) == nan).all()
+        assert np.array_equal(a.view(bits)[~nan], b.view(bits)[~nan])
+
+    same(cast(x, dt), want, np.uint16)
+    same(cast(want, np.dtype(np.float32)), back, np.uint32)
+    for level in _isa.available():   # every kernels module, on one and two threads
+        for threads in (1, 2):
+            y = np.empty_like(want)
+            _isa.load(level).convert_half(x, y, half_kind(dt), threads)
+            same(y, want, np.uint16)
+            z = np.empty_like(back)
+            _isa.load(level).convert_half(want, z, half_kind(dt), threads)
+            same(z, back, np.uint32)
+
+
+@pytest.mark.parametrize("name", HALVES)
 def test_other_ops_convert(rng, name):
     """BatchNorm, GroupNorm, InstanceNorm and the moments take 16-bit input through float32
     and return the input's dtype."""

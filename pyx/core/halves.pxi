@@ -215,3 +215,37 @@ cdef run_half_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t D, cnp.ndarray weigh
 # the kinds as the front end passes them (layer_norm's and rms_norm's half=)
 HALF_FLOAT16 = HALF_F16
 HALF_BFLOAT16 = HALF_BF16
+
+
+cdef void _convert(const void* src, void* dst, Py_ssize_t n, bint widen, int kind,
+                   int n_threads) noexcept nogil:
+    cdef Py_ssize_t t, a, e
+    for t in prange(n_threads, num_threads=n_threads, schedule="static", chunksize=1):
+        a = chunk(n, t, n_threads)
+        e = chunk(n, t + 1, n_threads)
+        if widen:
+            cynorm_widen_half(<const uint16_t*>src + a, <float*>dst + a, e - a, kind)
+        else:
+            cynorm_narrow_half(<const float*>src + a, <uint16_t*>dst + a, e - a, kind)
+
+
+def convert_half(cnp.ndarray src, cnp.ndarray dst, int kind, int n_threads):
+    """dst = src converted between float32 and a 16-bit float (kind HALF_F16 or HALF_BF16), in
+    the direction their dtypes say; C-contiguous arrays of one size.  Narrowing rounds to
+    nearest even (NaN stays NaN, quiet), as NumPy's and ml_dtypes' casts do."""
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(src)
+    cdef bint widen
+    if kind != HALF_F16 and kind != HALF_BF16:
+        raise ValueError(f"unknown 16-bit kind {kind}")
+    if cnp.PyArray_SIZE(dst) != n or not cnp.PyArray_IS_C_CONTIGUOUS(src) \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(dst) or not cnp.PyArray_ISWRITEABLE(dst):
+        raise ValueError("convert_half takes C-contiguous arrays of one size, dst writable")
+    if is_bits16(src) and cnp.PyArray_TYPE(dst) == cnp.NPY_FLOAT32:
+        widen = True
+    elif cnp.PyArray_TYPE(src) == cnp.NPY_FLOAT32 and is_bits16(dst):
+        widen = False
+    else:
+        raise TypeError("convert_half converts float32 to 16-bit floats or back")
+    with nogil:
+        _convert(cnp.PyArray_DATA(src), cnp.PyArray_DATA(dst), n, widen, kind,
+                 max(1, n_threads))
