@@ -6,7 +6,8 @@ import math
 import numpy as np
 
 from ._isa import kernels as _kernels
-from ._outputs import _finish, _grad_like, _in_result_dtype, _kernel_input, _output, _rows_of
+from ._outputs import (_backward_results, _finish, _grad_like, _kernel_input,
+                       _output, _rows_of)
 from ._runtime import POLICY
 from ._threads import threads_for
 from ._validation import (
@@ -390,13 +391,12 @@ def batch_norm_backward(grad_out, x, mean, invstd, weight=None, training=True, *
             grad_w[...] = 0.0
         if grad_b is not None:
             grad_b[...] = 0.0
-    if rdt is cdt:
-        return dx, grad_w, grad_b
-    return _in_result_dtype(rdt, cdt, dx, grad_w, grad_b)
+    return _backward_results(rdt, cdt, dx, grad_w, weight, grad_b, bias)
 
 
 def _batch_norm_backward_empty_1d(grad_out, x, weight, bias):
     cdt, rdt = dtypes(x.dtype, "batch_norm_backward")
     _grad_like(grad_out, x, cdt, 0, 1)  # checked as for any input; nothing to read
     sums = [None if p is None else np.zeros(np.shape(p), dtype=cdt) for p in (weight, bias)]
-    return _in_result_dtype(rdt, cdt, np.empty(x.shape, dtype=cdt), *sums)
+    return _backward_results(rdt, cdt, np.empty(x.shape, dtype=cdt), sums[0], weight, sums[1],
+                             bias)

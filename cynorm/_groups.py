@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from ._isa import kernels as _kernels
-from ._outputs import _overlaps_any
+from ._outputs import _backward_results, _overlaps_any
 from ._threads import threads_for
 from ._validation import (
     as_array,
@@ -187,8 +187,9 @@ def backward_call(op, num_groups, grad_out, x, mean, rstd, weight, bias, axis, m
     row_mask = inp.mask(mask, lengths, op)
     mean = saved_stats(inp, G, mean, "mean")
     rstd = saved_stats(inp, G, rstd, "rstd")
-    return backward(inp, G, grad_out, mean, rstd, w, w is not None, bias is not None, row_mask,
-                    fixed)
+    dx, dw, db = backward(inp, G, grad_out, mean, rstd, w, w is not None, bias is not None,
+                          row_mask, fixed)
+    return _backward_results(inp.rdt, inp.cdt, dx, dw, weight, db, bias)
 
 
 def backward(inp, G, grad_out, mean, rstd, w, want_w, want_b, row_mask, fixed):
@@ -210,9 +211,7 @@ def backward(inp, G, grad_out, mean, rstd, w, want_w, want_b, row_mask, fixed):
                                                    w, fixed, sums, dw, db, row_mask,
                                                    threads_for(inp.x.size)):
         _rescue_backward(inp, G, g, stats, w, fixed, row_mask, sums, dx, dw, db)
-    if inp.rdt is not inp.cdt:
-        return tuple(None if a is None else cast(a, inp.rdt) for a in (dx, dw, db))
-    return dx, dw, db
+    return dx, dw, db   # in inp.cdt: backward_call gives them the result dtypes
 
 
 def _rescue_backward(inp, G, g, stats, w, fixed, row_mask, sums, dx, dw, db):

@@ -2,6 +2,8 @@
 array, out=, or in place), and the result in the caller's dtype.  Shared by every op."""
 import numpy as np
 
+_F32 = np.dtype(np.float32)
+
 from ._validation import (as_array, as_rows, cast, empty, is_real, masked_output, plain, same_memory,
                           to_compute, view_rows)
 
@@ -79,8 +81,19 @@ def _grad_like(grad_out, x, cdt, rows, cols):
     return _rows_of(to_compute(g, cdt), rows, cols)
 
 
-def _in_result_dtype(rdt, cdt, *arrays):
-    """The arrays computed in cdt, in the result dtype rdt (None stays None)."""
+def _backward_results(rdt, cdt, dx, grad_w, weight, grad_b, bias):
+    """(dx, grad_w, grad_b) computed in cdt, in the result dtype rdt; with 16-bit input, a
+    float32 parameter's gradient stays float32 (torch's mixed-precision rule: a parameter's
+    gradient has the parameter's dtype)."""
     if rdt is cdt:
-        return arrays
-    return tuple(None if a is None else cast(a, rdt) for a in arrays)
+        return dx, grad_w, grad_b
+    half = rdt.itemsize == 2 and cdt is _F32
+
+    def param_grad(grad, p):
+        if grad is None:
+            return None
+        if half and getattr(p, "dtype", None) == _F32:
+            return grad
+        return cast(grad, rdt)
+
+    return cast(dx, rdt), param_grad(grad_w, weight), param_grad(grad_b, bias)

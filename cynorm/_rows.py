@@ -6,7 +6,8 @@ import math
 import numpy as np
 
 from ._isa import kernels as _kernels
-from ._outputs import _finish, _grad_like, _in_result_dtype, _kernel_input, _output, _overlaps_any
+from ._outputs import (_backward_results, _finish, _grad_like, _kernel_input,
+                       _output, _overlaps_any)
 from ._threads import threads_for
 from ._validation import (
     as_array,
@@ -233,6 +234,4 @@ def row_norm_backward(op, centred, grad_out, x, mean, rstd, normalized_shape, we
     else:
         _kernels.rms_norm_backward(g, xk, dx, cols, w, rstd, grad_w, threads_for(x.size),
                                    row_mask, gr)
-    if rdt is cdt:
-        return dx, grad_w, grad_b
-    return _in_result_dtype(rdt, cdt, dx, grad_w, grad_b)
+    return _backward_results(rdt, cdt, dx, grad_w, weight, grad_b, bias)

@@ -366,6 +366,38 @@ def test_backward_in_the_input_dtype(rng, name):
     np.testing.assert_allclose(dw.astype(np.float64), (g64 * xh).sum(0), rtol=2e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "batch_norm", "group_norm"])
+def test_parameter_gradients_in_the_parameters_dtype(rng, name, op):
+    """16-bit input: dx in its dtype; a float32 parameter's gradient float32 (torch's rule),
+    a 16-bit one's in the 16-bit dtype; both the float32 sums' values."""
+    dt = half_dtype(name)
+    x = _data(rng, (8, 4, 32), dt, offset_sigmas=5)
+    g = _data(rng, (8, 4, 32), dt, offset_sigmas=0, scale=1.0)
+    w32 = rng.uniform(0.5, 2, 32 if op in ("layer_norm", "rms_norm") else 4).astype(np.float32)
+    got = {}
+    for w in (w32, w32.astype(dt)):
+        if op == "layer_norm":
+            _, mean, rstd = cynorm.layer_norm(x, 32, w, w, return_stats=True)
+            out = cynorm.layer_norm_backward(g, x, mean, rstd, 32, w, w)
+        elif op == "rms_norm":
+            _, rstd = cynorm.rms_norm(x, 32, w, return_stats=True)
+            out = cynorm.rms_norm_backward(g, x, rstd, 32, w) + (None,)
+        elif op == "batch_norm":
+            _, mean, invstd = cynorm.batch_norm(x, None, None, w, w, True, 0.1, 1e-5,
+                                                return_stats=True)
+            out = cynorm.batch_norm_backward(g, x, mean, invstd, w, True, bias=w)
+        else:
+            _, mean, rstd = cynorm.group_norm(x, 2, w, w, return_stats=True)
+            out = cynorm.group_norm_backward(g, x, mean, rstd, 2, w, bias=w)
+        dx, dw, db = out
+        assert dx.dtype == dt and dw.dtype == w.dtype
+        assert db is None or db.dtype == w.dtype
+        got[w.dtype] = dw
+    np.testing.assert_allclose(got[dt].astype(np.float32), got[np.dtype(np.float32)],
+                               rtol=np.finfo(np.float16).eps if name == "float16" else 2 ** -7)
+
+
 def test_bfloat16_recognized_without_importing_ml_dtypes():
     import subprocess
     import sys
