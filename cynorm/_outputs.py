@@ -2,10 +2,10 @@
 array, out=, or in place), and the result in the caller's dtype.  Shared by every op."""
 import numpy as np
 
-_F32 = np.dtype(np.float32)
+from ._validation import (as_array, as_rows, cast, empty, half_kind, is_real, masked_output, plain,
+                          same_memory, to_compute, view_rows)
 
-from ._validation import (as_array, as_rows, cast, empty, is_real, masked_output, plain, same_memory,
-                          to_compute, view_rows)
+_F32 = np.dtype(np.float32)
 
 
 def _rows_of(a, rows, cols):
@@ -87,7 +87,7 @@ def _backward_results(rdt, cdt, dx, grad_w, weight, grad_b, bias):
     gradient has the parameter's dtype)."""
     if rdt is cdt:
         return dx, grad_w, grad_b
-    half = rdt.itemsize == 2 and cdt is _F32
+    half = half_kind(rdt) >= 0
 
     def param_grad(grad, p):
         if grad is None:

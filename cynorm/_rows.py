@@ -93,7 +93,7 @@ def _arguments(op, centred, shape, cdt, rdt, nshape, weight, bias, eps, out, mas
         eps = rms_eps(eps, cdt)
     # 16-bit input: parameters of its own dtype go to the kernels as they are (widened there
     # once a call), others in float32
-    pdt = rdt if rdt.itemsize == 2 and half_kind(rdt) >= 0 else cdt
+    pdt = rdt if half_kind(rdt) >= 0 else cdt
     w = weight if pdt is not cdt and plain(weight, pdt, nshape) else param(weight, "weight",
                                                                            nshape, cdt)
     b = bias if pdt is not cdt and plain(bias, pdt, nshape) else param(bias, "bias", nshape,

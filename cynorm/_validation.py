@@ -69,7 +69,7 @@ def cast(a, dtype):
         kind = half_kind(dtype) if a.dtype is _F32 else (
             half_kind(a.dtype) if dtype is _F32 else -1)
         if kind >= 0:
-            out = np.empty(a.shape, dtype)
+            out = empty(a.shape, dtype, a)   # large ones from the output cache
             _kernels.convert_half(a, out, kind, threads_for(a.size))
             return out
     return a.astype(dtype)

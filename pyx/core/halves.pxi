@@ -74,14 +74,15 @@ cdef void half_norm_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssiz
                          const unsigned char* mask, bint write_padding, bint stream,
                          Py_ssize_t ahead, const uint16_t* res, Py_ssize_t ldr, uint16_t* h,
                          Py_ssize_t ldh, float* scratch, int kind) noexcept nogil:
-    # scratch: this thread's 2·D floats then D 16-bit elements (the widened row; the output
-    # and the narrowed row of a row redone by the rescue, and h's sum).  Padding rows (mask
+    # scratch: this thread's 2·D floats then D 16-bit elements (the widened row; the float32
+    # output of a row redone by the rescue; a streamed row's h or output before its copy
+    # out).  Padding rows (mask
     # 0): y written as 0 (unless write_padding is off), statistics left alone; h is written
     # for every row.  ahead > 0: row i + ahead of x is prefetched while row i is written.
     cdef float* xs = scratch
     cdef float* ys = scratch + D
     cdef uint16_t* hs = <uint16_t*>(scratch + 2 * D)
-    cdef Py_ssize_t i, j, k
+    cdef Py_ssize_t i
     cdef double hi, lo, m2, rsd
     cdef float mh, ml, rs
     for i in range(r0, r1):
