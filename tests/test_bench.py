@@ -89,15 +89,18 @@ def test_run_and_report(tmp_path):
 
 
 @pytest.mark.parametrize("warm", [False, True])
-def test_timed_interleaves_and_warms(monkeypatch, warm):
-    # rounds interleave the contenders; warm adds one untimed call before each sample
+def test_timed_interleaves_rotates_and_warms(monkeypatch, warm):
+    # rounds interleave the contenders, each round starting one contender further on; warm
+    # adds WARM_CALLS untimed calls before each sample
     calls = []
-    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
     monkeypatch.setattr(bench.timing, "_calibrate", lambda fn: (2, 1e-3))  # two timed calls per sample
-    times = bench.timed(fns, rounds=3, warm=warm)
-    assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
-    sample = ["a"] * (2 + warm) + ["b"] * (2 + warm)
-    assert calls == ["a", "b"] + sample * 3
+    times = bench.timed(fns, rounds=4, warm=warm)
+    assert set(times) == {"a", "b", "c"} and all(t >= 0 for t in times.values())
+    n = 2 + (bench.timing.WARM_CALLS if warm else 0)
+    assert bench.timing.WARM_CALLS >= 2
+    rounds = ["abc", "bca", "cab", "abc"]
+    assert calls == ["a", "b", "c"] + [name for r in rounds for name in r for _ in range(n)]
 
 
 def test_timed_repeats_the_fast_contenders_within_a_round(monkeypatch):
@@ -107,10 +110,11 @@ def test_timed_repeats_the_fast_contenders_within_a_round(monkeypatch):
     cost = {fns["slow"]: 1.0, fns["fast"]: 0.05}
     monkeypatch.setattr(bench.timing, "_calibrate", lambda fn: (1, cost[fn]))
     bench.timed(fns, rounds=2, max_repeats=3)
-    assert calls == ["slow", "fast"] + ["slow", "fast", "fast", "fast"] * 2
+    assert calls == ["slow", "fast"] + ["slow", "fast", "fast", "fast"] + ["fast", "slow",
+                                                                           "fast", "fast"]
     calls.clear()
     bench.timed(fns, rounds=2)  # by default one sample per round
-    assert calls == ["slow", "fast"] + ["slow", "fast"] * 2
+    assert calls == ["slow", "fast"] + ["slow", "fast"] + ["fast", "slow"]
 
 
 def test_the_quick_grid_plots_each_curve_up_to_a_large_input():
@@ -263,7 +267,7 @@ def test_the_jax_worker_is_timed_like_any_contender():
     try:
         fns = bench.contenders(case, None, peers=team)
         assert isinstance(fns["jax"], bench.peers._Remote)
-        times = bench.timed(fns, rounds=3)
+        times = bench.timed(fns, rounds=3, warm=True)  # the worker's warm calls too
         assert set(times) == set(fns) and all(t > 0 for t in times.values())
         remote = _as_arrays(fns["jax"]())[0]
         local = bench.contenders(case, None, peers=bench.peers.in_process(["jax"], 1))["jax"]

@@ -4,7 +4,8 @@ One place for the cases and the contenders, used by ``cynorm bench`` (``python -
 bench``) and by the pytest-benchmark suite in ``benchmarks/``.  Timings are medians of
 interleaved rounds (cynorm, NumPy, torch, cynorm, ...), so that drift of the machine hits every
 contender alike.  Inputs are reused between calls: cases that fit the L3 cache are cache figures
-(each of their samples follows one untimed call of the same contender).
+(each of their samples follows untimed calls of the same contender; the rounds rotate
+which contender goes first).
 
 Each medium and large case is also set against a memory roof timed in the same interleaved
 rounds: a same-size copy into a preallocated array (NumPy, and torch with all threads when

@@ -11,6 +11,12 @@ from .contenders import contenders, copy_contenders
 from .peers import PEERS, Peers
 
 
+# Untimed calls before each sample of a case that fits the cache (timed's warm).  One was not
+# enough on a machine whose L3 holds several contenders' working sets: a contender whose data
+# the previous one had pushed out ran its next two or three calls slower (RESULTS item 89).
+WARM_CALLS = 4
+
+
 def _calibrate(fn, target=2e-3):
     """(calls per sample so that one sample lasts about ``target`` seconds, at least one;
     seconds one such sample takes)."""
@@ -35,7 +41,7 @@ class _Local:
 
     def sample(self, k, warm):
         fn = self.fn
-        if warm:
+        for _ in range(warm):
             fn()
         t0 = time.perf_counter()
         for _ in range(k):
@@ -46,9 +52,12 @@ class _Local:
 def timed(fns, rounds=15, max_seconds=None, warm=False, max_repeats=1):
     """Median seconds per call of each callable, measured in interleaved rounds.
 
-    warm: one untimed call before each sample, so that a case that fits the cache is timed
-    with its inputs in cache, whichever contender ran before it (without it, the first
-    contender of each round met a cache just emptied by the last one, the roof copies).
+    warm: WARM_CALLS untimed calls before each sample, so that a case that fits the cache is
+    timed with its inputs in cache, whichever contender ran before it (without them, the
+    first contender of each round met a cache just emptied by the last one, the roof copies).
+
+    Round r starts at the r-th contender (the order rotates), so that no contender always
+    follows the same one: what a contender leaves in the cache helps or hurts the next.
 
     max_repeats: a contender whose sample takes at most a quarter of the slowest one's gets
     up to this many samples per round, taken in sub-rounds that interleave as well.  On large
@@ -62,13 +71,16 @@ def timed(fns, rounds=15, max_seconds=None, warm=False, max_repeats=1):
     slowest = max(cost.values())
     repeats = {name: max(1, min(max_repeats, int(slowest / (4 * c)))) for name, c in cost.items()}
     samples = {name: [] for name in fns}
+    names = list(runners)
     start = time.perf_counter()
     for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
         for sub in range(max(repeats.values())):
-            for name, runner in runners.items():
+            for name in order:
                 if sub >= repeats[name]:
                     continue
-                samples[name].append(runner.sample(numbers[name], warm))
+                samples[name].append(runners[name].sample(numbers[name],
+                                                          WARM_CALLS if warm else 0))
         if max_seconds is not None and r >= 2 and time.perf_counter() - start > max_seconds:
             break
     return {name: float(np.median(s)) for name, s in samples.items()}
