@@ -15,18 +15,37 @@ cdef inline Py_ssize_t chunk(Py_ssize_t M, Py_ssize_t t, Py_ssize_t T) noexcept 
     return (M * t) // T
 
 
-cdef void sum_parts(const double* parts, int T, Py_ssize_t D, floating* out) noexcept nogil:
-    """out[j] = Σ_t parts[t·D + j] (the threads' partial sums in order); nothing when out or
-    parts is NULL."""
+cdef inline Py_ssize_t part_stride(Py_ssize_t D) noexcept nogil:
+    """Doubles between two threads' rows of partial sums: D rounded up to whole 64-byte lines,
+    so that no line holds two threads' sums (a line both threads write bounces between their
+    cores at every update; the rows must start on a line, see aligned_parts)."""
+    return (D + 7) // 8 * 8
+
+
+cdef double* aligned_parts(void** block, Py_ssize_t n) noexcept nogil:
+    """n zeroed doubles starting on a 64-byte line (NULL when out of memory); *block is what
+    free() takes."""
+    block[0] = calloc(n + 8, sizeof(double))
+    if block[0] == NULL:
+        return NULL
+    return <double*>((<size_t>block[0] + 63) // 64 * 64)
+
+
+cdef void sum_parts(const double* parts, int T, Py_ssize_t D, floating* out,
+                    Py_ssize_t stride=-1) noexcept nogil:
+    """out[j] = Σ_t parts[t·stride + j] (the threads' partial sums in order; stride -1: D);
+    nothing when out or parts is NULL."""
     cdef Py_ssize_t j
     cdef int t
     cdef double s
     if parts == NULL or out == NULL:
         return
+    if stride < 0:
+        stride = D
     for j in range(D):
         s = parts[j]
         for t in range(1, T):
-            s += parts[t * D + j]
+            s += parts[t * stride + j]
         out[j] = <floating>s
 
 

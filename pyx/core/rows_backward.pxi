@@ -168,8 +168,9 @@ cdef void _norm_backward(const floating* g, Py_ssize_t ldg, const floating* x, P
                          floating* dx, Py_ssize_t lddx, Py_ssize_t M, Py_ssize_t D,
                          const floating* w, const double* mean, const double* rstd, double* dw,
                          double* db, const unsigned char* mask, bint centred,
-                         const floating* gr, Py_ssize_t ldgr, int T) noexcept nogil:
-    # dw, db: T rows of D (or NULL), one per thread
+                         const floating* gr, Py_ssize_t ldgr, int T,
+                         Py_ssize_t P) noexcept nogil:
+    # dw, db: T rows of D, P apart (or NULL), one per thread
     cdef Py_ssize_t t
     cdef bint stream = streamed(M * D * <Py_ssize_t>sizeof(floating), T)
     if T <= 1:
@@ -178,8 +179,8 @@ cdef void _norm_backward(const floating* g, Py_ssize_t ldg, const floating* x, P
         return
     for t in prange(T, num_threads=T, schedule="static", chunksize=1):
         norm_backward_rows(g, ldg, x, ldx, dx, lddx, chunk(M, t, T), chunk(M, t + 1, T), D, w,
-                           mean, rstd, dw + t * D if dw != NULL else NULL,
-                           db + t * D if db != NULL else NULL, mask, stream, centred, gr, ldgr)
+                           mean, rstd, dw + t * P if dw != NULL else NULL,
+                           db + t * P if db != NULL else NULL, mask, stream, centred, gr, ldgr)
 
 
 cdef run_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t D,
@@ -202,6 +203,8 @@ cdef run_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t 
     cdef double* parts = NULL
     cdef double* dw = NULL
     cdef double* db = NULL
+    cdef void* block = NULL
+    cdef Py_ssize_t P = part_stride(D)
     cdef const unsigned char* mk = mask_data(mask, M)
     if (is_float32(g) != f32 or is_float32(dx) != f32 or rp == NULL
             or (centred and mp == NULL)):
@@ -214,12 +217,12 @@ cdef run_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t 
     if not centred:
         mp = NULL
     if gw != NULL or gb != NULL:
-        # per-thread partial sums (zeroed), T rows of D for each gradient
-        parts = <double*>calloc(2 * T * D + 1, sizeof(double))
+        # per-thread partial sums (zeroed), T rows of D (P apart: whole lines) for each
+        parts = aligned_parts(&block, 2 * T * P + 1)
         if parts == NULL:
             raise MemoryError()
         dw = parts if gw != NULL else NULL
-        db = parts + T * D if gb != NULL else NULL
+        db = parts + T * P if gb != NULL else NULL
     try:
         with nogil:
             if f32:
@@ -227,16 +230,16 @@ cdef run_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t 
                     _norm_backward(<const float*>cnp.PyArray_DATA(g), ldg,
                                    <const float*>cnp.PyArray_DATA(x), ldx,
                                    <float*>cnp.PyArray_DATA(dx), lddx, M, D, <const float*>w,
-                                   mp, rp, dw, db, mk, centred, <const float*>grp, ldgr, T)
-                sum_parts(dw, T, D, <float*>gw)
-                sum_parts(db, T, D, <float*>gb)
+                                   mp, rp, dw, db, mk, centred, <const float*>grp, ldgr, T, P)
+                sum_parts(dw, T, D, <float*>gw, P)
+                sum_parts(db, T, D, <float*>gb, P)
             else:
                 if M > 0:
                     _norm_backward(<const double*>cnp.PyArray_DATA(g), ldg,
                                    <const double*>cnp.PyArray_DATA(x), ldx,
                                    <double*>cnp.PyArray_DATA(dx), lddx, M, D, <const double*>w,
-                                   mp, rp, dw, db, mk, centred, <const double*>grp, ldgr, T)
-                sum_parts(dw, T, D, <double*>gw)
-                sum_parts(db, T, D, <double*>gb)
+                                   mp, rp, dw, db, mk, centred, <const double*>grp, ldgr, T, P)
+                sum_parts(dw, T, D, <double*>gw, P)
+                sum_parts(db, T, D, <double*>gb, P)
     finally:
-        free(parts)
+        free(block)
