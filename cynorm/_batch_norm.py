@@ -16,6 +16,7 @@ from ._validation import (
     dtypes,
     feature_axis,
     grad_outputs,
+    half_kind,
     is_bfloat16,
     param,
     plain,
@@ -162,11 +163,21 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
                 np.asarray(rm, np.float64), np.asarray(rv, np.float64))
             return y, mean, _invstd(var, eps)
         return y
-    x = to_compute(x, cdt)
-    size = x.size
-    n_threads = threads_for(size, BATCH_NORM_SERIAL_BELOW)
+    half = half_kind(x.dtype)   # 16-bit x: its output from the kernels' 16-bit affine
+    x16 = x if half >= 0 else None
+    n_threads = threads_for(x.size, BATCH_NORM_SERIAL_BELOW)
     rows, cols, by_rows = _layout(A, C, L)
-    x = _rows_of(x, rows, cols)
+    if half >= 0 and not training:
+        stats = np.empty((3, C))
+        stats[0] = rm
+        stats[1] = 0.0
+        stats[2] = rv
+        y = _apply_half(x16, shape, rows, cols, by_rows, half, stats, 1.0, w, b, eps,
+                        n_threads, out, row_mask)
+        if return_stats:
+            return y, stats[0].copy(), _invstd(stats[2], eps)
+        return y
+    x = _rows_of(to_compute(x, cdt), rows, cols)
     if not training and direct:
         y, result, write_padding = _output(x, shape, rows, cols, cdt, rdt, out, (),
                                            row_mask is not None)
@@ -201,8 +212,12 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         stats[1] = 0.0
         stats[2] = rv
         var_scale = 1.0
-    y = _apply_stats(x, shape, rows, cols, by_rows, cdt, rdt, stats, var_scale, w, b, eps,
-                     n_threads, out, row_mask)
+    if x16 is not None:
+        y = _apply_half(x16, shape, rows, cols, by_rows, half, stats, var_scale, w, b, eps,
+                        n_threads, out, row_mask)
+    else:
+        y = _apply_stats(x, shape, rows, cols, by_rows, cdt, rdt, stats, var_scale, w, b, eps,
+                         n_threads, out, row_mask)
     if return_stats:
         return y, stats[0] + stats[1], _invstd(stats[2] * var_scale, eps)
     return y
@@ -322,6 +337,19 @@ def _apply_stats(x, shape, rows, cols, by_rows, cdt, rdt, stats, var_scale, w, b
     y, result, write_padding = _output(x, shape, rows, cols, cdt, rdt, out, (),
                                        row_mask is not None)
     _kernels.normalize(x, y, rows, cols, by_rows, params, n_threads, row_mask, write_padding)
+    return _finish(y, result, shape, rdt, out)
+
+
+def _apply_half(x, shape, rows, cols, by_rows, kind, stats, var_scale, w, b, eps, n_threads,
+                out=None, row_mask=None):
+    """_apply_stats for 16-bit x (float16, bfloat16: kind), read and written by the kernels in
+    its own dtype (core/halves.pxi's affine_half: float64 parameters and arithmetic)."""
+    rdt = x.dtype
+    x = _kernel_input(x, rdt, rows, cols)
+    y, result, write_padding = _output(x, shape, rows, cols, rdt, rdt, out, (),
+                                       row_mask is not None)
+    _kernels.affine_half(x, y, rows, cols, by_rows, stats, var_scale, w, b, eps, kind,
+                         n_threads, row_mask, write_padding)
     return _finish(y, result, shape, rdt, out)
 
 

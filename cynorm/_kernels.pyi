@@ -29,6 +29,12 @@ def rms_norm(
 ) -> None: ...
 def convert_half(src: NDArray[np.generic], dst: NDArray[np.generic], kind: int,
                  n_threads: int) -> None: ...  # float32 <-> 16-bit (kind: HALF_FLOAT16 / _BFLOAT16)
+def affine_half(
+    x: NDArray[np.generic], y: NDArray[np.generic], rows: int, cols: int, by_rows: bool,
+    stats: _F64, var_scale: float, weight: NDArray[np.float32] | None,
+    bias: NDArray[np.float32] | None, eps: float, kind: int, n_threads: int,
+    mask: _Mask | None = None, write_padding: bool = True,
+) -> None: ...  # BatchNorm's output on 16-bit x, y (kind: HALF_FLOAT16 / _BFLOAT16)
 def feature_moments(
     x: _F, rows: int, cols: int, C: int, by_rows: bool, stats: _F64, n_threads: int,
     rows_per_block: int = 64, mask: _Mask | None = None, fast: bool = False,

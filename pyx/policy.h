@@ -59,6 +59,11 @@
  * from memory (RESULTS item 83). */
 #define CYNORM_HALF_PREFETCH_AHEAD 16384
 
+/* Elements of a row per step of the 16-bit affine (core/halves.pxi, BatchNorm's 16-bit
+ * output): widened into a float32 scratch of this many, computed and narrowed while it is in
+ * L1. */
+#define CYNORM_AFFINE_CHUNK 2048
+
 /* ---- BatchNorm backward (kernels, ops/batch_norm_backward.pxi) ---- */
 /* Training by rows ((N, C, L) with long L) when g and x together outgrow GROUP_MIN_BYTES:
  * features a group at a time, while the group's rows of g and x (GROUP_BYTES of them) are

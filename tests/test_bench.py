@@ -11,7 +11,10 @@ from cynorm import bench
 # the 16-bit cases (bfloat16 where ml_dtypes is installed: the test extra brings it)
 HALF_CASES = [bench.Case(op, shape, dt, -1) for dt in bench.half_dtypes()
               for op, shape in [("ln", (16, 40)), ("rms", (3, 5, 64)), ("add_ln", (16, 48)),
-                                ("add_rms", (16, 48))]]
+                                ("add_rms", (16, 48))]] + [
+    bench.Case(op, shape, dt, axis) for dt in bench.half_dtypes()
+    for op, shape, axis in [("bn_train", (16, 40), 1), ("bn_eval", (8, 6, 70), 1),
+                            ("bn_train", (4, 5, 12), -1)]]
 
 
 def test_grid():

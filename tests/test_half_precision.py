@@ -447,3 +447,146 @@ def test_torch_half_tensors_under_autograd(rng, torch, name, op):
     tol = 8 * torch.finfo(tdt).eps
     torch.testing.assert_close(x.grad.float(), xt.grad.float(), rtol=tol, atol=tol * 4)
     torch.testing.assert_close(w.grad.float(), wt.grad.float(), rtol=tol, atol=tol * 20)
+
+
+# ---- BatchNorm: its 16-bit output from the kernels (core/halves.pxi's affine_half) ----------
+
+def _bn_ref(x64, ax, mean, var, w=None, b=None, eps=1e-5):
+    shape = [1] * x64.ndim
+    shape[ax] = -1
+    r = (x64 - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
+    if w is not None:
+        r = r * w.astype(np.float64).reshape(shape)
+    if b is not None:
+        r = r + b.astype(np.float64).reshape(shape)
+    return r
+
+
+# (N, C) and short L down the columns, long L by rows, feature-last, 4-D
+BN_LAYOUTS = [((40, 24), 1), ((6, 5, 9), 1), ((6, 5, 70), 1), ((4, 9, 12), -1),
+              ((3, 4, 8, 9), 1), ((2, 3, 2100), 1)]
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("shape, axis", BN_LAYOUTS)
+@pytest.mark.parametrize("params", ["none", "float32", "input"])
+def test_batch_norm_within_one_ulp_of_the_reference(rng, name, shape, axis, params):
+    """Training (batch statistics; the 16-bit running buffers updated) and then eval (those
+    buffers), each output element within one ulp of the correctly rounded float64 result."""
+    dt = half_dtype(name)
+    x = _data(rng, shape, dt)
+    ax = axis % x.ndim
+    C = shape[ax]
+    w = b = None
+    if params != "none":
+        pdt = np.float32 if params == "float32" else dt
+        w = rng.uniform(0.5, 2.0, C).astype(pdt)
+        b = rng.standard_normal(C).astype(pdt)
+    x64 = x.astype(np.float64)
+    red = tuple(i for i in range(x.ndim) if i != ax)
+    rm, rv = np.zeros(C, dt), np.ones(C, dt)
+    y, mean, invstd = cynorm.batch_norm(x, rm, rv, w, b, True, axis=axis, return_stats=True)
+    _check(y, _bn_ref(x64, ax, x64.mean(red), x64.var(red), w, b), dt)
+    np.testing.assert_allclose(mean, x64.mean(red), rtol=1e-12)
+    assert rm.dtype == rv.dtype == dt and not np.array_equal(rm, np.zeros(C, dt))
+    ye = cynorm.batch_norm(x, rm, rv, w, b, False, axis=axis)
+    _check(ye, _bn_ref(x64, ax, rm.astype(np.float64), rv.astype(np.float64), w, b), dt)
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("shape, axis", [((64, 40), 1), ((4, 6, 100), 1)])
+def test_batch_norm_bias_cancelling_the_product(rng, name, shape, axis):
+    """Eval outputs far smaller than their terms (the bias is minus the product for one
+    sample): float64 arithmetic keeps them within one ulp."""
+    dt = half_dtype(name)
+    x = _data(rng, shape, dt, offset_sigmas=50)
+    C = shape[axis]
+    rm = rng.standard_normal(C).astype(np.float32) + 150
+    rv = rng.uniform(1, 4, C).astype(np.float32)
+    w = rng.uniform(0.5, 2.0, C).astype(np.float32)
+    x64 = x.astype(np.float64)
+    first = x64[0].reshape(C, -1)[:, 0]   # sample 0's first element of each feature
+    b = (-(first - rm) / np.sqrt(rv.astype(np.float64) + 1e-5) * w).astype(np.float32)
+    ref = _bn_ref(x64, axis, rm.astype(np.float64), rv.astype(np.float64), w, b)
+    assert np.median(np.abs(ref[0].reshape(C, -1)[:, 0])) < 1e-4 * np.median(np.abs(b))
+    _check(cynorm.batch_norm(x, rm, rv, w, b, False, axis=axis), ref, dt)
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_batch_norm_out_in_place_threads_and_every_kernels_build(rng, name):
+    from cynorm import _isa
+    from cynorm._validation import half_kind
+
+    dt = half_dtype(name)
+    x = _data(rng, (300, 7, 40), dt, offset_sigmas=30)
+    w = rng.uniform(0.5, 2.0, 7).astype(np.float32)
+    b = rng.standard_normal(7).astype(np.float32)
+    rm = rng.standard_normal(7).astype(np.float32) + 90
+    rv = rng.uniform(1, 4, 7).astype(np.float32)
+    x64 = x.astype(np.float64)
+    ref = _bn_ref(x64, 1, rm.astype(np.float64), rv.astype(np.float64), w, b)
+    with cynorm.num_threads(1):
+        y1 = cynorm.batch_norm(x, rm, rv, w, b, False)
+    with cynorm.num_threads(2):
+        y2 = cynorm.batch_norm(x, rm, rv, w, b, False)
+    _check(y1, ref, dt)
+    assert y1.tobytes() == y2.tobytes()   # the same bits on any thread count
+    out = at_phase(np.empty_like(x), 6)
+    assert cynorm.batch_norm(x, rm, rv, w, b, False, out=out) is out
+    assert out.tobytes() == y1.tobytes()
+    xc = x.copy()
+    assert cynorm.batch_norm(xc, rm, rv, w, b, False, out=xc) is xc
+    assert xc.tobytes() == y1.tobytes()
+    stats = np.stack([rm.astype(np.float64), np.zeros(7), rv.astype(np.float64)])
+    for level in _isa.available():   # each kernels module: by rows, and down the columns
+        for rows, cols, by_rows in ((300 * 7, 40, True), (300, 7 * 40, False)):
+            y = np.empty_like(x)
+            _isa.load(level).affine_half(x.reshape(rows, cols), y.reshape(rows, cols), rows,
+                                         cols, by_rows, stats, 1.0, w, b, 1e-5, half_kind(dt),
+                                         2)
+            _check(y, ref, dt)
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_batch_norm_masked_feature_last(rng, name):
+    """(N, T, C) with lengths: the statistics of the real tokens, padding written as 0, the
+    real tokens as BatchNorm of those tokens alone."""
+    dt = half_dtype(name)
+    x = _data(rng, (5, 11, 24), dt, offset_sigmas=100)
+    lengths = np.array([11, 3, 0, 7, 1])
+    real = np.concatenate([x[n, :k] for n, k in enumerate(lengths)])
+    rm, rv = np.zeros(24, np.float32), np.ones(24, np.float32)
+    y = cynorm.batch_norm(x, rm, rv, training=True, axis=-1, lengths=lengths)
+    want = cynorm.batch_norm(real, np.zeros(24, np.float32), np.ones(24, np.float32),
+                             training=True)
+    got = np.concatenate([y[n, :k] for n, k in enumerate(lengths)])
+    r64 = real.astype(np.float64)
+    _check(got, _bn_ref(r64, 1, r64.mean(0), r64.var(0)), dt)
+    assert np.abs(ulps16(got, want)).max() <= 1
+    pad = np.concatenate([y[n, k:] for n, k in enumerate(lengths)])
+    assert pad.size and not pad.astype(np.float32).any()
+    ye = cynorm.batch_norm(x, rm, rv, training=False, axis=-1, lengths=lengths)
+    pad = np.concatenate([ye[n, k:] for n, k in enumerate(lengths)])
+    assert not pad.astype(np.float32).any()
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_batch_norm_nan_inf_and_huge(rng, name):
+    dt = half_dtype(name)
+    big = 6.0e4 if name == "float16" else 1e37
+    x = (big + big * 1e-2 * rng.standard_normal((64, 8))).astype(dt)
+    y = cynorm.batch_norm(x, training=True)
+    assert np.isfinite(y.astype(np.float32)).all()   # a finite result from huge inputs
+    x64 = x.astype(np.float64)
+    _check(y, _bn_ref(x64, 1, x64.mean(0), x64.var(0)), dt)
+    x = _data(rng, (16, 4), dt, offset_sigmas=3)
+    x[3, 1] = np.nan
+    x[5, 2] = np.inf
+    y = cynorm.batch_norm(x, training=True)
+    yf = y.astype(np.float32)
+    assert np.isnan(yf[:, 1]).all() and np.isnan(yf[:, 2]).all()
+    assert np.isfinite(yf[:, [0, 3]]).all()
+    ye = cynorm.batch_norm(x, np.zeros(4, np.float32), np.ones(4, np.float32), training=False)
+    yef = ye.astype(np.float32)
+    assert np.isnan(yef[3, 1]) and np.isinf(yef[5, 2])
+    assert np.isfinite(np.delete(yef.ravel(), [3 * 4 + 1, 5 * 4 + 2])).all()

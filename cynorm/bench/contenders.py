@@ -23,7 +23,8 @@ def _bn_setup(case, rng):
     axes, axis = _numpy_bn_axes(case)
     C = case.shape[axis]
     w, b = _params(rng, C, case.dtype)
-    return axes, axis, C, w, b, np.zeros(C, case.dtype), np.ones(C, case.dtype)
+    dt = np_dtype(case.dtype)
+    return axes, axis, C, w, b, np.zeros(C, dt), np.ones(C, dt)
 
 
 def _params(rng, n, dtype):
@@ -88,22 +89,25 @@ def contenders(case, torch=None, seed=0, peers=None, x=None):
     np_rm, np_rv = rm.copy(), rv.copy()
 
     def numpy_bn():
+        # 16-bit floats: in float32, as a user would, and back
+        xc, wc, bc = (a.astype(np.float32) if a.dtype.itemsize == 2 else a for a in (x, w, b))
         if training:
-            m = x.mean(axis=axes)
-            v = x.var(axis=axes)
-            np_rm[...] = 0.9 * np_rm + 0.1 * m
-            np_rv[...] = 0.9 * np_rv + 0.1 * v * (n / (n - 1))
+            m = xc.mean(axis=axes)
+            v = xc.var(axis=axes)
+            np_rm[...] = 0.9 * np_rm.astype(m.dtype) + 0.1 * m
+            np_rv[...] = 0.9 * np_rv.astype(m.dtype) + 0.1 * v * (n / (n - 1))
         else:
-            m, v = np_rm, np_rv
-        return (x - m.reshape(bshape)) / np.sqrt(v.reshape(bshape) + EPS) * w.reshape(bshape) \
-            + b.reshape(bshape)
+            m, v = (a.astype(xc.dtype) for a in (np_rm, np_rv))
+        y = (xc - m.reshape(bshape)) / np.sqrt(v.reshape(bshape) + EPS) * wc.reshape(bshape) \
+            + bc.reshape(bshape)
+        return y.astype(x.dtype)
 
     fns["numpy"] = numpy_bn
     if torch is not None:
-        tx = torch.from_numpy(x)
+        tx = torch_of(torch, x)
         if axis != 1:  # torch wants the channel on axis 1: a permuted view, as a user would
             tx = tx.movedim(axis, 1)
-        tw, tb, trm, trv = (torch.from_numpy(a.copy()) for a in (w, b, rm, rv))
+        tw, tb, trm, trv = (torch_of(torch, a.copy()) for a in (w, b, rm, rv))
         F = torch.nn.functional
 
         def torch_bn():

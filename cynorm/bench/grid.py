@@ -34,7 +34,9 @@ GROUPS = 32
 # The ops whose kernels read and write 16-bit floats: the default grid also times them in
 # float16 and bfloat16 (bfloat16 with ml_dtypes installed), on their quick shapes (every shape
 # with full=True), against torch's float16 / bfloat16 CPU kernels and the peers that have them.
-HALF_OPS = ("ln", "rms", "add_ln", "add_rms")
+# (BatchNorm's 16-bit output is the kernels'; in training its statistics still come from a
+# float32 copy.)
+HALF_OPS = ("ln", "rms", "add_ln", "add_rms", "bn_train", "bn_eval")
 HALF_DTYPES = ("float16", "bfloat16")
 
 

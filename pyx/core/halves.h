@@ -298,19 +298,20 @@ static void cynorm_copy_nt_h(const uint16_t* x, uint16_t* y, ptrdiff_t n) {
  * |(x - mean) * rstd * w| <= |y| + |b|; while |y| >= 2^-9 |b| that is below 2^-13 |y|, a
  * quarter of a float16 ulp (2^-11 |y| or more; bfloat16's is larger), so the narrowed result
  * is the correctly rounded one or its neighbour.  A block with a lane below that bound (or
- * NaN) is computed again in float64 (m, rsd: the mean and rstd as float64), where the terms'
+ * NaN) is computed again in float64 (m, mlo, rsd: the mean and rstd as float64), where the terms'
  * errors are 2^-53 of them. */
 #define CYNORM_HALF_ELEM(j)                                                               \
     (w ? (b ? ((x[j] - mh) - ml) * (rs * w[j]) + b[j] : ((x[j] - mh) - ml) * (rs * w[j]))  \
        : (b ? ((x[j] - mh) - ml) * rs + b[j] : ((x[j] - mh) - ml) * rs))
+#define CYNORM_HALF_D(j) (((double)x[j] - m) - mlo)
 #define CYNORM_HALF_ELEM64(j)                                                             \
-    ((float)(w ? (b ? ((double)x[j] - m) * rsd * (double)w[j] + (double)b[j]              \
-                    : ((double)x[j] - m) * rsd * (double)w[j])                            \
-               : (b ? ((double)x[j] - m) * rsd + (double)b[j] : ((double)x[j] - m) * rsd)))
+    ((float)(w ? (b ? CYNORM_HALF_D(j) * rsd * (double)w[j] + (double)b[j]                \
+                    : CYNORM_HALF_D(j) * rsd * (double)w[j])                              \
+               : (b ? CYNORM_HALF_D(j) * rsd + (double)b[j] : CYNORM_HALF_D(j) * rsd)))
 #define CYNORM_HALF_CANCEL 0.001953125f /* 2^-9 */
 
 static inline float cynorm_half_elem(const float* x, const float* w, const float* b, float mh,
-                                     float ml, float rs, double m, double rsd, ptrdiff_t j) {
+                                     float ml, float rs, double m, double mlo, double rsd, ptrdiff_t j) {
     float v = CYNORM_HALF_ELEM(j);
     if (b && !(fabsf(v) >= CYNORM_HALF_CANCEL * fabsf(b[j])))
         v = CYNORM_HALF_ELEM64(j);
@@ -322,7 +323,7 @@ typedef int32_t cynorm_v8i __attribute__((vector_size(32)));
 
 static inline cynorm_v8f cynorm_half_block(const float* x, const float* w, const float* b,
                                            float mh, float ml, float rs, double m,
-                                           double rsd) {
+                                           double mlo, double rsd) {
     cynorm_v8f xv, wv, bv, r;
     cynorm_v8i ok, mag = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff,
                           0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
@@ -356,7 +357,7 @@ static inline cynorm_v8f cynorm_half_block(const float* x, const float* w, const
 
 #if CYNORM_HALF16
 static inline __m512 cynorm_half_block16(const float* x, const float* w, const float* b,
-                                         float mh, float ml, float rs, double m, double rsd) {
+                                         float mh, float ml, float rs, double m, double mlo, double rsd) {
     __m512 r = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x), _mm512_set1_ps(mh)),
                              _mm512_set1_ps(ml));
     __m512 bv;
@@ -380,7 +381,7 @@ static inline __m512 cynorm_half_block16(const float* x, const float* w, const f
 #endif
 
 static void cynorm_apply_half(const float* x, uint16_t* y, ptrdiff_t n, float mh, float ml,
-                              float rs, double m, double rsd, const float* w, const float* b,
+                              float rs, double m, double mlo, double rsd, const float* w, const float* b,
                               int kind, int stream) {
     ptrdiff_t j = 0;
 #if CYNORM_HALF_VECTORS
@@ -389,13 +390,13 @@ static void cynorm_apply_half(const float* x, uint16_t* y, ptrdiff_t n, float mh
         cynorm_nth hv;
 #define CYNORM_HB(k) cynorm_pack8(cynorm_half_block(x + j + (k), w ? w + j + (k) : NULL,     \
                                                     b ? b + j + (k) : NULL, mh, ml, rs, m,   \
-                                                    rsd), kind)
+                                                    mlo, rsd), kind)
         /* one vector of CYNORM_NT_BYTES built in registers from 8-element blocks (through
            memory it stalls on store forwarding at every streamed store) */
 #if CYNORM_NT_BYTES == 64 && CYNORM_HALF16
 #define CYNORM_HB16(k) cynorm_pack16(cynorm_half_block16(x + j + (k), w ? w + j + (k) : NULL, \
                                                          b ? b + j + (k) : NULL, mh, ml, rs, \
-                                                         m, rsd), kind)
+                                                         m, mlo, rsd), kind)
 #define CYNORM_HALF_NT_VEC()                                                              \
         hv = (cynorm_nth)_mm512_inserti64x4(_mm512_castsi256_si512(CYNORM_HB16(0)),       \
                                             CYNORM_HB16(16), 1)
@@ -411,7 +412,7 @@ static void cynorm_apply_half(const float* x, uint16_t* y, ptrdiff_t n, float mh
 #define CYNORM_HALF_NT_VEC() hv = (cynorm_nth)CYNORM_HB(0)
 #endif
         CYNORM_NT_ROW(uint16_t, y, n,
-            y[j] = cynorm_f2half(cynorm_half_elem(x, w, b, mh, ml, rs, m, rsd, j), kind),
+            y[j] = cynorm_f2half(cynorm_half_elem(x, w, b, mh, ml, rs, m, mlo, rsd, j), kind),
             CYNORM_HALF_NT_VEC();
             CYNORM_STREAM_H(y + j, hv));
 #undef CYNORM_HALF_NT_VEC
@@ -423,15 +424,75 @@ static void cynorm_apply_half(const float* x, uint16_t* y, ptrdiff_t n, float mh
 #if CYNORM_HALF16
     for (; j + 16 <= n; j += 16)
         cynorm_narrow16(cynorm_half_block16(x + j, w ? w + j : NULL, b ? b + j : NULL, mh, ml,
-                                            rs, m, rsd), y + j, kind);
+                                            rs, m, mlo, rsd), y + j, kind);
 #endif
     for (; j + 8 <= n; j += 8)
         cynorm_narrow8(cynorm_half_block(x + j, w ? w + j : NULL, b ? b + j : NULL, mh, ml,
-                                         rs, m, rsd), y + j, kind);
+                                         rs, m, mlo, rsd), y + j, kind);
 #endif
     (void)stream;
     for (; j < n; j++)
-        y[j] = cynorm_f2half(cynorm_half_elem(x, w, b, mh, ml, rs, m, rsd, j), kind);
+        y[j] = cynorm_f2half(cynorm_half_elem(x, w, b, mh, ml, rs, m, mlo, rsd, j), kind);
+}
+
+/* The per-feature affine of 16-bit data, y = (x - m) * s + t, for BatchNorm's output (eval, and
+ * training once its statistics are known): n elements of a row (at most the scratch's length),
+ * widened into the float32 scratch, computed there in float64 and narrowed once.  m, s, t are
+ * float64: one value for the whole row (per_elem 0) or one per element (per_elem 1).
+ *
+ * In float64 the terms' errors are 2^-52 of |x - m| |s| + |t|, so even where t cancels most of
+ * the product the float64 value is far within a quarter of a 16-bit ulp of the exact one; its
+ * rounding to float32 then to 16 bits gives the correctly rounded value or its neighbour. */
+static inline void cynorm_affine_half(const uint16_t* x, uint16_t* y, ptrdiff_t n,
+                                      const double* m, const double* s, const double* t,
+                                      int per_elem, float* scratch, int kind) {
+    ptrdiff_t j = 0;
+#if CYNORM_HALF16
+    /* sixteen at a time in registers: widened, computed as two halves of eight doubles,
+       narrowed (through the scratch, three passes over it took three times as long) */
+    const __m512d m0 = _mm512_set1_pd(m[0]), s0 = _mm512_set1_pd(s[0]);
+    const __m512d t0 = _mm512_set1_pd(t[0]);
+    for (; j + 16 <= n; j += 16) {
+        const __m256i h = _mm256_loadu_si256((const __m256i*)(x + j));
+        const __m512 v = kind == CYNORM_BF16
+            ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+            : _mm512_cvtph_ps(h);
+        __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+        __m512d hi = _mm512_cvtps_pd(
+            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+        if (per_elem) {
+            lo = _mm512_fmadd_pd(_mm512_sub_pd(lo, _mm512_loadu_pd(m + j)),
+                                 _mm512_loadu_pd(s + j), _mm512_loadu_pd(t + j));
+            hi = _mm512_fmadd_pd(_mm512_sub_pd(hi, _mm512_loadu_pd(m + j + 8)),
+                                 _mm512_loadu_pd(s + j + 8), _mm512_loadu_pd(t + j + 8));
+        } else {
+            lo = _mm512_fmadd_pd(_mm512_sub_pd(lo, m0), s0, t0);
+            hi = _mm512_fmadd_pd(_mm512_sub_pd(hi, m0), s0, t0);
+        }
+        cynorm_narrow16(_mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)),
+                                           _mm512_cvtpd_ps(hi), 1), y + j, kind);
+    }
+    if (j == n)
+        return;
+    x += j;
+    y += j;
+    n -= j;
+    if (per_elem) {
+        m += j;
+        s += j;
+        t += j;
+    }
+#endif
+    cynorm_widen_half(x, scratch, n, kind);
+    if (per_elem) {
+        for (j = 0; j < n; j++)
+            scratch[j] = (float)(((double)scratch[j] - m[j]) * s[j] + t[j]);
+    } else {
+        const double ms = m[0], ss = s[0], ts = t[0];
+        for (j = 0; j < n; j++)
+            scratch[j] = (float)(((double)scratch[j] - ms) * ss + ts);
+    }
+    cynorm_narrow_half(scratch, y, n, kind);
 }
 
 #endif /* CYNORM_CORE_HALVES_H */

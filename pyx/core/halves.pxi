@@ -20,8 +20,11 @@ cdef extern from "core/halves.h" nogil:
     void cynorm_add_half(const uint16_t* x, const uint16_t* r, uint16_t* h, float* s,
                          Py_ssize_t n, int kind) noexcept
     void cynorm_apply_half(const float* x, uint16_t* y, Py_ssize_t n, float mh, float ml,
-                           float rs, double m, double rsd, const float* w, const float* b,
+                           float rs, double m, double mlo, double rsd, const float* w, const float* b,
                            int kind, int stream) noexcept
+    void cynorm_affine_half(const uint16_t* x, uint16_t* y, Py_ssize_t n, const double* m,
+                            const double* s, const double* t, int per_elem, float* scratch,
+                            int kind) noexcept
 
 
 cdef extern from "numpy/ndarraytypes.h":
@@ -46,7 +49,7 @@ cdef inline void put_half_row(const float* ys, uint16_t* y, uint16_t* hs, Py_ssi
 
 
 cdef inline void apply_half_row(const float* xs, uint16_t* y, Py_ssize_t n, float mh, float ml,
-                                float rs, double m, double rsd, const float* w, const float* b,
+                                float rs, double m, double mlo, double rsd, const float* w, const float* b,
                                 int kind, bint stream, const uint16_t* nxt) noexcept nogil:
     """A row's 16-bit output from its widened row xs; with nxt (the next input row, else
     NULL), in chunks that start on y's lines, each after a prefetch of the same part of nxt
@@ -54,7 +57,7 @@ cdef inline void apply_half_row(const float* xs, uint16_t* y, Py_ssize_t n, floa
     cdef Py_ssize_t c0 = 0, c1, k
     cdef Py_ssize_t e = <Py_ssize_t>((-<Py_ssize_t>y) & (CYNORM_LINE_BYTES - 1)) // 2
     if nxt == NULL:
-        cynorm_apply_half(xs, y, n, mh, ml, rs, m, rsd, w, b, kind, stream)
+        cynorm_apply_half(xs, y, n, mh, ml, rs, m, mlo, rsd, w, b, kind, stream)
         return
     while c0 < n:
         c1 = e + PREFETCH_CHUNK if e + PREFETCH_CHUNK < n else n
@@ -62,7 +65,7 @@ cdef inline void apply_half_row(const float* xs, uint16_t* y, Py_ssize_t n, floa
         while k < c1 * 2:
             cynorm_prefetch(<const char*>nxt + k)
             k += CYNORM_LINE_BYTES
-        cynorm_apply_half(xs + c0, y + c0, c1 - c0, mh, ml, rs, m, rsd, w + c0 if w != NULL else NULL,
+        cynorm_apply_half(xs + c0, y + c0, c1 - c0, mh, ml, rs, m, mlo, rsd, w + c0 if w != NULL else NULL,
                           b + c0 if b != NULL else NULL, kind, stream)
         c0 = c1
         e = c1
@@ -83,7 +86,7 @@ cdef void half_norm_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssiz
     cdef float* ys = scratch + D
     cdef uint16_t* hs = <uint16_t*>(scratch + 2 * D)
     cdef Py_ssize_t i
-    cdef double hi, lo, m2, rsd
+    cdef double hi, lo, mlo, m2, rsd
     cdef float mh, ml, rs
     for i in range(r0, r1):
         if res != NULL:
@@ -105,7 +108,10 @@ cdef void half_norm_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssiz
         rsd = 1.0 / sqrt(m2 / D + eps)
         # the mean rounded to one float64 first (hi + lo, 0): an element equal to the mean
         # then gives 0, as the exact result does, and not lo's last bits, which bfloat16's
-        # range would keep (a row's hi + lo may differ from the exact mean by 1e-21 of it)
+        # range would keep (a row's hi + lo may differ from the exact mean by 1e-21 of it).
+        # What the rounding left out, mlo, serves only the blocks redone in float64, where
+        # the bias cancels the product down to far below the mean's rounding.
+        mlo = (hi - (hi + lo)) + lo
         hi = hi + lo
         if row_scale(<const float*>xs, ys, D, w, b, eps, centred, hi, 0.0, m2, rsd,
                      mean + i if mean != NULL else NULL, rstd + i if rstd != NULL else NULL,
@@ -114,7 +120,7 @@ cdef void half_norm_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssiz
         else:
             # the mean and rstd in float64 too, for the blocks redone in float64 (rstd NaN
             # where row_scale made it so: a non-finite row)
-            apply_half_row(xs, y + i * ldy, D, mh, ml, rs, hi, rsd if rs == rs else NAN,
+            apply_half_row(xs, y + i * ldy, D, mh, ml, rs, hi, mlo, rsd if rs == rs else NAN,
                            w, b, kind, stream,
                            x + (i + ahead) * ldx if ahead > 0 and i + ahead < r1 else NULL)
     if stream:
@@ -211,6 +217,103 @@ cdef run_half_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t D, cnp.ndarray weigh
                        ldh, scratch, per_thread, kind, T)
     finally:
         free(scratch)
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-feature affine on 16-bit data (BatchNorm's output): y = (x - m) * s + t per feature,
+# read and written in 16 bits, computed in float64 (core/halves.h, cynorm_affine_half).
+
+cdef void half_affine_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssize_t ldy,
+                           Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t cols, bint by_rows,
+                           const double* params, Py_ssize_t P, const unsigned char* mask,
+                           bint write_padding, float* scratch, int kind) noexcept nogil:
+    """Rows r0..r1, each in pieces of at most AFFINE_CHUNK elements: by_rows, row i is one
+    feature, i % P (its m, s, t scalars); else each column has its own (P == cols).  Rows the
+    mask drops are written as 0 (unless write_padding is off)."""
+    cdef Py_ssize_t i, a, n, f
+    for i in range(r0, r1):
+        if mask != NULL and not mask[i]:
+            if write_padding:
+                memset(y + i * ldy, 0, cols * sizeof(uint16_t))
+            continue
+        a = 0
+        while a < cols:
+            n = cols - a if cols - a < AFFINE_CHUNK else AFFINE_CHUNK
+            f = i % P if by_rows else a
+            cynorm_affine_half(x + i * ldx + a, y + i * ldy + a, n, params + f,
+                               params + P + f, params + 2 * P + f, not by_rows, scratch, kind)
+            a += n
+
+
+cdef void half_affine_params(const double* st, double var_scale, const float* w,
+                             const float* b, double eps, Py_ssize_t C, Py_ssize_t L,
+                             double* params) noexcept nogil:
+    """params (3, C·L) float64, m, s, t of each feature repeated L times: m = the mean (hi +
+    lo), s = w / sqrt(var + eps) (NaN where var + eps is 0 or var is not finite, as
+    feature_params), t = b."""
+    cdef Py_ssize_t c, k, P = C * L
+    cdef double var, inv, m, sc, sh
+    for c in range(C):
+        var = st[2 * C + c] * var_scale
+        inv = 1.0 / sqrt(var + eps)
+        if isinf(inv) or isinf(var):
+            inv = NAN
+        m = st[c] + st[C + c]
+        sc = inv * w[c] if w != NULL else inv
+        sh = b[c] if b != NULL else 0.0
+        for k in range(c * L, (c + 1) * L):
+            params[k] = m
+            params[P + k] = sc
+            params[2 * P + k] = sh
+
+
+def affine_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t cols, bint by_rows,
+                cnp.ndarray stats, double var_scale, cnp.ndarray weight, cnp.ndarray bias,
+                double eps, int kind, int n_threads, cnp.ndarray mask=None,
+                bint write_padding=True):
+    """BatchNorm's output on 16-bit x and y seen as (rows, cols) (float16: kind HALF_F16,
+    bfloat16: HALF_BF16): y = (x - mean) * weight / sqrt(var + eps) + bias per feature, in
+    float64, from stats (3, C) float64 (the mean as hi + lo, the variance times
+    1 / var_scale) and float32 weight and bias (or None).  Features laid out as in
+    feature_moments: by_rows, row i is feature i % C; else column j is feature j // (cols / C)."""
+    cdef Py_ssize_t C = cnp.PyArray_SIZE(stats) // 3, t
+    cdef Py_ssize_t ldx = row_stride(x, rows, cols, False), ldy = row_stride(y, rows, cols, True)
+    cdef Py_ssize_t L = 1 if by_rows or C == 0 else cols // C, P
+    cdef const unsigned char* mk = mask_data(mask, rows)
+    cdef double* st = float64_data(stats, 3 * C, False)
+    cdef const float* w = <const float*>optional_data(weight, C, 1)
+    cdef const float* b = <const float*>optional_data(bias, C, 1)
+    cdef int T = max(1, n_threads)
+    cdef double* params
+    cdef float* scratch
+    if kind != HALF_F16 and kind != HALF_BF16:
+        raise ValueError(f"unknown 16-bit kind {kind}")
+    if not is_bits16(x) or not is_bits16(y):
+        raise TypeError("affine_half takes x and y as 16-bit float (or uint16) arrays")
+    if not layout_fits(rows, cols, C, by_rows):
+        raise ValueError("affine_half: inconsistent shape")
+    if rows * cols == 0:
+        return
+    P = C * L
+    params = <double*>malloc(3 * P * sizeof(double) + T * AFFINE_CHUNK * sizeof(float))
+    if params == NULL:
+        raise MemoryError()
+    scratch = <float*>(params + 3 * P)
+    try:
+        with nogil:
+            half_affine_params(st, var_scale, w, b, eps, C, L, params)
+            if T <= 1:
+                half_affine_rows(<const uint16_t*>cnp.PyArray_DATA(x), ldx,
+                                 <uint16_t*>cnp.PyArray_DATA(y), ldy, 0, rows, cols, by_rows,
+                                 params, P, mk, write_padding, scratch, kind)
+            else:
+                for t in prange(T, num_threads=T, schedule="static", chunksize=1):
+                    half_affine_rows(<const uint16_t*>cnp.PyArray_DATA(x), ldx,
+                                     <uint16_t*>cnp.PyArray_DATA(y), ldy, chunk(rows, t, T),
+                                     chunk(rows, t + 1, T), cols, by_rows, params, P, mk,
+                                     write_padding, scratch + t * AFFINE_CHUNK, kind)
+    finally:
+        free(params)
 
 
 # the kinds as the front end passes them (layer_norm's and rms_norm's half=)
