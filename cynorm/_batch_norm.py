@@ -177,7 +177,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         if return_stats:
             return y, stats[0].copy(), _invstd(stats[2], eps)
         return y
-    x = _rows_of(to_compute(x, cdt), rows, cols)
+    rows16 = half >= 0 and by_rows   # rows of 16-bit x: their moments from the kernels too
+    if rows16:
+        x = _rows_of(x16, rows, cols)
+    else:
+        x = _rows_of(to_compute(x, cdt), rows, cols)
     if not training and direct:
         y, result, write_padding = _output(x, shape, rows, cols, cdt, rdt, out, (),
                                            row_mask is not None)
@@ -189,10 +193,12 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         return y
     if training:
         count, stats = _feature_moments(x, rows, cols, C, by_rows, n_threads, row_mask,
-                                        fast=True)
+                                        fast=True, half=half if rows16 else -1)
         scaled = None
         if count < 0:  # statistics beyond the float range: those features redone scaled
             count = -count
+            if rows16:   # the rescue works on a float32 copy of 16-bit x
+                x = _rows_of(to_compute(x16, cdt), rows, cols)
             scaled = _rescaled(x, A, C, L, rows, cols, by_rows, n_threads, row_mask, stats)
         if rm is not None:
             _update_running(rm, rv, stats, count, momentum)
@@ -260,17 +266,18 @@ def _layout(A, C, L):
     return A, C * L, False
 
 
-def _feature_moments(x, rows, cols, C, by_rows, n_threads, row_mask=None, fast=False):
+def _feature_moments(x, rows, cols, C, by_rows, n_threads, row_mask=None, fast=False, half=-1):
     """(count, stats) per feature of x laid out as _layout says: stats (3, C) float64 holds
     the mean as hi + lo (hi carries the magnitude, lo the remainder; see pyx/core/moments.pxi)
     and M2.  A negative count says some M2 is not finite (overflow, or inf / NaN in x).
     fast: float32 columns summed in float32 groups, M2 to about 1e-7 relative (enough for a
-    float32 output; the moments API and the scaler keep float64 sums).
+    float32 output; the moments API and the scaler keep float64 sums).  half: x is 16-bit
+    (that kind) laid out by rows, widened row by row in the kernel.
     """
     stats = np.empty((3, C))
     rows_per_block = max(8, min(1024, COLUMN_BLOCK_BYTES // (cols * x.itemsize)))
     n = _kernels.feature_moments(x, rows, cols, C, by_rows, stats, n_threads, rows_per_block,
-                                 row_mask, fast)
+                                 row_mask, fast, half)
     return n, stats
 
 

@@ -37,7 +37,7 @@ def affine_half(
 ) -> None: ...  # BatchNorm's output on 16-bit x, y (kind: HALF_FLOAT16 / _BFLOAT16)
 def feature_moments(
     x: _F, rows: int, cols: int, C: int, by_rows: bool, stats: _F64, n_threads: int,
-    rows_per_block: int = 64, mask: _Mask | None = None, fast: bool = False,
+    rows_per_block: int = 64, mask: _Mask | None = None, fast: bool = False, half: int = -1,
 ) -> float: ...  # returns the count (double)
 def batch_norm_params(
     stats: _F64, var_scale: float, weight: _F | None, bias: _F | None, eps: float, params: _F

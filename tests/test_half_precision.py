@@ -590,3 +590,19 @@ def test_batch_norm_nan_inf_and_huge(rng, name):
     yef = ye.astype(np.float32)
     assert np.isnan(yef[3, 1]) and np.isinf(yef[5, 2])
     assert np.isfinite(np.delete(yef.ravel(), [3 * 4 + 1, 5 * 4 + 2])).all()
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("shape", [(9, 6), (3, 6, 70)])
+def test_batch_norm_element_equal_to_the_mean_gives_zero(rng, name, shape):
+    """A feature whose mean is one of its elements: there the output is exactly 0 (bfloat16
+    keeps values down to 1e-38, so the statistics' last bits must not show)."""
+    dt = half_dtype(name)
+    x = _data(rng, shape, dt, offset_sigmas=300)
+    x3 = x.reshape(shape[0], shape[1], -1)
+    x3[:, 2] = 512.0   # feature 2: 512 but for 516 and 508 (exact in both dtypes)
+    x3[1, 2, 0] = 516.0
+    x3[2, 2, 0] = 508.0
+    assert x3[:, 2].astype(np.float64).mean() == 512.0
+    y = cynorm.batch_norm(x, training=True).reshape(x3.shape)
+    assert float(y[0, 2, 0]) == 0.0 and not y[3:, 2].astype(np.float32).any()

@@ -437,40 +437,46 @@ static void cynorm_apply_half(const float* x, uint16_t* y, ptrdiff_t n, float mh
 
 /* The per-feature affine of 16-bit data, y = (x - m) * s + t, for BatchNorm's output (eval, and
  * training once its statistics are known): n elements of a row (at most the scratch's length),
- * widened into the float32 scratch, computed there in float64 and narrowed once.  m, s, t are
- * float64: one value for the whole row (per_elem 0) or one per element (per_elem 1).
+ * narrowed once.  The parameters come twice: m, s, t in float64, and mf, sf, tf in float32
+ * (mf the mean's leading float, tf = t - (m - mf) * sf, as feature_params makes them); one value
+ * for the whole row (per_elem 0) or one per element (per_elem 1).
  *
- * In float64 the terms' errors are 2^-52 of |x - m| |s| + |t|, so even where t cancels most of
- * the product the float64 value is far within a quarter of a 16-bit ulp of the exact one; its
- * rounding to float32 then to 16 bits gives the correctly rounded value or its neighbour. */
+ * The AVX-512 build computes sixteen at a time in registers in float32, (x - mf) * sf + tf, as
+ * the 16-bit rows do (cynorm_half_block16, whose bound this is): while |y| >= 2^-9 |tf| its
+ * terms' errors stay below 2^-13 |y|, a quarter of a float16 ulp.  A block with a lane below
+ * that, or not finite (a float32 overflow of x - mf, inf or NaN), is computed again in float64,
+ * as every element of the other builds is: there the terms' errors are 2^-52 of
+ * |x - m| |s| + |t|, far within a quarter of a 16-bit ulp even where t cancels most of the
+ * product.  Either way the result is the correctly rounded value or its neighbour. */
 static inline void cynorm_affine_half(const uint16_t* x, uint16_t* y, ptrdiff_t n,
                                       const double* m, const double* s, const double* t,
+                                      const float* mf, const float* sf, const float* tf,
                                       int per_elem, float* scratch, int kind) {
-    ptrdiff_t j = 0;
+    ptrdiff_t j = 0, k;
 #if CYNORM_HALF16
-    /* sixteen at a time in registers: widened, computed as two halves of eight doubles,
-       narrowed (through the scratch, three passes over it took three times as long) */
-    const __m512d m0 = _mm512_set1_pd(m[0]), s0 = _mm512_set1_pd(s[0]);
-    const __m512d t0 = _mm512_set1_pd(t[0]);
+    const __m512 mv = _mm512_set1_ps(mf[0]), sv = _mm512_set1_ps(sf[0]);
+    const __m512 tv = _mm512_set1_ps(tf[0]), cancel = _mm512_set1_ps(CYNORM_HALF_CANCEL);
+    const __m512 inf = _mm512_set1_ps(INFINITY);
     for (; j + 16 <= n; j += 16) {
         const __m256i h = _mm256_loadu_si256((const __m256i*)(x + j));
         const __m512 v = kind == CYNORM_BF16
             ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
             : _mm512_cvtph_ps(h);
-        __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-        __m512d hi = _mm512_cvtps_pd(
-            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-        if (per_elem) {
-            lo = _mm512_fmadd_pd(_mm512_sub_pd(lo, _mm512_loadu_pd(m + j)),
-                                 _mm512_loadu_pd(s + j), _mm512_loadu_pd(t + j));
-            hi = _mm512_fmadd_pd(_mm512_sub_pd(hi, _mm512_loadu_pd(m + j + 8)),
-                                 _mm512_loadu_pd(s + j + 8), _mm512_loadu_pd(t + j + 8));
-        } else {
-            lo = _mm512_fmadd_pd(_mm512_sub_pd(lo, m0), s0, t0);
-            hi = _mm512_fmadd_pd(_mm512_sub_pd(hi, m0), s0, t0);
+        const __m512 tj = per_elem ? _mm512_loadu_ps(tf + j) : tv;
+        __m512 r = per_elem
+            ? _mm512_fmadd_ps(_mm512_sub_ps(v, _mm512_loadu_ps(mf + j)), _mm512_loadu_ps(sf + j), tj)
+            : _mm512_fmadd_ps(_mm512_sub_ps(v, mv), sv, tv);
+        const __m512 a = _mm512_abs_ps(r);
+        if ((_mm512_cmp_ps_mask(a, _mm512_mul_ps(cancel, _mm512_abs_ps(tj)), _CMP_GE_OQ)
+             & _mm512_cmp_ps_mask(a, inf, _CMP_LT_OQ)) != 0xffff) {
+            float u[16];   /* rare: t cancels the product, or not finite */
+            _mm512_storeu_ps(u, v);
+            for (k = 0; k < 16; k++)
+                u[k] = per_elem ? (float)(((double)u[k] - m[j + k]) * s[j + k] + t[j + k])
+                                : (float)(((double)u[k] - m[0]) * s[0] + t[0]);
+            r = _mm512_loadu_ps(u);
         }
-        cynorm_narrow16(_mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)),
-                                           _mm512_cvtpd_ps(hi), 1), y + j, kind);
+        cynorm_narrow16(r, y + j, kind);
     }
     if (j == n)
         return;
@@ -482,15 +488,19 @@ static inline void cynorm_affine_half(const uint16_t* x, uint16_t* y, ptrdiff_t 
         s += j;
         t += j;
     }
+#else
+    (void)mf;
+    (void)sf;
+    (void)tf;
 #endif
     cynorm_widen_half(x, scratch, n, kind);
     if (per_elem) {
-        for (j = 0; j < n; j++)
-            scratch[j] = (float)(((double)scratch[j] - m[j]) * s[j] + t[j]);
+        for (k = 0; k < n; k++)
+            scratch[k] = (float)(((double)scratch[k] - m[k]) * s[k] + t[k]);
     } else {
         const double ms = m[0], ss = s[0], ts = t[0];
-        for (j = 0; j < n; j++)
-            scratch[j] = (float)(((double)scratch[j] - ms) * ss + ts);
+        for (k = 0; k < n; k++)
+            scratch[k] = (float)(((double)scratch[k] - ms) * ss + ts);
     }
     cynorm_narrow_half(scratch, y, n, kind);
 }

@@ -23,8 +23,8 @@ cdef extern from "core/halves.h" nogil:
                            float rs, double m, double mlo, double rsd, const float* w, const float* b,
                            int kind, int stream) noexcept
     void cynorm_affine_half(const uint16_t* x, uint16_t* y, Py_ssize_t n, const double* m,
-                            const double* s, const double* t, int per_elem, float* scratch,
-                            int kind) noexcept
+                            const double* s, const double* t, const float* mf, const float* sf,
+                            const float* tf, int per_elem, float* scratch, int kind) noexcept
 
 
 cdef extern from "numpy/ndarraytypes.h":
@@ -228,9 +228,11 @@ cdef void half_affine_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ss
                            const double* params, Py_ssize_t P, const unsigned char* mask,
                            bint write_padding, float* scratch, int kind) noexcept nogil:
     """Rows r0..r1, each in pieces of at most AFFINE_CHUNK elements: by_rows, row i is one
-    feature, i % P (its m, s, t scalars); else each column has its own (P == cols).  Rows the
-    mask drops are written as 0 (unless write_padding is off)."""
+    feature, i % P (its m, s, t scalars); else each column has its own (P == cols).  params:
+    (3, P) float64, then (3, P) float32 (half_affine_params).  Rows the mask drops are written
+    as 0 (unless write_padding is off)."""
     cdef Py_ssize_t i, a, n, f
+    cdef const float* pf = <const float*>(params + 3 * P)
     for i in range(r0, r1):
         if mask != NULL and not mask[i]:
             if write_padding:
@@ -241,7 +243,8 @@ cdef void half_affine_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ss
             n = cols - a if cols - a < AFFINE_CHUNK else AFFINE_CHUNK
             f = i % P if by_rows else a
             cynorm_affine_half(x + i * ldx + a, y + i * ldy + a, n, params + f,
-                               params + P + f, params + 2 * P + f, not by_rows, scratch, kind)
+                               params + P + f, params + 2 * P + f, pf + f, pf + P + f,
+                               pf + 2 * P + f, not by_rows, scratch, kind)
             a += n
 
 
@@ -250,9 +253,11 @@ cdef void half_affine_params(const double* st, double var_scale, const float* w,
                              double* params) noexcept nogil:
     """params (3, C·L) float64, m, s, t of each feature repeated L times: m = the mean (hi +
     lo), s = w / sqrt(var + eps) (NaN where var + eps is 0 or var is not finite, as
-    feature_params), t = b."""
+    feature_params), t = b; then (3, C·L) float32, feature_params' m_hi, scale and shift."""
     cdef Py_ssize_t c, k, P = C * L
     cdef double var, inv, m, sc, sh
+    cdef float* pf = <float*>(params + 3 * P)
+    cdef float mh, ml, sf
     for c in range(C):
         var = st[2 * C + c] * var_scale
         inv = 1.0 / sqrt(var + eps)
@@ -261,10 +266,17 @@ cdef void half_affine_params(const double* st, double var_scale, const float* w,
         m = st[c] + st[C + c]
         sc = inv * w[c] if w != NULL else inv
         sh = b[c] if b != NULL else 0.0
+        # the mean rounded to one float64 first, as the 16-bit rows do (core/halves.pxi's
+        # half_norm_rows): an element equal to the mean then gives exactly t
+        split_mean(m, 0.0, &mh, &ml)
+        sf = <float>sc
         for k in range(c * L, (c + 1) * L):
             params[k] = m
             params[P + k] = sc
             params[2 * P + k] = sh
+            pf[k] = mh
+            pf[P + k] = sf
+            pf[2 * P + k] = <float>(sh - <double>ml * <double>sf)
 
 
 def affine_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t cols, bint by_rows,
@@ -295,10 +307,10 @@ def affine_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t cols, 
     if rows * cols == 0:
         return
     P = C * L
-    params = <double*>malloc(3 * P * sizeof(double) + T * AFFINE_CHUNK * sizeof(float))
+    params = <double*>malloc(3 * P * sizeof(double) + (3 * P + T * AFFINE_CHUNK) * sizeof(float))
     if params == NULL:
         raise MemoryError()
-    scratch = <float*>(params + 3 * P)
+    scratch = <float*>(params + 3 * P) + 3 * P
     try:
         with nogil:
             half_affine_params(st, var_scale, w, b, eps, C, L, params)

@@ -10,17 +10,24 @@ cdef void moments_rows(const floating* x, Py_ssize_t ld, Py_ssize_t r0, Py_ssize
         row_moments(x + i * ld, L, &parts[3 * i], &parts[3 * i + 1], &parts[3 * i + 2])
 
 
-cdef double _row_feature_moments(const floating* x, Py_ssize_t ld, Py_ssize_t M, Py_ssize_t L,
-                                 Py_ssize_t C, double* parts, double* stats,
-                                 int n_threads) noexcept nogil:
-    """Moments of rows (row i belongs to feature i % C), merged per feature into stats (3, C)."""
-    cdef Py_ssize_t i, a, c, t
+cdef void moments_half_rows(const uint16_t* x, Py_ssize_t ld, Py_ssize_t r0, Py_ssize_t r1,
+                            Py_ssize_t L, double* parts, float* scratch,
+                            int kind) noexcept nogil:
+    """moments_rows of 16-bit rows (kind: core/halves.pxi's), each widened into the float32
+    scratch (L floats) first: the same moments as a float32 copy's rows."""
+    cdef Py_ssize_t i
+    for i in range(r0, r1):
+        cynorm_widen_half(x + i * ld, scratch, L, kind)
+        row_moments(<const float*>scratch, L, &parts[3 * i], &parts[3 * i + 1],
+                    &parts[3 * i + 2])
+
+
+cdef double merge_row_parts(const double* parts, Py_ssize_t M, Py_ssize_t L, Py_ssize_t C,
+                            double* stats) noexcept nogil:
+    """The rows' moments (row i belongs to feature i % C) merged per feature into stats (3, C),
+    in row order; returns the count per feature."""
+    cdef Py_ssize_t i, a, c
     cdef double n = 0.0
-    if n_threads <= 1:
-        moments_rows(x, ld, 0, M, L, parts)
-    else:
-        for t in prange(n_threads, num_threads=n_threads, schedule="static", chunksize=1):
-            moments_rows(x, ld, chunk(M, t, n_threads), chunk(M, t + 1, n_threads), L, parts)
     for c in range(C):
         n = 0.0
         for a in range(M // C):
@@ -28,6 +35,33 @@ cdef double _row_feature_moments(const floating* x, Py_ssize_t ld, Py_ssize_t M,
             merge_one(&n, &stats[c], &stats[C + c], &stats[2 * C + c], <double>L,
                       parts[3 * i], parts[3 * i + 1], parts[3 * i + 2])
     return n
+
+
+cdef double _row_feature_moments(const floating* x, Py_ssize_t ld, Py_ssize_t M, Py_ssize_t L,
+                                 Py_ssize_t C, double* parts, double* stats,
+                                 int n_threads) noexcept nogil:
+    """Moments of rows (row i belongs to feature i % C), merged per feature into stats (3, C)."""
+    cdef Py_ssize_t t
+    if n_threads <= 1:
+        moments_rows(x, ld, 0, M, L, parts)
+    else:
+        for t in prange(n_threads, num_threads=n_threads, schedule="static", chunksize=1):
+            moments_rows(x, ld, chunk(M, t, n_threads), chunk(M, t + 1, n_threads), L, parts)
+    return merge_row_parts(parts, M, L, C, stats)
+
+
+cdef double _half_row_feature_moments(const uint16_t* x, Py_ssize_t ld, Py_ssize_t M,
+                                      Py_ssize_t L, Py_ssize_t C, double* parts, double* stats,
+                                      float* scratch, int kind, int n_threads) noexcept nogil:
+    """_row_feature_moments of 16-bit rows (scratch: L floats per thread)."""
+    cdef Py_ssize_t t
+    if n_threads <= 1:
+        moments_half_rows(x, ld, 0, M, L, parts, scratch, kind)
+    else:
+        for t in prange(n_threads, num_threads=n_threads, schedule="static", chunksize=1):
+            moments_half_rows(x, ld, chunk(M, t, n_threads), chunk(M, t + 1, n_threads), L,
+                              parts, scratch + t * L, kind)
+    return merge_row_parts(parts, M, L, C, stats)
 
 
 cdef double _column_feature_moments(const floating* x, Py_ssize_t ld, Py_ssize_t M,
@@ -67,7 +101,7 @@ cdef double _column_feature_moments(const floating* x, Py_ssize_t ld, Py_ssize_t
 
 def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t C,
                     bint by_rows, cnp.ndarray stats, int n_threads, Py_ssize_t rows_per_block=64,
-                    cnp.ndarray mask=None, bint fast=False):
+                    cnp.ndarray mask=None, bint fast=False, int half=-1):
     """Per-feature moments of x seen as (rows, cols): stats (3, C) float64 receives the mean
     as hi + lo and M2; returns the count per feature, negated when some M2 is not finite.
 
@@ -76,11 +110,13 @@ def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t 
     the columns over row chunks, one per thread; mask (one bool per row, column layout only)
     keeps the rows it marks True.  fast (column layout, float32 x): M2 to about 1e-7 relative
     instead of float64 ulps, in about half the time (BatchNorm's forward pass; see
-    column_chunk_moments).
+    column_chunk_moments).  half (by rows only): x holds float16 (HALF_FLOAT16) or bfloat16
+    (HALF_BFLOAT16) bits, each row widened to float32 as it is read (the moments of a float32
+    copy, without the copy).
     """
     cdef const unsigned char* mk = mask_data(mask, rows)
     cdef Py_ssize_t ld = row_stride(x, rows, cols, False)
-    cdef int f32 = is_float32(x)
+    cdef int f32 = 1 if half >= 0 else is_float32(x)
     cdef double* st = float64_data(stats, 3 * C)
     cdef Py_ssize_t T, j
     cdef double n
@@ -89,13 +125,21 @@ def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t 
         raise ValueError("feature_moments: inconsistent shape")
     if by_rows and mk != NULL:
         raise ValueError("feature_moments: a row mask needs the column layout")
+    if half >= 0 and (not by_rows or not is_bits16(x) or (half != HALF_F16
+                                                          and half != HALF_BF16)):
+        raise ValueError("feature_moments: 16-bit x (a known kind) by rows only")
     T = 1 if by_rows else max(1, min(n_threads, rows // 64))
-    parts = <double*>malloc(sizeof(double) * (3 * rows if by_rows else T * (2 + 6 * cols)))
+    parts = <double*>malloc(sizeof(double) * (3 * rows if by_rows else T * (2 + 6 * cols))
+                            + (sizeof(float) * max(1, n_threads) * cols if half >= 0 else 0))
     if parts == NULL:
         raise MemoryError()
     try:
         with nogil:
-            if by_rows and f32:
+            if half >= 0:
+                n = _half_row_feature_moments(<const uint16_t*>cnp.PyArray_DATA(x), ld, rows,
+                                              cols, C, parts, st, <float*>(parts + 3 * rows),
+                                              half, max(1, n_threads))
+            elif by_rows and f32:
                 n = _row_feature_moments(<const float*>cnp.PyArray_DATA(x), ld, rows, cols, C,
                                          parts, st, n_threads)
             elif by_rows:
