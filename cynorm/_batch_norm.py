@@ -350,7 +350,8 @@ def _apply_stats(x, shape, rows, cols, by_rows, cdt, rdt, stats, var_scale, w, b
 def _apply_half(x, shape, rows, cols, by_rows, kind, stats, var_scale, w, b, eps, n_threads,
                 out=None, row_mask=None):
     """_apply_stats for 16-bit x (float16, bfloat16: kind), read and written by the kernels in
-    its own dtype (core/halves.pxi's affine_half: float64 parameters and arithmetic)."""
+    its own dtype (core/halves.pxi's affine_half: its parameters made there from the float64
+    statistics)."""
     rdt = x.dtype
     x = _kernel_input(x, rdt, rows, cols)
     y, result, write_padding = _output(x, shape, rows, cols, rdt, rdt, out, (),

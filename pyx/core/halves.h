@@ -437,17 +437,18 @@ static void cynorm_apply_half(const float* x, uint16_t* y, ptrdiff_t n, float mh
 
 /* The per-feature affine of 16-bit data, y = (x - m) * s + t, for BatchNorm's output (eval, and
  * training once its statistics are known): n elements of a row (at most the scratch's length),
- * narrowed once.  The parameters come twice: m, s, t in float64, and mf, sf, tf in float32
- * (mf the mean's leading float, tf = t - (m - mf) * sf, as feature_params makes them); one value
+ * narrowed once.  The parameters come twice: m, s, t in float64 (m the mean rounded to one
+ * float64, t the bias less what that rounding left out times s), and mf, sf, tf in float32 (mf
+ * the mean's leading float, tf = t - (m - mf) * sf, as feature_params makes them); one value
  * for the whole row (per_elem 0) or one per element (per_elem 1).
  *
  * The AVX-512 build computes sixteen at a time in registers in float32, (x - mf) * sf + tf, as
  * the 16-bit rows do (cynorm_half_block16, whose bound this is): while |y| >= 2^-9 |tf| its
- * terms' errors stay below 2^-13 |y|, a quarter of a float16 ulp.  A block with a lane below
- * that, or not finite (a float32 overflow of x - mf, inf or NaN), is computed again in float64,
- * as every element of the other builds is: there the terms' errors are 2^-52 of
- * |x - m| |s| + |t|, far within a quarter of a 16-bit ulp even where t cancels most of the
- * product.  Either way the result is the correctly rounded value or its neighbour. */
+ * terms' errors stay below 2^-13 |y|, a quarter of a float16 ulp.  A lane below that, or not
+ * finite (a float32 overflow of x - mf, inf or NaN), is computed again in float64, as every
+ * element of the other builds is: there the terms' errors are 2^-52 of |x - m| |s| + |t|,
+ * far within a quarter of a 16-bit ulp even where t cancels most of the product.  Either way
+ * the result is the correctly rounded value or its neighbour. */
 static inline void cynorm_affine_half(const uint16_t* x, uint16_t* y, ptrdiff_t n,
                                       const double* m, const double* s, const double* t,
                                       const float* mf, const float* sf, const float* tf,
@@ -467,14 +468,18 @@ static inline void cynorm_affine_half(const uint16_t* x, uint16_t* y, ptrdiff_t 
             ? _mm512_fmadd_ps(_mm512_sub_ps(v, _mm512_loadu_ps(mf + j)), _mm512_loadu_ps(sf + j), tj)
             : _mm512_fmadd_ps(_mm512_sub_ps(v, mv), sv, tv);
         const __m512 a = _mm512_abs_ps(r);
-        if ((_mm512_cmp_ps_mask(a, _mm512_mul_ps(cancel, _mm512_abs_ps(tj)), _CMP_GE_OQ)
-             & _mm512_cmp_ps_mask(a, inf, _CMP_LT_OQ)) != 0xffff) {
-            float u[16];   /* rare: t cancels the product, or not finite */
+        const __mmask16 ok = _mm512_cmp_ps_mask(a, _mm512_mul_ps(cancel, _mm512_abs_ps(tj)),
+                                                _CMP_GE_OQ)
+                             & _mm512_cmp_ps_mask(a, inf, _CMP_LT_OQ);
+        if (ok != 0xffff) {
+            float u[16], q[16];   /* rare: t cancels the product, or not finite */
             _mm512_storeu_ps(u, v);
-            for (k = 0; k < 16; k++)
-                u[k] = per_elem ? (float)(((double)u[k] - m[j + k]) * s[j + k] + t[j + k])
-                                : (float)(((double)u[k] - m[0]) * s[0] + t[0]);
-            r = _mm512_loadu_ps(u);
+            _mm512_storeu_ps(q, r);
+            for (k = 0; k < 16; k++)   /* those lanes only */
+                if (!((ok >> k) & 1))
+                    q[k] = per_elem ? (float)(((double)u[k] - m[j + k]) * s[j + k] + t[j + k])
+                                    : (float)(((double)u[k] - m[0]) * s[0] + t[0]);
+            r = _mm512_loadu_ps(q);
         }
         cynorm_narrow16(r, y + j, kind);
     }

@@ -221,7 +221,8 @@ cdef run_half_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t D, cnp.ndarray weigh
 
 # ---------------------------------------------------------------------------------------------
 # The per-feature affine on 16-bit data (BatchNorm's output): y = (x - m) * s + t per feature,
-# read and written in 16 bits, computed in float64 (core/halves.h, cynorm_affine_half).
+# read and written in 16 bits (core/halves.h, cynorm_affine_half: float32, and float64 where
+# the shift cancels the product).
 
 cdef void half_affine_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssize_t ldy,
                            Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t cols, bint by_rows,
@@ -248,14 +249,24 @@ cdef void half_affine_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ss
             a += n
 
 
+# Below this fraction of the mean its second float64 term is the statistics' own error (a row
+# or feature's hi + lo has been seen 1e-21 of the mean off the exact value), not a remainder of
+# the mean's rounding (those are up to 2^-53 of it, and below 2^-60 one time in about 2^7).
+cdef double MEAN_NOISE = 8.673617379884035e-19   # 2^-60
+
+
 cdef void half_affine_params(const double* st, double var_scale, const float* w,
                              const float* b, double eps, Py_ssize_t C, Py_ssize_t L,
                              double* params) noexcept nogil:
     """params (3, C·L) float64, m, s, t of each feature repeated L times: m = the mean (hi +
-    lo), s = w / sqrt(var + eps) (NaN where var + eps is 0 or var is not finite, as
-    feature_params), t = b; then (3, C·L) float32, feature_params' m_hi, scale and shift."""
+    lo) rounded to one float64, s = w / sqrt(var + eps) (NaN where var + eps is 0 or var is
+    not finite, as feature_params), t = b - mlo * s (mlo what the rounding of m left out:
+    core/halves.h's float64 lanes are those where t cancels the product, down to far below
+    m's rounding; below MEAN_NOISE of m it is taken as 0, the two-term mean's own error, so
+    that an element equal to the mean gives exactly b); then (3, C·L) float32,
+    feature_params' m_hi, scale and shift of m."""
     cdef Py_ssize_t c, k, P = C * L
-    cdef double var, inv, m, sc, sh
+    cdef double var, inv, m, mlo, sc, sh
     cdef float* pf = <float*>(params + 3 * P)
     cdef float mh, ml, sf
     for c in range(C):
@@ -264,6 +275,9 @@ cdef void half_affine_params(const double* st, double var_scale, const float* w,
         if isinf(inv) or isinf(var):
             inv = NAN
         m = st[c] + st[C + c]
+        mlo = (st[c] - m) + st[C + c]
+        if fabs(mlo) < MEAN_NOISE * fabs(m):
+            mlo = 0.0   # the statistics' own last bits, not a remainder of the mean
         sc = inv * w[c] if w != NULL else inv
         sh = b[c] if b != NULL else 0.0
         # the mean rounded to one float64 first, as the 16-bit rows do (core/halves.pxi's
@@ -273,7 +287,7 @@ cdef void half_affine_params(const double* st, double var_scale, const float* w,
         for k in range(c * L, (c + 1) * L):
             params[k] = m
             params[P + k] = sc
-            params[2 * P + k] = sh
+            params[2 * P + k] = sh - mlo * sc
             pf[k] = mh
             pf[P + k] = sf
             pf[2 * P + k] = <float>(sh - <double>ml * <double>sf)
