@@ -168,10 +168,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     n_threads = threads_for(x.size, BATCH_NORM_SERIAL_BELOW)
     rows, cols, by_rows = _layout(A, C, L)
     if half >= 0 and not training:
-        stats = np.empty((3, C))
-        stats[0] = rm
-        stats[1] = 0.0
-        stats[2] = rv
+        stats = _running_stats(rm, rv, C)
         y = _apply_half(x16, shape, rows, cols, by_rows, half, stats, 1.0, w, b, eps,
                         n_threads, out, row_mask)
         if return_stats:
@@ -213,10 +210,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
                 return y, stats[0] + stats[1], _invstd(stats_s[2] / count + eps * s * s, 0.0) * s
             return y
     else:
-        stats = np.empty((3, C))
-        stats[0] = rm
-        stats[1] = 0.0
-        stats[2] = rv
+        stats = _running_stats(rm, rv, C)
         var_scale = 1.0
     if x16 is not None:
         y = _apply_half(x16, shape, rows, cols, by_rows, half, stats, var_scale, w, b, eps,
@@ -227,6 +221,16 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     if return_stats:
         return y, stats[0] + stats[1], _invstd(stats[2] * var_scale, eps)
     return y
+
+
+def _running_stats(rm, rv, C):
+    """The running statistics as float64 stats (3, C), as the moments give them: the mean as
+    hi + lo (lo 0) and the variance (var_scale 1)."""
+    stats = np.empty((3, C))
+    stats[0] = rm
+    stats[1] = 0.0
+    stats[2] = rv
+    return stats
 
 
 def _update_running(rm, rv, stats, count, momentum):

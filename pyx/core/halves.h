@@ -298,8 +298,8 @@ static void cynorm_copy_nt_h(const uint16_t* x, uint16_t* y, ptrdiff_t n) {
  * |(x - mean) * rstd * w| <= |y| + |b|; while |y| >= 2^-9 |b| that is below 2^-13 |y|, a
  * quarter of a float16 ulp (2^-11 |y| or more; bfloat16's is larger), so the narrowed result
  * is the correctly rounded one or its neighbour.  A block with a lane below that bound (or
- * NaN) is computed again in float64 (m, mlo, rsd: the mean and rstd as float64), where the terms'
- * errors are 2^-53 of them. */
+ * NaN) is computed again in float64 (m, mlo, rsd: the mean and rstd as float64), where the
+ * terms' errors are 2^-53 of them. */
 #define CYNORM_HALF_ELEM(j)                                                               \
     (w ? (b ? ((x[j] - mh) - ml) * (rs * w[j]) + b[j] : ((x[j] - mh) - ml) * (rs * w[j]))  \
        : (b ? ((x[j] - mh) - ml) * rs + b[j] : ((x[j] - mh) - ml) * rs))
@@ -311,7 +311,8 @@ static void cynorm_copy_nt_h(const uint16_t* x, uint16_t* y, ptrdiff_t n) {
 #define CYNORM_HALF_CANCEL 0.001953125f /* 2^-9 */
 
 static inline float cynorm_half_elem(const float* x, const float* w, const float* b, float mh,
-                                     float ml, float rs, double m, double mlo, double rsd, ptrdiff_t j) {
+                                     float ml, float rs, double m, double mlo, double rsd,
+                                     ptrdiff_t j) {
     float v = CYNORM_HALF_ELEM(j);
     if (b && !(fabsf(v) >= CYNORM_HALF_CANCEL * fabsf(b[j])))
         v = CYNORM_HALF_ELEM64(j);
@@ -357,7 +358,8 @@ static inline cynorm_v8f cynorm_half_block(const float* x, const float* w, const
 
 #if CYNORM_HALF16
 static inline __m512 cynorm_half_block16(const float* x, const float* w, const float* b,
-                                         float mh, float ml, float rs, double m, double mlo, double rsd) {
+                                         float mh, float ml, float rs, double m, double mlo,
+                                         double rsd) {
     __m512 r = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x), _mm512_set1_ps(mh)),
                              _mm512_set1_ps(ml));
     __m512 bv;
@@ -381,8 +383,8 @@ static inline __m512 cynorm_half_block16(const float* x, const float* w, const f
 #endif
 
 static void cynorm_apply_half(const float* x, uint16_t* y, ptrdiff_t n, float mh, float ml,
-                              float rs, double m, double mlo, double rsd, const float* w, const float* b,
-                              int kind, int stream) {
+                              float rs, double m, double mlo, double rsd, const float* w,
+                              const float* b, int kind, int stream) {
     ptrdiff_t j = 0;
 #if CYNORM_HALF_VECTORS
 #if CYNORM_STREAMING
@@ -465,7 +467,8 @@ static inline void cynorm_affine_half(const uint16_t* x, uint16_t* y, ptrdiff_t 
             : _mm512_cvtph_ps(h);
         const __m512 tj = per_elem ? _mm512_loadu_ps(tf + j) : tv;
         __m512 r = per_elem
-            ? _mm512_fmadd_ps(_mm512_sub_ps(v, _mm512_loadu_ps(mf + j)), _mm512_loadu_ps(sf + j), tj)
+            ? _mm512_fmadd_ps(_mm512_sub_ps(v, _mm512_loadu_ps(mf + j)), _mm512_loadu_ps(sf + j),
+                              tj)
             : _mm512_fmadd_ps(_mm512_sub_ps(v, mv), sv, tv);
         const __m512 a = _mm512_abs_ps(r);
         const __mmask16 ok = _mm512_cmp_ps_mask(a, _mm512_mul_ps(cancel, _mm512_abs_ps(tj)),

@@ -20,8 +20,8 @@ cdef extern from "core/halves.h" nogil:
     void cynorm_add_half(const uint16_t* x, const uint16_t* r, uint16_t* h, float* s,
                          Py_ssize_t n, int kind) noexcept
     void cynorm_apply_half(const float* x, uint16_t* y, Py_ssize_t n, float mh, float ml,
-                           float rs, double m, double mlo, double rsd, const float* w, const float* b,
-                           int kind, int stream) noexcept
+                           float rs, double m, double mlo, double rsd, const float* w,
+                           const float* b, int kind, int stream) noexcept
     void cynorm_affine_half(const uint16_t* x, uint16_t* y, Py_ssize_t n, const double* m,
                             const double* s, const double* t, const float* mf, const float* sf,
                             const float* tf, int per_elem, float* scratch, int kind) noexcept
@@ -49,8 +49,9 @@ cdef inline void put_half_row(const float* ys, uint16_t* y, uint16_t* hs, Py_ssi
 
 
 cdef inline void apply_half_row(const float* xs, uint16_t* y, Py_ssize_t n, float mh, float ml,
-                                float rs, double m, double mlo, double rsd, const float* w, const float* b,
-                                int kind, bint stream, const uint16_t* nxt) noexcept nogil:
+                                float rs, double m, double mlo, double rsd, const float* w,
+                                const float* b, int kind, bint stream,
+                                const uint16_t* nxt) noexcept nogil:
     """A row's 16-bit output from its widened row xs; with nxt (the next input row, else
     NULL), in chunks that start on y's lines, each after a prefetch of the same part of nxt
     (as the float rows' apply_prefetching: the next row's widening then reads the cache)."""
@@ -65,8 +66,9 @@ cdef inline void apply_half_row(const float* xs, uint16_t* y, Py_ssize_t n, floa
         while k < c1 * 2:
             cynorm_prefetch(<const char*>nxt + k)
             k += CYNORM_LINE_BYTES
-        cynorm_apply_half(xs + c0, y + c0, c1 - c0, mh, ml, rs, m, mlo, rsd, w + c0 if w != NULL else NULL,
-                          b + c0 if b != NULL else NULL, kind, stream)
+        cynorm_apply_half(xs + c0, y + c0, c1 - c0, mh, ml, rs, m, mlo, rsd,
+                          w + c0 if w != NULL else NULL, b + c0 if b != NULL else NULL, kind,
+                          stream)
         c0 = c1
         e = c1
 
