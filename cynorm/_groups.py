@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from ._isa import kernels as _kernels
-from ._outputs import _backward_results, _overlaps_any
+from ._outputs import _backward_results, _finish, _output, _overlaps_any
 from ._threads import threads_for
 from ._validation import (
     as_array,
@@ -17,6 +17,7 @@ from ._validation import (
     empty,
     feature_axis,
     grad_outputs,
+    half_kind,
     is_real,
     param,
     real_scalar,
@@ -27,9 +28,10 @@ from ._validation import (
 
 class GroupInput:
     """x as the kernels read it, with its layout: (N, C, S) channels-first or (N, S, C)
-    channels-last, C-contiguous, in the compute dtype."""
+    channels-last, C-contiguous, in the compute dtype (x), and for 16-bit input (half: its
+    kind, else -1) also in its own dtype (x16; x is then made on first use)."""
 
-    __slots__ = ("x", "cdt", "rdt", "shape", "N", "C", "S", "last")
+    __slots__ = ("_x", "x16", "half", "cdt", "rdt", "shape", "N", "C", "S", "last")
 
     def __init__(self, x, op, axis):
         if type(x) is not np.ndarray:
@@ -47,7 +49,22 @@ class GroupInput:
         self.C = x.shape[ax]
         self.S = math.prod(x.shape[1:]) // self.C if self.C else 0
         self.last = ax == x.ndim - 1 and x.ndim > 2
-        self.x = np.ascontiguousarray(to_compute(x, self.cdt))
+        self.half = half_kind(x.dtype)
+        if self.half >= 0:
+            self.x16, self._x = np.ascontiguousarray(x), None
+        else:
+            self.x16, self._x = None, np.ascontiguousarray(to_compute(x, self.cdt))
+
+    @property
+    def x(self):
+        """x in the compute dtype (for 16-bit input a float32 copy, made on first use)."""
+        if self._x is None:
+            self._x = np.ascontiguousarray(to_compute(self.x16, self.cdt))
+        return self._x
+
+    @property
+    def size(self):
+        return math.prod(self.shape)
 
     def channel_param(self, value, name, op):
         """weight / bias: (C,) in the compute dtype, torch's error for another size."""
@@ -101,11 +118,14 @@ def forward(inp, G, w, b, eps, out, row_mask, given=None):
         check_out(out, inp.shape, inp.rdt)
     N = inp.N
     stats = given if given is not None else np.empty((6, N * G))
-    if inp.x.size == 0:
+    if inp.size == 0:
         stats[1:] = np.nan
         stats[0] = 0.0
         return ((np.empty(inp.shape, inp.rdt) if out is None else out), stats,
                 stats[4].reshape(N, G), stats[5].reshape(N, G))
+    if inp.half >= 0:
+        y = _forward_half(inp, G, w, b, eps, out, stats, given is not None, row_mask)
+        return y, stats, stats[4].reshape(N, G), stats[5].reshape(N, G)
     x = inp.x
     y = None
     if (out is not None and inp.rdt is inp.cdt and out.flags.c_contiguous
@@ -125,6 +145,21 @@ def forward(inp, G, w, b, eps, out, row_mask, given=None):
         out[...] = target
         y = out
     return y, stats, mean, rstd
+
+
+def _forward_half(inp, G, w, b, eps, out, stats, given, row_mask):
+    """forward on 16-bit x, read and written by the kernels in its own dtype (group_norm_half:
+    the moments of its rows widened to float32, then BatchNorm's 16-bit affine with the
+    groups' parameters).  stats (6, N·G) as forward's."""
+    x, shape, rdt = inp.x16, inp.shape, inp.rdt
+    rows, cols = (inp.N * inp.S, inp.C) if inp.last else (inp.N * inp.C, inp.S)
+    y, result, write_padding = _output(x, shape, rows, cols, rdt, rdt, out, (row_mask,),
+                                       row_mask is not None)
+    if not y.flags.c_contiguous:   # an out= with gaps: written through a fresh array
+        y, result, write_padding = empty(shape, rdt, x), None, True
+    _kernels.group_norm_half(x, y, inp.N, inp.C, inp.S, G, inp.last, w, b, eps, stats, given,
+                             row_mask, write_padding, inp.half, threads_for(x.size))
+    return _finish(y, result, shape, rdt, out)
 
 
 def _scaled(inp, rstd):

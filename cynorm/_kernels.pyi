@@ -73,6 +73,12 @@ def group_norm(
     bias: _F | None, eps: float, stats: _F64, given: bool, mask: _Mask | None,
     write_padding: bool, n_threads: int,
 ) -> int: ...
+def group_norm_half(
+    x: NDArray[np.generic], y: NDArray[np.generic], N: int, C: int, S: int, G: int,
+    channels_last: bool, weight: NDArray[np.float32] | None,
+    bias: NDArray[np.float32] | None, eps: float, stats: _F64, given: bool,
+    mask: _Mask | None, write_padding: bool, kind: int, n_threads: int,
+) -> None: ...  # group_norm on 16-bit x, y (kind: HALF_FLOAT16 / _BFLOAT16)
 def group_norm_backward(
     g: _F, x: _F, dx: _F, N: int, C: int, S: int, G: int, channels_last: bool, stats: _F64,
     weight: _F | None, fixed: bool, sums: _F64, grad_weight: _F | None,

@@ -3,7 +3,7 @@ channels-last): cynorm, the NumPy expression, torch (channels-last as torch's ch
 memory format, a permuted view of the same array) and the peers."""
 import numpy as np
 
-from .contenders import _params
+from .contenders import _params, torch_of
 from .grid import EPS, GROUPS
 
 
@@ -84,7 +84,7 @@ def _torch(case, torch, arrays, axis, G, instance):
     """torch's F.group_norm / F.instance_norm; backward: autograd on the graph of one forward
     (kept; only the backward is timed)."""
     F = torch.nn.functional
-    t = {k: torch.from_numpy(a) for k, a in arrays.items()}
+    t = {k: torch_of(torch, a) for k, a in arrays.items()}
     if axis != 1:  # channels-last: torch's channels_last layout, a view of the same memory
         t["x"] = t["x"].movedim(-1, 1)
         if "g" in t:
