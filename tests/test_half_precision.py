@@ -34,6 +34,14 @@ def _call(op, x, D, w, b, **kw):
     return cynorm.rms_norm(x, D, w, **kw)
 
 
+def _params(rng, n, params, dt):
+    """weight and bias of n features: None ("none"), float32 or the input's dtype ("input")."""
+    if params == "none":
+        return None, None
+    pdt = np.float32 if params == "float32" else dt
+    return rng.uniform(0.5, 2.0, n).astype(pdt), rng.standard_normal(n).astype(pdt)
+
+
 def _check(y, ref, dt):
     assert y.dtype == dt
     u = ulps16(y, correctly_rounded(ref, dt))
@@ -47,11 +55,7 @@ def _check(y, ref, dt):
 def test_within_one_ulp_of_the_reference(rng, name, op, D, params):
     dt = half_dtype(name)
     x = _data(rng, (37, D), dt)
-    w = b = None
-    if params != "none":
-        pdt = np.float32 if params == "float32" else dt
-        w = rng.uniform(0.5, 2.0, D).astype(pdt)
-        b = rng.standard_normal(D).astype(pdt)
+    w, b = _params(rng, D, params, dt)
     y = _call(op, x, D, w, b)
     _check(y, _ref(op, x, D, w, b), dt)
 
@@ -416,6 +420,21 @@ def test_bad_dtypes_still_raise():
         cynorm.layer_norm(x, 3, out=np.empty((2, 3), np.float32))
 
 
+def _same_gradients_as_torch(torch, ours, theirs, w_atol):
+    """Backward of (y, x, w) tensors, cynorm's and torch's, from the same random grad_out: the
+    gradients in the tensors' dtype and within a few of its ulps of torch's (weight's absolute
+    tolerance w_atol of them: a sum over many elements)."""
+    (y, x, w), (yt, xt, wt) = ours, theirs
+    tdt = x.dtype
+    g = torch.randn(y.shape).to(tdt)
+    y.backward(g)
+    yt.backward(g)
+    assert x.grad.dtype == tdt and w.grad.dtype == tdt
+    tol = 8 * torch.finfo(tdt).eps
+    torch.testing.assert_close(x.grad.float(), xt.grad.float(), rtol=tol, atol=tol * 4)
+    torch.testing.assert_close(w.grad.float(), wt.grad.float(), rtol=tol, atol=tol * w_atol)
+
+
 @pytest.mark.parametrize("name", HALVES)
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
 def test_torch_half_tensors_under_autograd(rng, torch, name, op):
@@ -441,13 +460,7 @@ def test_torch_half_tensors_under_autograd(rng, torch, name, op):
     ulp = torch.finfo(tdt).eps * ref.abs().clamp(min=1.0)
     assert ((y.double() - ref).abs() <= ulp).all()
     assert ((yt.double() - ref).abs() <= 4 * ulp).all()
-    g = torch.randn(12, 96).to(tdt)
-    y.backward(g)
-    yt.backward(g)
-    assert x.grad.dtype == tdt and w.grad.dtype == tdt
-    tol = 8 * torch.finfo(tdt).eps
-    torch.testing.assert_close(x.grad.float(), xt.grad.float(), rtol=tol, atol=tol * 4)
-    torch.testing.assert_close(w.grad.float(), wt.grad.float(), rtol=tol, atol=tol * 20)
+    _same_gradients_as_torch(torch, (y, x, w), (yt, xt, wt), 20)
 
 
 # ---- BatchNorm: its 16-bit output from the kernels (core/halves.pxi's affine_half) ----------
@@ -478,11 +491,7 @@ def test_batch_norm_within_one_ulp_of_the_reference(rng, name, shape, axis, para
     x = _data(rng, shape, dt)
     ax = axis % x.ndim
     C = shape[ax]
-    w = b = None
-    if params != "none":
-        pdt = np.float32 if params == "float32" else dt
-        w = rng.uniform(0.5, 2.0, C).astype(pdt)
-        b = rng.standard_normal(C).astype(pdt)
+    w, b = _params(rng, C, params, dt)
     x64 = x.astype(np.float64)
     red = tuple(i for i in range(x.ndim) if i != ax)
     rm, rv = np.zeros(C, dt), np.ones(C, dt)
@@ -638,11 +647,7 @@ def test_group_norm_within_one_ulp_of_the_reference(rng, name, shape, G, params)
     dt = half_dtype(name)
     x = _data(rng, shape, dt)
     C = shape[1]
-    w = b = None
-    if params != "none":
-        pdt = np.float32 if params == "float32" else dt
-        w = rng.uniform(0.5, 2.0, C).astype(pdt)
-        b = rng.standard_normal(C).astype(pdt)
+    w, b = _params(rng, C, params, dt)
     x64 = x.astype(np.float64)
     y, mean, rstd = cynorm.group_norm(x, G, w, b, return_stats=True)
     _check(y, _gn_ref(x64, G, w, b), dt)
@@ -817,10 +822,4 @@ def test_torch_group_norm_half_tensors_under_autograd(rng, torch, name):
     _check(y.detach().view(torch.int16).numpy().view(dt), ref, dt)
     ulp = torch.finfo(tdt).eps * torch.from_numpy(ref).abs().clamp(min=1.0)
     assert ((yt.double() - torch.from_numpy(ref)).abs() <= 4 * ulp).all()
-    g = torch.randn(4, 8, 60).to(tdt)
-    y.backward(g)
-    yt.backward(g)
-    assert x.grad.dtype == tdt and w.grad.dtype == tdt
-    tol = 8 * torch.finfo(tdt).eps
-    torch.testing.assert_close(x.grad.float(), xt.grad.float(), rtol=tol, atol=tol * 4)
-    torch.testing.assert_close(w.grad.float(), wt.grad.float(), rtol=tol, atol=tol * 40)
+    _same_gradients_as_torch(torch, (y, x, w), (yt, xt, wt), 40)
