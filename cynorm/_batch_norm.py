@@ -174,7 +174,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         if return_stats:
             return y, stats[0].copy(), _invstd(stats[2], eps)
         return y
-    rows16 = half >= 0 and by_rows   # rows of 16-bit x: their moments from the kernels too
+    rows16 = half >= 0   # 16-bit x: its moments from the kernels too
     if rows16:
         x = _rows_of(x16, rows, cols)
     else:
@@ -276,7 +276,7 @@ def _feature_moments(x, rows, cols, C, by_rows, n_threads, row_mask=None, fast=F
     and M2.  A negative count says some M2 is not finite (overflow, or inf / NaN in x).
     fast: float32 columns summed in float32 groups, M2 to about 1e-7 relative (enough for a
     float32 output; the moments API and the scaler keep float64 sums).  half: x is 16-bit
-    (that kind) laid out by rows, widened row by row in the kernel.
+    (that kind), widened to float32 in the kernel as it is read.
     """
     stats = np.empty((3, C))
     rows_per_block = max(8, min(1024, COLUMN_BLOCK_BYTES // (cols * x.itemsize)))

@@ -63,6 +63,10 @@
  * output): widened into a float32 scratch of this many, computed and narrowed while it is in
  * L1. */
 #define CYNORM_AFFINE_CHUNK 2048
+/* Bytes of float32 rows that 16-bit rows read down the columns (BatchNorm's (N, C) layouts)
+ * are widened into at a time, per thread: the widened block is read back from L2 (RESULTS
+ * item 96). */
+#define CYNORM_HALF_COLUMN_BYTES (1 << 19)
 
 /* ---- BatchNorm backward (kernels, ops/batch_norm_backward.pxi) ---- */
 /* Training by rows ((N, C, L) with long L) when g and x together outgrow GROUP_MIN_BYTES:

@@ -823,3 +823,43 @@ def test_torch_group_norm_half_tensors_under_autograd(rng, torch, name):
     ulp = torch.finfo(tdt).eps * torch.from_numpy(ref).abs().clamp(min=1.0)
     assert ((yt.double() - torch.from_numpy(ref)).abs() <= 4 * ulp).all()
     _same_gradients_as_torch(torch, (y, x, w), (yt, xt, wt), 40)
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_batch_norm_statistics_down_the_columns(rng, name):
+    """(N, C) and feature-last input: the training statistics from the 16-bit rows, widened a
+    block at a time in the kernels, as those of a float32 copy; the same bits on any thread
+    count and within one ulp, masked too; every kernels module."""
+    from cynorm import _isa
+    from cynorm._validation import half_kind
+
+    dt = half_dtype(name)
+    x = _data(rng, (3000, 40), dt)
+    x64 = x.astype(np.float64)
+    outs = []
+    for threads in (1, 2):
+        with cynorm.num_threads(threads):
+            outs.append(cynorm.batch_norm(x, training=True, return_stats=True))
+    y, mean, invstd = outs[0]
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(outs[0], outs[1]))
+    _check(y, _bn_ref(x64, 1, x64.mean(0), x64.var(0)), dt)
+    np.testing.assert_allclose(mean, x64.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(invstd, 1 / np.sqrt(x64.var(0) + 1e-5), rtol=1e-6)
+    for level in _isa.available():
+        st16, st32 = np.empty((3, 40)), np.empty((3, 40))
+        mod = _isa.load(level)
+        n16 = mod.feature_moments(x, 3000, 40, 40, False, st16, 2, 100, None, True,
+                                  half_kind(dt))
+        n32 = mod.feature_moments(x.astype(np.float32), 3000, 40, 40, False, st32, 2, 100,
+                                  None, True)
+        assert n16 == n32 == 3000
+        np.testing.assert_allclose(st16[0] + st16[1], st32[0] + st32[1], rtol=1e-13)
+        np.testing.assert_allclose(st16[2], st32[2], rtol=1e-6)
+    xm = _data(rng, (30, 100, 12), dt, offset_sigmas=200)
+    lengths = rng.integers(0, 101, 30)
+    lengths[3] = 100
+    real = np.concatenate([xm[n, :k] for n, k in enumerate(lengths)]).astype(np.float64)
+    with cynorm.num_threads(2):
+        ym = cynorm.batch_norm(xm, training=True, axis=-1, lengths=lengths)
+    got = np.concatenate([ym[n, :k] for n, k in enumerate(lengths)])
+    _check(got, _bn_ref(real, 1, real.mean(0), real.var(0)), dt)

@@ -40,6 +40,20 @@ cdef inline Py_ssize_t gather_rows(const floating* x, Py_ssize_t ld, Py_ssize_t 
     return k
 
 
+cdef Py_ssize_t gather_half_rows(const uint16_t* x, Py_ssize_t ld, Py_ssize_t rb,
+                                 Py_ssize_t re, const unsigned char* mask, const float** rows,
+                                 float* wide, Py_ssize_t F, int kind) noexcept nogil:
+    """gather_rows of 16-bit rows (kind: core/halves.pxi's): each kept row widened into the
+    next F floats of wide, its pointer into rows; their count."""
+    cdef Py_ssize_t r, k = 0
+    for r in range(rb, re):
+        if mask == NULL or mask[r]:
+            cynorm_widen_half(x + r * ld, wide + k * F, F, kind)
+            rows[k] = wide + k * F
+            k += 1
+    return k
+
+
 cdef void column_block_sums(const floating** rows, Py_ssize_t nr, Py_ssize_t F,
                             double* s) noexcept nogil:
     """s[f] += sum of rows[r][f] over the nr rows."""
@@ -170,7 +184,9 @@ cdef inline void merge_block(Py_ssize_t F, double nb, double na, const double* c
 cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t first,
                                Py_ssize_t last, Py_ssize_t F, Py_ssize_t rows_per_block,
                                const unsigned char* mask, double* count, double* hi, double* lo,
-                               double* m2, double* c, double* q, float* sk) noexcept nogil:
+                               double* m2, double* c, double* q, float* sk,
+                               const uint16_t* x16=NULL, int kind=-1,
+                               float* wide=NULL) noexcept nogil:
     """Per-column moments of rows first..last of a row-major (rows, F) array, row stride ld,
     over the rows the mask keeps (every row without a mask).
 
@@ -190,6 +206,11 @@ cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t firs
     BatchNorm's float32 output, where the float64 sweep gives float64 ulps.  A chunk whose
     scaled sums overflowed (or met inf / NaN) is redone with the float64 sweep; one whose first
     block gives no scale keeps the float64 sweep (rows_per_block rows a block).
+
+    x16 (float32 x only, x then unused): 16-bit rows of that kind, each block's kept rows
+    widened into wide (rows_per_block rows of F floats) as they are gathered: the moments of a
+    float32 copy's rows, without the copy.  Every block then has at most rows_per_block rows
+    (which must be at least FIRST_BLOCK_ROWS).
     """
     cdef const floating* rows[MAX_BLOCK_ROWS]
     cdef Py_ssize_t rb = first, re, f, nr
@@ -209,8 +230,16 @@ cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t firs
             re = rb + rows_per_block
         else:
             re = rb + (SCALED_BLOCK_ROWS if scaled else FIRST_BLOCK_ROWS)
+            if x16 != NULL and re > rb + rows_per_block:
+                re = rb + rows_per_block
         re = re if re < last else last
-        nr = gather_rows(x, ld, rb, re, mask, rows)
+        if floating is float:
+            if x16 != NULL:
+                nr = gather_half_rows(x16, ld, rb, re, mask, rows, wide, F, kind)
+            else:
+                nr = gather_rows(x, ld, rb, re, mask, rows)
+        else:
+            nr = gather_rows(x, ld, rb, re, mask, rows)
         rb = re
         if nr == 0:
             continue
@@ -243,4 +272,4 @@ cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t firs
                     break
             if redo:   # float32 overflow, or inf / NaN in x: the float64 sweep's results
                 column_chunk_moments(x, ld, first, last, F, rows_per_block, mask, count, hi,
-                                     lo, m2, c, q, NULL)
+                                     lo, m2, c, q, NULL, x16, kind, wide)

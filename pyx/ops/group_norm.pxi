@@ -529,44 +529,28 @@ cdef void group_half_last(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ssize
                           const float* b, double eps, double* st, bint given,
                           const unsigned char* mask, bint write_padding, double* work,
                           float* scratch, int kind) noexcept nogil:
-    """Channels-last sample n: blocks of rows widened into scratch, their column moments
-    (core/columns.pxi) merged per column, then per group into st (unless given); then its
+    """Channels-last sample n: its column moments (core/columns.pxi's, the float64 sweep, the
+    rows widened into scratch a block at a time), merged per group into st (unless given); then its
     rows by the 16-bit affine with per-channel parameters, K = half_last_repeats rows as one
     (the parameters repeated K times).  work: 16·C doubles, then (3, K·C) doubles and floats;
     scratch: rows_per_block(C) rows of C floats (at least AFFINE_CHUNK)."""
-    cdef Py_ssize_t Cg = C // G, R = rows_per_block(C, sizeof(float)), g, c, u, r0, nr, k, r
+    cdef Py_ssize_t Cg = C // G, R = rows_per_block(C, sizeof(float)), g, c, u, r0, k, r
     cdef Py_ssize_t K = half_last_repeats(C, mask != NULL), P
     cdef const uint16_t* xn = x + n * S * C
     cdef uint16_t* yn = y + n * S * C
     cdef const unsigned char* m = mask + n * S if mask != NULL else NULL
-    cdef double cnt = 0.0, bc, t
+    cdef double cnt = 0.0
     cdef double* hi = work           # the sample's columns: hi, lo, M2
     cdef double* lo = work + C
     cdef double* m2 = work + 2 * C
-    cdef double* blk = work + 3 * C  # a block's columns: hi, lo, M2, then c and q
+    cdef double* blk = work + 3 * C  # column_chunk_moments' c and q
     cdef double* par = work + 8 * C  # half_params' (3, C) statistics, (3, C) params, floats
     cdef double* rep = work + 16 * C  # the parameters repeated: (3, K·C) doubles, then floats
     cdef float* pf
     cdef float* rf
     if not given:
-        for c in range(C):
-            hi[c] = 0.0
-            lo[c] = 0.0
-            m2[c] = 0.0
-        r0 = 0
-        while r0 < S:
-            nr = R if S - r0 > R else S - r0
-            cynorm_widen_half(xn + r0 * C, scratch, nr * C, kind)
-            column_chunk_moments(<const float*>scratch, C, 0, nr, C, R,
-                                 m + r0 if m != NULL else NULL, &bc, blk, blk + C,
-                                 blk + 2 * C, blk + 3 * C, blk + 4 * C, NULL)
-            if bc > 0:
-                for c in range(C):
-                    t = cnt
-                    merge_one(&t, &hi[c], &lo[c], &m2[c], bc, blk[c], blk[C + c],
-                              blk[2 * C + c])
-                cnt += bc
-            r0 += nr
+        column_chunk_moments(<const float*>NULL, C, 0, S, C, R, m, &cnt, hi, lo, m2, blk,
+                             blk + C, NULL, xn, kind, scratch)
         for g in range(G):
             u = n * G + g
             st[u] = 0.0

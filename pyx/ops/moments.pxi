@@ -64,6 +64,24 @@ cdef double _half_row_feature_moments(const uint16_t* x, Py_ssize_t ld, Py_ssize
     return merge_row_parts(parts, M, L, C, stats)
 
 
+cdef double merge_column_parts(const double* parts, Py_ssize_t stride, Py_ssize_t T,
+                               Py_ssize_t F, Py_ssize_t C, double* stats) noexcept nogil:
+    """The T chunks' column moments (each at parts + t·stride: count, pad, then hi, lo, M2 of
+    F columns) merged per feature into stats (3, C), chunk by chunk: column j belongs to
+    feature j // (F // C).  Returns the count per feature."""
+    cdef Py_ssize_t t, j, c, L = F // C
+    cdef const double* p
+    cdef double n = 0.0
+    for c in range(C):
+        n = 0.0
+        for t in range(T):
+            p = parts + t * stride
+            for j in range(c * L, (c + 1) * L):
+                merge_one(&n, &stats[c], &stats[C + c], &stats[2 * C + c], p[0], p[2 + j],
+                          p[2 + F + j], p[2 + 2 * F + j])
+    return n
+
+
 cdef double _column_feature_moments(const floating* x, Py_ssize_t ld, Py_ssize_t M,
                                     Py_ssize_t F, Py_ssize_t C, Py_ssize_t T,
                                     Py_ssize_t rows_per_block, const unsigned char* mask,
@@ -71,9 +89,8 @@ cdef double _column_feature_moments(const floating* x, Py_ssize_t ld, Py_ssize_t
     """Moments of the columns of a (M, F) array over T row chunks in parallel, then merged per
     feature into stats (3, C): column j belongs to feature j // (F // C).  fast: float32 rows
     take the float32 sweep (column_chunk_moments)."""
-    cdef Py_ssize_t t, j, c, L = F // C, stride = 2 + 6 * F
+    cdef Py_ssize_t t, stride = 2 + 6 * F
     cdef double* p
-    cdef double n = 0.0
     cdef int n_threads = <int>T
     cdef bint f32_sweep = fast and floating is float
     # parts: per chunk [count, pad] + 5 arrays of F doubles (hi, lo, m2, and scratch c, q)
@@ -89,14 +106,40 @@ cdef double _column_feature_moments(const floating* x, Py_ssize_t ld, Py_ssize_t
             column_chunk_moments(x, ld, chunk(M, t, T), chunk(M, t + 1, T), F, rows_per_block,
                                  mask, p, p + 2, p + 2 + F, p + 2 + 2 * F, p + 2 + 3 * F,
                                  p + 2 + 4 * F, <float*>(p + 2 + 5 * F) if f32_sweep else NULL)
-    for c in range(C):
-        n = 0.0
-        for t in range(T):
+    return merge_column_parts(parts, stride, T, F, C, stats)
+
+
+cdef double _half_column_feature_moments(const uint16_t* x, Py_ssize_t ld, Py_ssize_t M,
+                                         Py_ssize_t F, Py_ssize_t C, Py_ssize_t T,
+                                         Py_ssize_t R, const unsigned char* mask,
+                                         double* parts, double* stats, float* wide, bint fast,
+                                         int kind) noexcept nogil:
+    """_column_feature_moments of 16-bit rows, widened R at a time as column_chunk_moments
+    gathers them (wide: R·F floats per thread)."""
+    cdef Py_ssize_t t, stride = 2 + 6 * F
+    cdef double* p
+    cdef int n_threads = <int>T
+    if T == 1:
+        column_chunk_moments(<const float*>NULL, ld, 0, M, F, R, mask, parts, parts + 2,
+                             parts + 2 + F, parts + 2 + 2 * F, parts + 2 + 3 * F,
+                             parts + 2 + 4 * F, <float*>(parts + 2 + 5 * F) if fast else NULL,
+                             x, kind, wide)
+    else:
+        for t in prange(T, num_threads=n_threads, schedule="static", chunksize=1):
             p = parts + t * stride
-            for j in range(c * L, (c + 1) * L):
-                merge_one(&n, &stats[c], &stats[C + c], &stats[2 * C + c], p[0], p[2 + j],
-                          p[2 + F + j], p[2 + 2 * F + j])
-    return n
+            column_chunk_moments(<const float*>NULL, ld, chunk(M, t, T), chunk(M, t + 1, T), F,
+                                 R, mask, p, p + 2, p + 2 + F, p + 2 + 2 * F, p + 2 + 3 * F,
+                                 p + 2 + 4 * F, <float*>(p + 2 + 5 * F) if fast else NULL, x,
+                                 kind, wide + t * R * F)
+    return merge_column_parts(parts, stride, T, F, C, stats)
+
+
+cdef inline Py_ssize_t half_block_rows(Py_ssize_t F) noexcept nogil:
+    """Rows of 16-bit x widened at a time down the columns: HALF_COLUMN_BYTES of float32 rows,
+    at least FIRST_BLOCK_ROWS."""
+    cdef Py_ssize_t r = HALF_COLUMN_BYTES // (4 * F)
+    return FIRST_BLOCK_ROWS if r < FIRST_BLOCK_ROWS else (MAX_BLOCK_ROWS if r > MAX_BLOCK_ROWS
+                                                           else r)
 
 
 def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t C,
@@ -110,35 +153,47 @@ def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t 
     the columns over row chunks, one per thread; mask (one bool per row, column layout only)
     keeps the rows it marks True.  fast (column layout, float32 x): M2 to about 1e-7 relative
     instead of float64 ulps, in about half the time (BatchNorm's forward pass; see
-    column_chunk_moments).  half (by rows only): x holds float16 (HALF_FLOAT16) or bfloat16
-    (HALF_BFLOAT16) bits, each row widened to float32 as it is read (the moments of a float32
-    copy, without the copy).
+    column_chunk_moments).  half: x holds float16 (HALF_FLOAT16) or bfloat16 (HALF_BFLOAT16)
+    bits, widened to float32 as they are read, a row at a time (by rows) or a block of rows
+    at a time (half_block_rows: the moments of a float32 copy, without the copy).
     """
     cdef const unsigned char* mk = mask_data(mask, rows)
     cdef Py_ssize_t ld = row_stride(x, rows, cols, False)
     cdef int f32 = 1 if half >= 0 else is_float32(x)
     cdef double* st = float64_data(stats, 3 * C)
-    cdef Py_ssize_t T, j
+    cdef Py_ssize_t T, j, nparts, nrows
     cdef double n
     cdef double* parts
+    if rows_per_block < 1:
+        raise ValueError("feature_moments: rows_per_block must be positive")
     if rows * cols == 0 or not layout_fits(rows, cols, C, by_rows):
         raise ValueError("feature_moments: inconsistent shape")
     if by_rows and mk != NULL:
         raise ValueError("feature_moments: a row mask needs the column layout")
-    if half >= 0 and (not by_rows or not is_bits16(x) or (half != HALF_F16
-                                                          and half != HALF_BF16)):
-        raise ValueError("feature_moments: 16-bit x (a known kind) by rows only")
+    if half >= 0 and (not is_bits16(x) or (half != HALF_F16 and half != HALF_BF16)):
+        raise ValueError("feature_moments: half= takes 16-bit x of a known kind")
     T = 1 if by_rows else max(1, min(n_threads, rows // 64))
-    parts = <double*>malloc(sizeof(double) * (3 * rows if by_rows else T * (2 + 6 * cols))
-                            + (sizeof(float) * max(1, n_threads) * cols if half >= 0 else 0))
+    rows_per_block = min(rows_per_block, MAX_BLOCK_ROWS)
+    if half >= 0 and by_rows:    # per row: its moments; per thread: a float32 row
+        nparts, nrows = 3 * rows, max(1, n_threads) * cols
+    elif half >= 0:              # per chunk: its moments; a block of float32 rows
+        rows_per_block = half_block_rows(cols)
+        nparts, nrows = T * (2 + 6 * cols), T * rows_per_block * cols
+    else:
+        nparts, nrows = (3 * rows if by_rows else T * (2 + 6 * cols)), 0
+    parts = <double*>malloc(sizeof(double) * nparts + sizeof(float) * nrows)
     if parts == NULL:
         raise MemoryError()
     try:
         with nogil:
-            if half >= 0:
+            if half >= 0 and by_rows:
                 n = _half_row_feature_moments(<const uint16_t*>cnp.PyArray_DATA(x), ld, rows,
-                                              cols, C, parts, st, <float*>(parts + 3 * rows),
+                                              cols, C, parts, st, <float*>(parts + nparts),
                                               half, max(1, n_threads))
+            elif half >= 0:
+                n = _half_column_feature_moments(<const uint16_t*>cnp.PyArray_DATA(x), ld, rows,
+                                                 cols, C, T, rows_per_block, mk, parts, st,
+                                                 <float*>(parts + nparts), fast, half)
             elif by_rows and f32:
                 n = _row_feature_moments(<const float*>cnp.PyArray_DATA(x), ld, rows, cols, C,
                                          parts, st, n_threads)
