@@ -174,8 +174,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         if return_stats:
             return y, stats[0].copy(), _invstd(stats[2], eps)
         return y
-    rows16 = half >= 0   # 16-bit x: its moments from the kernels too
-    if rows16:
+    if half >= 0:   # 16-bit x: its moments from the kernels too
         x = _rows_of(x16, rows, cols)
     else:
         x = _rows_of(to_compute(x, cdt), rows, cols)
@@ -190,11 +189,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         return y
     if training:
         count, stats = _feature_moments(x, rows, cols, C, by_rows, n_threads, row_mask,
-                                        fast=True, half=half if rows16 else -1)
+                                        fast=True, half=half)
         scaled = None
         if count < 0:  # statistics beyond the float range: those features redone scaled
             count = -count
-            if rows16:   # the rescue works on a float32 copy of 16-bit x
+            if half >= 0:   # the rescue works on a float32 copy of 16-bit x
                 x = _rows_of(to_compute(x16, cdt), rows, cols)
             scaled = _rescaled(x, A, C, L, rows, cols, by_rows, n_threads, row_mask, stats)
         if rm is not None:

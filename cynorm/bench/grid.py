@@ -34,9 +34,8 @@ GROUPS = 32
 # The ops whose kernels read and write 16-bit floats: the default grid also times them in
 # float16 and bfloat16 (bfloat16 with ml_dtypes installed), on their quick shapes (every shape
 # with full=True), against torch's float16 / bfloat16 CPU kernels and the peers that have them.
-# (BatchNorm's 16-bit output is the kernels', and its statistics by rows; down the columns
-# they still come from a float32 copy.  GroupNorm and InstanceNorm: channels-first input
-# without a mask in the kernels, channels-last through float32.)
+# (BatchNorm's forward, GroupNorm's and InstanceNorm's read and write 16 bits in the kernels,
+# statistics included.)
 HALF_OPS = ("ln", "rms", "add_ln", "add_rms", "bn_train", "bn_eval", "gn", "in")
 HALF_DTYPES = ("float16", "bfloat16")
 
