@@ -16,7 +16,7 @@ import operator
 import numpy as np
 
 from ._threads import threads_for
-from ._validation import as_array, dtypes, is_real, to_compute
+from ._validation import as_array, dtypes, half_kind, is_real, to_compute
 from ._batch_norm import BATCH_NORM_SERIAL_BELOW, _feature_moments, _layout, _rescaled
 from ._outputs import _rows_of
 
@@ -253,7 +253,9 @@ def moments(x, axis=0, *, mask=None):
             raise ValueError(f"mask must have the shape of x at the reduced axes {red}, "
                              f"{rshape}, got {m.shape}")
         row_mask = np.ascontiguousarray(m).reshape(-1)
-    return _moments(to_compute(x, cdt) if x.size else x, red, keep, fshape, row_mask)
+    if x.size and half_kind(x.dtype) < 0:   # 16-bit x is read (and widened) by the kernels
+        x = to_compute(x, cdt)
+    return _moments(x, red, keep, fshape, row_mask)
 
 
 def _moments(x, red, keep, fshape, row_mask=None):
@@ -273,9 +275,12 @@ def _moments(x, red, keep, fshape, row_mask=None):
     rows, cols, by_rows = _layout(A, C, L)
     x = _rows_of(x, rows, cols)
     n_threads = threads_for(x.size, BATCH_NORM_SERIAL_BELOW)
-    n, stats = _feature_moments(x, rows, cols, C, by_rows, n_threads, row_mask)
+    half = half_kind(x.dtype)
+    n, stats = _feature_moments(x, rows, cols, C, by_rows, n_threads, row_mask, half=half)
     if n < 0:  # an M2 beyond float64: the mean from scaled data, the M2 inf (not NaN)
         n = -n
+        if half >= 0:   # the rescue works on a float32 copy of 16-bit x
+            x = to_compute(x, np.dtype(np.float32))
         _rescaled(x, A, C, L, rows, cols, by_rows, n_threads, row_mask, stats)
     count = np.full(fshape, float(n))
     return Moments._trusted(count, stats[0].reshape(fshape), stats[1].reshape(fshape),

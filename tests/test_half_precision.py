@@ -863,3 +863,27 @@ def test_batch_norm_statistics_down_the_columns(rng, name):
         ym = cynorm.batch_norm(xm, training=True, axis=-1, lengths=lengths)
     got = np.concatenate([ym[n, :k] for n, k in enumerate(lengths)])
     _check(got, _bn_ref(real, 1, real.mean(0), real.var(0)), dt)
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_moments_read_16_bit_data(rng, name):
+    """cynorm.moments on 16-bit x (both layouts, a mask, inf): the kernels widen it as they
+    read it, and the moments are those of a float32 copy."""
+    dt = half_dtype(name)
+    cases = [(_data(rng, (3000, 40), dt), 0, None),
+             (_data(rng, (8, 6, 200), dt), (0, 2), None),
+             (_data(rng, (50, 30, 7), dt), (0, 1), rng.random((50, 30)) < 0.6)]
+    for x, axis, mask in cases:
+        m16 = cynorm.moments(x, axis=axis, mask=mask)
+        m32 = cynorm.moments(x.astype(np.float32), axis=axis, mask=mask)
+        np.testing.assert_array_equal(m16.count, m32.count)
+        np.testing.assert_allclose(m16.mean, m32.mean, rtol=1e-14)
+        np.testing.assert_allclose(m16.var(), m32.var(), rtol=1e-12)
+        x64 = x.astype(np.float64)
+        if mask is None:
+            np.testing.assert_allclose(m16.mean, x64.mean(axis=axis), rtol=1e-13)
+    x = _data(rng, (300, 5), dt, offset_sigmas=3)
+    x[7, 2] = np.inf
+    m = cynorm.moments(x, axis=0)
+    assert np.isinf(m.mean[2]) or np.isnan(m.mean[2])
+    assert np.isfinite(m.mean[[0, 1, 3, 4]]).all()
