@@ -279,3 +279,28 @@ def test_onnx_ops_are_the_same_calls(rng):
                                     providers=["CPUExecutionProvider"])
         expect = sess.run(None, {"x": x, "s": scale, "b": bias})[0]
         np.testing.assert_allclose(ours(), expect, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_one_real_position_has_zero_input_gradient(rng, dtype, axis):
+    """An instance with one real position normalizes to the constant bias, so its dx is 0
+    exactly (not the rounding k1·g + k3 leaves, terms rstd = 1/sqrt(eps) times larger than
+    the result: 1.4e-5 in float32 before), whatever the layout and the thread count."""
+    x = (100 + rng.standard_normal((3, 6, 40))).astype(dtype)
+    g = rng.standard_normal(x.shape).astype(dtype)
+    if axis == -1:
+        x, g = (np.ascontiguousarray(np.moveaxis(a, 1, -1)) for a in (x, g))
+    w = rng.uniform(0.5, 2, 6).astype(dtype)
+    lengths = np.array([40, 1, 7])
+    for threads in (1, 2):
+        with cynorm.num_threads(threads):
+            _, mean, rstd = cynorm.instance_norm(x, weight=w, bias=w, axis=axis,
+                                                 lengths=lengths, return_stats=True)
+            dx, _, db = cynorm.instance_norm_backward(g, x, mean, rstd, w, bias=w, axis=axis,
+                                                      lengths=lengths)
+        assert not dx[1].any()
+        real = np.arange(40) < lengths[:, None]   # db: Σg over the real positions
+        real = real[:, None, :] if axis == 1 else real[:, :, None]
+        np.testing.assert_allclose(db, np.where(real, g, 0).astype(np.float64).sum(
+            axis=(0, 2) if axis == 1 else (0, 1)), rtol=1e-5, atol=1e-5)

@@ -13,8 +13,7 @@
 # its rows) with the parameters of each (sample, channel).  Backward has the same units: per
 # channel Σg and Σg·(x - mean), then dx = k1·g + k2·(x - m_hi) + k3 on BatchNorm's dx rows
 # (ops/batch_norm_backward.pxi); Python forms dw and db from the per-(sample, channel) sums.
-# 16-bit input (group_norm_half, forward) has the same units, its rows widened to float32 for
-# the moments and written by BatchNorm's 16-bit affine (core/halves.pxi).
+# 16-bit input (forward) has the same units: ops/group_norm_half.pxi.
 
 cdef extern from "ops/group_norm.h" nogil:
     void cynorm_gn_apply_f(const float* x, float* y, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t F,
@@ -287,6 +286,8 @@ cdef void group_first_grad(const floating* g, const floating* x, floating* dx, P
     cnt = st[u]
     mean = st[NG + u]
     r = st[2 * NG + u]
+    if not fixed and cnt == 1:
+        r = 0.0   # one real element: its output is the constant b, so dx = 0 exactly
     mh = <floating>mean
     for c in range(c0, c0 + Cg):
         i = (n * C + c) * S
@@ -332,6 +333,8 @@ cdef void group_last_grad(const floating* g, const floating* x, floating* dx, Py
         cnt = st[u]
         mean = st[NG + u]
         r = st[2 * NG + u]
+        if not fixed and cnt == 1:
+            r = 0.0   # one real element: its output is the constant b, so dx = 0 exactly
         s1 = 0.0
         s2 = 0.0
         for c in range(grp * Cg, (grp + 1) * Cg):
@@ -444,203 +447,6 @@ def group_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_ssiz
     free(params)
     free(scratch)
     return bad
-
-
-# 16-bit input (float16, bfloat16: kind): the same units, their rows widened to float32 for
-# the moments (those of a float32 copy of x), then written by BatchNorm's 16-bit affine
-# (core/halves.pxi: float32, and float64 where the shift cancels the product) while they are
-# still in cache.
-
-cdef void zero_padding_half(uint16_t* y, Py_ssize_t S, const unsigned char* m) noexcept nogil:
-    """The padding runs of a channels-first row set to 0."""
-    cdef Py_ssize_t a, b = 0
-    while b < S:
-        a = run_from(m, b, S, True)
-        b = run_from(m, a, S, False)
-        if b > a:
-            memset(y + a, 0, (b - a) * sizeof(uint16_t))
-
-
-cdef void half_params(double* st, Py_ssize_t NG, Py_ssize_t n, Py_ssize_t G, Py_ssize_t g0,
-                      Py_ssize_t g1, Py_ssize_t Cg, const float* w, const float* b, double eps,
-                      double* work) noexcept nogil:
-    """Groups g0..g1 of sample n: their mean and rstd into st's rows 4 and 5 (NaN without a
-    real position), and the 16-bit affine's parameters of their channels into work: (3, F)
-    doubles of statistics (each channel's group mean as hi + lo, its variance), then
-    half_affine_params' (3, F) doubles and (3, F) floats (F = (g1 - g0)·Cg channels from
-    channel g0·Cg)."""
-    cdef Py_ssize_t F = (g1 - g0) * Cg, g, c, u
-    cdef double count, var
-    for g in range(g0, g1):
-        u = n * G + g
-        count = st[u]
-        var = st[3 * NG + u] / count
-        for c in range((g - g0) * Cg, (g - g0 + 1) * Cg):
-            work[c] = st[NG + u]
-            work[F + c] = st[2 * NG + u]
-            work[2 * F + c] = var
-        st[4 * NG + u] = st[NG + u] + st[2 * NG + u] if count > 0 else NAN
-        st[5 * NG + u] = 1.0 / sqrt(var + eps) if count > 0 else NAN
-    half_affine_params(work, 1.0, w + g0 * Cg if w != NULL else NULL,
-                       b + g0 * Cg if b != NULL else NULL, eps, F, 1, work + 3 * F)
-
-
-cdef void group_half_first(const uint16_t* x, uint16_t* y, Py_ssize_t u, Py_ssize_t C,
-                           Py_ssize_t S, Py_ssize_t G, Py_ssize_t NG, const float* w,
-                           const float* b, double eps, double* st, bint given,
-                           const unsigned char* mask, double* work, float* scratch,
-                           int kind) noexcept nogil:
-    """Channels-first unit u = n·G + g: its channels' rows widened into scratch (S floats) one
-    at a time, their moments merged in channel order into st (unless given); then its rows,
-    their padding set to 0 after.  work: 6·Cg doubles + 3·Cg floats."""
-    cdef Py_ssize_t n = u // G, g = u % G, Cg = C // G, c
-    cdef const uint16_t* xg = x + (n * C + g * Cg) * S
-    cdef uint16_t* yg = y + (n * C + g * Cg) * S
-    cdef const unsigned char* m = mask + n * S if mask != NULL else NULL
-    cdef double cnt = 0.0, hi = 0.0, lo = 0.0, m2 = 0.0, h, l, q
-    if not given:
-        for c in range(Cg):
-            cynorm_widen_half(xg + c * S, scratch, S, kind)
-            if m == NULL:
-                row_moments(<const float*>scratch, S, &h, &l, &q)
-                merge_one(&cnt, &hi, &lo, &m2, <double>S, h, l, q)
-            else:
-                masked_moments(<const float*>scratch, S, m, &cnt, &hi, &lo, &m2)
-        st[u] = cnt
-        st[NG + u] = hi
-        st[2 * NG + u] = lo
-        st[3 * NG + u] = m2
-    half_params(st, NG, n, G, g, g + 1, Cg, w, b, eps, work)
-    half_affine_rows(xg, S, yg, S, 0, Cg, S, True, work + 3 * Cg, Cg, NULL, False, scratch,
-                     kind)
-    if m != NULL:
-        for c in range(Cg):
-            zero_padding_half(yg + c * S, S, m)
-
-
-cdef inline Py_ssize_t half_last_repeats(Py_ssize_t C, bint masked) noexcept nogil:
-    """Rows of a channels-last sample the 16-bit affine takes as one (unmasked: about
-    AFFINE_CHUNK elements a call instead of C)."""
-    return AFFINE_CHUNK // C if C < AFFINE_CHUNK and not masked else 1
-
-
-cdef void group_half_last(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ssize_t C,
-                          Py_ssize_t S, Py_ssize_t G, Py_ssize_t NG, const float* w,
-                          const float* b, double eps, double* st, bint given,
-                          const unsigned char* mask, bint write_padding, double* work,
-                          float* scratch, int kind) noexcept nogil:
-    """Channels-last sample n: its column moments (core/columns.pxi's, the float64 sweep, the
-    rows widened into scratch a block at a time), merged per group into st (unless given); then its
-    rows by the 16-bit affine with per-channel parameters, K = half_last_repeats rows as one
-    (the parameters repeated K times).  work: 16·C doubles, then (3, K·C) doubles and floats;
-    scratch: rows_per_block(C) rows of C floats (at least AFFINE_CHUNK)."""
-    cdef Py_ssize_t Cg = C // G, R = rows_per_block(C, sizeof(float)), g, c, u, r0, k, r
-    cdef Py_ssize_t K = half_last_repeats(C, mask != NULL), P
-    cdef const uint16_t* xn = x + n * S * C
-    cdef uint16_t* yn = y + n * S * C
-    cdef const unsigned char* m = mask + n * S if mask != NULL else NULL
-    cdef double cnt = 0.0
-    cdef double* hi = work           # the sample's columns: hi, lo, M2
-    cdef double* lo = work + C
-    cdef double* m2 = work + 2 * C
-    cdef double* blk = work + 3 * C  # column_chunk_moments' c and q
-    cdef double* par = work + 8 * C  # half_params' (3, C) statistics, (3, C) params, floats
-    cdef double* rep = work + 16 * C  # the parameters repeated: (3, K·C) doubles, then floats
-    cdef float* pf
-    cdef float* rf
-    if not given:
-        column_chunk_moments(<const float*>NULL, C, 0, S, C, R, m, &cnt, hi, lo, m2, blk,
-                             blk + C, NULL, xn, kind, scratch)
-        for g in range(G):
-            u = n * G + g
-            st[u] = 0.0
-            st[NG + u] = 0.0
-            st[2 * NG + u] = 0.0
-            st[3 * NG + u] = 0.0
-            for c in range(g * Cg, (g + 1) * Cg):
-                merge_one(&st[u], &st[NG + u], &st[2 * NG + u], &st[3 * NG + u], cnt, hi[c],
-                          lo[c], m2[c])
-    half_params(st, NG, n, G, 0, G, Cg, w, b, eps, par)
-    P = K * C
-    pf = <float*>(par + 6 * C)
-    rf = <float*>(rep + 3 * P)
-    for r in range(3):
-        for k in range(K):
-            memcpy(rep + r * P + k * C, par + 3 * C + r * C, C * sizeof(double))
-            memcpy(rf + r * P + k * C, pf + r * C, C * sizeof(float))
-    r0 = 0
-    if K > 1:
-        half_affine_rows(xn, P, yn, P, 0, S // K, P, False, rep, P, NULL, True, scratch, kind)
-        r0 = (S // K) * K
-    half_affine_rows(xn + r0 * C, C, yn + r0 * C, C, 0, S - r0, C, False, rep, P,
-                     m + r0 if m != NULL else NULL, write_padding, scratch, kind)
-
-
-cdef void group_half_units(const uint16_t* x, uint16_t* y, Py_ssize_t N, Py_ssize_t C,
-                           Py_ssize_t S, Py_ssize_t G, bint channels_last, const float* w,
-                           const float* b, double eps, double* st, bint given,
-                           const unsigned char* mask, bint write_padding, double* work,
-                           float* scratch, int kind, Py_ssize_t t,
-                           Py_ssize_t T) noexcept nogil:
-    """Thread t of T: its contiguous range of units."""
-    cdef Py_ssize_t U = N if channels_last else N * G, u
-    for u in range(chunk(U, t, T), chunk(U, t + 1, T)):
-        if channels_last:
-            group_half_last(x, y, u, C, S, G, N * G, w, b, eps, st, given, mask,
-                            write_padding, work, scratch, kind)
-        else:
-            group_half_first(x, y, u, C, S, G, N * G, w, b, eps, st, given, mask, work,
-                             scratch, kind)
-
-
-def group_norm_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                    Py_ssize_t G, bint channels_last, cnp.ndarray weight, cnp.ndarray bias,
-                    double eps, cnp.ndarray stats, bint given, cnp.ndarray mask,
-                    bint write_padding, int kind, int n_threads):
-    """group_norm on 16-bit x and y (kind HALF_F16 or HALF_BF16), weight and bias float32 (or
-    None), the other arguments as group_norm's: the moments those of a float32 copy of x, each
-    output computed in float32, and again in float64 where the shift cancels the product
-    (core/halves.h), then rounded once to the 16-bit type."""
-    cdef Py_ssize_t NG = N * G, Cg, t, K, nwork, nscratch
-    cdef const unsigned char* mk = mask_data(mask, N * S)
-    cdef double* st = float64_data(stats, 6 * NG)
-    cdef const float* w = <const float*>optional_data(weight, C, 1)
-    cdef const float* b = <const float*>optional_data(bias, C, 1)
-    cdef int T = max(1, min(n_threads, N if channels_last else NG))
-    cdef double* work
-    if kind != HALF_F16 and kind != HALF_BF16:
-        raise ValueError(f"unknown 16-bit kind {kind}")
-    if not is_bits16(x) or not is_bits16(y):
-        raise TypeError("group_norm_half takes x and y as 16-bit float (or uint16) arrays")
-    if G < 1 or C % G or N < 1 or S < 1:
-        raise ValueError("group_norm_half: inconsistent shape")
-    check_group_array(x, N * C * S, False)
-    check_group_array(y, N * C * S, True)
-    Cg = C // G
-    if channels_last:
-        K = half_last_repeats(C, mk != NULL)
-        nwork = 16 * C + 3 * K * C + (3 * K * C + 1) // 2
-        nscratch = rows_per_block(C, sizeof(float)) * C
-    else:
-        nwork = 6 * Cg + (3 * Cg + 1) // 2
-        nscratch = S
-    nscratch = (nscratch if nscratch > AFFINE_CHUNK else AFFINE_CHUNK) // 2 + 1   # doubles
-    work = <double*>malloc(sizeof(double) * T * (nwork + nscratch))
-    if work == NULL:
-        raise MemoryError()
-    with nogil:
-        if T <= 1:
-            group_half_units(<const uint16_t*>cnp.PyArray_DATA(x),
-                             <uint16_t*>cnp.PyArray_DATA(y), N, C, S, G, channels_last, w, b,
-                             eps, st, given, mk, write_padding, work,
-                             <float*>(work + T * nwork), kind, 0, 1)
-        else:
-            for t in prange(T, num_threads=T, schedule="static", chunksize=1):
-                group_half_units(<const uint16_t*>cnp.PyArray_DATA(x),
-                                 <uint16_t*>cnp.PyArray_DATA(y), N, C, S, G, channels_last, w,
-                                 b, eps, st, given, mk, write_padding, work + t * nwork,
-                                 <float*>(work + T * nwork + t * nscratch), kind, t, T)
-    free(work)
 
 
 cdef void group_param_grads(Py_ssize_t N, Py_ssize_t C, Py_ssize_t G, const double* st,
