@@ -85,10 +85,14 @@ cdef double merge_column_parts(const double* parts, Py_ssize_t stride, Py_ssize_
 cdef double _column_feature_moments(const floating* x, Py_ssize_t ld, Py_ssize_t M,
                                     Py_ssize_t F, Py_ssize_t C, Py_ssize_t T,
                                     Py_ssize_t rows_per_block, const unsigned char* mask,
-                                    double* parts, double* stats, bint fast) noexcept nogil:
+                                    double* parts, double* stats, bint fast,
+                                    const uint16_t* x16=NULL, int kind=-1,
+                                    float* wide=NULL) noexcept nogil:
     """Moments of the columns of a (M, F) array over T row chunks in parallel, then merged per
     feature into stats (3, C): column j belongs to feature j // (F // C).  fast: float32 rows
-    take the float32 sweep (column_chunk_moments)."""
+    take the float32 sweep (column_chunk_moments).  x16 (with floating float, x NULL): 16-bit
+    rows of that kind, widened rows_per_block at a time as column_chunk_moments gathers them
+    (wide: rows_per_block·F floats per thread)."""
     cdef Py_ssize_t t, stride = 2 + 6 * F
     cdef double* p
     cdef int n_threads = <int>T
@@ -99,38 +103,16 @@ cdef double _column_feature_moments(const floating* x, Py_ssize_t ld, Py_ssize_t
         column_chunk_moments(x, ld, 0, M, F, rows_per_block, mask, parts, parts + 2,
                              parts + 2 + F, parts + 2 + 2 * F, parts + 2 + 3 * F,
                              parts + 2 + 4 * F,
-                             <float*>(parts + 2 + 5 * F) if f32_sweep else NULL)
+                             <float*>(parts + 2 + 5 * F) if f32_sweep else NULL, x16, kind,
+                             wide)
     else:
         for t in prange(T, num_threads=n_threads, schedule="static", chunksize=1):
             p = parts + t * stride
             column_chunk_moments(x, ld, chunk(M, t, T), chunk(M, t + 1, T), F, rows_per_block,
                                  mask, p, p + 2, p + 2 + F, p + 2 + 2 * F, p + 2 + 3 * F,
-                                 p + 2 + 4 * F, <float*>(p + 2 + 5 * F) if f32_sweep else NULL)
-    return merge_column_parts(parts, stride, T, F, C, stats)
-
-
-cdef double _half_column_feature_moments(const uint16_t* x, Py_ssize_t ld, Py_ssize_t M,
-                                         Py_ssize_t F, Py_ssize_t C, Py_ssize_t T,
-                                         Py_ssize_t R, const unsigned char* mask,
-                                         double* parts, double* stats, float* wide, bint fast,
-                                         int kind) noexcept nogil:
-    """_column_feature_moments of 16-bit rows, widened R at a time as column_chunk_moments
-    gathers them (wide: R·F floats per thread)."""
-    cdef Py_ssize_t t, stride = 2 + 6 * F
-    cdef double* p
-    cdef int n_threads = <int>T
-    if T == 1:
-        column_chunk_moments(<const float*>NULL, ld, 0, M, F, R, mask, parts, parts + 2,
-                             parts + 2 + F, parts + 2 + 2 * F, parts + 2 + 3 * F,
-                             parts + 2 + 4 * F, <float*>(parts + 2 + 5 * F) if fast else NULL,
-                             x, kind, wide)
-    else:
-        for t in prange(T, num_threads=n_threads, schedule="static", chunksize=1):
-            p = parts + t * stride
-            column_chunk_moments(<const float*>NULL, ld, chunk(M, t, T), chunk(M, t + 1, T), F,
-                                 R, mask, p, p + 2, p + 2 + F, p + 2 + 2 * F, p + 2 + 3 * F,
-                                 p + 2 + 4 * F, <float*>(p + 2 + 5 * F) if fast else NULL, x,
-                                 kind, wide + t * R * F)
+                                 p + 2 + 4 * F, <float*>(p + 2 + 5 * F) if f32_sweep else NULL,
+                                 x16, kind, wide + t * rows_per_block * F if wide != NULL
+                                 else NULL)
     return merge_column_parts(parts, stride, T, F, C, stats)
 
 
@@ -191,9 +173,10 @@ def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t 
                                               cols, C, parts, st, <float*>(parts + nparts),
                                               half, max(1, n_threads))
             elif half >= 0:
-                n = _half_column_feature_moments(<const uint16_t*>cnp.PyArray_DATA(x), ld, rows,
-                                                 cols, C, T, rows_per_block, mk, parts, st,
-                                                 <float*>(parts + nparts), fast, half)
+                n = _column_feature_moments(<const float*>NULL, ld, rows, cols, C, T,
+                                            rows_per_block, mk, parts, st, fast,
+                                            <const uint16_t*>cnp.PyArray_DATA(x), half,
+                                            <float*>(parts + nparts))
             elif by_rows and f32:
                 n = _row_feature_moments(<const float*>cnp.PyArray_DATA(x), ld, rows, cols, C,
                                          parts, st, n_threads)
