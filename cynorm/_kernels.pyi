@@ -57,11 +57,12 @@ def normalize(
 def layer_norm_backward(
     g: _F, x: _F, dx: _F, D: int, weight: _F | None, mean: _F64, rstd: _F64,
     grad_weight: _F | None, grad_bias: _F | None, n_threads: int, mask: _Mask | None = None,
-    grad_residual: _F | None = None,
-) -> None: ...
+    grad_residual: _F | None = None, half: int = -1,
+) -> None: ...  # half >= 0: g, x, dx, grad_residual 16-bit; grad_weight, grad_bias float32
 def rms_norm_backward(
     g: _F, x: _F, dx: _F, D: int, weight: _F | None, rstd: _F64, grad_weight: _F | None,
     n_threads: int, mask: _Mask | None = None, grad_residual: _F | None = None,
+    half: int = -1,
 ) -> None: ...
 def batch_norm_backward(
     g: _F, x: _F, dx: _F, rows: int, cols: int, C: int, by_rows: bool, mean: _F64,

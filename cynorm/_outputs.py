@@ -96,4 +96,6 @@ def _backward_results(rdt, cdt, dx, grad_w, weight, grad_b, bias):
             return grad
         return cast(grad, rdt)
 
-    return cast(dx, rdt), param_grad(grad_w, weight), param_grad(grad_b, bias)
+    if dx.dtype != rdt:   # (the 16-bit kernels write dx in rdt already)
+        dx = cast(dx, rdt)
+    return dx, param_grad(grad_w, weight), param_grad(grad_b, bias)

@@ -53,6 +53,7 @@ include "core/drivers.pxi"
 include "core/rows.pxi"
 include "core/halves.pxi"
 include "core/rows_backward.pxi"
+include "core/halves_backward.pxi"
 
 # The ops: one file per family (forward and backward).  A new op is a new file here.
 include "ops/moments.pxi"

@@ -67,6 +67,10 @@
  * are widened into at a time, per thread: the widened block is read back from L2 (RESULTS
  * item 96). */
 #define CYNORM_HALF_COLUMN_BYTES (1 << 19)
+/* Bytes of float32 per array (g, x, dx) that the 16-bit backward widens a block of rows into,
+ * per thread, before the float32 backward runs over them (core/halves_backward.pxi); the
+ * block stays in L2 between its widening, its sums and its dx (RESULTS item 99). */
+#define CYNORM_HALF_BACKWARD_BYTES (1 << 15)
 
 /* ---- BatchNorm backward (kernels, ops/batch_norm_backward.pxi) ---- */
 /* Training by rows ((N, C, L) with long L) when g and x together outgrow GROUP_MIN_BYTES:

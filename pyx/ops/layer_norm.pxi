@@ -32,13 +32,20 @@ def layer_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t D, cnp.ndarray weight,
 def layer_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t D,
                         cnp.ndarray weight, cnp.ndarray mean, cnp.ndarray rstd,
                         cnp.ndarray grad_weight, cnp.ndarray grad_bias, int n_threads,
-                        cnp.ndarray mask=None, cnp.ndarray grad_residual=None):
+                        cnp.ndarray mask=None, cnp.ndarray grad_residual=None,
+                        int half=-1):
     """dx from grad_out g and input x (same dtype, rows of D elements) and the saved float64
     mean and rstd (one per row); weight: D elements of x's dtype or None.
 
     grad_weight, grad_bias: D elements of x's dtype that receive Σ g·x̂ and Σ g over the rows,
     or None: summed in float64, per thread, then the threads' sums in order.  grad_residual
-    (laid out as g, or None) is added to dx.
+    (laid out as g, or None) is added to dx.  half (HALF_F16, HALF_BF16; -1: none): g, x, dx
+    and grad_residual are 16-bit arrays of that kind, weight float32 or of that kind,
+    grad_weight and grad_bias float32 (core/halves_backward.pxi).
     """
+    if half >= 0:
+        run_half_norm_backward(g, x, dx, D, weight, mean, rstd, grad_weight, grad_bias,
+                               n_threads, mask, True, grad_residual, half)
+        return
     run_norm_backward(g, x, dx, D, weight, mean, rstd, grad_weight, grad_bias, n_threads, mask,
                       True, grad_residual)

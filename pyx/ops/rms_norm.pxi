@@ -22,7 +22,12 @@ def rms_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t D, cnp.ndarray weight, cnp
 
 def rms_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t D,
                       cnp.ndarray weight, cnp.ndarray rstd, cnp.ndarray grad_weight,
-                      int n_threads, cnp.ndarray mask=None, cnp.ndarray grad_residual=None):
+                      int n_threads, cnp.ndarray mask=None, cnp.ndarray grad_residual=None,
+                      int half=-1):
     """dx (and grad_weight = Σ g·x̂ unless None) as layer_norm_backward, without the mean."""
+    if half >= 0:
+        run_half_norm_backward(g, x, dx, D, weight, None, rstd, grad_weight, None, n_threads,
+                               mask, False, grad_residual, half)
+        return
     run_norm_backward(g, x, dx, D, weight, None, rstd, grad_weight, None, n_threads, mask,
                       False, grad_residual)

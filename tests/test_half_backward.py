@@ -1,0 +1,244 @@
+"""The backward of the 16-bit row norms (LayerNorm, RMSNorm and their residual forms) in the
+kernels (core/halves_backward.pxi): grad_out and x read as 16-bit, dx written as 16-bit, with
+the float32 backward's arithmetic over the widened rows, to the bit; the parameter gradients
+summed as for float32 input.  The forward is in test_half_precision.py."""
+import numpy as np
+import pytest
+
+import cynorm
+from conftest import (correctly_rounded, half_dtype, reference_norm_backward,
+                      ulps16)
+from cynorm import _isa
+
+HALVES = ["float16", "bfloat16"]
+OPS = ["layer_norm", "rms_norm"]
+
+
+def _data(rng, shape, dt, offset_sigmas, scale=3.0):
+    x = scale * offset_sigmas + scale * rng.standard_normal(shape)
+    return x.astype(np.float32).astype(dt)
+
+
+def _params(rng, D, params, dt):
+    if params == "none":
+        return None, None
+    pdt = np.float32 if params == "float32" else dt
+    return rng.uniform(0.5, 2.0, D).astype(pdt), rng.standard_normal(D).astype(pdt)
+
+
+def _forward_stats(op, x, D, w, b):
+    """(mean or None, rstd) as the forward returns them."""
+    if op == "layer_norm":
+        return cynorm.layer_norm(x, D, w, b, return_stats=True)[1:]
+    return None, cynorm.rms_norm(x, D, w, return_stats=True)[1]
+
+
+def _backward(op, g, x, mean, rstd, D, w, b, **kw):
+    """(dx, dw, db) of either op (db None for rms_norm)."""
+    if op == "layer_norm":
+        return cynorm.layer_norm_backward(g, x, mean, rstd, D, w, bias=b, **kw)
+    return cynorm.rms_norm_backward(g, x, rstd, D, w, **kw) + (None,)
+
+
+def _f32(a):
+    return None if a is None else a.astype(np.float32)
+
+
+def _rms_backward_ref(g, x, w, eps):
+    """(dx, dw) of RMSNorm over the last axis in float64."""
+    g, x = g.astype(np.float64), x.astype(np.float64)
+    r = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    gw = g if w is None else g * w.astype(np.float64)
+    xh = x * r
+    return r * gw - xh * r * np.mean(gw * xh, axis=-1, keepdims=True), (g * xh).reshape(
+        -1, x.shape[-1]).sum(0)
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape", [(3, 1), (7, 33), (64, 768), (13, 4099), (2, 9, 40)])
+@pytest.mark.parametrize("params", ["none", "float32", "input"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_same_bits_as_the_float32_backward(rng, name, op, shape, params, residual):
+    """dx narrowed once from the float32 backward of the widened arrays, to the bit (the
+    float32 backward is checked against float64 and torch in its own files); the parameter
+    gradients its sums, in the parameters' dtype."""
+    dt = half_dtype(name)
+    D = shape[-1]
+    x = _data(rng, shape, dt, offset_sigmas=rng.choice([0, 30, 1e3]))
+    g = _data(rng, shape, dt, offset_sigmas=0, scale=1.0)
+    gr = _data(rng, shape, dt, offset_sigmas=0, scale=1.0) if residual else None
+    w, b = _params(rng, D, params, dt)
+    mean, rstd = _forward_stats(op, x, D, w, b)
+    got = _backward(op, g, x, mean, rstd, D, w, b, grad_residual=gr)
+    want = _backward(op, _f32(g), _f32(x), mean, rstd, D, _f32(w), _f32(b),
+                     grad_residual=_f32(gr))
+    assert got[0].dtype == dt
+    np.testing.assert_array_equal(got[0].view(np.uint16), want[0].astype(dt).view(np.uint16))
+    for a, c, p in zip(got[1:], want[1:], (w, b)):
+        if p is None or c is None:
+            assert a is None or c is None
+            continue
+        assert a.dtype == p.dtype
+        np.testing.assert_array_equal(a, c.astype(p.dtype))
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("op", OPS)
+def test_the_front_end_hands_16_bit_arrays_to_the_kernels(rng, monkeypatch, name, op):
+    """16-bit grad_out and x go to the kernels as they are (no float32 copies); a grad_out of
+    another dtype goes through float32, as before."""
+    from cynorm import _rows
+
+    dt = half_dtype(name)
+    x = _data(rng, (6, 50), dt, offset_sigmas=10)
+    g = _data(rng, (6, 50), dt, offset_sigmas=0, scale=1.0)
+    mean, rstd = _forward_stats(op, x, 50, None, None)
+    seen = []
+
+    class Spy:
+        def __getattr__(self, attr):
+            f = getattr(_isa.kernels, attr)
+
+            def call(*args):
+                seen.append((args[0].dtype, args[1].dtype, args[2].dtype, args[-1]))
+                return f(*args)
+            return call if attr.endswith("_backward") else f
+
+    monkeypatch.setattr(_rows, "_kernels", Spy())
+    dx16 = _backward(op, g, x, mean, rstd, 50, None, None)[0]
+    dx32 = _backward(op, g.astype(np.float32), x, mean, rstd, 50, None, None)[0]
+    assert seen[0][:3] == (dt, dt, dt) and seen[0][3] >= 0
+    assert seen[1][:3] == (np.float32,) * 3 and seen[1][3] == -1
+    assert dx16.dtype == dx32.dtype == dt
+    np.testing.assert_array_equal(dx16.view(np.uint16), dx32.view(np.uint16))
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("offset_sigmas", [0, 1e3])
+def test_within_one_ulp_of_the_float64_reference(rng, name, op, offset_sigmas):
+    """dx within one 16-bit ulp of the correctly rounded float64 gradient of the same 16-bit
+    input, but where the float32 arithmetic's own error (a few float32 ulps of the row's
+    largest term, rstd·|g·w|) is a larger part of a dx near zero; dw and db close to the
+    float64 sums."""
+    dt = half_dtype(name)
+    D = 384
+    x = _data(rng, (40, D), dt, offset_sigmas=offset_sigmas)
+    g = _data(rng, (40, D), dt, offset_sigmas=0, scale=1.0)
+    w = rng.uniform(0.5, 2.0, D).astype(np.float32)
+    mean, rstd = _forward_stats(op, x, D, w, None)
+    dx, dw, db = _backward(op, g, x, mean, rstd, D, w, w)
+    if op == "layer_norm":
+        rdx, rdw, rdb = reference_norm_backward(g, x.astype(np.float64), (-1,), w, (D,))
+    else:
+        rdx, rdw = _rms_backward_ref(g, x, w, float(np.finfo(np.float32).eps))
+        rdb = None
+    big = np.abs(g.astype(np.float64) * w).max(axis=1, keepdims=True) * rstd.reshape(-1, 1)
+    u = ulps16(dx, correctly_rounded(rdx, dt))
+    far = (u > 1) & (np.abs(dx.astype(np.float64) - rdx) > 2.0 ** -20 * big)
+    assert not far.any(), f"{int(u.max())} ulps at {np.unravel_index(u.argmax(), u.shape)}"
+    tol = 2.0 ** -20 * np.abs(g.astype(np.float64)).sum(0) * 4
+    np.testing.assert_allclose(dw, rdw, rtol=1e-5, atol=tol.max())
+    if rdb is not None:
+        np.testing.assert_allclose(db, rdb, rtol=1e-5, atol=tol.max())
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("op", OPS)
+def test_masks_and_padding(rng, name, op):
+    """Padding rows get dx = 0 (with grad_residual: its rows) and add nothing to dw, db: the
+    result equals the backward of the real rows alone."""
+    dt = half_dtype(name)
+    N, L, D = 5, 11, 96
+    x = _data(rng, (N, L, D), dt, offset_sigmas=20)
+    g = _data(rng, (N, L, D), dt, offset_sigmas=0, scale=1.0)
+    gr = _data(rng, (N, L, D), dt, offset_sigmas=0, scale=1.0)
+    w, b = _params(rng, D, "input", dt)
+    lengths = rng.integers(0, L + 1, N)
+    lengths[0] = 0
+    mean, rstd = _forward_stats(op, x, D, w, b)
+    for res in (None, gr):
+        dx, dw, db = _backward(op, g, x, mean, rstd, D, w, b, lengths=lengths,
+                               grad_residual=res)
+        real = np.arange(L)[None, :] < lengths[:, None]
+        pad = np.zeros_like(x) if res is None else res
+        np.testing.assert_array_equal(dx[~real].view(np.uint16), pad[~real].view(np.uint16))
+        st = (None if mean is None else mean[real], rstd[real])
+        cut = _backward(op, g[real], x[real], st[0], st[1], D, w, b,
+                        grad_residual=None if res is None else res[real])
+        np.testing.assert_array_equal(dx[real].view(np.uint16), cut[0].view(np.uint16))
+        np.testing.assert_allclose(dw.astype(np.float32), cut[1].astype(np.float32),
+                                   rtol=2e-2, atol=1e-2)
+        if db is not None:
+            np.testing.assert_allclose(db.astype(np.float32), cut[2].astype(np.float32),
+                                       rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_threads_and_every_kernels_build_agree(rng, name):
+    """The same bits from 1 and 2 threads, and from every kernels build the CPU runs, called
+    directly with 16-bit arrays (strided rows of g and x, a 16-bit weight), and those of the
+    float32 backward of the widened rows."""
+    dt = half_dtype(name)
+    M, D = 203, 300
+    kind_name = "HALF_BFLOAT16" if name == "bfloat16" else "HALF_FLOAT16"
+    x = _data(rng, (M, D + 20), dt, offset_sigmas=40)[:, 5:D + 5]
+    g = _data(rng, (M, D + 7), dt, offset_sigmas=0, scale=1.0)[:, :D]
+    gr = _data(rng, (M, D), dt, offset_sigmas=0, scale=1.0)
+    w = rng.uniform(0.5, 2.0, D).astype(dt)
+    mean, rstd = _forward_stats("layer_norm", np.ascontiguousarray(x), D, w, None)
+    mean, rstd = mean.reshape(M), rstd.reshape(M)
+    mask = rng.random(M) < 0.8
+    results = []
+    for level in _isa.available():
+        k = _isa.load(level)
+        for T in (1, 2):
+            for m in (None, mask):
+                dx = np.empty((M, D), dt)
+                dw = np.empty(D, np.float32)
+                db = np.empty(D, np.float32)
+                k.layer_norm_backward(g, x, dx, D, w, mean, rstd, dw, db, T, m, gr,
+                                      getattr(k, kind_name))
+                results.append((level, T, m is None, dx, dw, db))
+    k = _isa.kernels
+    for m in (None, mask):
+        for T32 in (1, 2):
+            dx32 = np.empty((M, D), np.float32)
+            dw32 = np.empty(D, np.float32)
+            db32 = np.empty(D, np.float32)
+            k.layer_norm_backward(g.astype(np.float32), x.astype(np.float32), dx32, D,
+                                  w.astype(np.float32), mean, rstd, dw32, db32, T32, m,
+                                  gr.astype(np.float32))
+            for level, T, plain, dx, dw, db in results:
+                if plain != (m is None):
+                    continue
+                # the builds may differ in a float32 sum's last bit (their vector widths), and
+                # the threads' partial sums of dw, db are added in another grouping: dx within
+                # one 16-bit ulp and dw, db close; the same build and threads: the same bits
+                assert ulps16(dx, dx32.astype(dt)).max() <= 1, (level, T)
+                np.testing.assert_allclose(dw, dw32, rtol=1e-5, atol=1e-4)
+                np.testing.assert_allclose(db, db32, rtol=1e-5, atol=1e-4)
+                if level == k.ISA:
+                    np.testing.assert_array_equal(dx.view(np.uint16),
+                                                  dx32.astype(dt).view(np.uint16))
+                    if T == T32:
+                        np.testing.assert_array_equal(dw, dw32)
+                        np.testing.assert_array_equal(db, db32)
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_non_finite_and_huge(rng, name):
+    """A row with NaN or inf gives a non-finite dx in that row only; float16 values near its
+    65504 limit give a finite dx (the float32 arithmetic does not overflow)."""
+    dt = half_dtype(name)
+    x = _data(rng, (6, 64), dt, offset_sigmas=5)
+    g = _data(rng, (6, 64), dt, offset_sigmas=0, scale=1.0)
+    x[1, 3] = np.nan
+    g[2, 7] = np.inf
+    big = np.finfo(dt).max if name == "float16" else 1e30
+    x[4] = (rng.uniform(-1, 1, 64) * float(big)).astype(dt)
+    mean, rstd = _forward_stats("layer_norm", x, 64, None, None)
+    dx = cynorm.layer_norm_backward(g, x, mean, rstd, 64)[0].astype(np.float32)
+    assert not np.isfinite(dx[1]).all() and not np.isfinite(dx[2]).all()
+    assert np.isfinite(dx[[0, 3, 4, 5]]).all()
