@@ -7,7 +7,7 @@ import numpy as np
 
 from ._isa import kernels as _kernels
 from ._outputs import (_backward_results, _finish, _grad_like, _kernel_input,
-                       _output, _rows_of)
+                       _output, _rows_of, backward_kind, backward_outputs, backward_weight)
 from ._runtime import POLICY
 from ._threads import threads_for
 from ._validation import (
@@ -15,7 +15,6 @@ from ._validation import (
     check_out,
     dtypes,
     feature_axis,
-    grad_outputs,
     half_kind,
     is_bfloat16,
     param,
@@ -410,8 +409,10 @@ def batch_norm_backward(grad_out, x, mean, invstd, weight=None, training=True, *
         return _batch_norm_backward_empty_1d(grad_out, x, weight, bias)
     x, cdt, rdt, C, A, L = _batch_norm_input(x, axis, "batch_norm_backward")
     rows, cols, by_rows = _layout(A, C, L)
-    g = _grad_like(grad_out, x, cdt, rows, cols)
-    w = param(weight, "weight", (C,), cdt)
+    half = backward_kind(rdt, grad_out)
+    kdt = rdt if half >= 0 else cdt  # the dtype the kernel reads and writes
+    g = _grad_like(grad_out, x, kdt, rows, cols)
+    w = backward_weight(weight, (C,), cdt, rdt, half)
     if bias is not None:
         param(bias, "bias", (C,), cdt)
     mean = _saved(mean, "mean", C)
@@ -420,11 +421,13 @@ def batch_norm_backward(grad_out, x, mean, invstd, weight=None, training=True, *
     row_mask = None
     if mask is not None or lengths is not None:
         row_mask = _feature_last_mask(mask, lengths, x.shape, L, "batch_norm_backward")
-    dx, grad_w, grad_b = grad_outputs(x, cdt, (C,), w is not None, bias is not None)
+    dx, grad_w, grad_b = backward_outputs(x, cdt, rdt, half, (C,), w is not None,
+                                          bias is not None)
     if x.size:
-        _kernels.batch_norm_backward(g, _kernel_input(x, cdt, rows, cols), dx, rows, cols, C,
+        _kernels.batch_norm_backward(g, _kernel_input(x, kdt, rows, cols), dx, rows, cols, C,
                                      by_rows, mean, invstd, w, training, grad_w, grad_b,
-                                     threads_for(x.size, BATCH_NORM_SERIAL_BELOW), row_mask)
+                                     threads_for(x.size, BATCH_NORM_SERIAL_BELOW), row_mask,
+                                     half)
     else:  # sums over nothing (torch gives zeros, also after an empty training batch)
         if grad_w is not None:
             grad_w[...] = 0.0

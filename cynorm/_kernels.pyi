@@ -67,8 +67,8 @@ def rms_norm_backward(
 def batch_norm_backward(
     g: _F, x: _F, dx: _F, rows: int, cols: int, C: int, by_rows: bool, mean: _F64,
     invstd: _F64, weight: _F | None, training: bool, grad_weight: _F | None,
-    grad_bias: _F | None, n_threads: int, mask: _Mask | None = None,
-) -> None: ...
+    grad_bias: _F | None, n_threads: int, mask: _Mask | None = None, half: int = -1,
+) -> None: ...  # half >= 0: g, x, dx 16-bit; grad_weight, grad_bias float32
 def group_norm(
     x: _F, y: _F, N: int, C: int, S: int, G: int, channels_last: bool, weight: _F | None,
     bias: _F | None, eps: float, stats: _F64, given: bool, mask: _Mask | None,

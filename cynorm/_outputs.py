@@ -2,8 +2,8 @@
 array, out=, or in place), and the result in the caller's dtype.  Shared by every op."""
 import numpy as np
 
-from ._validation import (as_array, as_rows, cast, empty, half_kind, is_real, masked_output, plain,
-                          same_memory, to_compute, view_rows)
+from ._validation import (as_array, as_rows, cast, empty, grad_outputs, half_kind, is_real,
+                          masked_output, param, plain, same_memory, to_compute, view_rows)
 
 _F32 = np.dtype(np.float32)
 
@@ -79,6 +79,36 @@ def _grad_like(grad_out, x, cdt, rows, cols):
     if not is_real(g.dtype):
         raise TypeError(f"grad_out must be a real numeric array, got dtype {g.dtype}")
     return _rows_of(to_compute(g, cdt), rows, cols)
+
+
+def backward_kind(rdt, *grads):
+    """The 16-bit kind (core/halves.pxi) in which a backward kernel reads x and the gradients
+    and writes dx: that of x's dtype rdt (float16, bfloat16) when every gradient given (None:
+    absent) has rdt too, else -1: they go through the compute dtype."""
+    half = half_kind(rdt)
+    if half >= 0:
+        for g in grads:
+            if g is not None and getattr(g, "dtype", None) != rdt:
+                return -1
+    return half
+
+
+def backward_weight(weight, shape, cdt, rdt, half):
+    """weight as a backward kernel reads it: a C-contiguous one of x's 16-bit dtype as it is
+    (half >= 0: the kernel widens it), else checked and in the compute dtype."""
+    if half >= 0 and plain(weight, rdt, shape):
+        return weight
+    return param(weight, "weight", shape, cdt)
+
+
+def backward_outputs(x, cdt, rdt, half, param_shape, weight, bias):
+    """(dx, grad_weight, grad_bias) as a backward kernel writes them (the last two None unless
+    asked for): all in the compute dtype, or with half >= 0, dx in x's 16-bit dtype and the
+    parameter gradients in float32."""
+    if half < 0:
+        return grad_outputs(x, cdt, param_shape, weight, bias)
+    return (empty(x.shape, rdt, x), np.empty(param_shape, cdt) if weight else None,
+            np.empty(param_shape, cdt) if bias else None)
 
 
 def _backward_results(rdt, cdt, dx, grad_w, weight, grad_b, bias):

@@ -7,14 +7,13 @@ import numpy as np
 
 from ._isa import kernels as _kernels
 from ._outputs import (_backward_results, _finish, _grad_like, _kernel_input,
-                       _output, _overlaps_any)
+                       _output, _overlaps_any, backward_kind, backward_outputs, backward_weight)
 from ._threads import threads_for
 from ._validation import (
     as_array,
     check_out,
     dtypes,
     empty,
-    grad_outputs,
     half_kind,
     layer_norm_shape,
     masked_output,
@@ -215,19 +214,11 @@ def row_norm_backward(op, centred, grad_out, x, mean, rstd, normalized_shape, we
                       mask, lengths, grad_residual):
     """layer_norm_backward (centred) or rms_norm_backward: (dx, dw, db)."""
     x, cdt, rdt, nshape, rows, cols = row_input(x, normalized_shape, op)
-    # 16-bit x with gradients of its own dtype: the kernels read and write their bits (the
-    # parameter gradients come back float32); any other gradient dtype goes through float32
-    half = half_kind(x.dtype)
-    if half >= 0 and not (_same_dtype(grad_out, rdt) and (grad_residual is None
-                                                          or _same_dtype(grad_residual, rdt))):
-        half = -1
+    half = backward_kind(rdt, grad_out, grad_residual)
     kdt = rdt if half >= 0 else cdt  # the dtype the kernel reads and writes
     g = _grad_like(grad_out, x, kdt, rows, cols)
     gr = None if grad_residual is None else _grad_like(grad_residual, x, kdt, rows, cols)
-    if half >= 0 and plain(weight, rdt, nshape):
-        w = weight   # widened in the kernel
-    else:
-        w = param(weight, "weight", nshape, cdt)
+    w = backward_weight(weight, nshape, cdt, rdt, half)
     if bias is not None:
         param(bias, "bias", nshape, cdt)
     if centred:
@@ -236,12 +227,8 @@ def row_norm_backward(op, centred, grad_out, x, mean, rstd, normalized_shape, we
     row_mask = None
     if mask is not None or lengths is not None:
         row_mask = _row_mask(mask, lengths, x.shape[: x.ndim - len(nshape)], op)
-    if half >= 0:
-        dx = empty(x.shape, rdt, x)
-        grad_w = None if w is None else np.empty(nshape, cdt)
-        grad_b = None if bias is None else np.empty(nshape, cdt)
-    else:
-        dx, grad_w, grad_b = grad_outputs(x, cdt, nshape, w is not None, bias is not None)
+    dx, grad_w, grad_b = backward_outputs(x, cdt, rdt, half, nshape, w is not None,
+                                          bias is not None)
     xk = _kernel_input(x, kdt, rows, cols)
     if centred:
         _kernels.layer_norm_backward(g, xk, dx, cols, w, mean, rstd, grad_w, grad_b,
@@ -250,7 +237,3 @@ def row_norm_backward(op, centred, grad_out, x, mean, rstd, normalized_shape, we
         _kernels.rms_norm_backward(g, xk, dx, cols, w, rstd, grad_w, threads_for(x.size),
                                    row_mask, gr, half)
     return _backward_results(rdt, cdt, dx, grad_w, weight, grad_b, bias)
-
-
-def _same_dtype(a, dt):
-    return getattr(a, "dtype", None) == dt

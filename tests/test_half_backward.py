@@ -242,3 +242,132 @@ def test_non_finite_and_huge(rng, name):
     dx = cynorm.layer_norm_backward(g, x, mean, rstd, 64)[0].astype(np.float32)
     assert not np.isfinite(dx[1]).all() and not np.isfinite(dx[2]).all()
     assert np.isfinite(dx[[0, 3, 4, 5]]).all()
+
+
+# ---- BatchNorm (ops/batch_norm_backward_half.pxi) ------------------------------------------
+
+# (N, C) and short L down the columns, long L by rows, feature-last, 4-D
+BN_LAYOUTS = [((40, 24), 1), ((6, 5, 9), 1), ((6, 5, 70), 1), ((4, 9, 12), -1),
+              ((3, 4, 8, 9), 1), ((2, 3, 2100), 1), ((1000, 3), 1)]
+
+
+def _bn_case(rng, dt, shape, axis, params, training, offset_sigmas=30):
+    x = _data(rng, shape, dt, offset_sigmas=offset_sigmas)
+    g = _data(rng, shape, dt, offset_sigmas=0, scale=1.0)
+    C = shape[axis]
+    w, b = _params(rng, C, params, dt)
+    rm, rv = np.zeros(C, np.float32) + 90, np.ones(C, np.float32) * 9
+    _, mean, invstd = cynorm.batch_norm(x, rm, rv, w, b, training, axis=axis,
+                                        return_stats=True)
+    return x, g, w, b, mean, invstd
+
+
+def _assert_same_backward(got, want, dt, params):
+    assert got[0].dtype == dt
+    np.testing.assert_array_equal(got[0].view(np.uint16), want[0].astype(dt).view(np.uint16))
+    for a, c, p in zip(got[1:], want[1:], params):
+        if p is None:
+            assert a is None and c is None
+            continue
+        assert a.dtype == p.dtype
+        np.testing.assert_array_equal(a, c.astype(p.dtype))
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("shape, axis", BN_LAYOUTS)
+@pytest.mark.parametrize("params", ["none", "float32", "input"])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_same_bits_as_the_float32_backward(rng, name, shape, axis, params,
+                                                      training):
+    dt = half_dtype(name)
+    x, g, w, b, mean, invstd = _bn_case(rng, dt, shape, axis, params, training)
+    got = cynorm.batch_norm_backward(g, x, mean, invstd, w, training, axis=axis, bias=b)
+    want = cynorm.batch_norm_backward(_f32(g), _f32(x), mean, invstd, _f32(w), training,
+                                      axis=axis, bias=_f32(b))
+    _assert_same_backward(got, want, dt, (w, b))
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_batch_norm_large_training_by_feature_groups(rng, name):
+    """An (N, C, L) input whose float32 copy takes the feature-group pass (GROUP_MIN_BYTES):
+    the 16-bit backward gives its bits."""
+    dt = half_dtype(name)
+    x, g, w, b, mean, invstd = _bn_case(rng, dt, (4, 64, 16384), 1, "float32", True)
+    got = cynorm.batch_norm_backward(g, x, mean, invstd, w, True, bias=b)
+    want = cynorm.batch_norm_backward(_f32(g), _f32(x), mean, invstd, w, True, bias=b)
+    _assert_same_backward(got, want, dt, (w, b))
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_masked_threads_and_every_kernels_build(rng, name, training):
+    """Feature-last with lengths: padding gets dx = 0 and the real tokens the backward of those
+    tokens alone; 1 and 2 threads and every kernels build called directly agree with the
+    float32 kernels (the same bits in the build the CPU runs, with the same threads)."""
+    dt = half_dtype(name)
+    N, L, C = 6, 37, 40
+    x, g, w, b, mean, invstd = _bn_case(rng, dt, (N, L, C), -1, "input", training)
+    lengths = rng.integers(0, L + 1, N)
+    lengths[1] = 0
+    _, mean, invstd = cynorm.batch_norm(x, None, None, w, b, True, axis=-1, lengths=lengths,
+                                        return_stats=True)
+    dx, dw, db = cynorm.batch_norm_backward(g, x, mean, invstd, w, training, axis=-1, bias=b,
+                                            lengths=lengths)
+    real = np.arange(L)[None, :] < lengths[:, None]
+    assert not dx[~real].astype(np.float32).any()
+    cut = cynorm.batch_norm_backward(g[real], x[real], mean, invstd, w, training, bias=b)
+    # (the masked sums add the real rows one at a time, the cut ones four at a time: their
+    # float64 sums may differ in the last bits, and dx by one ulp)
+    assert ulps16(dx[real], cut[0]).max() <= 1
+    np.testing.assert_allclose(dw.astype(np.float32), cut[1].astype(np.float32), rtol=1e-2)
+    np.testing.assert_allclose(db.astype(np.float32), cut[2].astype(np.float32), rtol=1e-2,
+                               atol=1e-2)
+    kind_name = "HALF_BFLOAT16" if name == "bfloat16" else "HALF_FLOAT16"
+    mask = real.reshape(-1)
+    g2, x2 = g.reshape(N * L, C), x.reshape(N * L, C)
+    for T in (1, 2):
+        dx32 = np.empty((N * L, C), np.float32)
+        dw32, db32 = np.empty(C, np.float32), np.empty(C, np.float32)
+        _isa.kernels.batch_norm_backward(_f32(g2), _f32(x2), dx32, N * L, C, C, False, mean,
+                                         invstd, _f32(w), training, dw32, db32, T, mask)
+        for level in _isa.available():
+            k = _isa.load(level)
+            dx16 = np.empty((N * L, C), dt)
+            dw16, db16 = np.empty(C, np.float32), np.empty(C, np.float32)
+            k.batch_norm_backward(g2, x2, dx16, N * L, C, C, False, mean, invstd, w, training,
+                                  dw16, db16, T, mask, getattr(k, kind_name))
+            assert ulps16(dx16, dx32.astype(dt)).max() <= 1, (level, T)
+            np.testing.assert_allclose(dw16, dw32, rtol=1e-5, atol=1e-4)
+            np.testing.assert_allclose(db16, db32, rtol=1e-5, atol=1e-4)
+            if level == _isa.kernels.ISA:
+                np.testing.assert_array_equal(dx16.view(np.uint16),
+                                              dx32.astype(dt).view(np.uint16))
+                np.testing.assert_array_equal(dw16, dw32)
+                np.testing.assert_array_equal(db16, db32)
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_against_the_float64_reference(rng, name, training):
+    """dx within one 16-bit ulp of the correctly rounded float64 gradient, but where the
+    float32 arithmetic's own error (a few float32 ulps of the feature's largest term) is the
+    larger; dw and db close to the float64 sums."""
+    from conftest import reference_eval_backward
+
+    dt = half_dtype(name)
+    shape = (32, 12, 50)
+    x, g, w, b, mean, invstd = _bn_case(rng, dt, shape, 1, "float32", training,
+                                        offset_sigmas=1e3)
+    dx, dw, db = cynorm.batch_norm_backward(g, x, mean, invstd, w, training, bias=b)
+    x64, g64 = x.astype(np.float64), g.astype(np.float64)
+    if training:
+        rdx, rdw, rdb = reference_norm_backward(g64, x64, (0, 2), w, (12, 1))
+    else:
+        rdx, rdw, rdb = reference_eval_backward(g64, x64, mean, invstd, w, 1)
+    big = (np.abs(g64).max(axis=(0, 2)) * invstd * w).reshape(1, -1, 1)
+    u = ulps16(dx, correctly_rounded(rdx, dt))
+    far = (u > 1) & (np.abs(dx.astype(np.float64) - rdx) > 2.0 ** -20 * big)
+    assert not far.any(), f"{int(u.max())} ulps at {np.unravel_index(u.argmax(), u.shape)}"
+    tol = 2.0 ** -18 * np.abs(g64).sum(axis=(0, 2)).max()
+    np.testing.assert_allclose(dw, np.ravel(rdw), rtol=1e-5, atol=tol)
+    np.testing.assert_allclose(db, np.ravel(rdb), rtol=1e-5, atol=tol)

@@ -11,6 +11,22 @@
 # bit, without the widened copies.
 
 
+cdef inline void widen_rows(const uint16_t* a, Py_ssize_t lda, Py_ssize_t r0, Py_ssize_t r1,
+                            Py_ssize_t D, float* s, int kind) noexcept nogil:
+    """Rows r0..r1 of the 16-bit a (rows lda apart) widened into s, D floats apart."""
+    cdef Py_ssize_t i
+    for i in range(r0, r1):
+        cynorm_widen_half(a + i * lda, s + (i - r0) * D, D, kind)
+
+
+cdef inline void narrow_rows(const float* s, uint16_t* a, Py_ssize_t lda, Py_ssize_t r0,
+                             Py_ssize_t r1, Py_ssize_t D, int kind) noexcept nogil:
+    """The rows of s (D floats apart) narrowed into rows r0..r1 of the 16-bit a."""
+    cdef Py_ssize_t i
+    for i in range(r0, r1):
+        cynorm_narrow_half(s + (i - r0) * D, a + i * lda, D, kind)
+
+
 cdef inline Py_ssize_t half_backward_rows(Py_ssize_t D) noexcept nogil:
     """Rows per widened block: HALF_BACKWARD_BYTES of float32 per array, a multiple of four,
     at least four."""

@@ -73,22 +73,26 @@ cdef inline bint bn_dx_streamed(Py_ssize_t nbytes, int T) noexcept nogil:
 
 cdef void bn_sums_rows(const floating* g, Py_ssize_t ldg, const floating* x, Py_ssize_t ldx,
                        Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t L, Py_ssize_t C,
-                       const double* mean, double* parts) noexcept nogil:
-    """Σg and Σg·(x - mean) of rows r0..r1 (row i: feature i % C) into parts[2i], parts[2i+1]."""
+                       const double* mean, double* parts, Py_ssize_t base=0) noexcept nogil:
+    """Σg and Σg·(x - mean) of rows r0..r1 (row i: feature i % C) into parts[2i], parts[2i+1].
+    g and x start at row base (a block of widened rows: core/halves_backward.pxi)."""
     cdef Py_ssize_t i
     for i in range(r0, r1):
-        gx_sums(g + i * ldg, NULL, x + i * ldx, L, mean[row_feature(i, C)], &parts[2 * i],
-                &parts[2 * i + 1])
+        gx_sums(g + (i - base) * ldg, NULL, x + (i - base) * ldx, L, mean[row_feature(i, C)],
+                &parts[2 * i], &parts[2 * i + 1])
 
 
 cdef void bn_sums_columns(const floating* g, Py_ssize_t ldg, const floating* x, Py_ssize_t ldx,
                           Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t F, const floating* mean_col,
                           double* sg, double* sgx, const unsigned char* mask,
                           floating* dx=NULL, Py_ssize_t lddx=0,
-                          const floating* k1=NULL, bint stream=False) noexcept nogil:
+                          const floating* k1=NULL, bint stream=False, Py_ssize_t base=0,
+                          bint accumulate=False) noexcept nogil:
     """sg[f] = Σg, sgx[f] = Σg·(x - mean_col[f]) down the columns of rows r0..r1 (those the
-    mask keeps).  With dx not NULL, also eval mode's dx of these rows in the same sweep:
-    dx = k1[f]·g (0 on the rows the mask drops).
+    mask keeps; accumulate: added to sg and sgx).  With dx not NULL, also eval mode's dx of
+    these rows in the same sweep: dx = k1[f]·g (0 on the rows the mask drops).  g, x and dx
+    start at row base (the mask at row 0).  Calls over consecutive ranges of whole fours of
+    rows, accumulating, give the bits of one call over them all.
 
     float32: mean_col is the mean rounded to float32 (bn_mean_correction adds back what that
     rounding moved), and four rows are combined in float32 before each float64 addition: the
@@ -104,34 +108,36 @@ cdef void bn_sums_columns(const floating* g, Py_ssize_t ldg, const floating* x, 
     cdef const floating* x2
     cdef const floating* x3
     cdef floating* d0 = NULL
-    for f in range(F):
-        sg[f] = 0.0
-        sgx[f] = 0.0
+    if not accumulate:
+        for f in range(F):
+            sg[f] = 0.0
+            sgx[f] = 0.0
     if mask != NULL:
         for i in range(r0, r1):
             if mask[i]:
-                g0 = g + i * ldg
-                x0 = x + i * ldx
+                g0 = g + (i - base) * ldg
+                x0 = x + (i - base) * ldx
                 for f in range(F):
                     sg[f] += g0[f]
                     sgx[f] += <double>(g0[f] * (x0[f] - mean_col[f]))
                 if dx != NULL:
-                    bn_dx_vector(g0, x0, dx + i * lddx, F, NULL, k1, NULL, NULL, False)
+                    bn_dx_vector(g0, x0, dx + (i - base) * lddx, F, NULL, k1, NULL, NULL,
+                                 False)
             elif dx != NULL:
-                zero_row(dx + i * lddx, F)
+                zero_row(dx + (i - base) * lddx, F)
         return
     # four rows per sweep of the feature axis, as in column_block_centered
     while i + 4 <= r1:
-        g0 = g + i * ldg
+        g0 = g + (i - base) * ldg
         g1 = g0 + ldg
         g2 = g1 + ldg
         g3 = g2 + ldg
-        x0 = x + i * ldx
+        x0 = x + (i - base) * ldx
         x1 = x0 + ldx
         x2 = x1 + ldx
         x3 = x2 + ldx
         if dx != NULL:
-            d0 = dx + i * lddx
+            d0 = dx + (i - base) * lddx
         if floating is float:
             cynorm_bn_colsums4_f(g0, g1, g2, g3, x0, x1, x2, x3, mean_col, sg, sgx, F, k1, d0,
                                  lddx, stream)
@@ -143,13 +149,13 @@ cdef void bn_sums_columns(const floating* g, Py_ssize_t ldg, const floating* x, 
                                  NULL, NULL, NULL, NULL)
         i += 4
     while i < r1:
-        g0 = g + i * ldg
-        x0 = x + i * ldx
+        g0 = g + (i - base) * ldg
+        x0 = x + (i - base) * ldx
         for f in range(F):
             sg[f] += g0[f]
             sgx[f] += <double>(g0[f] * (x0[f] - mean_col[f]))
         if dx != NULL:
-            bn_dx_vector(g0, x0, dx + i * lddx, F, NULL, k1, NULL, NULL, False)
+            bn_dx_vector(g0, x0, dx + (i - base) * lddx, F, NULL, k1, NULL, NULL, False)
         i += 1
     if stream:
         cynorm_sfence()
@@ -158,20 +164,23 @@ cdef void bn_sums_columns(const floating* g, Py_ssize_t ldg, const floating* x, 
 cdef void bn_dx_range(const floating* g, Py_ssize_t ldg, const floating* x, Py_ssize_t ldx,
                       floating* dx, Py_ssize_t lddx, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t N,
                       Py_ssize_t C, bint by_rows, const floating* coef, bint training,
-                      const unsigned char* mask, bint stream=False) noexcept nogil:
+                      const unsigned char* mask, bint stream=False,
+                      Py_ssize_t base=0) noexcept nogil:
     """dx of rows r0..r1.  coef (4, C) per feature (by rows) or (4, N) per column: mh, k1, k2,
-    k3.  stream: streaming stores (training)."""
-    cdef Py_ssize_t i, c
+    k3.  stream: streaming stores (training).  g, x and dx start at row base (the mask at row
+    0)."""
+    cdef Py_ssize_t i, c, k
     cdef Py_ssize_t K = C if by_rows else N
     for i in range(r0, r1):
+        k = i - base
         if mask != NULL and not mask[i]:
-            zero_row(dx + i * lddx, N)
+            zero_row(dx + k * lddx, N)
         elif by_rows:
             c = row_feature(i, C)
-            bn_dx_row(g + i * ldg, x + i * ldx, dx + i * lddx, N, coef[c], coef[K + c],
+            bn_dx_row(g + k * ldg, x + k * ldx, dx + k * lddx, N, coef[c], coef[K + c],
                       coef[2 * K + c], coef[3 * K + c], training, stream)
         else:
-            bn_dx_vector(g + i * ldg, x + i * ldx, dx + i * lddx, N, coef, coef + K,
+            bn_dx_vector(g + k * ldg, x + k * ldx, dx + k * lddx, N, coef, coef + K,
                          coef + 2 * K, coef + 3 * K, training, stream)
     if stream:
         cynorm_sfence()
@@ -414,21 +423,40 @@ cdef void _batch_norm_backward_run(const floating* g, Py_ssize_t ldg, const floa
         _batch_norm_dx(g, ldg, x, ldx, dx, lddx, rows, cols, C, by_rows, coef, training, mk, T)
 
 
+cdef double bn_count(Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t C, bint by_rows,
+                     const unsigned char* mk) noexcept nogil:
+    """Elements per feature: those of the rows the mask keeps (column layout)."""
+    cdef Py_ssize_t r
+    cdef double n
+    if mk == NULL:
+        return <double>((rows // C) * cols if by_rows else rows * (cols // C))
+    n = 0.0
+    for r in range(rows):
+        n += mk[r] != 0
+    return n * (cols // C)
+
+
 def batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t rows,
                         Py_ssize_t cols, Py_ssize_t C, bint by_rows, cnp.ndarray mean,
                         cnp.ndarray invstd, cnp.ndarray weight, bint training,
                         cnp.ndarray grad_weight, cnp.ndarray grad_bias, int n_threads,
-                        cnp.ndarray mask=None):
+                        cnp.ndarray mask=None, int half=-1):
     """dx of BatchNorm from grad_out g and input x seen as (rows, cols), features laid out as
     in feature_moments; mean and invstd: float64 (C,); weight: C elements of x's dtype or None.
 
     grad_weight, grad_bias: C elements of x's dtype that receive invstd·Σg·(x - mean) and Σg
     per feature (sums in float64), or None.  mask (one bool per row, column layout only):
     padding rows get dx = 0 and are left out of the sums and of the count.  Returns nothing;
-    dx is written in place.
+    dx is written in place.  half (HALF_F16, HALF_BF16; -1: none): g, x and dx are 16-bit of
+    that kind, weight float32 or of that kind, grad_weight and grad_bias float32
+    (ops/batch_norm_backward_half.pxi).
     """
+    if half >= 0:
+        run_half_batch_norm_backward(g, x, dx, rows, cols, C, by_rows, mean, invstd, weight,
+                                     training, grad_weight, grad_bias, n_threads, mask, half)
+        return
     cdef const unsigned char* mk = mask_data(mask, rows)
-    cdef Py_ssize_t r, off
+    cdef Py_ssize_t off
     cdef Py_ssize_t ldx = row_stride(x, rows, cols, False), ldg = row_stride(g, rows, cols, False)
     cdef Py_ssize_t lddx = row_stride(dx, rows, cols, True)
     cdef int f32 = is_float32(x)
@@ -450,12 +478,7 @@ def batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
         raise ValueError("batch_norm_backward: inconsistent shape")
     if by_rows and mk != NULL:
         raise ValueError("batch_norm_backward: a row mask needs the column layout")
-    n = <double>((rows // C) * cols if by_rows else rows * (cols // C))
-    if mk != NULL:
-        n = 0.0
-        for r in range(rows):
-            n += mk[r] != 0
-        n *= cols // C
+    n = bn_count(rows, cols, C, by_rows, mk)
     # parts: the per-row or per-thread partial sums, then the sums (2, C)
     off = 2 * rows if by_rows else 2 * T * cols + cols
     parts = <double*>malloc(sizeof(double) * (off + 2 * C))

@@ -1,0 +1,134 @@
+# BatchNorm backward on 16-bit floats (float16, bfloat16): g and x read as 16-bit, dx written as
+# 16-bit.  The float32 backward's passes (ops/batch_norm_backward.pxi) run over blocks of rows
+# widened into a per-thread float32 scratch (core/halves_backward.pxi): first the sums (when
+# training or a parameter gradient asks for them), then the coefficients, then dx, narrowed
+# once per element.  The blocks are whole fours of rows from the start of each thread's range,
+# so the sums are added in the float32 backward's order: dx, dw and db are those of the float32
+# backward of widened copies, to the bit.
+
+
+cdef void half_bn_rows(const uint16_t* g, Py_ssize_t ldg, const uint16_t* x, Py_ssize_t ldx,
+                       uint16_t* dx, Py_ssize_t lddx, Py_ssize_t r0, Py_ssize_t r1,
+                       Py_ssize_t cols, Py_ssize_t C, bint by_rows, const double* mean,
+                       const float* mean_col, double* parts, double* sg, double* sgx,
+                       const float* coef, bint training, const unsigned char* mask,
+                       float* scratch, Py_ssize_t B, int kind) noexcept nogil:
+    """Rows r0..r1, B at a time: with coef NULL their sums (by rows: per row into parts; by
+    columns: added to sg and sgx, this thread's), else their dx."""
+    cdef float* gs = scratch
+    cdef float* xs = scratch + B * cols
+    cdef float* ds = scratch + 2 * B * cols
+    cdef Py_ssize_t i0 = r0, i1
+    while i0 < r1:
+        i1 = min(i0 + B, r1)
+        widen_rows(g, ldg, i0, i1, cols, gs, kind)
+        widen_rows(x, ldx, i0, i1, cols, xs, kind)
+        if coef != NULL:
+            bn_dx_range(<const float*>gs, cols, <const float*>xs, cols, ds, cols, i0, i1, cols,
+                        C, by_rows, coef, training, mask, False, i0)
+            narrow_rows(ds, dx, lddx, i0, i1, cols, kind)
+        elif by_rows:
+            bn_sums_rows(<const float*>gs, cols, <const float*>xs, cols, i0, i1, cols, C, mean,
+                         parts, i0)
+        else:
+            bn_sums_columns(<const float*>gs, cols, <const float*>xs, cols, i0, i1, cols,
+                            mean_col, sg, sgx, mask, NULL, 0, NULL, False, i0, True)
+        i0 = i1
+
+
+cdef void half_bn_pass(const uint16_t* g, Py_ssize_t ldg, const uint16_t* x, Py_ssize_t ldx,
+                       uint16_t* dx, Py_ssize_t lddx, Py_ssize_t rows, Py_ssize_t cols,
+                       Py_ssize_t C, bint by_rows, const double* mean, const float* mean_col,
+                       double* parts, const float* coef, bint training,
+                       const unsigned char* mask, float* scratch, Py_ssize_t per_thread,
+                       Py_ssize_t B, int kind, int T) noexcept nogil:
+    """half_bn_rows over all rows, split among T threads (by columns, thread t's sums at
+    parts + 2·t·cols, zeroed here)."""
+    cdef Py_ssize_t t
+    if coef == NULL and not by_rows:
+        memset(parts, 0, 2 * T * cols * sizeof(double))
+    if T <= 1:
+        half_bn_rows(g, ldg, x, ldx, dx, lddx, 0, rows, cols, C, by_rows, mean, mean_col, parts,
+                     parts, parts + cols, coef, training, mask, scratch, B, kind)
+        return
+    for t in prange(T, num_threads=T, schedule="static", chunksize=1):
+        half_bn_rows(g, ldg, x, ldx, dx, lddx, chunk(rows, t, T), chunk(rows, t + 1, T), cols,
+                     C, by_rows, mean, mean_col, parts, parts + 2 * t * cols,
+                     parts + 2 * t * cols + cols, coef, training, mask,
+                     scratch + t * per_thread, B, kind)
+
+
+cdef run_half_batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx,
+                                  Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t C, bint by_rows,
+                                  cnp.ndarray mean, cnp.ndarray invstd, cnp.ndarray weight,
+                                  bint training, cnp.ndarray grad_weight,
+                                  cnp.ndarray grad_bias, int n_threads, cnp.ndarray mask,
+                                  int kind):
+    """batch_norm_backward for 16-bit g, x and dx of one kind; weight float32 or of that kind,
+    grad_weight and grad_bias float32 (or None)."""
+    cdef const unsigned char* mk = mask_data(mask, rows)
+    cdef Py_ssize_t ldx = row_stride(x, rows, cols, False), ldg = row_stride(g, rows, cols, False)
+    cdef Py_ssize_t lddx = row_stride(dx, rows, cols, True)
+    cdef const void* w = half_param(weight, C, kind)
+    cdef double* mp = float64_data(mean, C, False)
+    cdef double* ip = float64_data(invstd, C, False)
+    cdef void* gw = optional_data(grad_weight, C, 1)
+    cdef void* gb = optional_data(grad_bias, C, 1)
+    cdef bint want_sums = training or gw != NULL or gb != NULL
+    cdef int T = max(1, n_threads)
+    cdef Py_ssize_t off, K = C if by_rows else cols
+    cdef Py_ssize_t B = half_backward_rows(cols), per_thread = (3 * B * cols + 15) // 16 * 16
+    cdef double n = bn_count(rows, cols, C, by_rows, mk)
+    cdef double* parts = NULL
+    cdef double* sp = NULL
+    cdef float* coef = NULL
+    cdef float* mean_col = NULL
+    cdef float* scratch = NULL
+    cdef const uint16_t* gp = <const uint16_t*>cnp.PyArray_DATA(g)
+    cdef const uint16_t* xp = <const uint16_t*>cnp.PyArray_DATA(x)
+    cdef uint16_t* dxp = <uint16_t*>cnp.PyArray_DATA(dx)
+    if kind != HALF_F16 and kind != HALF_BF16:
+        raise ValueError(f"unknown 16-bit kind {kind}")
+    if not is_bits16(g) or not is_bits16(x) or not is_bits16(dx) or mp == NULL or ip == NULL:
+        raise TypeError("batch_norm_backward: inconsistent arrays")
+    if not layout_fits(rows, cols, C, by_rows):
+        raise ValueError("batch_norm_backward: inconsistent shape")
+    if by_rows and mk != NULL:
+        raise ValueError("batch_norm_backward: a row mask needs the column layout")
+    # parts: the per-row or per-thread partial sums, then the sums (2, C); floats: the
+    # coefficients (4, K), the columns' means, a 16-bit weight widened, the threads' scratch
+    off = 2 * rows if by_rows else 2 * T * cols
+    parts = <double*>malloc(sizeof(double) * (off + 2 * C))
+    coef = <float*>malloc(sizeof(float) * (4 * K + cols + C + T * per_thread + 16))
+    if parts == NULL or coef == NULL:
+        free(parts)
+        free(coef)
+        raise MemoryError()
+    mean_col = coef + 4 * K
+    scratch = mean_col + cols + C
+    if w != NULL and is_bits16(weight):
+        cynorm_widen_half(<const uint16_t*>w, mean_col + cols, C, kind)
+        w = mean_col + cols
+    sp = parts + off if want_sums else NULL
+    try:
+        with nogil:
+            if rows * cols == 0:
+                memset(parts + off, 0, 2 * C * sizeof(double))
+            else:
+                if sp != NULL:
+                    if not by_rows:
+                        column_means(cols, C, mp, mean_col)
+                    half_bn_pass(gp, ldg, xp, ldx, dxp, lddx, rows, cols, C, by_rows, mp,
+                                 mean_col, parts, NULL, training, mk, scratch, per_thread, B,
+                                 kind, T)
+                    bn_reduce_sums(by_rows, rows, cols, C, T, parts, sp)
+                    if not by_rows:
+                        bn_mean_correction(C, mp, sp, <float>0)
+                bn_coefficients(cols, C, by_rows, mp, ip, <const float*>w, sp, n, training,
+                                coef)
+                half_bn_pass(gp, ldg, xp, ldx, dxp, lddx, rows, cols, C, by_rows, mp, mean_col,
+                             parts, coef, training, mk, scratch, per_thread, B, kind, T)
+            bn_param_grads(C, parts + off, ip, <float*>gw, <float*>gb)
+    finally:
+        free(parts)
+        free(coef)
