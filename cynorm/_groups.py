@@ -7,7 +7,8 @@ import math
 import numpy as np
 
 from ._isa import kernels as _kernels
-from ._outputs import _backward_results, _finish, _output, _overlaps_any
+from ._outputs import (_backward_results, _finish, _output, _overlaps_any, backward_kind,
+                       backward_outputs)
 from ._threads import threads_for
 from ._validation import (
     as_array,
@@ -16,7 +17,6 @@ from ._validation import (
     dtypes,
     empty,
     feature_axis,
-    grad_outputs,
     half_kind,
     is_real,
     param,
@@ -87,14 +87,15 @@ class GroupInput:
                              f"(N, L, C) with axis=-1; got shape {self.shape}")
         return _row_mask(mask, lengths, (self.N, self.S), op)
 
-    def like(self, value, name):
-        """An array of x's shape (grad_out) as the kernels read it."""
+    def like(self, value, name, dt=None):
+        """An array of x's shape (grad_out) as the kernels read it: C-contiguous, in dt (None:
+        the compute dtype)."""
         a = as_array(value, name)
         if a.shape != self.shape:
             raise ValueError(f"{name} must have the shape of x, {self.shape}, got {a.shape}")
         if not is_real(a.dtype):
             raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
-        return np.ascontiguousarray(to_compute(a, self.cdt))
+        return np.ascontiguousarray(to_compute(a, dt or self.cdt))
 
 
 def check_groups(inp, num_groups):
@@ -228,8 +229,11 @@ def backward_call(op, num_groups, grad_out, x, mean, rstd, weight, bias, axis, m
 
 
 def backward(inp, G, grad_out, mean, rstd, w, want_w, want_b, row_mask, fixed):
-    """(dx, dw, db) of a group norm over its saved mean and rstd (N·G each)."""
-    g = inp.like(grad_out, "grad_out")
+    """(dx, dw, db) of a group norm over its saved mean and rstd (N·G each); 16-bit x and
+    grad_out of its dtype are read by the kernels as they are, and dx written in that dtype."""
+    half = -1 if inp.half < 0 else backward_kind(inp.rdt, grad_out)
+    g = inp.like(grad_out, "grad_out", inp.rdt if half >= 0 else None)
+    x = inp.x16 if half >= 0 else inp.x
     N, C, S = inp.N, inp.C, inp.S
     if row_mask is None:
         count = np.full(N * G, float(C // G * S))
@@ -237,16 +241,17 @@ def backward(inp, G, grad_out, mean, rstd, w, want_w, want_b, row_mask, fixed):
         count = np.repeat(row_mask.reshape(N, S).sum(axis=1) * float(C // G), G)
     stats = np.stack([count, mean, rstd])
     sums = np.empty((N, 2, C))
-    dx, dw, db = grad_outputs(inp.x, inp.cdt, (C,), want_w, want_b)  # dx: the output cache
-    if inp.x.size == 0:  # no kernel call: nothing was summed
+    # dx: from the output cache
+    dx, dw, db = backward_outputs(x, inp.cdt, inp.rdt, half, (C,), want_w, want_b)
+    if x.size == 0:  # no kernel call: nothing was summed
         for a in (dw, db):
             if a is not None:
                 a[...] = 0
-    if inp.x.size and _kernels.group_norm_backward(g, inp.x, dx, N, C, S, G, inp.last, stats,
-                                                   w, fixed, sums, dw, db, row_mask,
-                                                   threads_for(inp.x.size)):
+    if x.size and _kernels.group_norm_backward(g, x, dx, N, C, S, G, inp.last, stats, w, fixed,
+                                               sums, dw, db, row_mask, threads_for(x.size),
+                                               half):
         _rescue_backward(inp, G, g, stats, w, fixed, row_mask, sums, dx, dw, db)
-    return dx, dw, db   # in inp.cdt: backward_call gives them the result dtypes
+    return dx, dw, db   # dx in inp.cdt or 16-bit: backward_call gives them the result dtypes
 
 
 def _rescue_backward(inp, G, g, stats, w, fixed, row_mask, sums, dx, dw, db):
@@ -261,9 +266,10 @@ def _rescue_backward(inp, G, g, stats, w, fixed, row_mask, sums, dx, dw, db):
         st = np.stack([count[n], np.ldexp(mean[n], -k), np.ldexp(rstd[n], k)])
         dxs = np.empty_like(xs)
         sums_s = np.empty((1, 2, C))
-        _kernels.group_norm_backward(g[n:n + 1], xs, dxs, 1, C, S, G, inp.last, st, w, fixed,
-                                     sums_s, None, None, m, 1)
-        dx[n] = np.ldexp(dxs[0], -k)
+        gs = np.ascontiguousarray(to_compute(g[n:n + 1], inp.cdt))   # (16-bit g: widened)
+        _kernels.group_norm_backward(gs, xs, dxs, 1, C, S, G, inp.last, st, w, fixed, sums_s,
+                                     None, None, m, 1)
+        dx[n] = np.ldexp(dxs[0], -k)   # (16-bit dx: rounded once, to nearest even)
         sums[n] = sums_s[0]
         r_eff[n] = st[2]
     # a sample with no real position has rstd NaN and sums 0: it adds nothing

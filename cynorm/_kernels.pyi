@@ -83,5 +83,5 @@ def group_norm_half(
 def group_norm_backward(
     g: _F, x: _F, dx: _F, N: int, C: int, S: int, G: int, channels_last: bool, stats: _F64,
     weight: _F | None, fixed: bool, sums: _F64, grad_weight: _F | None,
-    grad_bias: _F | None, mask: _Mask | None, n_threads: int,
-) -> int: ...
+    grad_bias: _F | None, mask: _Mask | None, n_threads: int, half: int = -1,
+) -> int: ...  # half >= 0: g, x, dx 16-bit; weight and the gradients float32

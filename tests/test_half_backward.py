@@ -371,3 +371,144 @@ def test_batch_norm_against_the_float64_reference(rng, name, training):
     tol = 2.0 ** -18 * np.abs(g64).sum(axis=(0, 2)).max()
     np.testing.assert_allclose(dw, np.ravel(rdw), rtol=1e-5, atol=tol)
     np.testing.assert_allclose(db, np.ravel(rdb), rtol=1e-5, atol=tol)
+
+
+# ---- GroupNorm and InstanceNorm (ops/group_norm_half.pxi) ----------------------------------
+
+GN_CASES = [((4, 6, 50), 3, 1), ((2, 8, 9, 11), 2, 1), ((3, 40, 12), 4, -1),
+            ((2, 7, 5, 16), 4, -1), ((5, 4, 1), 2, 1), ((2, 64, 300), 64, 1)]
+
+
+def _gn_backward(g, x, mean, rstd, G, w, b, axis, fixed=False, **kw):
+    """group_norm_backward, or (G None) instance_norm_backward."""
+    if G is None:
+        return cynorm.instance_norm_backward(g, x, mean, rstd, w, use_input_stats=not fixed,
+                                             bias=b, axis=axis, **kw)
+    return cynorm.group_norm_backward(g, x, mean, rstd, G, w, bias=b, axis=axis, **kw)
+
+
+def _gn_forward_stats(x, G, w, b, axis, **kw):
+    if G is None:
+        return cynorm.instance_norm(x, weight=w, bias=b, axis=axis, return_stats=True, **kw)[1:]
+    return cynorm.group_norm(x, G, w, b, axis=axis, return_stats=True, **kw)[1:]
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("shape, G, axis", GN_CASES)
+@pytest.mark.parametrize("params", ["none", "float32", "input"])
+@pytest.mark.parametrize("instance", [False, True])
+def test_group_norm_same_bits_as_the_float32_backward(rng, name, shape, G, axis, params,
+                                                      instance):
+    dt = half_dtype(name)
+    C = shape[axis]
+    G = None if instance else G
+    x = _data(rng, shape, dt, offset_sigmas=rng.choice([0, 30, 1e3]))
+    g = _data(rng, shape, dt, offset_sigmas=0, scale=1.0)
+    w, b = _params(rng, C, params, dt)
+    pp = (w, b) if params != "none" else (None, None)
+    if instance and shape[2:] == (1,):
+        # one spatial element: InstanceNorm only with its running statistics (eval)
+        mean = rng.standard_normal((shape[0], C)) + float(x.astype(np.float64).mean())
+        rstd = rng.uniform(0.1, 2.0, (shape[0], C))
+    else:
+        mean, rstd = _gn_forward_stats(x, G, w, b, axis)
+        got = _gn_backward(g, x, mean, rstd, G, w, b, axis)
+        want = _gn_backward(_f32(g), _f32(x), mean, rstd, G, _f32(w), _f32(b), axis)
+        _assert_same_backward(got, want, dt, pp)
+    if instance:   # the running statistics as constants (eval)
+        got = _gn_backward(g, x, mean, rstd, G, w, b, axis, fixed=True)
+        want = _gn_backward(_f32(g), _f32(x), mean, rstd, G, _f32(w), _f32(b), axis,
+                            fixed=True)
+        _assert_same_backward(got, want, dt, pp)
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("axis", [1, -1])
+@pytest.mark.parametrize("instance", [False, True])
+def test_group_norm_masks_and_long_samples(rng, name, axis, instance):
+    """(N, C, L) and (N, L, C) with lengths (0, 1 and full among them), L long enough for
+    several widened blocks: the bits of the float32 backward, padding's dx 0."""
+    dt = half_dtype(name)
+    N, C, L = 5, 24, 700
+    shape = (N, C, L) if axis == 1 else (N, L, C)
+    G = None if instance else 6
+    x = _data(rng, shape, dt, offset_sigmas=200)
+    g = _data(rng, shape, dt, offset_sigmas=0, scale=1.0)
+    w, b = _params(rng, C, "float32", dt)
+    lengths = np.array([L, 0, 1, rng.integers(2, L), rng.integers(2, L)])
+    mean, rstd = _gn_forward_stats(x, G, w, b, axis, lengths=lengths)
+    got = _gn_backward(g, x, mean, rstd, G, w, b, axis, lengths=lengths)
+    want = _gn_backward(_f32(g), _f32(x), mean, rstd, G, w, b, axis, lengths=lengths)
+    _assert_same_backward(got, want, dt, (w, b))
+    pad = np.arange(L)[None, :] >= lengths[:, None]
+    dx = got[0] if axis == -1 else np.swapaxes(got[0], 1, 2)
+    assert pad.any() and not dx[pad].astype(np.float32).any()
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("last", [False, True])
+def test_group_norm_threads_and_every_kernels_build(rng, name, last):
+    """The kernels called directly with 16-bit arrays: 1 and 2 threads give the same bits, and
+    every build agrees with the float32 kernels (the same bits in the build the CPU runs)."""
+    dt = half_dtype(name)
+    N, C, S, G = 4, 32, 130, 8
+    x = _data(rng, (N, S, C) if last else (N, C, S), dt, offset_sigmas=50)
+    g = _data(rng, x.shape, dt, offset_sigmas=0, scale=1.0)
+    w = rng.uniform(0.5, 2.0, C).astype(np.float32)
+    mask = rng.random((N, S)) < 0.7
+    mean, rstd = cynorm.group_norm(x, G, w, None, axis=-1 if last else 1, return_stats=True,
+                                   mask=mask)[1:]
+    stats = np.stack([np.repeat(mask.sum(1) * float(C // G), G), mean.ravel(), rstd.ravel()])
+    kind_name = "HALF_BFLOAT16" if name == "bfloat16" else "HALF_FLOAT16"
+    for fixed in (False, True):
+        dx32 = np.empty(x.shape, np.float32)
+        sums32 = np.empty((N, 2, C))
+        dw32, db32 = np.empty(C, np.float32), np.empty(C, np.float32)
+        _isa.kernels.group_norm_backward(_f32(g), _f32(x), dx32, N, C, S, G, last, stats, w,
+                                         fixed, sums32, dw32, db32, mask, 2)
+        for level in _isa.available():
+            k = _isa.load(level)
+            for T in (1, 2):
+                dx = np.empty(x.shape, dt)
+                sums = np.empty((N, 2, C))
+                dw, db = np.empty(C, np.float32), np.empty(C, np.float32)
+                k.group_norm_backward(g, x, dx, N, C, S, G, last, stats, w, fixed, sums, dw, db,
+                                      mask, T, getattr(k, kind_name))
+                assert ulps16(dx, dx32.astype(dt)).max() <= 1, (level, T)
+                np.testing.assert_allclose(sums, sums32, rtol=1e-6, atol=1e-6)
+                if level == _isa.kernels.ISA:
+                    np.testing.assert_array_equal(dx.view(np.uint16),
+                                                  dx32.astype(dt).view(np.uint16))
+                    np.testing.assert_array_equal(sums, sums32)
+                    np.testing.assert_array_equal(dw, dw32)
+                    np.testing.assert_array_equal(db, db32)
+
+
+def test_group_norm_rescued_samples(rng, monkeypatch):
+    """A sample whose rstd lies beyond the range in which the float32 coefficients stay exact
+    is redone scaled (_groups._rescue_backward), from the 16-bit g: the same result as from a
+    float32 g.  (bfloat16 only: no float16 sample is spread so little, nor so much, that its
+    rstd leaves that range.)"""
+    from cynorm import _groups
+
+    dt = half_dtype("bfloat16")
+    x = _data(rng, (3, 4, 64), dt, offset_sigmas=5)
+    x[1] = np.asarray(1e-30, dt)
+    x[1, :, ::7] = 0
+    g = _data(rng, x.shape, dt, offset_sigmas=0, scale=1.0)
+    w = rng.uniform(0.5, 2.0, 4).astype(np.float32)
+    _, mean, rstd = cynorm.group_norm(x, 2, w, None, eps=0.0, return_stats=True)
+    calls = []
+    rescue = _groups._rescue_backward
+
+    def spy(*args):
+        calls.append(args[2].dtype)
+        return rescue(*args)
+
+    monkeypatch.setattr(_groups, "_rescue_backward", spy)
+    got = cynorm.group_norm_backward(g, x, mean, rstd, 2, w, bias=w)
+    want = cynorm.group_norm_backward(_f32(g), _f32(x), mean, rstd, 2, w, bias=w)
+    assert calls == [dt, np.float32]
+    assert np.isfinite(got[0].astype(np.float32)).all()
+    assert np.abs(got[0][1].astype(np.float32)).max() > 1e20
+    _assert_same_backward(got, want, dt, (w, w))

@@ -275,28 +275,34 @@ cdef void group_first_grad(const floating* g, const floating* x, floating* dx, P
                            const double* st,
                            const floating* w, bint fixed, const unsigned char* mask,
                            double* sums, bint stream) noexcept nogil:
-    """Channels-first unit u = n·G + g: per channel Σg, Σg·(x - mean) into sums (N, 2, C),
-    then the rows' dx.  st (3, N·G): count, mean, rstd per unit."""
-    cdef Py_ssize_t n = u // G, Cg = C // G, c0 = (u % G) * Cg, c, i
-    cdef const unsigned char* m = mask + n * S if mask != NULL else NULL
-    cdef double* sg = sums + n * 2 * C
-    cdef double* sgx = sg + C
-    cdef double cnt, mean, r, s1 = 0.0, s2 = 0.0, wc, k2 = 0.0, k3 = 0.0
+    """Channels-first unit u = n·G + g: its Cg rows of S (contiguous), by group_unit_grad.
+    st (3, N·G): count, mean, rstd per unit; sums (N, 2, C)."""
+    cdef Py_ssize_t n = u // G, Cg = C // G, c0 = (u % G) * Cg, i = (n * C + c0) * S
+    group_unit_grad(g + i, x + i, dx + i, Cg, S, st[u], st[NG + u], st[2 * NG + u],
+                    w + c0 if w != NULL else NULL, fixed, mask + n * S if mask != NULL else NULL,
+                    sums + n * 2 * C + c0, sums + n * 2 * C + C + c0, stream)
+
+
+cdef void group_unit_grad(const floating* g, const floating* x, floating* dx, Py_ssize_t Cg,
+                          Py_ssize_t S, double cnt, double mean, double r, const floating* w,
+                          bint fixed, const unsigned char* m, double* sg, double* sgx,
+                          bint stream) noexcept nogil:
+    """One (sample, group) of Cg channels' rows of S (contiguous; m: the sample's mask, or
+    NULL): per channel Σg, Σg·(x - mean) into sg, sgx, then the rows' dx.  w: the group's
+    Cg weights, or NULL."""
+    cdef Py_ssize_t c
+    cdef double s1 = 0.0, s2 = 0.0, wc, k2 = 0.0, k3 = 0.0
     cdef floating mh
-    cnt = st[u]
-    mean = st[NG + u]
-    r = st[2 * NG + u]
     if not fixed and cnt == 1:
         r = 0.0   # one real element: its output is the constant b, so dx = 0 exactly
     mh = <floating>mean
-    for c in range(c0, c0 + Cg):
-        i = (n * C + c) * S
+    for c in range(Cg):
         if m == NULL:
             sg[c] = 0.0
             sgx[c] = 0.0
-            gx_sums(g + i, NULL, x + i, S, mean, &sg[c], &sgx[c])
+            gx_sums(g + c * S, NULL, x + c * S, S, mean, &sg[c], &sgx[c])
         else:
-            masked_gx_sums(g + i, x + i, S, m, mean, &sg[c], &sgx[c])
+            masked_gx_sums(g + c * S, x + c * S, S, m, mean, &sg[c], &sgx[c])
         wc = w[c] if w != NULL else 1.0
         s1 += wc * sg[c]
         s2 += wc * sgx[c]
@@ -304,30 +310,27 @@ cdef void group_first_grad(const floating* g, const floating* x, floating* dx, P
         k2 = -r * r * r * s2 / cnt
         k3 = -r * s1 / cnt
     k3 = k3 + k2 * (<double>mh - mean)
-    for c in range(c0, c0 + Cg):
-        i = (n * C + c) * S
+    for c in range(Cg):
         wc = w[c] if w != NULL else 1.0
-        group_dx_row(g + i, x + i, dx + i, S, m, mh, <floating>(r * wc), <floating>k2,
-                     <floating>k3, not fixed, stream)
+        group_dx_row(g + c * S, x + c * S, dx + c * S, S, m, mh, <floating>(r * wc),
+                     <floating>k2, <floating>k3, not fixed, stream)
 
 
-cdef void group_last_grad(const floating* g, const floating* x, floating* dx, Py_ssize_t n,
-                          Py_ssize_t C, Py_ssize_t S, Py_ssize_t G, Py_ssize_t NG,
-                          const double* st,
-                          const floating* w, bint fixed, const unsigned char* mask,
-                          double* sums, floating* coef, bint stream) noexcept nogil:
-    """Channels-last sample n: column sums into sums (N, 2, C), then its rows' dx.  coef:
-    4·C scratch (m_hi, k1, k2, k3 per channel)."""
+cdef void group_last_means(Py_ssize_t n, Py_ssize_t C, Py_ssize_t G, Py_ssize_t NG,
+                           const double* st, floating* coef) noexcept nogil:
+    """coef[c] = the mean of channel c's group in sample n, in the data's dtype."""
+    cdef Py_ssize_t Cg = C // G, c
+    for c in range(C):
+        coef[c] = <floating>st[NG + n * G + c // Cg]
+
+
+cdef void group_last_coefs(Py_ssize_t n, Py_ssize_t C, Py_ssize_t G, Py_ssize_t NG,
+                           const double* st, const floating* w, bint fixed, double* sg,
+                           double* sgx, floating* coef) noexcept nogil:
+    """Channels-last sample n, from its column sums sg and Σg·(x - m_hi) in sgx (corrected
+    here to Σg·(x - mean)): coef[C:4C], k1, k2, k3 per channel (coef[0:C]: group_last_means)."""
     cdef Py_ssize_t Cg = C // G, grp, c, u
-    cdef const unsigned char* m = mask + n * S if mask != NULL else NULL
-    cdef double* sg = sums + n * 2 * C
-    cdef double* sgx = sg + C
     cdef double cnt, mean, r, s1, s2, wc, k2, k3
-    cdef Py_ssize_t off = n * S * C
-    for grp in range(G):
-        for c in range(grp * Cg, (grp + 1) * Cg):
-            coef[c] = <floating>st[NG + n * G + grp]
-    bn_sums_columns(g + off, C, x + off, C, 0, S, C, coef, sg, sgx, m)
     for grp in range(G):
         u = n * G + grp
         cnt = st[u]
@@ -355,6 +358,21 @@ cdef void group_last_grad(const floating* g, const floating* x, floating* dx, Py
             coef[C + c] = <floating>(r * wc)
             coef[2 * C + c] = <floating>k2
             coef[3 * C + c] = <floating>(k3 + k2 * (<double>coef[c] - mean))
+
+
+cdef void group_last_grad(const floating* g, const floating* x, floating* dx, Py_ssize_t n,
+                          Py_ssize_t C, Py_ssize_t S, Py_ssize_t G, Py_ssize_t NG,
+                          const double* st,
+                          const floating* w, bint fixed, const unsigned char* mask,
+                          double* sums, floating* coef, bint stream) noexcept nogil:
+    """Channels-last sample n: column sums into sums (N, 2, C), then its rows' dx.  coef:
+    4·C scratch (m_hi, k1, k2, k3 per channel)."""
+    cdef const unsigned char* m = mask + n * S if mask != NULL else NULL
+    cdef double* sg = sums + n * 2 * C
+    cdef Py_ssize_t off = n * S * C
+    group_last_means(n, C, G, NG, st, coef)
+    bn_sums_columns(g + off, C, x + off, C, 0, S, C, coef, sg, sg + C, m)
+    group_last_coefs(n, C, G, NG, st, w, fixed, sg, sg + C, coef)
     bn_dx_range(g + off, C, x + off, C, dx + off, C, 0, S, C, C, False, coef, not fixed, m,
                 stream)
 
@@ -473,7 +491,7 @@ def group_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
                         Py_ssize_t C, Py_ssize_t S, Py_ssize_t G, bint channels_last,
                         cnp.ndarray stats, cnp.ndarray weight, bint fixed, cnp.ndarray sums,
                         cnp.ndarray grad_weight, cnp.ndarray grad_bias, cnp.ndarray mask,
-                        int n_threads):
+                        int n_threads, int half=-1):
     """dx of GroupNorm (layout as group_norm), and sums (N, 2, C) float64: per (sample,
     channel) Σg and Σg·(x - mean) over the real positions; grad_weight, grad_bias (C,) (or
     None) receive dw and db from them.
@@ -481,9 +499,10 @@ def group_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
     stats (3, N·G) float64: count, mean and rstd per (sample, group).  fixed: the
     statistics are constants (InstanceNorm with running statistics): dx = g·w·rstd.  Returns
     the number of (sample, group) with real positions whose rstd is out of the rescue's range
-    or NaN.
+    or NaN.  half (HALF_F16, HALF_BF16; -1: none): g, x and dx are 16-bit of that kind, the
+    parameters and their gradients float32 (ops/group_norm_half.pxi).
     """
-    cdef int f32 = is_float32(x)
+    cdef int f32 = 1 if half >= 0 else is_float32(x)
     cdef Py_ssize_t NG = N * G
     cdef const unsigned char* mk = mask_data(mask, N * S)
     cdef double* st = float64_data(stats, 3 * NG, False)
@@ -492,20 +511,26 @@ def group_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t
     cdef void* gw = optional_data(grad_weight, C, f32)
     cdef void* gb = optional_data(grad_bias, C, f32)
     cdef int T = max(1, min(n_threads, N if channels_last else NG))
-    cdef void* coef
+    cdef void* coef = NULL
     cdef Py_ssize_t u, bad = 0
     if G < 1 or C % G or N < 1 or S < 1:
         raise ValueError("group_norm_backward: inconsistent shape")
     check_group_array(g, N * C * S, False)
     check_group_array(x, N * C * S, False)
     check_group_array(dx, N * C * S, True)
-    if is_float32(g) != f32 or is_float32(dx) != f32:
+    if half >= 0:
+        run_half_group_norm_backward(g, x, dx, N, C, S, G, channels_last, st, <const float*>w,
+                                     fixed, sm, mk, half, T)
+    elif is_float32(g) != f32 or is_float32(dx) != f32:
         raise TypeError("group_norm_backward: arrays of different dtypes")
-    coef = malloc(4 * C * T * (4 if f32 else 8))
-    if coef == NULL:
-        raise MemoryError()
+    else:
+        coef = malloc(4 * C * T * (4 if f32 else 8))
+        if coef == NULL:
+            raise MemoryError()
     with nogil:
-        if f32:
+        if half >= 0:
+            group_param_grads(N, C, G, st, sm, <float*>gw, <float*>gb)
+        elif f32:
             _group_norm_backward(<const float*>cnp.PyArray_DATA(g),
                                  <const float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(dx),
                                  N, C, S, G, channels_last, st, <const float*>w, fixed, mk, sm,

@@ -193,3 +193,102 @@ def group_norm_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py
                                  b, eps, st, given, mk, write_padding, work + t * nwork,
                                  <float*>(work + T * nwork + t * nscratch), kind, t, T)
     free(work)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward on 16-bit g and x, dx written as 16-bit: the float32 backward's units over widened
+# rows (core/halves_backward.pxi).  Channels-first, a unit's Cg rows at once (group_unit_grad);
+# channels-last, the sample B rows at a time, once for its column sums and once for its dx
+# (bn_sums_columns accumulating over whole fours of rows: the bits of one sweep over all of
+# them).  dx and the sums are those of the float32 backward of widened copies, to the bit.
+
+cdef void group_half_grad_units(const uint16_t* g, const uint16_t* x, uint16_t* dx,
+                                Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
+                                bint channels_last, const double* st, const float* w,
+                                bint fixed, const unsigned char* mask, double* sums,
+                                float* scratch, Py_ssize_t B, int kind, Py_ssize_t t,
+                                Py_ssize_t T) noexcept nogil:
+    """Thread t of T: its contiguous range of units.  scratch: 3·Cg·S floats (channels-first)
+    or 4·C + 3·B·C (channels-last: the coefficients, then B rows each of g, x and dx)."""
+    cdef Py_ssize_t NG = N * G, Cg = C // G, U = N if channels_last else NG, u, n, i, r0, r1
+    cdef Py_ssize_t E = Cg * S
+    cdef float* coef = scratch
+    cdef float* gs
+    cdef float* xs
+    cdef float* ds
+    cdef const unsigned char* m
+    cdef double* sg
+    for u in range(chunk(U, t, T), chunk(U, t + 1, T)):
+        if not channels_last:
+            n = u // G
+            i = (n * C + (u % G) * Cg) * S
+            cynorm_widen_half(g + i, scratch, E, kind)
+            cynorm_widen_half(x + i, scratch + E, E, kind)
+            group_unit_grad(<const float*>scratch, <const float*>(scratch + E), scratch + 2 * E,
+                            Cg, S, st[u], st[NG + u], st[2 * NG + u],
+                            w + (u % G) * Cg if w != NULL else NULL, fixed,
+                            mask + n * S if mask != NULL else NULL,
+                            sums + n * 2 * C + (u % G) * Cg, sums + n * 2 * C + C + (u % G) * Cg,
+                            False)
+            cynorm_narrow_half(scratch + 2 * E, dx + i, E, kind)
+            continue
+        # channels-last sample u
+        m = mask + u * S if mask != NULL else NULL
+        sg = sums + u * 2 * C
+        gs = scratch + 4 * C
+        xs = gs + B * C
+        ds = xs + B * C
+        i = u * S * C
+        group_last_means(u, C, G, NG, st, coef)
+        memset(sg, 0, 2 * C * sizeof(double))
+        r0 = 0
+        while r0 < S:
+            r1 = min(r0 + B, S)
+            widen_rows(g + i, C, r0, r1, C, gs, kind)
+            widen_rows(x + i, C, r0, r1, C, xs, kind)
+            bn_sums_columns(<const float*>gs, C, <const float*>xs, C, r0, r1, C, coef, sg,
+                            sg + C, m, NULL, 0, NULL, False, r0, True)
+            r0 = r1
+        group_last_coefs(u, C, G, NG, st, w, fixed, sg, sg + C, coef)
+        r0 = 0
+        while r0 < S:
+            r1 = min(r0 + B, S)
+            widen_rows(g + i, C, r0, r1, C, gs, kind)
+            widen_rows(x + i, C, r0, r1, C, xs, kind)
+            bn_dx_range(<const float*>gs, C, <const float*>xs, C, ds, C, r0, r1, C, C, False,
+                        coef, not fixed, m, False, r0)
+            narrow_rows(ds, dx + i, C, r0, r1, C, kind)
+            r0 = r1
+
+
+cdef Py_ssize_t run_half_group_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx,
+                                             Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                                             Py_ssize_t G, bint channels_last,
+                                             const double* st, const float* w, bint fixed,
+                                             double* sm, const unsigned char* mk, int kind,
+                                             int T) except -1:
+    """group_norm_backward's units on 16-bit g, x and dx (the entry point checked the rest)."""
+    cdef Py_ssize_t B = half_backward_rows(C), per_thread, t
+    cdef float* scratch
+    cdef const uint16_t* gp = <const uint16_t*>cnp.PyArray_DATA(g)
+    cdef const uint16_t* xp = <const uint16_t*>cnp.PyArray_DATA(x)
+    cdef uint16_t* dxp = <uint16_t*>cnp.PyArray_DATA(dx)
+    if kind != HALF_F16 and kind != HALF_BF16:
+        raise ValueError(f"unknown 16-bit kind {kind}")
+    if not is_bits16(g) or not is_bits16(x) or not is_bits16(dx):
+        raise TypeError("group_norm_backward: g, x and dx must be 16-bit arrays")
+    per_thread = 4 * C + 3 * B * C if channels_last else 3 * (C // G) * S
+    per_thread = (per_thread + 15) // 16 * 16
+    scratch = <float*>malloc(sizeof(float) * T * per_thread)
+    if scratch == NULL:
+        raise MemoryError()
+    with nogil:
+        if T <= 1:
+            group_half_grad_units(gp, xp, dxp, N, C, S, G, channels_last, st, w, fixed, mk, sm,
+                                  scratch, B, kind, 0, 1)
+        else:
+            for t in prange(T, num_threads=T, schedule="static", chunksize=1):
+                group_half_grad_units(gp, xp, dxp, N, C, S, G, channels_last, st, w, fixed, mk,
+                                      sm, scratch + t * per_thread, B, kind, t, T)
+    free(scratch)
+    return 0
