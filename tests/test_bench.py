@@ -11,10 +11,15 @@ from cynorm import bench
 # the 16-bit cases (bfloat16 where ml_dtypes is installed: the test extra brings it)
 HALF_CASES = [bench.Case(op, shape, dt, -1) for dt in bench.half_dtypes()
               for op, shape in [("ln", (16, 40)), ("rms", (3, 5, 64)), ("add_ln", (16, 48)),
-                                ("add_rms", (16, 48))]] + [
+                                ("add_rms", (16, 48)), ("ln_bwd", (16, 40)),
+                                ("rms_bwd", (3, 5, 64))]] + [
     bench.Case(op, shape, dt, axis) for dt in bench.half_dtypes()
     for op, shape, axis in [("bn_train", (16, 40), 1), ("bn_eval", (8, 6, 70), 1),
-                            ("bn_train", (4, 5, 12), -1)]]
+                            ("bn_train", (4, 5, 12), -1), ("bn_bwd_train", (16, 40), 1),
+                            ("bn_bwd_train", (4, 6, 70), 1), ("bn_bwd_eval", (4, 5, 12), -1),
+                            ("gn", (2, 64, 3, 3), 1), ("in", (2, 5, 4, 8), -1),
+                            ("gn_bwd", (2, 64, 3, 3), 1), ("gn_bwd", (2, 3, 4, 64), -1),
+                            ("in_bwd", (2, 8, 30), 1)]]
 
 
 def test_grid():
@@ -53,8 +58,13 @@ def test_contenders_compute_the_same_thing(case, torch):
         tol = 1e-4 if case.dtype not in bench.HALF_DTYPES else _tolerance(case) / 4
         for a, b in zip(got, ref):
             a = a.float().numpy() if hasattr(a, "float") else np.asarray(a)
-            np.testing.assert_allclose(a.astype(np.float64), np.asarray(b).astype(np.float64),
-                                       atol=tol, rtol=tol, err_msg=name)
+            b = np.asarray(b).astype(np.float64)
+            # 16-bit: the parameter gradients are sums of many rounded terms, within the
+            # tolerance of the largest gradient (a sum that cancels keeps that error)
+            atol = tol if case.dtype not in bench.HALF_DTYPES else tol * max(1.0,
+                                                                              np.abs(b).max())
+            np.testing.assert_allclose(a.astype(np.float64), b, atol=atol, rtol=tol,
+                                       err_msg=name)
 
 
 @pytest.mark.parametrize("case", [c for op in bench.OPS

@@ -206,32 +206,47 @@ def _row_contenders(case, x, rng, torch, peers):
     return fns
 
 
+def numpy_in_float32(fn, *arrays):
+    """A zero-argument call of fn on arrays as a NumPy user would write it: 16-bit arrays
+    converted to float32 first and the results back to their dtype (NumPy rounds each 16-bit
+    step, and its bfloat16 arithmetic is slow), other arrays as they are."""
+    dt = arrays[0].dtype
+    if dt.itemsize != 2:
+        return lambda: fn(*arrays)
+
+    def run():
+        out = fn(*(a.astype(np.float32) if a.dtype.itemsize == 2 else a for a in arrays))
+        return tuple(o.astype(dt) for o in out) if isinstance(out, tuple) else out.astype(dt)
+    return run
+
+
 def _backward_contenders(case, x, rng, torch, peers=None):
     import cynorm
 
-    g = rng.standard_normal(case.shape, dtype=np.float32).astype(case.dtype)
+    dt = np_dtype(case.dtype)
+    cdt = np.dtype(np.float32) if dt.itemsize == 2 else dt   # the stats NumPy gets
+    g = rng.standard_normal(case.shape, dtype=np.float32).astype(dt)
     fns = {}
     if case.op == "rms_bwd":
         D = case.shape[-1]
         w, _ = _params(rng, D, case.dtype)
         _, rstd = cynorm.rms_norm(x, D, w, EPS, return_stats=True)
         fns["cynorm"] = lambda: cynorm.rms_norm_backward(g, x, rstd, D, w)
-        r = rstd.astype(case.dtype)
         axes = tuple(range(x.ndim - 1))
 
-        def numpy_rms_bwd():
+        def numpy_rms_bwd(x, g, w, r):
             xh = x * r
             gw = g * w
             return r * gw - xh * (r * (gw * xh).mean(-1, keepdims=True)), (g * xh).sum(axis=axes)
 
-        fns["numpy"] = numpy_rms_bwd
+        fns["numpy"] = numpy_in_float32(numpy_rms_bwd, x, g, w, rstd.astype(cdt))
         if torch is not None:
             # torch's CPU RMSNorm is a composite: its backward is autograd through it (the
             # graph of one forward, kept; only the backward is timed)
-            tx = torch.from_numpy(x).requires_grad_(True)
-            tw = torch.from_numpy(w).requires_grad_(True)
+            tx = torch_of(torch, x).requires_grad_(True)
+            tw = torch_of(torch, w).requires_grad_(True)
             ty = torch.nn.functional.rms_norm(tx, (D,), tw, EPS)
-            tg = torch.from_numpy(g)
+            tg = torch_of(torch, g)
             fns["torch"] = lambda: torch.autograd.grad(ty, (tx, tw), tg, retain_graph=True)
         if peers is not None:
             fns.update(peers.contenders(case, {"x": x, "g": g, "w": w}))
@@ -241,18 +256,18 @@ def _backward_contenders(case, x, rng, torch, peers=None):
         w, b = _params(rng, D, case.dtype)
         _, mean, rstd = cynorm.layer_norm(x, D, w, b, EPS, return_stats=True)
         fns["cynorm"] = lambda: cynorm.layer_norm_backward(g, x, mean, rstd, D, w, b)
-        m, r = mean.astype(case.dtype), rstd.astype(case.dtype)
         axes = tuple(range(x.ndim - 1))
 
-        def numpy_ln_bwd():
+        def numpy_ln_bwd(x, g, w, m, r):
             xh = (x - m) * r
             gw = g * w
             dx = r * (gw - gw.mean(-1, keepdims=True) - xh * (gw * xh).mean(-1, keepdims=True))
             return dx, (g * xh).sum(axis=axes), g.sum(axis=axes)
 
-        fns["numpy"] = numpy_ln_bwd
+        fns["numpy"] = numpy_in_float32(numpy_ln_bwd, x, g, w, mean.astype(cdt),
+                                        rstd.astype(cdt))
         if torch is not None:
-            tx, tg, tw, tb = (torch.from_numpy(a) for a in (x, g, w, b))
+            tx, tg, tw, tb = (torch_of(torch, a) for a in (x, g, w, b))
             with torch.no_grad():
                 _, tm, tr = torch.ops.aten.native_layer_norm(tx, [D], tw, tb, EPS)
             op = torch.ops.aten.native_layer_norm_backward
@@ -274,10 +289,10 @@ def _backward_contenders(case, x, rng, torch, peers=None):
                                                        axis=case.axis, bias=b)
     bshape = [1] * len(case.shape)
     bshape[axis] = C
-    m, inv, wb = (a.astype(case.dtype).reshape(bshape) for a in (mean, invstd, w))
     n = x.size // C
 
-    def numpy_bn_bwd():
+    def numpy_bn_bwd(x, g, w, m, inv):
+        m, inv, wb = (a.reshape(bshape) for a in (m, inv, w))
         xh = (x - m) * inv
         sg = g.sum(axis=axes)
         sgx = (g * xh).sum(axis=axes)
@@ -287,14 +302,15 @@ def _backward_contenders(case, x, rng, torch, peers=None):
             dx = g * (wb * inv)
         return dx, sgx, sg
 
-    fns["numpy"] = numpy_bn_bwd
+    fns["numpy"] = numpy_in_float32(numpy_bn_bwd, x, g, w, mean.astype(cdt), invstd.astype(cdt))
     if torch is not None:
-        tx, tg = torch.from_numpy(x), torch.from_numpy(g)
+        tx, tg = torch_of(torch, x), torch_of(torch, g)
         if axis != 1:
             tx, tg = tx.movedim(axis, 1), tg.movedim(axis, 1)
-        tw, trm, trv = (torch.from_numpy(a) for a in (w, rm, rv))
-        tmean = torch.from_numpy(mean.astype(case.dtype))
-        tinv = torch.from_numpy(invstd.astype(case.dtype))
+        tw, tb, trm, trv = (torch_of(torch, a.copy()) for a in (w, b, rm, rv))
+        with torch.no_grad():   # the statistics torch's own forward saves
+            _, tmean, tinv = torch.ops.aten.native_batch_norm(tx, tw, tb, trm, trv, training,
+                                                              0.1, EPS)
         op = torch.ops.aten.native_batch_norm_backward
 
         def torch_bn_bwd():

@@ -34,9 +34,9 @@ GROUPS = 32
 # The ops whose kernels read and write 16-bit floats: the default grid also times them in
 # float16 and bfloat16 (bfloat16 with ml_dtypes installed), on their quick shapes (every shape
 # with full=True), against torch's float16 / bfloat16 CPU kernels and the peers that have them.
-# (BatchNorm's forward, GroupNorm's and InstanceNorm's read and write 16 bits in the kernels,
-# statistics included.)
-HALF_OPS = ("ln", "rms", "add_ln", "add_rms", "bn_train", "bn_eval", "gn", "in")
+# (Every op's kernels read and write 16 bits, forward and backward, statistics included.)
+HALF_OPS = ("ln", "rms", "add_ln", "add_rms", "bn_train", "bn_eval", "gn", "in", "ln_bwd",
+            "rms_bwd", "bn_bwd_train", "bn_bwd_eval", "gn_bwd", "in_bwd")
 HALF_DTYPES = ("float16", "bfloat16")
 
 

@@ -3,8 +3,8 @@ channels-last): cynorm, the NumPy expression, torch (channels-last as torch's ch
 memory format, a permuted view of the same array) and the peers."""
 import numpy as np
 
-from .contenders import _params, torch_of
-from .grid import EPS, GROUPS
+from .contenders import _params, numpy_in_float32, torch_of
+from .grid import EPS, GROUPS, np_dtype
 
 
 def _groups(case):
@@ -46,10 +46,11 @@ def group_contenders(case, x, rng, torch, peers):
             fns["cynorm"] = lambda: cynorm.group_norm(x, G, w, b, EPS, axis=cy_axis)
             fns["cynorm_out"] = lambda: cynorm.group_norm(x, G, w, b, EPS, axis=cy_axis,
                                                           out=out)
-        fns["numpy"] = lambda: _numpy_forward(x, G, w, b, axis)
+        fns["numpy"] = numpy_in_float32(lambda x, w, b: _numpy_forward(x, G, w, b, axis), x, w,
+                                        b)
         arrays = {"x": x, "w": w, "b": b}
     else:
-        g = rng.standard_normal(case.shape, dtype=np.float32).astype(case.dtype)
+        g = rng.standard_normal(case.shape, dtype=np.float32).astype(np_dtype(case.dtype))
         if instance:
             _, mean, rstd = cynorm.instance_norm(x, None, None, w, b, eps=EPS, axis=cy_axis,
                                                  return_stats=True)
@@ -61,7 +62,7 @@ def group_contenders(case, x, rng, torch, peers):
             fns["cynorm"] = lambda: cynorm.group_norm_backward(g, x, mean, rstd, G, w, bias=b,
                                                                axis=cy_axis)
 
-        def numpy_backward():
+        def numpy_backward(x, g, w, b):
             _, m, r, xg, red, pshape = _numpy_forward(x, G, w, b, axis, want_stats=True)
             xh = (xg - m) * r
             gw = (g * w.reshape(pshape)).reshape(xg.shape)
@@ -71,7 +72,7 @@ def group_contenders(case, x, rng, torch, peers):
             return (dx.reshape(x.shape), (g * xh.reshape(x.shape)).sum(axis=other),
                     g.sum(axis=other))
 
-        fns["numpy"] = numpy_backward
+        fns["numpy"] = numpy_in_float32(numpy_backward, x, g, w, b)
         arrays = {"x": x, "w": w, "b": b, "g": g}
     if torch is not None:
         fns["torch"] = _torch(case, torch, arrays, axis, G, instance)
