@@ -68,9 +68,10 @@
  * item 96). */
 #define CYNORM_HALF_COLUMN_BYTES (1 << 19)
 /* Bytes of float32 per array (g, x, dx) that the 16-bit backward widens a block of rows into,
- * per thread, before the float32 backward runs over them (core/halves_backward.pxi); the
- * block stays in L2 between its widening, its sums and its dx (RESULTS item 99). */
-#define CYNORM_HALF_BACKWARD_BYTES (1 << 15)
+ * per thread, before the float32 backward runs over them (core/halves_backward.pxi; blocks are
+ * at least four rows): smaller blocks stay in L1 between their widening, sums and dx, and
+ * measured faster than 32 and 128 KiB ones (RESULTS item 99). */
+#define CYNORM_HALF_BACKWARD_BYTES (1 << 13)
 
 /* ---- BatchNorm backward (kernels, ops/batch_norm_backward.pxi) ---- */
 /* Training by rows ((N, C, L) with long L) when g and x together outgrow GROUP_MIN_BYTES:

@@ -1,8 +1,8 @@
 # BatchNorm backward on 16-bit floats (float16, bfloat16): g and x read as 16-bit, dx written as
 # 16-bit.  The float32 backward's passes (ops/batch_norm_backward.pxi) run over blocks of rows
-# widened into a per-thread float32 scratch (core/halves_backward.pxi): first the sums (when
-# training or a parameter gradient asks for them), then the coefficients, then dx, narrowed
-# once per element.  The blocks are whole fours of rows from the start of each thread's range,
+# widened into a per-thread float32 scratch (core/halves_backward.pxi): in training first the
+# sums, then the coefficients, then dx, narrowed once per element; in eval dx and the sums (when
+# a parameter gradient asks for them) from the same widened block, in one pass.  The blocks are whole fours of rows from the start of each thread's range,
 # so the sums are added in the float32 backward's order: dx, dw and db are those of the float32
 # backward of widened copies, to the bit.
 
@@ -11,10 +11,11 @@ cdef void half_bn_rows(const uint16_t* g, Py_ssize_t ldg, const uint16_t* x, Py_
                        uint16_t* dx, Py_ssize_t lddx, Py_ssize_t r0, Py_ssize_t r1,
                        Py_ssize_t cols, Py_ssize_t C, bint by_rows, const double* mean,
                        const float* mean_col, double* parts, double* sg, double* sgx,
-                       const float* coef, bint training, const unsigned char* mask,
-                       float* scratch, Py_ssize_t B, int kind) noexcept nogil:
-    """Rows r0..r1, B at a time: with coef NULL their sums (by rows: per row into parts; by
-    columns: added to sg and sgx, this thread's), else their dx."""
+                       bint sums, const float* coef, bint training,
+                       const unsigned char* mask, float* scratch, Py_ssize_t B,
+                       int kind) noexcept nogil:
+    """Rows r0..r1, B at a time: with sums, their sums (by rows: per row into parts; by
+    columns: added to sg and sgx, this thread's); with coef (not NULL), their dx."""
     cdef float* gs = scratch
     cdef float* xs = scratch + B * cols
     cdef float* ds = scratch + 2 * B * cols
@@ -23,39 +24,48 @@ cdef void half_bn_rows(const uint16_t* g, Py_ssize_t ldg, const uint16_t* x, Py_
         i1 = min(i0 + B, r1)
         widen_rows(g, ldg, i0, i1, cols, gs, kind)
         widen_rows(x, ldx, i0, i1, cols, xs, kind)
+        if sums and by_rows:
+            bn_sums_rows(<const float*>gs, cols, <const float*>xs, cols, i0, i1, cols, C, mean,
+                         parts, i0)
+        elif sums:
+            bn_sums_columns(<const float*>gs, cols, <const float*>xs, cols, i0, i1, cols,
+                            mean_col, sg, sgx, mask, NULL, 0, NULL, False, i0, True)
         if coef != NULL:
             bn_dx_range(<const float*>gs, cols, <const float*>xs, cols, ds, cols, i0, i1, cols,
                         C, by_rows, coef, training, mask, False, i0)
             narrow_rows(ds, dx, lddx, i0, i1, cols, kind)
-        elif by_rows:
-            bn_sums_rows(<const float*>gs, cols, <const float*>xs, cols, i0, i1, cols, C, mean,
-                         parts, i0)
-        else:
-            bn_sums_columns(<const float*>gs, cols, <const float*>xs, cols, i0, i1, cols,
-                            mean_col, sg, sgx, mask, NULL, 0, NULL, False, i0, True)
         i0 = i1
 
 
 cdef void half_bn_pass(const uint16_t* g, Py_ssize_t ldg, const uint16_t* x, Py_ssize_t ldx,
                        uint16_t* dx, Py_ssize_t lddx, Py_ssize_t rows, Py_ssize_t cols,
                        Py_ssize_t C, bint by_rows, const double* mean, const float* mean_col,
-                       double* parts, const float* coef, bint training,
+                       double* parts, bint sums, const float* coef, bint training,
                        const unsigned char* mask, float* scratch, Py_ssize_t per_thread,
                        Py_ssize_t B, int kind, int T) noexcept nogil:
     """half_bn_rows over all rows, split among T threads (by columns, thread t's sums at
     parts + 2·t·cols, zeroed here)."""
     cdef Py_ssize_t t
-    if coef == NULL and not by_rows:
+    if sums and not by_rows:
         memset(parts, 0, 2 * T * cols * sizeof(double))
     if T <= 1:
         half_bn_rows(g, ldg, x, ldx, dx, lddx, 0, rows, cols, C, by_rows, mean, mean_col, parts,
-                     parts, parts + cols, coef, training, mask, scratch, B, kind)
+                     parts, parts + cols, sums, coef, training, mask, scratch, B, kind)
         return
     for t in prange(T, num_threads=T, schedule="static", chunksize=1):
         half_bn_rows(g, ldg, x, ldx, dx, lddx, chunk(rows, t, T), chunk(rows, t + 1, T), cols,
                      C, by_rows, mean, mean_col, parts, parts + 2 * t * cols,
-                     parts + 2 * t * cols + cols, coef, training, mask,
+                     parts + 2 * t * cols + cols, sums, coef, training, mask,
                      scratch + t * per_thread, B, kind)
+
+
+cdef inline void half_bn_sums(Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t C, bint by_rows,
+                              int T, const double* mean, const double* parts,
+                              double* sums) noexcept nogil:
+    """The per-feature sums (2, C) from half_bn_pass's parts."""
+    bn_reduce_sums(by_rows, rows, cols, C, T, parts, sums)
+    if not by_rows:
+        bn_mean_correction(C, mean, sums, <float>0)
 
 
 cdef run_half_batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx,
@@ -115,19 +125,21 @@ cdef run_half_batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx,
             if rows * cols == 0:
                 memset(parts + off, 0, 2 * C * sizeof(double))
             else:
-                if sp != NULL:
-                    if not by_rows:
-                        column_means(cols, C, mp, mean_col)
+                if sp != NULL and not by_rows:
+                    column_means(cols, C, mp, mean_col)
+                if training:   # the sums first: the coefficients need them
                     half_bn_pass(gp, ldg, xp, ldx, dxp, lddx, rows, cols, C, by_rows, mp,
-                                 mean_col, parts, NULL, training, mk, scratch, per_thread, B,
+                                 mean_col, parts, True, NULL, True, mk, scratch, per_thread, B,
                                  kind, T)
-                    bn_reduce_sums(by_rows, rows, cols, C, T, parts, sp)
-                    if not by_rows:
-                        bn_mean_correction(C, mp, sp, <float>0)
+                    half_bn_sums(rows, cols, C, by_rows, T, mp, parts, sp)
                 bn_coefficients(cols, C, by_rows, mp, ip, <const float*>w, sp, n, training,
                                 coef)
+                # dx, and in eval the sums from the same blocks
                 half_bn_pass(gp, ldg, xp, ldx, dxp, lddx, rows, cols, C, by_rows, mp, mean_col,
-                             parts, coef, training, mk, scratch, per_thread, B, kind, T)
+                             parts, sp != NULL and not training, coef, training, mk, scratch,
+                             per_thread, B, kind, T)
+                if sp != NULL and not training:
+                    half_bn_sums(rows, cols, C, by_rows, T, mp, parts, sp)
             bn_param_grads(C, parts + off, ip, <float*>gw, <float*>gb)
     finally:
         free(parts)
