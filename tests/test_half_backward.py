@@ -54,6 +54,34 @@ def _rms_backward_ref(g, x, w, eps):
         -1, x.shape[-1]).sum(0)
 
 
+def _assert_same_backward(got, want, dt, params):
+    """got (dx, dw, db) from 16-bit arrays: dx the float32 backward's want narrowed, to the
+    bit; the parameter gradients want's, in the parameters' dtype."""
+    assert got[0].dtype == dt
+    np.testing.assert_array_equal(got[0].view(np.uint16), want[0].astype(dt).view(np.uint16))
+    for a, c, p in zip(got[1:], want[1:], params):
+        if c is None:   # no such gradient (no parameter, or RMSNorm's bias)
+            assert a is None
+            continue
+        assert a.dtype == p.dtype
+        np.testing.assert_array_equal(a, c.astype(p.dtype))
+
+
+def _check_build(level, dt, dx, dx32, sums, exact=True):
+    """A kernels build's 16-bit dx against the float32 kernels' dx32, and its (got, want)
+    pairs of sums: within one 16-bit ulp and close in every build (they may differ in a float32
+    sum's last bit: their vector widths); in the build the CPU runs, dx to the bit, and with
+    exact (the same threads: the partial sums added in the same grouping) the sums too."""
+    assert ulps16(dx, dx32.astype(dt)).max() <= 1, level
+    for a, c in sums:
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-4)
+    if level == _isa.kernels.ISA:
+        np.testing.assert_array_equal(dx.view(np.uint16), dx32.astype(dt).view(np.uint16))
+        if exact:
+            for a, c in sums:
+                np.testing.assert_array_equal(a, c)
+
+
 @pytest.mark.parametrize("name", HALVES)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("shape", [(3, 1), (7, 33), (64, 768), (13, 4099), (2, 9, 40)])
@@ -73,14 +101,7 @@ def test_same_bits_as_the_float32_backward(rng, name, op, shape, params, residua
     got = _backward(op, g, x, mean, rstd, D, w, b, grad_residual=gr)
     want = _backward(op, _f32(g), _f32(x), mean, rstd, D, _f32(w), _f32(b),
                      grad_residual=_f32(gr))
-    assert got[0].dtype == dt
-    np.testing.assert_array_equal(got[0].view(np.uint16), want[0].astype(dt).view(np.uint16))
-    for a, c, p in zip(got[1:], want[1:], (w, b)):
-        if p is None or c is None:
-            assert a is None or c is None
-            continue
-        assert a.dtype == p.dtype
-        np.testing.assert_array_equal(a, c.astype(p.dtype))
+    _assert_same_backward(got, want, dt, (w, b))
 
 
 @pytest.mark.parametrize("name", HALVES)
@@ -213,18 +234,7 @@ def test_threads_and_every_kernels_build_agree(rng, name):
             for level, T, plain, dx, dw, db in results:
                 if plain != (m is None):
                     continue
-                # the builds may differ in a float32 sum's last bit (their vector widths), and
-                # the threads' partial sums of dw, db are added in another grouping: dx within
-                # one 16-bit ulp and dw, db close; the same build and threads: the same bits
-                assert ulps16(dx, dx32.astype(dt)).max() <= 1, (level, T)
-                np.testing.assert_allclose(dw, dw32, rtol=1e-5, atol=1e-4)
-                np.testing.assert_allclose(db, db32, rtol=1e-5, atol=1e-4)
-                if level == k.ISA:
-                    np.testing.assert_array_equal(dx.view(np.uint16),
-                                                  dx32.astype(dt).view(np.uint16))
-                    if T == T32:
-                        np.testing.assert_array_equal(dw, dw32)
-                        np.testing.assert_array_equal(db, db32)
+                _check_build(level, dt, dx, dx32, [(dw, dw32), (db, db32)], T == T32)
 
 
 @pytest.mark.parametrize("name", HALVES)
@@ -260,17 +270,6 @@ def _bn_case(rng, dt, shape, axis, params, training, offset_sigmas=30):
     _, mean, invstd = cynorm.batch_norm(x, rm, rv, w, b, training, axis=axis,
                                         return_stats=True)
     return x, g, w, b, mean, invstd
-
-
-def _assert_same_backward(got, want, dt, params):
-    assert got[0].dtype == dt
-    np.testing.assert_array_equal(got[0].view(np.uint16), want[0].astype(dt).view(np.uint16))
-    for a, c, p in zip(got[1:], want[1:], params):
-        if p is None:
-            assert a is None and c is None
-            continue
-        assert a.dtype == p.dtype
-        np.testing.assert_array_equal(a, c.astype(p.dtype))
 
 
 @pytest.mark.parametrize("name", HALVES)
@@ -336,14 +335,7 @@ def test_batch_norm_masked_threads_and_every_kernels_build(rng, name, training):
             dw16, db16 = np.empty(C, np.float32), np.empty(C, np.float32)
             k.batch_norm_backward(g2, x2, dx16, N * L, C, C, False, mean, invstd, w, training,
                                   dw16, db16, T, mask, getattr(k, kind_name))
-            assert ulps16(dx16, dx32.astype(dt)).max() <= 1, (level, T)
-            np.testing.assert_allclose(dw16, dw32, rtol=1e-5, atol=1e-4)
-            np.testing.assert_allclose(db16, db32, rtol=1e-5, atol=1e-4)
-            if level == _isa.kernels.ISA:
-                np.testing.assert_array_equal(dx16.view(np.uint16),
-                                              dx32.astype(dt).view(np.uint16))
-                np.testing.assert_array_equal(dw16, dw32)
-                np.testing.assert_array_equal(db16, db32)
+            _check_build(level, dt, dx16, dx32, [(dw16, dw32), (db16, db32)])
 
 
 @pytest.mark.parametrize("name", HALVES)
@@ -474,14 +466,7 @@ def test_group_norm_threads_and_every_kernels_build(rng, name, last):
                 dw, db = np.empty(C, np.float32), np.empty(C, np.float32)
                 k.group_norm_backward(g, x, dx, N, C, S, G, last, stats, w, fixed, sums, dw, db,
                                       mask, T, getattr(k, kind_name))
-                assert ulps16(dx, dx32.astype(dt)).max() <= 1, (level, T)
-                np.testing.assert_allclose(sums, sums32, rtol=1e-6, atol=1e-6)
-                if level == _isa.kernels.ISA:
-                    np.testing.assert_array_equal(dx.view(np.uint16),
-                                                  dx32.astype(dt).view(np.uint16))
-                    np.testing.assert_array_equal(sums, sums32)
-                    np.testing.assert_array_equal(dw, dw32)
-                    np.testing.assert_array_equal(db, db32)
+                _check_build(level, dt, dx, dx32, [(sums, sums32), (dw, dw32), (db, db32)])
 
 
 def test_group_norm_rescued_samples(rng, monkeypatch):
