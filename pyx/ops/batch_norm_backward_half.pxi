@@ -59,6 +59,48 @@ cdef void half_bn_pass(const uint16_t* g, Py_ssize_t ldg, const uint16_t* x, Py_
                      scratch + t * per_thread, B, kind)
 
 
+cdef void half_grouped_rows(const uint16_t* g, Py_ssize_t ldg, const uint16_t* x,
+                            Py_ssize_t ldx, uint16_t* dx, Py_ssize_t lddx, Py_ssize_t a0,
+                            Py_ssize_t a1, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t L,
+                            Py_ssize_t C, const double* mean, double* parts, const float* coef,
+                            float* scratch, Py_ssize_t B, int kind) noexcept nogil:
+    """Features c0..c1 of samples a0..a1 (by rows, training; as grouped_rows): their per-row
+    sums into parts when coef is NULL, else their dx."""
+    cdef Py_ssize_t a
+    for a in range(a0, a1):
+        half_bn_rows(g, ldg, x, ldx, dx, lddx, a * C + c0, a * C + c1, L, C, True, mean, NULL,
+                     parts, NULL, NULL, coef == NULL, coef, True, NULL, scratch, B, kind)
+
+
+cdef void half_bn_grouped(const uint16_t* g, Py_ssize_t ldg, const uint16_t* x,
+                          Py_ssize_t ldx, uint16_t* dx, Py_ssize_t lddx, Py_ssize_t rows,
+                          Py_ssize_t L, Py_ssize_t C, Py_ssize_t F, const double* mean,
+                          const double* invstd, const float* w, double n, double* parts,
+                          double* sums, float* coef, float* scratch, Py_ssize_t per_thread,
+                          Py_ssize_t B, int kind, int T) noexcept nogil:
+    """Training by rows, F features at a time (as _batch_norm_grouped): their sums, then
+    their dx while their 16-bit rows are still in cache."""
+    cdef Py_ssize_t A = rows // C, c0 = 0, c1, t
+    cdef int step
+    cdef const float* k
+    while c0 < C:
+        c1 = c0 + F if c0 + F < C else C
+        for step in range(2):   # the group's sums (k NULL), then its dx
+            k = NULL if step == 0 else coef
+            if k != NULL:
+                bn_reduce_sums(True, rows, L, C, T, parts, sums, c0, c1)
+                bn_coefficients(L, C, True, mean, invstd, w, sums, n, True, coef, c0, c1)
+            if T <= 1:
+                half_grouped_rows(g, ldg, x, ldx, dx, lddx, 0, A, c0, c1, L, C, mean, parts, k,
+                                  scratch, B, kind)
+            else:
+                for t in prange(T, num_threads=T, schedule="static", chunksize=1):
+                    half_grouped_rows(g, ldg, x, ldx, dx, lddx, chunk(A, t, T),
+                                      chunk(A, t + 1, T), c0, c1, L, C, mean, parts, k,
+                                      scratch + t * per_thread, B, kind)
+        c0 = c1
+
+
 cdef inline void half_bn_sums(Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t C, bint by_rows,
                               int T, const double* mean, const double* parts,
                               double* sums) noexcept nogil:
@@ -89,6 +131,10 @@ cdef run_half_batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx,
     cdef Py_ssize_t off, K = C if by_rows else cols
     cdef Py_ssize_t B = half_backward_rows(cols), per_thread = (3 * B * cols + 15) // 16 * 16
     cdef double n = bn_count(rows, cols, C, by_rows, mk)
+    # training by rows on inputs larger than the cache: a group of features at a time, as
+    # the float32 backward (its bits too)
+    cdef bint grouped = (training and by_rows and 2 * rows * cols * 2 >= GROUP_MIN_BYTES
+                         and group_features(rows // C, cols, 2) >= GROUP_MIN_FEATURES)
     cdef double* parts = NULL
     cdef double* sp = NULL
     cdef float* coef = NULL
@@ -127,17 +173,23 @@ cdef run_half_batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx,
             else:
                 if sp != NULL and not by_rows:
                     column_means(cols, C, mp, mean_col)
-                if training:   # the sums first: the coefficients need them
+                if grouped:
+                    half_bn_grouped(gp, ldg, xp, ldx, dxp, lddx, rows, cols, C,
+                                    group_features(rows // C, cols, 2), mp, ip,
+                                    <const float*>w, n, parts, sp, coef, scratch, per_thread, B,
+                                    kind, T)
+                elif training:   # the sums first: the coefficients need them
                     half_bn_pass(gp, ldg, xp, ldx, dxp, lddx, rows, cols, C, by_rows, mp,
                                  mean_col, parts, True, NULL, True, mk, scratch, per_thread, B,
                                  kind, T)
                     half_bn_sums(rows, cols, C, by_rows, T, mp, parts, sp)
-                bn_coefficients(cols, C, by_rows, mp, ip, <const float*>w, sp, n, training,
-                                coef)
-                # dx, and in eval the sums from the same blocks
-                half_bn_pass(gp, ldg, xp, ldx, dxp, lddx, rows, cols, C, by_rows, mp, mean_col,
-                             parts, sp != NULL and not training, coef, training, mk, scratch,
-                             per_thread, B, kind, T)
+                if not grouped:
+                    bn_coefficients(cols, C, by_rows, mp, ip, <const float*>w, sp, n, training,
+                                    coef)
+                    # dx, and in eval the sums from the same blocks
+                    half_bn_pass(gp, ldg, xp, ldx, dxp, lddx, rows, cols, C, by_rows, mp,
+                                 mean_col, parts, sp != NULL and not training, coef, training,
+                                 mk, scratch, per_thread, B, kind, T)
                 if sp != NULL and not training:
                     half_bn_sums(rows, cols, C, by_rows, T, mp, parts, sp)
             bn_param_grads(C, parts + off, ip, <float*>gw, <float*>gb)
