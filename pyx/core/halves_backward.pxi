@@ -27,11 +27,12 @@ cdef inline void narrow_rows(const float* s, uint16_t* a, Py_ssize_t lda, Py_ssi
         cynorm_narrow_half(s + (i - r0) * D, a + i * lda, D, kind)
 
 
-cdef inline Py_ssize_t half_backward_rows(Py_ssize_t D) noexcept nogil:
+cdef inline Py_ssize_t half_backward_rows(Py_ssize_t D, Py_ssize_t most) noexcept nogil:
     """Rows per widened block: HALF_BACKWARD_BYTES of float32 per array, a multiple of four,
-    at least four."""
+    at least four; at most ``most`` (the most rows a thread's range holds: one block then
+    covers it, and a few huge rows do not get scratch for four)."""
     cdef Py_ssize_t b = HALF_BACKWARD_BYTES // (4 * D) if D > 0 else 4
-    return max(4, b - b % 4)
+    return max(1, min(max(4, b - b % 4), most))
 
 
 cdef void half_norm_backward_rows(const uint16_t* g, Py_ssize_t ldg, const uint16_t* x,
@@ -88,7 +89,8 @@ cdef run_half_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssi
     cdef const uint16_t* xp = <const uint16_t*>cnp.PyArray_DATA(x)
     cdef uint16_t* dxp = <uint16_t*>cnp.PyArray_DATA(dx)
     cdef int T = max(1, n_threads), t
-    cdef Py_ssize_t P = part_stride(D), B = half_backward_rows(D), per_thread
+    cdef Py_ssize_t P = part_stride(D), B = half_backward_rows(D, (M + T - 1) // T)
+    cdef Py_ssize_t per_thread
     cdef double* parts = NULL
     cdef double* dw = NULL
     cdef double* db = NULL

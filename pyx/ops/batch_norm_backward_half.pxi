@@ -129,7 +129,8 @@ cdef run_half_batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx,
     cdef bint want_sums = training or gw != NULL or gb != NULL
     cdef int T = max(1, n_threads)
     cdef Py_ssize_t off, K = C if by_rows else cols
-    cdef Py_ssize_t B = half_backward_rows(cols), per_thread = (3 * B * cols + 15) // 16 * 16
+    cdef Py_ssize_t B = half_backward_rows(cols, (rows + T - 1) // T)
+    cdef Py_ssize_t per_thread = (3 * B * cols + 15) // 16 * 16
     cdef double n = bn_count(rows, cols, C, by_rows, mk)
     # training by rows on inputs larger than the cache: a group of features at a time, as
     # the float32 backward (its bits too)

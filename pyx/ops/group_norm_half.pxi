@@ -268,7 +268,7 @@ cdef Py_ssize_t run_half_group_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.n
                                              double* sm, const unsigned char* mk, int kind,
                                              int T) except -1:
     """group_norm_backward's units on 16-bit g, x and dx (the entry point checked the rest)."""
-    cdef Py_ssize_t B = half_backward_rows(C), per_thread, t
+    cdef Py_ssize_t B = half_backward_rows(C, S), per_thread, t
     cdef float* scratch
     cdef const uint16_t* gp = <const uint16_t*>cnp.PyArray_DATA(g)
     cdef const uint16_t* xp = <const uint16_t*>cnp.PyArray_DATA(x)
