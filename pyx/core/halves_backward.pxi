@@ -130,15 +130,17 @@ cdef run_half_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssi
         with nogil:
             if M > 0:
                 if T <= 1:
-                    half_norm_backward_rows(gp, ldg, xp, ldx, dxp, lddx, 0, M, D, <const float*>w, mp,
-                        rp, dw, db, mk, centred, grp, ldgr, scratch, B, kind, stream)
+                    half_norm_backward_rows(gp, ldg, xp, ldx, dxp, lddx, 0, M, D,
+                                            <const float*>w, mp, rp, dw, db, mk, centred, grp,
+                                            ldgr, scratch, B, kind, stream)
                 else:
                     for t in prange(T, num_threads=T, schedule="static", chunksize=1):
                         half_norm_backward_rows(gp, ldg, xp, ldx, dxp, lddx, chunk(M, t, T),
-                            chunk(M, t + 1, T), D, <const float*>w, mp, rp,
-                            dw + t * P if dw != NULL else NULL,
-                            db + t * P if db != NULL else NULL, mk, centred, grp, ldgr,
-                            scratch + t * per_thread, B, kind, stream)
+                                                chunk(M, t + 1, T), D, <const float*>w, mp, rp,
+                                                dw + t * P if dw != NULL else NULL,
+                                                db + t * P if db != NULL else NULL, mk, centred,
+                                                grp, ldgr, scratch + t * per_thread, B, kind,
+                                                stream)
             sum_parts(dw, T, D, <float*>gw, P)
             sum_parts(db, T, D, <float*>gb, P)
     finally:

@@ -229,6 +229,16 @@ cdef void bn_mean_correction(Py_ssize_t C, const double* mean, double* sums,
             sums[C + c] += (<double><float>mean[c] - mean[c]) * sums[c]
 
 
+cdef inline void bn_total_sums(bint by_rows, Py_ssize_t M, Py_ssize_t N, Py_ssize_t C, int T,
+                               const double* mean, const double* parts, double* sums,
+                               floating dtype_tag) noexcept nogil:
+    """The per-feature sums (2, C) from the per-row or per-thread parts, with the columns'
+    float32 mean correction (bn_mean_correction)."""
+    bn_reduce_sums(by_rows, M, N, C, T, parts, sums)
+    if not by_rows:
+        bn_mean_correction(C, mean, sums, dtype_tag)
+
+
 cdef void _batch_norm_sums(const floating* g, Py_ssize_t ldg, const floating* x, Py_ssize_t ldx,
                            Py_ssize_t M, Py_ssize_t N, Py_ssize_t C, bint by_rows,
                            const double* mean, double* parts, double* sums,
@@ -252,9 +262,7 @@ cdef void _batch_norm_sums(const floating* g, Py_ssize_t ldg, const floating* x,
             for t in prange(T, num_threads=T, schedule="static", chunksize=1):
                 bn_sums_columns(g, ldg, x, ldx, chunk(M, t, T), chunk(M, t + 1, T), N,
                                 mean_col, parts + 2 * t * N, parts + 2 * t * N + N, mask)
-    bn_reduce_sums(by_rows, M, N, C, T, parts, sums)
-    if not by_rows:
-        bn_mean_correction(C, mean, sums, <floating>0)
+    bn_total_sums(by_rows, M, N, C, T, mean, parts, sums, <floating>0)
 
 
 cdef void bn_coefficients(Py_ssize_t N, Py_ssize_t C, bint by_rows, const double* mean,
@@ -383,9 +391,7 @@ cdef void _batch_norm_eval_fused(const floating* g, Py_ssize_t ldg, const floati
             bn_eval_fused_range(g, ldg, x, ldx, dx, lddx, chunk(M, t, T), chunk(M, t + 1, T), N,
                                 C, by_rows, mean, mean_col, coef, parts, parts + 2 * t * N,
                                 parts + 2 * t * N + N, mask, stream)
-    bn_reduce_sums(by_rows, M, N, C, T, parts, sums)
-    if not by_rows:
-        bn_mean_correction(C, mean, sums, <floating>0)
+    bn_total_sums(by_rows, M, N, C, T, mean, parts, sums, <floating>0)
 
 
 cdef void bn_param_grads(Py_ssize_t C, const double* sums, const double* invstd, floating* gw,

@@ -2,9 +2,10 @@
 # 16-bit.  The float32 backward's passes (ops/batch_norm_backward.pxi) run over blocks of rows
 # widened into a per-thread float32 scratch (core/halves_backward.pxi): in training first the
 # sums, then the coefficients, then dx, narrowed once per element; in eval dx and the sums (when
-# a parameter gradient asks for them) from the same widened block, in one pass.  The blocks are whole fours of rows from the start of each thread's range,
-# so the sums are added in the float32 backward's order: dx, dw and db are those of the float32
-# backward of widened copies, to the bit.
+# a parameter gradient asks for them) from the same widened block, in one pass.  The blocks are
+# whole fours of rows from the start of each thread's range, so the sums are added in the
+# float32 backward's order: dx, dw and db are those of the float32 backward of widened copies,
+# to the bit.
 
 
 cdef void half_bn_rows(const uint16_t* g, Py_ssize_t ldg, const uint16_t* x, Py_ssize_t ldx,
@@ -101,15 +102,6 @@ cdef void half_bn_grouped(const uint16_t* g, Py_ssize_t ldg, const uint16_t* x,
         c0 = c1
 
 
-cdef inline void half_bn_sums(Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t C, bint by_rows,
-                              int T, const double* mean, const double* parts,
-                              double* sums) noexcept nogil:
-    """The per-feature sums (2, C) from half_bn_pass's parts."""
-    bn_reduce_sums(by_rows, rows, cols, C, T, parts, sums)
-    if not by_rows:
-        bn_mean_correction(C, mean, sums, <float>0)
-
-
 cdef run_half_batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx,
                                   Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t C, bint by_rows,
                                   cnp.ndarray mean, cnp.ndarray invstd, cnp.ndarray weight,
@@ -183,7 +175,7 @@ cdef run_half_batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx,
                     half_bn_pass(gp, ldg, xp, ldx, dxp, lddx, rows, cols, C, by_rows, mp,
                                  mean_col, parts, True, NULL, True, mk, scratch, per_thread, B,
                                  kind, T)
-                    half_bn_sums(rows, cols, C, by_rows, T, mp, parts, sp)
+                    bn_total_sums(by_rows, rows, cols, C, T, mp, parts, sp, <float>0)
                 if not grouped:
                     bn_coefficients(cols, C, by_rows, mp, ip, <const float*>w, sp, n, training,
                                     coef)
@@ -192,7 +184,7 @@ cdef run_half_batch_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx,
                                  mean_col, parts, sp != NULL and not training, coef, training,
                                  mk, scratch, per_thread, B, kind, T)
                 if sp != NULL and not training:
-                    half_bn_sums(rows, cols, C, by_rows, T, mp, parts, sp)
+                    bn_total_sums(by_rows, rows, cols, C, T, mp, parts, sp, <float>0)
             bn_param_grads(C, parts + off, ip, <float*>gw, <float*>gb)
     finally:
         free(parts)
