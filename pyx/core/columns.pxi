@@ -26,12 +26,30 @@ cdef extern from "core/sums.h" nogil:
                           double* q, Py_ssize_t F) noexcept
     float cynorm_unit_scale(double y) noexcept
 
+cdef extern from "core/halves.h" nogil:
+    # column_block_scaled's sixteen rows read from 16-bit rows, widened in registers
+    void cynorm_scaled16_half(const uint16_t* const* rows, const float* s, const float* k,
+                              double* c, double* q, Py_ssize_t F, int kind,
+                              float* scratch) noexcept
+
 cdef inline Py_ssize_t gather_rows(const floating* x, Py_ssize_t ld, Py_ssize_t rb,
                                    Py_ssize_t re, const unsigned char* mask,
                                    const floating** rows) noexcept nogil:
     """Pointers to the rows rb..re of x that the mask keeps (all without a mask); their count.
 
     Padding rows are skipped where they lie: nothing is copied."""
+    cdef Py_ssize_t r, k = 0
+    for r in range(rb, re):
+        if mask == NULL or mask[r]:
+            rows[k] = x + r * ld
+            k += 1
+    return k
+
+
+cdef inline Py_ssize_t gather_rows16(const uint16_t* x, Py_ssize_t ld, Py_ssize_t rb,
+                                     Py_ssize_t re, const unsigned char* mask,
+                                     const uint16_t** rows) noexcept nogil:
+    """gather_rows of 16-bit rows, left unwidened."""
     cdef Py_ssize_t r, k = 0
     for r in range(rb, re):
         if mask == NULL or mask[r]:
@@ -131,6 +149,21 @@ cdef void column_block_scaled(const float** rows, Py_ssize_t nr, Py_ssize_t F, c
         r += 1
 
 
+cdef void column_block_scaled_half(const uint16_t** rows, Py_ssize_t nr, Py_ssize_t F,
+                                   const float* s, const float* k, double* c, double* q,
+                                   int kind, float* wide) noexcept nogil:
+    """column_block_scaled of 16-bit rows (kind: core/halves.pxi's), sixteen at a time widened
+    in registers (core/halves.h), the rest one at a time through wide (at least 16·F floats)."""
+    cdef Py_ssize_t r = 0
+    while r + 16 <= nr:
+        cynorm_scaled16_half(rows + r, s, k, c, q, F, kind, wide)
+        r += 16
+    while r < nr:
+        cynorm_widen_half(rows[r], wide, F, kind)
+        cynorm_scaled1_f(wide, s, k, c, q, F)
+        r += 1
+
+
 cdef bint scales_from_first_block(const double* hi, const double* m2, double nb, Py_ssize_t F,
                                   float* k) noexcept nogil:
     """The power of two k[f] bringing column f's deviations near 1, from its first block: its
@@ -213,6 +246,7 @@ cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t firs
     (which must be at least FIRST_BLOCK_ROWS).
     """
     cdef const floating* rows[MAX_BLOCK_ROWS]
+    cdef const uint16_t* rows16[SCALED_BLOCK_ROWS]
     cdef Py_ssize_t rb = first, re, f, nr
     cdef double nb, inv_nb
     cdef bint scaled = False, redo = False
@@ -234,7 +268,9 @@ cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t firs
                 re = rb + rows_per_block
         re = re if re < last else last
         if floating is float:
-            if x16 != NULL:
+            if x16 != NULL and scaled:   # widened as they are summed
+                nr = gather_rows16(x16, ld, rb, re, mask, rows16)
+            elif x16 != NULL:
                 nr = gather_half_rows(x16, ld, rb, re, mask, rows, wide, F, kind)
             else:
                 nr = gather_rows(x, ld, rb, re, mask, rows)
@@ -252,7 +288,10 @@ cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t firs
             if floating is float:
                 for f in range(F):
                     s[f] = <float>(hi[f] + lo[f])
-                column_block_scaled(rows, nr, F, s, k, c, q)
+                if x16 != NULL:
+                    column_block_scaled_half(rows16, nr, F, s, k, c, q, kind, wide)
+                else:
+                    column_block_scaled(rows, nr, F, s, k, c, q)
         else:
             if count[0] == 0:
                 column_block_sums(rows, nr, F, hi)

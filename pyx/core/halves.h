@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include "stores.h"
+#include "sums.h"
 
 #define CYNORM_F16 0
 #define CYNORM_BF16 1
@@ -511,6 +512,67 @@ static inline void cynorm_affine_half(const uint16_t* x, uint16_t* y, ptrdiff_t 
             scratch[k] = (float)(((double)scratch[k] - ms) * ss + ts);
     }
     cynorm_narrow_half(scratch, y, n, kind);
+}
+
+/* core/sums.h's cynorm_scaled16_f on sixteen 16-bit rows: c[f] += Σ d, q[f] += Σ d² with
+ * d = (widened r[f] - s[f]) * k[f] in float32, summed over the rows as that tree, then added
+ * to the float64 accumulators.  The AVX-512 build widens in registers, sixteen columns of the
+ * sixteen rows at a time (the last columns under a mask); the others widen the rows into
+ * scratch (16 * F floats) and call cynorm_scaled16_f. */
+static inline void cynorm_scaled16_half(const uint16_t* const* rows, const float* s,
+                                        const float* k, double* c, double* q, ptrdiff_t F,
+                                        int kind, float* scratch) {
+#if CYNORM_HALF16
+    ptrdiff_t f;
+    int r;
+    for (f = 0; f < F; f += 16) {
+        const __mmask16 m = F - f >= 16 ? (__mmask16)0xffff
+                                        : (__mmask16)((1u << (unsigned)(F - f)) - 1u);
+        const __mmask8 m0 = (__mmask8)(m & 0xff), m1 = (__mmask8)(m >> 8);
+        const __m512 S = _mm512_maskz_loadu_ps(m, s + f), K = _mm512_maskz_loadu_ps(m, k + f);
+        __m512 d[16], sd, sq;
+        __m256 lo, hi;
+        for (r = 0; r < 16; r++) {
+            const __m256i h = _mm256_maskz_loadu_epi16(m, rows[r] + f);
+            const __m512 v = kind == CYNORM_BF16
+                ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                : _mm512_cvtph_ps(h);
+            d[r] = _mm512_mul_ps(_mm512_sub_ps(v, S), K);
+        }
+        sd = _mm512_add_ps(
+            _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(d[0], d[1]), _mm512_add_ps(d[2], d[3])),
+                          _mm512_add_ps(_mm512_add_ps(d[4], d[5]), _mm512_add_ps(d[6], d[7]))),
+            _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(d[8], d[9]), _mm512_add_ps(d[10], d[11])),
+                          _mm512_add_ps(_mm512_add_ps(d[12], d[13]),
+                                        _mm512_add_ps(d[14], d[15]))));
+        for (r = 0; r < 16; r += 2)
+            d[r] = _mm512_fmadd_ps(d[r], d[r], _mm512_mul_ps(d[r + 1], d[r + 1]));
+        sq = _mm512_add_ps(
+            _mm512_add_ps(_mm512_add_ps(d[0], d[2]), _mm512_add_ps(d[4], d[6])),
+            _mm512_add_ps(_mm512_add_ps(d[8], d[10]), _mm512_add_ps(d[12], d[14])));
+        lo = _mm512_castps512_ps256(sd);
+        hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sd), 1));
+        _mm512_mask_storeu_pd(c + f, m0, _mm512_add_pd(_mm512_maskz_loadu_pd(m0, c + f),
+                                                       _mm512_cvtps_pd(lo)));
+        _mm512_mask_storeu_pd(c + f + 8, m1, _mm512_add_pd(_mm512_maskz_loadu_pd(m1, c + f + 8),
+                                                           _mm512_cvtps_pd(hi)));
+        lo = _mm512_castps512_ps256(sq);
+        hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sq), 1));
+        _mm512_mask_storeu_pd(q + f, m0, _mm512_add_pd(_mm512_maskz_loadu_pd(m0, q + f),
+                                                       _mm512_cvtps_pd(lo)));
+        _mm512_mask_storeu_pd(q + f + 8, m1, _mm512_add_pd(_mm512_maskz_loadu_pd(m1, q + f + 8),
+                                                           _mm512_cvtps_pd(hi)));
+    }
+    (void)scratch;
+#else
+    const float* wide[16];
+    int r;
+    for (r = 0; r < 16; r++) {
+        cynorm_widen_half(rows[r], scratch + r * F, F, kind);
+        wide[r] = scratch + r * F;
+    }
+    cynorm_scaled16_f(wide, s, k, c, q, F);
+#endif
 }
 
 #endif /* CYNORM_CORE_HALVES_H */

@@ -102,7 +102,8 @@ cdef void group_half_last(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ssize
     cdef float* rf
     if not given:
         column_chunk_moments(<const float*>NULL, C, 0, S, C, R, m, &cnt, hi, lo, m2, blk,
-                             blk + C, NULL, xn, kind, scratch)
+                             blk + C, <float*>(work + 5 * C) if R >= FIRST_BLOCK_ROWS else NULL,
+                             xn, kind, scratch)
         for g in range(G):
             u = n * G + g
             st[u] = 0.0
