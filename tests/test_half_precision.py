@@ -661,11 +661,8 @@ def test_group_norm_within_one_ulp_of_the_reference(rng, name, shape, G, params)
         xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))   # channels-last
         yl, mean_l, rstd_l = cynorm.group_norm(xl, G, w, b, axis=-1, return_stats=True)
         _check(yl, np.moveaxis(_gn_ref(x64, G, w, b), 1, -1), dt)
-        # channels-last 16-bit rows are summed sixteen at a time in float32 (as BatchNorm's
-        # float32 columns are): statistics good to about 1e-7 relative, not float64's
-        sd = xg.std(axis=2)
-        np.testing.assert_allclose(mean_l, mean, rtol=0, atol=1e-7 * sd.max())
-        np.testing.assert_allclose(rstd_l, rstd, rtol=2e-7)
+        np.testing.assert_allclose(mean_l, mean, rtol=1e-14)
+        np.testing.assert_allclose(rstd_l, rstd, rtol=1e-12)
         yi = cynorm.instance_norm(xl, weight=w, bias=b, axis=-1)
         _check(yi, np.moveaxis(_gn_ref(x64, C, w, b), 1, -1), dt)
 
@@ -794,12 +791,13 @@ def test_group_norm_nan_inf_and_huge(rng, name):
 
 @pytest.mark.parametrize("name", HALVES)
 @pytest.mark.parametrize("C, S", [(40, 700), (24, 37), (64, 3136), (8, 16)])
-def test_group_norm_channels_last_sums_of_sixteen_rows(rng, name, C, S):
-    """Channels-last 16-bit rows are summed sixteen at a time in float32, widened in registers
-    (the last columns of a row under a mask, the rows left over one at a time): the output
-    within one ulp, and the statistics within 2e-7 of the channels-first ones (float64 sums),
-    for data far from zero, tiny, near the top of the range, and a batch whose first rows are
-    constant and tiny (its scaled squares overflow float32: the float64 sweep redoes it)."""
+def test_group_norm_channels_last_rows_widened_in_registers(rng, name, C, S):
+    """Channels-last 16-bit rows are widened in registers as the float64 sweep sums them (the
+    last columns of a row under a mask, the rows left over one at a time): the output within
+    one ulp, and the statistics those of the channels-first path to float64's precision, for
+    data far from zero, around zero, near the top of the range, and with a constant first
+    block.  A mean only good to float32's precision (some 1e-9 of the standard deviation)
+    would fail the mean's bound, and the one-ulp bound of outputs next to it."""
     dt = half_dtype(name)
     G = C // 8
     top = 6.0e4 if name == "float16" else 1e37
@@ -812,15 +810,18 @@ def test_group_norm_channels_last_sums_of_sixteen_rows(rng, name, C, S):
     for x in cases:
         x64 = x.astype(np.float64)
         assert np.isfinite(x64).all()
+        xg = x64.reshape(3, G, -1)
         _, mean, rstd = cynorm.group_norm(x, G, return_stats=True)
         xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
         for T in (1, 2):
             with cynorm.num_threads(T):
                 yl, mean_l, rstd_l = cynorm.group_norm(xl, G, axis=-1, return_stats=True)
             _check(yl, np.moveaxis(_gn_ref(x64, G), 1, -1), dt)
-            sd = x64.reshape(3, G, -1).std(axis=2)
-            np.testing.assert_allclose(mean_l, mean, rtol=0, atol=1e-7 * sd.max())
-            np.testing.assert_allclose(rstd_l, rstd, rtol=2e-7)
+            np.testing.assert_allclose(mean_l, xg.mean(axis=2), rtol=1e-14,
+                                       atol=1e-13 * xg.std(axis=2).min())
+            np.testing.assert_allclose(mean_l, mean, rtol=1e-14,
+                                       atol=1e-13 * xg.std(axis=2).min())
+            np.testing.assert_allclose(rstd_l, rstd, rtol=1e-12)
     lengths = np.array([S, S // 2 + 1, 0])   # masked rows are not summed
     yl = cynorm.group_norm(xl, G, axis=-1, lengths=lengths)
     for n, k in enumerate(lengths):
@@ -842,6 +843,21 @@ def test_group_norm_element_equal_to_the_mean_gives_zero(rng, name):
     y = np.moveaxis(cynorm.group_norm(np.ascontiguousarray(np.moveaxis(x, 1, -1)), 2, axis=-1),
                     -1, 1)
     assert float(y[1, 2, 1]) == 0.0 and not y[1, 3, 6:].astype(np.float32).any()
+
+
+def test_group_norm_mean_merged_from_channels_keeps_zero():
+    """A group's mean merged from its channels' means rounds at some 2^-53 of their spread:
+    an element equal to the exact mean must still give 0, not that rounding times rstd.  These
+    fixed draws (bfloat16, (8, 6, 20), 3 groups) each hold such an element, and gave
+    1e-17-sized outputs there before the second term of the mean below 2^-50 of the standard
+    deviation was taken as noise."""
+    dt = bfloat16_or_skip()
+    for seed in (92, 100, 211, 235):
+        x = _data(np.random.default_rng(seed), (8, 6, 20), dt, offset_sigmas=20)
+        x64 = x.astype(np.float64)
+        xg = x64.reshape(8, 3, 40)
+        assert (xg == xg.mean(axis=2, keepdims=True)).any()   # the case this is about
+        _check(cynorm.group_norm(x, 3), _gn_ref(x64, 3), dt)
 
 
 @pytest.mark.parametrize("name", HALVES)
@@ -896,6 +912,12 @@ def test_batch_norm_statistics_down_the_columns(rng, name):
         assert n16 == n32 == 3000
         np.testing.assert_allclose(st16[0] + st16[1], st32[0] + st32[1], rtol=1e-13)
         np.testing.assert_allclose(st16[2], st32[2], rtol=1e-6)
+    xz = (rng.standard_normal((5000, 24))).astype(np.float32).astype(dt)   # around zero
+    _, mean, _ = cynorm.batch_norm(xz, training=True, return_stats=True)
+    xz64 = xz.astype(np.float64)
+    # float64's precision, where float32 sums (some 1e-9 of the std) would break the ulp
+    # bound of outputs next to the mean
+    np.testing.assert_allclose(mean, xz64.mean(0), rtol=0, atol=1e-13 * xz64.std(0).min())
     xm = _data(rng, (30, 100, 12), dt, offset_sigmas=200)
     lengths = rng.integers(0, 101, 30)
     lengths[3] = 100

@@ -27,10 +27,9 @@ cdef extern from "core/sums.h" nogil:
     float cynorm_unit_scale(double y) noexcept
 
 cdef extern from "core/halves.h" nogil:
-    # column_block_scaled's sixteen rows read from 16-bit rows, widened in registers
-    void cynorm_scaled16_half(const uint16_t* const* rows, const float* s, const float* k,
-                              double* c, double* q, Py_ssize_t F, int kind,
-                              float* scratch) noexcept
+    # column_block_centered's four rows read from 16-bit rows, widened in registers
+    void cynorm_centered4_half(const uint16_t* const* rows, const double* shift, double* c,
+                               double* q, Py_ssize_t F, int kind, float* scratch) noexcept
 
 cdef inline Py_ssize_t gather_rows(const floating* x, Py_ssize_t ld, Py_ssize_t rb,
                                    Py_ssize_t re, const unsigned char* mask,
@@ -149,18 +148,18 @@ cdef void column_block_scaled(const float** rows, Py_ssize_t nr, Py_ssize_t F, c
         r += 1
 
 
-cdef void column_block_scaled_half(const uint16_t** rows, Py_ssize_t nr, Py_ssize_t F,
-                                   const float* s, const float* k, double* c, double* q,
-                                   int kind, float* wide) noexcept nogil:
-    """column_block_scaled of 16-bit rows (kind: core/halves.pxi's), sixteen at a time widened
-    in registers (core/halves.h), the rest one at a time through wide (at least 16·F floats)."""
+cdef void column_block_centered_half(const uint16_t** rows, Py_ssize_t nr, Py_ssize_t F,
+                                     const double* shift, double* c, double* q, int kind,
+                                     float* wide) noexcept nogil:
+    """column_block_centered of 16-bit rows (kind: core/halves.pxi's), four at a time widened
+    in registers (core/halves.h), the rest one at a time through wide (at least 4·F floats)."""
     cdef Py_ssize_t r = 0
-    while r + 16 <= nr:
-        cynorm_scaled16_half(rows + r, s, k, c, q, F, kind, wide)
-        r += 16
+    while r + 4 <= nr:
+        cynorm_centered4_half(rows + r, shift, c, q, F, kind, wide)
+        r += 4
     while r < nr:
         cynorm_widen_half(rows[r], wide, F, kind)
-        cynorm_scaled1_f(wide, s, k, c, q, F)
+        cynorm_centered1_f(wide, shift, c, q, F)
         r += 1
 
 
@@ -240,13 +239,15 @@ cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t firs
     scaled sums overflowed (or met inf / NaN) is redone with the float64 sweep; one whose first
     block gives no scale keeps the float64 sweep (rows_per_block rows a block).
 
-    x16 (float32 x only, x then unused): 16-bit rows of that kind, each block's kept rows
-    widened into wide (rows_per_block rows of F floats) as they are gathered: the moments of a
-    float32 copy's rows, without the copy.  Every block then has at most rows_per_block rows
-    (which must be at least FIRST_BLOCK_ROWS).
+    x16 (float32 x only, x then unused): 16-bit rows of that kind: the moments of a float32
+    copy's rows, without the copy.  The float64 sweep's first block is then FIRST_BLOCK_ROWS
+    rows, widened into wide as they are gathered; the blocks after it are widened in registers
+    as they are summed (column_block_centered_half).  With sk, each block's kept rows are
+    widened into wide.  Every block has at most rows_per_block rows (which must be at least
+    FIRST_BLOCK_ROWS); wide holds rows_per_block rows of F floats.
     """
     cdef const floating* rows[MAX_BLOCK_ROWS]
-    cdef const uint16_t* rows16[SCALED_BLOCK_ROWS]
+    cdef const uint16_t* rows16[MAX_BLOCK_ROWS]
     cdef Py_ssize_t rb = first, re, f, nr
     cdef double nb, inv_nb
     cdef bint scaled = False, redo = False
@@ -262,13 +263,15 @@ cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t firs
     while rb < last:
         if sk == NULL or (count[0] > 0 and not scaled):
             re = rb + rows_per_block
+            if x16 != NULL and count[0] == 0 and rows_per_block > FIRST_BLOCK_ROWS:
+                re = rb + FIRST_BLOCK_ROWS   # the 16-bit rows' first block, widened
         else:
             re = rb + (SCALED_BLOCK_ROWS if scaled else FIRST_BLOCK_ROWS)
             if x16 != NULL and re > rb + rows_per_block:
                 re = rb + rows_per_block
         re = re if re < last else last
         if floating is float:
-            if x16 != NULL and scaled:   # widened as they are summed
+            if x16 != NULL and count[0] > 0 and not scaled:   # widened as they are summed
                 nr = gather_rows16(x16, ld, rb, re, mask, rows16)
             elif x16 != NULL:
                 nr = gather_half_rows(x16, ld, rb, re, mask, rows, wide, F, kind)
@@ -288,16 +291,17 @@ cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t firs
             if floating is float:
                 for f in range(F):
                     s[f] = <float>(hi[f] + lo[f])
-                if x16 != NULL:
-                    column_block_scaled_half(rows16, nr, F, s, k, c, q, kind, wide)
-                else:
-                    column_block_scaled(rows, nr, F, s, k, c, q)
+                column_block_scaled(rows, nr, F, s, k, c, q)
         else:
             if count[0] == 0:
                 column_block_sums(rows, nr, F, hi)
                 for f in range(F):
                     hi[f] *= inv_nb
-            column_block_centered(rows, nr, F, hi, c, q)
+                column_block_centered(rows, nr, F, hi, c, q)
+            elif floating is float and x16 != NULL:
+                column_block_centered_half(rows16, nr, F, hi, c, q, kind, wide)
+            else:
+                column_block_centered(rows, nr, F, hi, c, q)
         merge_block(F, nb, count[0], c, q, hi, lo, m2, s if scaled else NULL, k)
         count[0] += nb
         if floating is float:

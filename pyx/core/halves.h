@@ -439,43 +439,63 @@ static void cynorm_apply_half(const float* x, uint16_t* y, ptrdiff_t n, float mh
 }
 
 /* The per-feature affine of 16-bit data, y = (x - m) * s + t, for BatchNorm's output (eval, and
- * training once its statistics are known): n elements of a row (at most the scratch's length),
- * narrowed once.  The parameters come twice: m, s, t in float64 (m the mean rounded to one
- * float64, t the bias less what that rounding left out times s), and mf, sf, tf in float32 (mf
- * the mean's leading float, tf = t - (m - mf) * sf, as feature_params makes them); one value
- * for the whole row (per_elem 0) or one per element (per_elem 1).
+ * training once its statistics are known) and the group norms': n elements of a row (at most
+ * the scratch's length), narrowed once.  The parameters come twice: m, s, t in float64 (m the
+ * mean rounded to one float64, t the bias less what that rounding left out times s), and mf,
+ * sf, tf in float32 (mf the mean's leading float, tf = t - (m - mf) * sf, as feature_params
+ * makes them) with lf = 2^-9 |tf|; one value for the whole row (per_elem 0) or one per element
+ * (per_elem 1).
  *
  * The AVX-512 build computes sixteen at a time in registers in float32, (x - mf) * sf + tf, as
- * the 16-bit rows do (cynorm_half_block16, whose bound this is): while |y| >= 2^-9 |tf| its
- * terms' errors stay below 2^-13 |y|, a quarter of a float16 ulp.  A lane below that, or not
- * finite (a float32 overflow of x - mf, inf or NaN), is computed again in float64, as every
- * element of the other builds is: there the terms' errors are 2^-52 of |x - m| |s| + |t|,
- * far within a quarter of a 16-bit ulp even where t cancels most of the product.  Either way
- * the result is the correctly rounded value or its neighbour. */
-static inline void cynorm_affine_half(const uint16_t* x, uint16_t* y, ptrdiff_t n,
-                                      const double* m, const double* s, const double* t,
-                                      const float* mf, const float* sf, const float* tf,
-                                      int per_elem, float* scratch, int kind) {
-    ptrdiff_t j = 0, k;
+ * the 16-bit rows do (cynorm_half_block16, whose bound this is): while |y| >= lf its terms'
+ * errors stay below 2^-13 |y|, a quarter of a float16 ulp.  A lane below that, NaN, or (for
+ * bfloat16) infinite is computed again in float64, as every element of the other builds is:
+ * there the terms' errors are 2^-52 of |x - m| |s| + |t|, far within a quarter of a 16-bit
+ * ulp even where t cancels most of the product.  Either way the result is the correctly
+ * rounded value or its neighbour.  A float16 lane that overflowed float32 is kept: x - mf is
+ * exact-range there (|x| <= 65504), so an infinite fma means |y| far above 65504, whose
+ * float16 is that infinity.  A bfloat16 x - mf can overflow where y is finite. */
 #if CYNORM_HALF16
+/* bfloat16's cynorm_pack16 for lanes known not to be NaN */
+static inline __m256i cynorm_pack16_bf_num(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
+                                       _mm512_and_si512(_mm512_srli_epi32(u, 16),
+                                                        _mm512_set1_epi32(1)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+/* cynorm_affine_half's blocks of sixteen, with per_elem and kind constants where it calls
+ * this (a loop for each); the index of the first element left */
+static inline __attribute__((always_inline)) ptrdiff_t cynorm_affine16(
+        const uint16_t* x, uint16_t* y, ptrdiff_t n, const double* m, const double* s,
+        const double* t, const float* mf, const float* sf, const float* tf, const float* lf,
+        const int per_elem, const int kind) {
+    ptrdiff_t j = 0;
+    int k;
     const __m512 mv = _mm512_set1_ps(mf[0]), sv = _mm512_set1_ps(sf[0]);
-    const __m512 tv = _mm512_set1_ps(tf[0]), cancel = _mm512_set1_ps(CYNORM_HALF_CANCEL);
+    const __m512 tv = _mm512_set1_ps(tf[0]), lv = _mm512_set1_ps(lf[0]);
     const __m512 inf = _mm512_set1_ps(INFINITY);
     for (; j + 16 <= n; j += 16) {
         const __m256i h = _mm256_loadu_si256((const __m256i*)(x + j));
         const __m512 v = kind == CYNORM_BF16
             ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
             : _mm512_cvtph_ps(h);
-        const __m512 tj = per_elem ? _mm512_loadu_ps(tf + j) : tv;
-        __m512 r = per_elem
-            ? _mm512_fmadd_ps(_mm512_sub_ps(v, _mm512_loadu_ps(mf + j)), _mm512_loadu_ps(sf + j),
-                              tj)
-            : _mm512_fmadd_ps(_mm512_sub_ps(v, mv), sv, tv);
-        const __m512 a = _mm512_abs_ps(r);
-        const __mmask16 ok = _mm512_cmp_ps_mask(a, _mm512_mul_ps(cancel, _mm512_abs_ps(tj)),
-                                                _CMP_GE_OQ)
-                             & _mm512_cmp_ps_mask(a, inf, _CMP_LT_OQ);
-        if (ok != 0xffff) {
+        __m512 r, a;
+        __mmask16 ok;
+        __m256i o;
+        r = per_elem ? _mm512_fmadd_ps(_mm512_sub_ps(v, _mm512_loadu_ps(mf + j)),
+                                       _mm512_loadu_ps(sf + j), _mm512_loadu_ps(tf + j))
+                     : _mm512_fmadd_ps(_mm512_sub_ps(v, mv), sv, tv);
+        a = _mm512_abs_ps(r);
+        ok = _mm512_cmp_ps_mask(a, per_elem ? _mm512_loadu_ps(lf + j) : lv, _CMP_GE_OQ);
+        if (kind == CYNORM_BF16)
+            ok = _mm512_mask_cmp_ps_mask(ok, a, inf, _CMP_LT_OQ);
+        if (_kortestc_mask16_u8(ok, (__mmask16)0)) {   /* every lane in float32 */
+            o = kind == CYNORM_BF16 ? cynorm_pack16_bf_num(r)
+                                    : _mm512_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT
+                                                         | _MM_FROUND_NO_EXC);
+        } else {
             float u[16], q[16];   /* rare: t cancels the product, or not finite */
             _mm512_storeu_ps(u, v);
             _mm512_storeu_ps(q, r);
@@ -483,10 +503,30 @@ static inline void cynorm_affine_half(const uint16_t* x, uint16_t* y, ptrdiff_t 
                 if (!((ok >> k) & 1))
                     q[k] = per_elem ? (float)(((double)u[k] - m[j + k]) * s[j + k] + t[j + k])
                                     : (float)(((double)u[k] - m[0]) * s[0] + t[0]);
-            r = _mm512_loadu_ps(q);
+            o = cynorm_pack16(_mm512_loadu_ps(q), kind);
         }
-        cynorm_narrow16(r, y + j, kind);
+        __asm__("" : "+v"(o));   /* as cynorm_store8h */
+        _mm256_storeu_si256((__m256i*)(y + j), o);
     }
+    return j;
+}
+#endif
+
+static inline void cynorm_affine_half(const uint16_t* x, uint16_t* y, ptrdiff_t n,
+                                      const double* m, const double* s, const double* t,
+                                      const float* mf, const float* sf, const float* tf,
+                                      const float* lf, int per_elem, float* scratch, int kind) {
+    ptrdiff_t k;
+#if CYNORM_HALF16
+    ptrdiff_t j;
+    if (per_elem)
+        j = kind == CYNORM_BF16
+            ? cynorm_affine16(x, y, n, m, s, t, mf, sf, tf, lf, 1, CYNORM_BF16)
+            : cynorm_affine16(x, y, n, m, s, t, mf, sf, tf, lf, 1, CYNORM_F16);
+    else
+        j = kind == CYNORM_BF16
+            ? cynorm_affine16(x, y, n, m, s, t, mf, sf, tf, lf, 0, CYNORM_BF16)
+            : cynorm_affine16(x, y, n, m, s, t, mf, sf, tf, lf, 0, CYNORM_F16);
     if (j == n)
         return;
     x += j;
@@ -501,6 +541,7 @@ static inline void cynorm_affine_half(const uint16_t* x, uint16_t* y, ptrdiff_t 
     (void)mf;
     (void)sf;
     (void)tf;
+    (void)lf;
 #endif
     cynorm_widen_half(x, scratch, n, kind);
     if (per_elem) {
@@ -514,64 +555,54 @@ static inline void cynorm_affine_half(const uint16_t* x, uint16_t* y, ptrdiff_t 
     cynorm_narrow_half(scratch, y, n, kind);
 }
 
-/* core/sums.h's cynorm_scaled16_f on sixteen 16-bit rows: c[f] += Σ d, q[f] += Σ d² with
- * d = (widened r[f] - s[f]) * k[f] in float32, summed over the rows as that tree, then added
- * to the float64 accumulators.  The AVX-512 build widens in registers, sixteen columns of the
- * sixteen rows at a time (the last columns under a mask); the others widen the rows into
- * scratch (16 * F floats) and call cynorm_scaled16_f. */
-static inline void cynorm_scaled16_half(const uint16_t* const* rows, const float* s,
-                                        const float* k, double* c, double* q, ptrdiff_t F,
-                                        int kind, float* scratch) {
+/* core/sums.h's centred sums of four rows on 16-bit rows (the float64 column sweep):
+ *   c[f] += Σ_k (r_k[f] - shift[f]),   q[f] += Σ_k (r_k[f] - shift[f])²
+ * in float64, in cynorm_centered4_f's order.  The AVX-512 build widens in registers, sixteen
+ * columns of the four rows at a time (the last ones under a mask); the others widen the rows
+ * into scratch (4 * F floats) and call cynorm_centered4_f. */
+static inline void cynorm_centered4_half(const uint16_t* const* rows, const double* shift,
+                                         double* c, double* q, ptrdiff_t F, int kind,
+                                         float* scratch) {
 #if CYNORM_HALF16
     ptrdiff_t f;
-    int r;
+    int r, h;
     for (f = 0; f < F; f += 16) {
         const __mmask16 m = F - f >= 16 ? (__mmask16)0xffff
                                         : (__mmask16)((1u << (unsigned)(F - f)) - 1u);
-        const __mmask8 m0 = (__mmask8)(m & 0xff), m1 = (__mmask8)(m >> 8);
-        const __m512 S = _mm512_maskz_loadu_ps(m, s + f), K = _mm512_maskz_loadu_ps(m, k + f);
-        __m512 d[16], sd, sq;
-        __m256 lo, hi;
-        for (r = 0; r < 16; r++) {
-            const __m256i h = _mm256_maskz_loadu_epi16(m, rows[r] + f);
-            const __m512 v = kind == CYNORM_BF16
-                ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
-                : _mm512_cvtph_ps(h);
-            d[r] = _mm512_mul_ps(_mm512_sub_ps(v, S), K);
+        __m512 v[4];
+        for (r = 0; r < 4; r++) {
+            const __m256i x = _mm256_maskz_loadu_epi16(m, rows[r] + f);
+            v[r] = kind == CYNORM_BF16
+                ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16))
+                : _mm512_cvtph_ps(x);
         }
-        sd = _mm512_add_ps(
-            _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(d[0], d[1]), _mm512_add_ps(d[2], d[3])),
-                          _mm512_add_ps(_mm512_add_ps(d[4], d[5]), _mm512_add_ps(d[6], d[7]))),
-            _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(d[8], d[9]), _mm512_add_ps(d[10], d[11])),
-                          _mm512_add_ps(_mm512_add_ps(d[12], d[13]),
-                                        _mm512_add_ps(d[14], d[15]))));
-        for (r = 0; r < 16; r += 2)
-            d[r] = _mm512_fmadd_ps(d[r], d[r], _mm512_mul_ps(d[r + 1], d[r + 1]));
-        sq = _mm512_add_ps(
-            _mm512_add_ps(_mm512_add_ps(d[0], d[2]), _mm512_add_ps(d[4], d[6])),
-            _mm512_add_ps(_mm512_add_ps(d[8], d[10]), _mm512_add_ps(d[12], d[14])));
-        lo = _mm512_castps512_ps256(sd);
-        hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sd), 1));
-        _mm512_mask_storeu_pd(c + f, m0, _mm512_add_pd(_mm512_maskz_loadu_pd(m0, c + f),
-                                                       _mm512_cvtps_pd(lo)));
-        _mm512_mask_storeu_pd(c + f + 8, m1, _mm512_add_pd(_mm512_maskz_loadu_pd(m1, c + f + 8),
-                                                           _mm512_cvtps_pd(hi)));
-        lo = _mm512_castps512_ps256(sq);
-        hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sq), 1));
-        _mm512_mask_storeu_pd(q + f, m0, _mm512_add_pd(_mm512_maskz_loadu_pd(m0, q + f),
-                                                       _mm512_cvtps_pd(lo)));
-        _mm512_mask_storeu_pd(q + f + 8, m1, _mm512_add_pd(_mm512_maskz_loadu_pd(m1, q + f + 8),
-                                                           _mm512_cvtps_pd(hi)));
+        for (h = 0; h < 2; h++) {   /* columns f..f+7, then f+8..f+15, in float64 */
+            const __mmask8 mh = (__mmask8)(h ? m >> 8 : m & 0xff);
+            const ptrdiff_t o = f + 8 * h;
+            const __m512d sh = _mm512_maskz_loadu_pd(mh, shift + o);
+            __m512d d[4];
+            for (r = 0; r < 4; r++) {
+                const __m256 part = h ? _mm256_castpd_ps(_mm512_extractf64x4_pd(
+                                            _mm512_castps_pd(v[r]), 1))
+                                      : _mm512_castps512_ps256(v[r]);
+                d[r] = _mm512_sub_pd(_mm512_cvtps_pd(part), sh);
+            }
+            _mm512_mask_storeu_pd(c + o, mh, _mm512_add_pd(
+                _mm512_maskz_loadu_pd(mh, c + o),
+                _mm512_add_pd(_mm512_add_pd(d[0], d[1]), _mm512_add_pd(d[2], d[3]))));
+            _mm512_mask_storeu_pd(q + o, mh, _mm512_add_pd(
+                _mm512_maskz_loadu_pd(mh, q + o),
+                _mm512_add_pd(_mm512_fmadd_pd(d[0], d[0], _mm512_mul_pd(d[1], d[1])),
+                              _mm512_fmadd_pd(d[2], d[2], _mm512_mul_pd(d[3], d[3])))));
+        }
     }
     (void)scratch;
 #else
-    const float* wide[16];
     int r;
-    for (r = 0; r < 16; r++) {
+    for (r = 0; r < 4; r++)
         cynorm_widen_half(rows[r], scratch + r * F, F, kind);
-        wide[r] = scratch + r * F;
-    }
-    cynorm_scaled16_f(wide, s, k, c, q, F);
+    cynorm_centered4_f(scratch, scratch + F, scratch + 2 * F, scratch + 3 * F, shift, c, q, 0,
+                       F);
 #endif
 }
 

@@ -24,7 +24,14 @@ cdef extern from "core/halves.h" nogil:
                            const float* b, int kind, int stream) noexcept
     void cynorm_affine_half(const uint16_t* x, uint16_t* y, Py_ssize_t n, const double* m,
                             const double* s, const double* t, const float* mf, const float* sf,
-                            const float* tf, int per_elem, float* scratch, int kind) noexcept
+                            const float* tf, const float* lf, int per_elem, float* scratch,
+                            int kind) noexcept
+    float HALF_CANCEL "CYNORM_HALF_CANCEL"
+
+
+# half_affine_params' float32 rows per feature (m_hi, scale, shift, and the float64 limit)
+cdef enum:
+    HALF_PARAM_ROWS = 4
 
 
 cdef extern from "numpy/ndarraytypes.h":
@@ -232,7 +239,7 @@ cdef void half_affine_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ss
                            bint write_padding, float* scratch, int kind) noexcept nogil:
     """Rows r0..r1, each in pieces of at most AFFINE_CHUNK elements: by_rows, row i is one
     feature, i % P (its m, s, t scalars); else each column has its own (P == cols).  params:
-    (3, P) float64, then (3, P) float32 (half_affine_params).  Rows the mask drops are written
+    (3, P) float64, then (HALF_PARAM_ROWS, P) float32 (half_affine_params).  Rows the mask drops are written
     as 0 (unless write_padding is off)."""
     cdef Py_ssize_t i, a, n, f
     cdef const float* pf = <const float*>(params + 3 * P)
@@ -247,7 +254,7 @@ cdef void half_affine_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ss
             f = i % P if by_rows else a
             cynorm_affine_half(x + i * ldx + a, y + i * ldy + a, n, params + f,
                                params + P + f, params + 2 * P + f, pf + f, pf + P + f,
-                               pf + 2 * P + f, not by_rows, scratch, kind)
+                               pf + 2 * P + f, pf + 3 * P + f, not by_rows, scratch, kind)
             a += n
 
 
@@ -255,6 +262,11 @@ cdef void half_affine_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ss
 # or feature's hi + lo has been seen 1e-21 of the mean off the exact value), not a remainder of
 # the mean's rounding (those are up to 2^-53 of it, and below 2^-60 one time in about 2^7).
 cdef double MEAN_NOISE = 8.673617379884035e-19   # 2^-60
+# Nor is a second term below this fraction of the standard deviation: merging parts' means
+# (Chan's formula) rounds at some 2^-53 of the spread of those means, a few times the standard
+# deviation or less for parts of one distribution.  Taking it as 0 moves outputs by at most
+# 2^-50 of the scale, where keeping it would move an element equal to the mean off 0.
+cdef double SPREAD_NOISE = 8.881784197001252e-16   # 2^-50
 
 
 cdef void half_affine_params(const double* st, double var_scale, const float* w,
@@ -264,13 +276,15 @@ cdef void half_affine_params(const double* st, double var_scale, const float* w,
     lo) rounded to one float64, s = w / sqrt(var + eps) (NaN where var + eps is 0 or var is
     not finite, as feature_params), t = b - mlo * s (mlo what the rounding of m left out:
     core/halves.h's float64 lanes are those where t cancels the product, down to far below
-    m's rounding; below MEAN_NOISE of m it is taken as 0, the two-term mean's own error, so
-    that an element equal to the mean gives exactly b); then (3, C·L) float32,
-    feature_params' m_hi, scale and shift of m."""
+    m's rounding; below MEAN_NOISE of m or SPREAD_NOISE of the standard deviation it is taken
+    as 0, the two-term mean's own error, so that an element equal to the mean gives exactly
+    b); then (3, C·L) float32,
+    feature_params' m_hi, scale and shift of m, and HALF_CANCEL times |shift| (core/halves.h:
+    the float32 lanes below it are done again in float64): HALF_PARAM_ROWS rows."""
     cdef Py_ssize_t c, k, P = C * L
     cdef double var, inv, m, mlo, sc, sh
     cdef float* pf = <float*>(params + 3 * P)
-    cdef float mh, ml, sf
+    cdef float mh, ml, sf, tf
     for c in range(C):
         var = st[2 * C + c] * var_scale
         inv = 1.0 / sqrt(var + eps)
@@ -278,7 +292,7 @@ cdef void half_affine_params(const double* st, double var_scale, const float* w,
             inv = NAN
         m = st[c] + st[C + c]
         mlo = (st[c] - m) + st[C + c]
-        if fabs(mlo) < MEAN_NOISE * fabs(m):
+        if fabs(mlo) < MEAN_NOISE * fabs(m) or fabs(mlo) < SPREAD_NOISE * sqrt(var):
             mlo = 0.0   # the statistics' own last bits, not a remainder of the mean
         sc = inv * w[c] if w != NULL else inv
         sh = b[c] if b != NULL else 0.0
@@ -292,7 +306,9 @@ cdef void half_affine_params(const double* st, double var_scale, const float* w,
             params[2 * P + k] = sh - mlo * sc
             pf[k] = mh
             pf[P + k] = sf
-            pf[2 * P + k] = <float>(sh - <double>ml * <double>sf)
+            tf = <float>(sh - <double>ml * <double>sf)
+            pf[2 * P + k] = tf
+            pf[3 * P + k] = HALF_CANCEL * fabsf(tf)
 
 
 def affine_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t cols, bint by_rows,
@@ -323,10 +339,11 @@ def affine_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t cols, 
     if rows * cols == 0:
         return
     P = C * L
-    params = <double*>malloc(3 * P * sizeof(double) + (3 * P + T * AFFINE_CHUNK) * sizeof(float))
+    params = <double*>malloc(3 * P * sizeof(double)
+                             + (HALF_PARAM_ROWS * P + T * AFFINE_CHUNK) * sizeof(float))
     if params == NULL:
         raise MemoryError()
-    scratch = <float*>(params + 3 * P) + 3 * P
+    scratch = <float*>(params + 3 * P) + HALF_PARAM_ROWS * P
     try:
         with nogil:
             half_affine_params(st, var_scale, w, b, eps, C, L, params)

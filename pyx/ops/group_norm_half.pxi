@@ -19,7 +19,7 @@ cdef void half_params(double* st, Py_ssize_t NG, Py_ssize_t n, Py_ssize_t G, Py_
     """Groups g0..g1 of sample n: their mean and rstd into st's rows 4 and 5 (NaN without a
     real position), and the 16-bit affine's parameters of their channels into work: (3, F)
     doubles of statistics (each channel's group mean as hi + lo, its variance), then
-    half_affine_params' (3, F) doubles and (3, F) floats (F = (g1 - g0)·Cg channels from
+    half_affine_params' (3, F) doubles and (HALF_PARAM_ROWS, F) floats (F = (g1 - g0)·Cg channels from
     channel g0·Cg)."""
     cdef Py_ssize_t F = (g1 - g0) * Cg, g, c, u
     cdef double count, var
@@ -44,7 +44,7 @@ cdef void group_half_first(const uint16_t* x, uint16_t* y, Py_ssize_t u, Py_ssiz
                            int kind) noexcept nogil:
     """Channels-first unit u = n·G + g: its channels' rows widened into scratch (S floats) one
     at a time, their moments merged in channel order into st (unless given); then its rows,
-    their padding set to 0 after.  work: 6·Cg doubles + 3·Cg floats."""
+    their padding set to 0 after.  work: 6·Cg doubles + HALF_PARAM_ROWS·Cg floats."""
     cdef Py_ssize_t n = u // G, g = u % G, Cg = C // G, c
     cdef const uint16_t* xg = x + (n * C + g * Cg) * S
     cdef uint16_t* yg = y + (n * C + g * Cg) * S
@@ -81,11 +81,11 @@ cdef void group_half_last(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ssize
                           const float* b, double eps, double* st, bint given,
                           const unsigned char* mask, bint write_padding, double* work,
                           float* scratch, int kind) noexcept nogil:
-    """Channels-last sample n: its column moments (core/columns.pxi's, the float64 sweep, the
-    rows widened into scratch a block at a time), merged per group into st (unless given); then its
-    rows by the 16-bit affine with per-channel parameters, K = half_last_repeats rows as one
-    (the parameters repeated K times).  work: 16·C doubles, then (3, K·C) doubles and floats;
-    scratch: rows_per_block(C) rows of C floats (at least AFFINE_CHUNK)."""
+    """Channels-last sample n: its column moments (core/columns.pxi's float64 sweep, the rows
+    widened in registers), merged per group into st (unless given); then its rows by the 16-bit affine with per-channel parameters, K =
+    half_last_repeats rows as one (the parameters repeated K times).  work: 16·C doubles, then
+    (3, K·C) doubles and (HALF_PARAM_ROWS, K·C) floats; scratch: rows_per_block(C) rows of C
+    floats (at least AFFINE_CHUNK)."""
     cdef Py_ssize_t Cg = C // G, R = rows_per_block(C, sizeof(float)), g, c, u, r0, k, r
     cdef Py_ssize_t K = half_last_repeats(C, mask != NULL), P
     cdef const uint16_t* xn = x + n * S * C
@@ -102,8 +102,7 @@ cdef void group_half_last(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ssize
     cdef float* rf
     if not given:
         column_chunk_moments(<const float*>NULL, C, 0, S, C, R, m, &cnt, hi, lo, m2, blk,
-                             blk + C, <float*>(work + 5 * C) if R >= FIRST_BLOCK_ROWS else NULL,
-                             xn, kind, scratch)
+                             blk + C, NULL, xn, kind, scratch)
         for g in range(G):
             u = n * G + g
             st[u] = 0.0
@@ -117,9 +116,10 @@ cdef void group_half_last(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ssize
     P = K * C
     pf = <float*>(par + 6 * C)
     rf = <float*>(rep + 3 * P)
-    for r in range(3):
+    for r in range(HALF_PARAM_ROWS):
         for k in range(K):
-            memcpy(rep + r * P + k * C, par + 3 * C + r * C, C * sizeof(double))
+            if r < 3:
+                memcpy(rep + r * P + k * C, par + 3 * C + r * C, C * sizeof(double))
             memcpy(rf + r * P + k * C, pf + r * C, C * sizeof(float))
     r0 = 0
     if K > 1:
@@ -172,10 +172,10 @@ def group_norm_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py
     Cg = C // G
     if channels_last:
         K = half_last_repeats(C, mk != NULL)
-        nwork = 16 * C + 3 * K * C + (3 * K * C + 1) // 2
+        nwork = 16 * C + 3 * K * C + (HALF_PARAM_ROWS * K * C + 1) // 2
         nscratch = rows_per_block(C, sizeof(float)) * C
     else:
-        nwork = 6 * Cg + (3 * Cg + 1) // 2
+        nwork = 6 * Cg + (HALF_PARAM_ROWS * Cg + 1) // 2
         nscratch = S
     nscratch = (nscratch if nscratch > AFFINE_CHUNK else AFFINE_CHUNK) // 2 + 1   # doubles
     work = <double*>malloc(sizeof(double) * T * (nwork + nscratch))

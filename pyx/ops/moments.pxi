@@ -136,8 +136,10 @@ def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t 
     keeps the rows it marks True.  fast (column layout, float32 x): M2 to about 1e-7 relative
     instead of float64 ulps, in about half the time (BatchNorm's forward pass; see
     column_chunk_moments).  half: x holds float16 (HALF_FLOAT16) or bfloat16 (HALF_BFLOAT16)
-    bits, widened to float32 as they are read, a row at a time (by rows) or a block of rows
-    at a time (half_block_rows: the moments of a float32 copy, without the copy).
+    bits, widened to float32 as they are read, a row at a time (by rows) or down the columns
+    in registers (the moments of a float32 copy, without the copy), always by the float64
+    sweep: the float32 one's mean, off by some 1e-9 of the standard deviation, would move
+    16-bit outputs next to the mean by more than their one-ulp bound.
     """
     cdef const unsigned char* mk = mask_data(mask, rows)
     cdef Py_ssize_t ld = row_stride(x, rows, cols, False)
@@ -174,7 +176,7 @@ def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t 
                                               half, max(1, n_threads))
             elif half >= 0:
                 n = _column_feature_moments(<const float*>NULL, ld, rows, cols, C, T,
-                                            rows_per_block, mk, parts, st, fast,
+                                            rows_per_block, mk, parts, st, False,
                                             <const uint16_t*>cnp.PyArray_DATA(x), half,
                                             <float*>(parts + nparts))
             elif by_rows and f32:
