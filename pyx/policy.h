@@ -63,9 +63,10 @@
  * output): widened into a float32 scratch of this many, computed and narrowed while it is in
  * L1. */
 #define CYNORM_AFFINE_CHUNK 2048
-/* Bytes of float32 rows that 16-bit rows read down the columns (BatchNorm's (N, C) layouts)
- * are widened into at a time, per thread: the widened block is read back from L2 (RESULTS
- * item 96). */
+/* 16-bit rows read down the columns (BatchNorm's (N, C) layouts) go in blocks of this many
+ * bytes as float32 rows, per thread: one Chan merge per block, and the per-thread scratch the
+ * first block is widened into (the blocks after it are widened in registers; RESULTS items 96
+ * and 103). */
 #define CYNORM_HALF_COLUMN_BYTES (1 << 19)
 /* Bytes of float32 per array (g, x, dx) that the 16-bit backward widens a block of rows into,
  * per thread, before the float32 backward runs over them (core/halves_backward.pxi; blocks are

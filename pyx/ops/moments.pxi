@@ -117,8 +117,8 @@ cdef double _column_feature_moments(const floating* x, Py_ssize_t ld, Py_ssize_t
 
 
 cdef inline Py_ssize_t half_block_rows(Py_ssize_t F) noexcept nogil:
-    """Rows of 16-bit x widened at a time down the columns: HALF_COLUMN_BYTES of float32 rows,
-    at least FIRST_BLOCK_ROWS."""
+    """Rows of 16-bit x per block down the columns (and of the scratch the first block is
+    widened into): HALF_COLUMN_BYTES of float32 rows, at least FIRST_BLOCK_ROWS."""
     cdef Py_ssize_t r = HALF_COLUMN_BYTES // (4 * F)
     return FIRST_BLOCK_ROWS if r < FIRST_BLOCK_ROWS else (MAX_BLOCK_ROWS if r > MAX_BLOCK_ROWS
                                                            else r)
