@@ -22,6 +22,9 @@ cdef extern from "core/halves.h" nogil:
     void cynorm_apply_half(const float* x, uint16_t* y, Py_ssize_t n, float mh, float ml,
                            float rs, double m, double mlo, double rsd, const float* w,
                            const float* b, int kind, int stream) noexcept
+    float cynorm_half2f(uint16_t h, int kind) noexcept
+    void cynorm_shifted_sums_half(const uint16_t* x, Py_ssize_t n, double shift, double* s1,
+                                  double* s2, int kind) noexcept
     void cynorm_affine_half(const uint16_t* x, uint16_t* y, Py_ssize_t n, const double* m,
                             const double* s, const double* t, const float* mf, const float* sf,
                             const float* tf, const float* lf, int per_elem, float* scratch,
@@ -43,6 +46,29 @@ cdef inline bint is_bits16(cnp.ndarray a) noexcept:
     cdef int t = cnp.PyArray_TYPE(a)
     return cnp.PyArray_ITEMSIZE(a) == 2 and (
         t == cnp.NPY_UINT16 or t == cnp.NPY_FLOAT16 or t >= NPY_USERDEF)
+
+
+cdef void row_moments_half(const uint16_t* x, Py_ssize_t n, int kind, double* hi,
+                          double* lo, double* m2) noexcept nogil:
+    """core/moments.pxi's row_moments of a contiguous 16-bit row of n >= 1 elements, widened
+    in registers: block_moments' shifted sums (core/halves.h), blocks merged as there."""
+    cdef double count = 0.0, shift, s, q, b_lo, b_m2
+    cdef Py_ssize_t start = 0, nb
+    while start < n:
+        nb = n - start if n - start < BLOCK else BLOCK
+        shift = cynorm_half2f(x[start], kind)
+        cynorm_shifted_sums_half(x + start, nb, shift, &s, &q, kind)
+        b_lo = s / nb
+        b_m2 = q - s * s / nb
+        b_m2 = b_m2 if not b_m2 < 0.0 else 0.0
+        if start == 0:
+            hi[0] = shift
+            lo[0] = b_lo
+            m2[0] = b_m2
+            count = <double>nb
+        else:
+            chan_merge(&count, lo, m2, <double>nb, (shift - hi[0]) + b_lo, b_m2)
+        start += nb
 
 
 cdef inline void put_half_row(const float* ys, uint16_t* y, uint16_t* hs, Py_ssize_t n,

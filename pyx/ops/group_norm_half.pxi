@@ -42,22 +42,23 @@ cdef void group_half_first(const uint16_t* x, uint16_t* y, Py_ssize_t u, Py_ssiz
                            const float* b, double eps, double* st, bint given,
                            const unsigned char* mask, double* work, float* scratch,
                            int kind) noexcept nogil:
-    """Channels-first unit u = n·G + g: its channels' rows widened into scratch (S floats) one
-    at a time, their moments merged in channel order into st (unless given); then its rows,
-    their padding set to 0 after.  work: 6·Cg doubles + HALF_PARAM_ROWS·Cg floats."""
+    """Channels-first unit u = n·G + g: its moments into st (unless given), those of its Cg·S
+    elements as one row widened in registers (row_moments_half), or with a mask its channels'
+    rows widened into scratch (S floats) one at a time and merged in channel order; then its
+    rows, their padding set to 0 after.  work: 6·Cg doubles + HALF_PARAM_ROWS·Cg floats."""
     cdef Py_ssize_t n = u // G, g = u % G, Cg = C // G, c
     cdef const uint16_t* xg = x + (n * C + g * Cg) * S
     cdef uint16_t* yg = y + (n * C + g * Cg) * S
     cdef const unsigned char* m = mask + n * S if mask != NULL else NULL
-    cdef double cnt = 0.0, hi = 0.0, lo = 0.0, m2 = 0.0, h, l, q
-    if not given:
+    cdef double cnt = 0.0, hi = 0.0, lo = 0.0, m2 = 0.0
+    if not given and m == NULL:   # the unit's Cg·S elements as one row
+        row_moments_half(xg, Cg * S, kind, &hi, &lo, &m2)
+        cnt = <double>(Cg * S)
+    elif not given:
         for c in range(Cg):
             cynorm_widen_half(xg + c * S, scratch, S, kind)
-            if m == NULL:
-                row_moments(<const float*>scratch, S, &h, &l, &q)
-                merge_one(&cnt, &hi, &lo, &m2, <double>S, h, l, q)
-            else:
-                masked_moments(<const float*>scratch, S, m, &cnt, &hi, &lo, &m2)
+            masked_moments(<const float*>scratch, S, m, &cnt, &hi, &lo, &m2)
+    if not given:
         st[u] = cnt
         st[NG + u] = hi
         st[2 * NG + u] = lo
