@@ -25,6 +25,11 @@ cdef extern from "core/halves.h" nogil:
     float cynorm_half2f(uint16_t h, int kind) noexcept
     void cynorm_shifted_sums_half(const uint16_t* x, Py_ssize_t n, double shift, double* s1,
                                   double* s2, int kind) noexcept
+    void cynorm_gx_sums_half(const uint16_t* g, const uint16_t* x, Py_ssize_t n, double shift,
+                             double* s1, double* s2, int kind) noexcept
+    void cynorm_bn_dx_half(const uint16_t* g, const uint16_t* x, uint16_t* dx, Py_ssize_t n,
+                           float mh, float k1, float k2, float k3, int training,
+                           int kind) noexcept
     void cynorm_affine_half(const uint16_t* x, uint16_t* y, Py_ssize_t n, const double* m,
                             const double* s, const double* t, const float* mf, const float* sf,
                             const float* tf, const float* lf, int per_elem, float* scratch,

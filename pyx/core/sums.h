@@ -14,6 +14,10 @@
 
 #include "simd.h"
 
+/* An element as a double, in the loops' tails (core/halves.h instantiates them again on
+   16-bit elements with its own) */
+#define CYNORM_SCALAR(v) ((double)(v))
+
 #define CYNORM_D(d, g) (d)
 #define CYNORM_DD(d, g) ((d) * (d))
 #define CYNORM_G(d, g) (g)
@@ -36,9 +40,9 @@
 /* The elements after the last whole sixteen, one at a time in float64, then the results. */
 #define CYNORM_TWO_SUMS_TAIL(A, B)                                                        \
     for (; i < n; i++) {                                                                  \
-        ds = (double)x[i] - shift;                                                        \
+        ds = CYNORM_SCALAR(x[i]) - shift;                                                 \
         if (g_)                                                                           \
-            gs = (double)g_[i] * (w_ ? (double)w_[i] : 1.0);                              \
+            gs = CYNORM_SCALAR(g_[i]) * (w_ ? CYNORM_SCALAR(w_[i]) : 1.0);                \
         t1 += A(ds, gs);                                                                  \
         t2 += B(ds, gs);                                                                  \
     }                                                                                     \
@@ -139,17 +143,17 @@ static void NAME(const T* g_, const T* w_, const T* x, ptrdiff_t n, double shift
     int j;                                                                                \
     for (; i + 4 <= n; i += 4) {                                                          \
         for (j = 0; j < 4; j++) {                                                         \
-            d = (double)x[i + j] - shift;                                                 \
+            d = CYNORM_SCALAR(x[i + j]) - shift;                                          \
             if (g_)                                                                       \
-                g = (double)g_[i + j] * (w_ ? (double)w_[i + j] : 1.0);                   \
+                g = CYNORM_SCALAR(g_[i + j]) * (w_ ? CYNORM_SCALAR(w_[i + j]) : 1.0);     \
             a[j] += A(d, g);                                                              \
             q[j] += B(d, g);                                                              \
         }                                                                                 \
     }                                                                                     \
     for (; i < n; i++) {                                                                  \
-        d = (double)x[i] - shift;                                                         \
+        d = CYNORM_SCALAR(x[i]) - shift;                                                  \
         if (g_)                                                                           \
-            g = (double)g_[i] * (w_ ? (double)w_[i] : 1.0);                               \
+            g = CYNORM_SCALAR(g_[i]) * (w_ ? CYNORM_SCALAR(w_[i]) : 1.0);                 \
         a[0] += A(d, g);                                                                  \
         q[0] += B(d, g);                                                                  \
     }                                                                                     \

@@ -283,6 +283,28 @@ cdef void group_first_grad(const floating* g, const floating* x, floating* dx, P
                     sums + n * 2 * C + c0, sums + n * 2 * C + C + c0, stream)
 
 
+cdef inline void group_grad_coefs(Py_ssize_t Cg, double cnt, double mean, double* r,
+                                  const floating* w, bint fixed, const double* sg,
+                                  const double* sgx, floating mh, double* k2,
+                                  double* k3) noexcept nogil:
+    """A unit's dx coefficients from its channels' Σg, Σg·(x - mean): dx = r·w·g + k2·(x -
+    mh) + k3 (r set to 0 for a unit of one real element: its output is the constant b)."""
+    cdef Py_ssize_t c
+    cdef double s1 = 0.0, s2 = 0.0, wc
+    if not fixed and cnt == 1:
+        r[0] = 0.0   # one real element: its output is the constant b, so dx = 0 exactly
+    for c in range(Cg):
+        wc = w[c] if w != NULL else 1.0
+        s1 += wc * sg[c]
+        s2 += wc * sgx[c]
+    k2[0] = 0.0
+    k3[0] = 0.0
+    if not fixed and cnt > 0:
+        k2[0] = -r[0] * r[0] * r[0] * s2 / cnt
+        k3[0] = -r[0] * s1 / cnt
+    k3[0] = k3[0] + k2[0] * (<double>mh - mean)
+
+
 cdef void group_unit_grad(const floating* g, const floating* x, floating* dx, Py_ssize_t Cg,
                           Py_ssize_t S, double cnt, double mean, double r, const floating* w,
                           bint fixed, const unsigned char* m, double* sg, double* sgx,
@@ -291,11 +313,8 @@ cdef void group_unit_grad(const floating* g, const floating* x, floating* dx, Py
     NULL): per channel Σg, Σg·(x - mean) into sg, sgx, then the rows' dx.  w: the group's
     Cg weights, or NULL."""
     cdef Py_ssize_t c
-    cdef double s1 = 0.0, s2 = 0.0, wc, k2 = 0.0, k3 = 0.0
-    cdef floating mh
-    if not fixed and cnt == 1:
-        r = 0.0   # one real element: its output is the constant b, so dx = 0 exactly
-    mh = <floating>mean
+    cdef double wc, k2, k3
+    cdef floating mh = <floating>mean
     for c in range(Cg):
         if m == NULL:
             sg[c] = 0.0
@@ -303,13 +322,7 @@ cdef void group_unit_grad(const floating* g, const floating* x, floating* dx, Py
             gx_sums(g + c * S, NULL, x + c * S, S, mean, &sg[c], &sgx[c])
         else:
             masked_gx_sums(g + c * S, x + c * S, S, m, mean, &sg[c], &sgx[c])
-        wc = w[c] if w != NULL else 1.0
-        s1 += wc * sg[c]
-        s2 += wc * sgx[c]
-    if not fixed and cnt > 0:
-        k2 = -r * r * r * s2 / cnt
-        k3 = -r * s1 / cnt
-    k3 = k3 + k2 * (<double>mh - mean)
+    group_grad_coefs(Cg, cnt, mean, &r, w, fixed, sg, sgx, mh, &k2, &k3)
     for c in range(Cg):
         wc = w[c] if w != NULL else 1.0
         group_dx_row(g + c * S, x + c * S, dx + c * S, S, m, mh, <floating>(r * wc),

@@ -204,6 +204,25 @@ def group_norm_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py
 # (bn_sums_columns accumulating over whole fours of rows: the bits of one sweep over all of
 # them).  dx and the sums are those of the float32 backward of widened copies, to the bit.
 
+cdef void group_half_unit_grad(const uint16_t* g, const uint16_t* x, uint16_t* dx,
+                               Py_ssize_t Cg, Py_ssize_t S, double cnt, double mean, double r,
+                               const float* w, bint fixed, double* sg, double* sgx,
+                               int kind) noexcept nogil:
+    """group_unit_grad of an unmasked unit on 16-bit g, x and dx, widened in registers: its
+    sums (cynorm_gx_sums_half) and dx rows (cynorm_bn_dx_half) compute what the float32 unit
+    computes on widened copies, to the bit."""
+    cdef Py_ssize_t c
+    cdef double wc, k2, k3
+    cdef float mh = <float>mean
+    for c in range(Cg):
+        cynorm_gx_sums_half(g + c * S, x + c * S, S, mean, &sg[c], &sgx[c], kind)
+    group_grad_coefs(Cg, cnt, mean, &r, w, fixed, sg, sgx, mh, &k2, &k3)
+    for c in range(Cg):
+        wc = w[c] if w != NULL else 1.0
+        cynorm_bn_dx_half(g + c * S, x + c * S, dx + c * S, S, mh, <float>(r * wc),
+                          <float>k2, <float>k3, not fixed, kind)
+
+
 cdef void group_half_grad_units(const uint16_t* g, const uint16_t* x, uint16_t* dx,
                                 Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
                                 bint channels_last, const double* st, const float* w,
@@ -221,6 +240,14 @@ cdef void group_half_grad_units(const uint16_t* g, const uint16_t* x, uint16_t* 
     cdef const unsigned char* m
     cdef double* sg
     for u in range(chunk(U, t, T), chunk(U, t + 1, T)):
+        if not channels_last and mask == NULL:
+            n = u // G
+            i = (n * C + (u % G) * Cg) * S
+            group_half_unit_grad(g + i, x + i, dx + i, Cg, S, st[u], st[NG + u],
+                                 st[2 * NG + u], w + (u % G) * Cg if w != NULL else NULL,
+                                 fixed, sums + n * 2 * C + (u % G) * Cg,
+                                 sums + n * 2 * C + C + (u % G) * Cg, kind)
+            continue
         if not channels_last:
             n = u // G
             i = (n * C + (u % G) * Cg) * S
