@@ -15,12 +15,25 @@ cdef void half_bn_rows(const uint16_t* g, Py_ssize_t ldg, const uint16_t* x, Py_
                        bint sums, const float* coef, bint training,
                        const unsigned char* mask, float* scratch, Py_ssize_t B,
                        int kind) noexcept nogil:
-    """Rows r0..r1, B at a time: with sums, their sums (by rows: per row into parts; by
-    columns: added to sg and sgx, this thread's); with coef (not NULL), their dx."""
+    """Rows r0..r1: with sums, their sums (by rows: per row into parts; by columns: added to
+    sg and sgx, this thread's); with coef (not NULL), their dx.  By rows without a mask each
+    row is read in 16 bits, widened in registers (cynorm_gx_sums_half, cynorm_bn_dx_half: the
+    float32 row's bits); else B rows at a time widened into scratch."""
     cdef float* gs = scratch
     cdef float* xs = scratch + B * cols
     cdef float* ds = scratch + 2 * B * cols
-    cdef Py_ssize_t i0 = r0, i1
+    cdef Py_ssize_t i0 = r0, i1, c
+    if by_rows and mask == NULL:   # a row at a time, widened in registers (core/halves.h)
+        for i0 in range(r0, r1):
+            c = row_feature(i0, C)
+            if sums:
+                cynorm_gx_sums_half(g + i0 * ldg, x + i0 * ldx, cols, mean[c], &parts[2 * i0],
+                                    &parts[2 * i0 + 1], kind)
+            if coef != NULL:
+                cynorm_bn_dx_half(g + i0 * ldg, x + i0 * ldx, dx + i0 * lddx, cols, coef[c],
+                                  coef[C + c], coef[2 * C + c], coef[3 * C + c], training,
+                                  kind)
+        return
     while i0 < r1:
         i1 = min(i0 + B, r1)
         widen_rows(g, ldg, i0, i1, cols, gs, kind)
