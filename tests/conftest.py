@@ -211,6 +211,49 @@ def half_dtype(name):
     return np.dtype(np.float16) if name == "float16" else bfloat16_or_skip()
 
 
+# ---- 16-bit floats: data, parameters, the one-ulp check, torch's autograd (the test_half_*
+# files)
+
+HALVES = ["float16", "bfloat16"]
+
+
+def half_data(rng, shape, dt, offset_sigmas=1e3, scale=3.0):
+    """16-bit data whose mean lies offset_sigmas standard deviations from zero."""
+    x = scale * offset_sigmas + scale * rng.standard_normal(shape)
+    return x.astype(np.float32).astype(dt)
+
+
+def half_params(rng, n, params, dt):
+    """weight and bias of n features: None ("none"), float32 or the input's dtype ("input")."""
+    if params == "none":
+        return None, None
+    pdt = np.float32 if params == "float32" else dt
+    return rng.uniform(0.5, 2.0, n).astype(pdt), rng.standard_normal(n).astype(pdt)
+
+
+def check_half(y, ref, dt):
+    """y has the 16-bit dtype dt and lies within one unit in the last place of ref (float64)
+    correctly rounded to it."""
+    assert y.dtype == dt
+    u = ulps16(y, correctly_rounded(ref, dt))
+    assert u.max() <= 1, f"{int(u.max())} ulps at {np.unravel_index(u.argmax(), u.shape)}"
+
+
+def same_gradients_as_torch(torch, ours, theirs, w_atol):
+    """Backward of (y, x, w) tensors, cynorm's and torch's, from the same random grad_out: the
+    gradients in the tensors' dtype and within a few of its ulps of torch's (weight's absolute
+    tolerance w_atol of them: a sum over many elements)."""
+    (y, x, w), (yt, xt, wt) = ours, theirs
+    tdt = x.dtype
+    g = torch.randn(y.shape).to(tdt)
+    y.backward(g)
+    yt.backward(g)
+    assert x.grad.dtype == tdt and w.grad.dtype == tdt
+    tol = 8 * torch.finfo(tdt).eps
+    torch.testing.assert_close(x.grad.float(), xt.grad.float(), rtol=tol, atol=tol * 4)
+    torch.testing.assert_close(w.grad.float(), wt.grad.float(), rtol=tol, atol=tol * w_atol)
+
+
 def correctly_rounded(ref, dtype):
     """The float64 values ref rounded once, to nearest even, to the 16-bit dtype (bfloat16
     by its 8-bit significand in float64 arithmetic: a cast through float32 would round twice;

@@ -1,22 +1,17 @@
 """The backward of the 16-bit row norms (LayerNorm, RMSNorm and their residual forms) in the
 kernels (core/halves_backward.pxi): grad_out and x read as 16-bit, dx written as 16-bit, with
 the float32 backward's arithmetic over the widened rows, to the bit; the parameter gradients
-summed as for float32 input.  The forward is in test_half_precision.py."""
+summed as for float32 input.  The forward is in test_half_precision.py,
+test_half_batch_norm.py and test_half_group_norm.py."""
 import numpy as np
 import pytest
 
 import cynorm
-from conftest import (correctly_rounded, half_dtype, reference_norm_backward,
-                      ulps16)
+from conftest import (HALVES, correctly_rounded, half_data, half_dtype,
+                      reference_norm_backward, ulps16)
 from cynorm import _isa
 
-HALVES = ["float16", "bfloat16"]
 OPS = ["layer_norm", "rms_norm"]
-
-
-def _data(rng, shape, dt, offset_sigmas, scale=3.0):
-    x = scale * offset_sigmas + scale * rng.standard_normal(shape)
-    return x.astype(np.float32).astype(dt)
 
 
 def _params(rng, D, params, dt):
@@ -93,9 +88,9 @@ def test_same_bits_as_the_float32_backward(rng, name, op, shape, params, residua
     gradients its sums, in the parameters' dtype."""
     dt = half_dtype(name)
     D = shape[-1]
-    x = _data(rng, shape, dt, offset_sigmas=rng.choice([0, 30, 1e3]))
-    g = _data(rng, shape, dt, offset_sigmas=0, scale=1.0)
-    gr = _data(rng, shape, dt, offset_sigmas=0, scale=1.0) if residual else None
+    x = half_data(rng, shape, dt, offset_sigmas=rng.choice([0, 30, 1e3]))
+    g = half_data(rng, shape, dt, offset_sigmas=0, scale=1.0)
+    gr = half_data(rng, shape, dt, offset_sigmas=0, scale=1.0) if residual else None
     w, b = _params(rng, D, params, dt)
     mean, rstd = _forward_stats(op, x, D, w, b)
     got = _backward(op, g, x, mean, rstd, D, w, b, grad_residual=gr)
@@ -112,8 +107,8 @@ def test_the_front_end_hands_16_bit_arrays_to_the_kernels(rng, monkeypatch, name
     from cynorm import _rows
 
     dt = half_dtype(name)
-    x = _data(rng, (6, 50), dt, offset_sigmas=10)
-    g = _data(rng, (6, 50), dt, offset_sigmas=0, scale=1.0)
+    x = half_data(rng, (6, 50), dt, offset_sigmas=10)
+    g = half_data(rng, (6, 50), dt, offset_sigmas=0, scale=1.0)
     mean, rstd = _forward_stats(op, x, 50, None, None)
     seen = []
 
@@ -145,8 +140,8 @@ def test_within_one_ulp_of_the_float64_reference(rng, name, op, offset_sigmas):
     float64 sums."""
     dt = half_dtype(name)
     D = 384
-    x = _data(rng, (40, D), dt, offset_sigmas=offset_sigmas)
-    g = _data(rng, (40, D), dt, offset_sigmas=0, scale=1.0)
+    x = half_data(rng, (40, D), dt, offset_sigmas=offset_sigmas)
+    g = half_data(rng, (40, D), dt, offset_sigmas=0, scale=1.0)
     w = rng.uniform(0.5, 2.0, D).astype(np.float32)
     mean, rstd = _forward_stats(op, x, D, w, None)
     dx, dw, db = _backward(op, g, x, mean, rstd, D, w, w)
@@ -172,9 +167,9 @@ def test_masks_and_padding(rng, name, op):
     result equals the backward of the real rows alone."""
     dt = half_dtype(name)
     N, L, D = 5, 11, 96
-    x = _data(rng, (N, L, D), dt, offset_sigmas=20)
-    g = _data(rng, (N, L, D), dt, offset_sigmas=0, scale=1.0)
-    gr = _data(rng, (N, L, D), dt, offset_sigmas=0, scale=1.0)
+    x = half_data(rng, (N, L, D), dt, offset_sigmas=20)
+    g = half_data(rng, (N, L, D), dt, offset_sigmas=0, scale=1.0)
+    gr = half_data(rng, (N, L, D), dt, offset_sigmas=0, scale=1.0)
     w, b = _params(rng, D, "input", dt)
     lengths = rng.integers(0, L + 1, N)
     lengths[0] = 0
@@ -204,9 +199,9 @@ def test_threads_and_every_kernels_build_agree(rng, name):
     dt = half_dtype(name)
     M, D = 203, 300
     kind_name = "HALF_BFLOAT16" if name == "bfloat16" else "HALF_FLOAT16"
-    x = _data(rng, (M, D + 20), dt, offset_sigmas=40)[:, 5:D + 5]
-    g = _data(rng, (M, D + 7), dt, offset_sigmas=0, scale=1.0)[:, :D]
-    gr = _data(rng, (M, D), dt, offset_sigmas=0, scale=1.0)
+    x = half_data(rng, (M, D + 20), dt, offset_sigmas=40)[:, 5:D + 5]
+    g = half_data(rng, (M, D + 7), dt, offset_sigmas=0, scale=1.0)[:, :D]
+    gr = half_data(rng, (M, D), dt, offset_sigmas=0, scale=1.0)
     w = rng.uniform(0.5, 2.0, D).astype(dt)
     mean, rstd = _forward_stats("layer_norm", np.ascontiguousarray(x), D, w, None)
     mean, rstd = mean.reshape(M), rstd.reshape(M)
@@ -242,8 +237,8 @@ def test_non_finite_and_huge(rng, name):
     """A row with NaN or inf gives a non-finite dx in that row only; float16 values near its
     65504 limit give a finite dx (the float32 arithmetic does not overflow)."""
     dt = half_dtype(name)
-    x = _data(rng, (6, 64), dt, offset_sigmas=5)
-    g = _data(rng, (6, 64), dt, offset_sigmas=0, scale=1.0)
+    x = half_data(rng, (6, 64), dt, offset_sigmas=5)
+    g = half_data(rng, (6, 64), dt, offset_sigmas=0, scale=1.0)
     x[1, 3] = np.nan
     g[2, 7] = np.inf
     big = np.finfo(dt).max if name == "float16" else 1e30
@@ -262,8 +257,8 @@ BN_LAYOUTS = [((40, 24), 1), ((6, 5, 9), 1), ((6, 5, 70), 1), ((4, 9, 12), -1),
 
 
 def _bn_case(rng, dt, shape, axis, params, training, offset_sigmas=30):
-    x = _data(rng, shape, dt, offset_sigmas=offset_sigmas)
-    g = _data(rng, shape, dt, offset_sigmas=0, scale=1.0)
+    x = half_data(rng, shape, dt, offset_sigmas=offset_sigmas)
+    g = half_data(rng, shape, dt, offset_sigmas=0, scale=1.0)
     C = shape[axis]
     w, b = _params(rng, C, params, dt)
     rm, rv = np.zeros(C, np.float32) + 90, np.ones(C, np.float32) * 9
@@ -394,8 +389,8 @@ def test_group_norm_same_bits_as_the_float32_backward(rng, name, shape, G, axis,
     dt = half_dtype(name)
     C = shape[axis]
     G = None if instance else G
-    x = _data(rng, shape, dt, offset_sigmas=rng.choice([0, 30, 1e3]))
-    g = _data(rng, shape, dt, offset_sigmas=0, scale=1.0)
+    x = half_data(rng, shape, dt, offset_sigmas=rng.choice([0, 30, 1e3]))
+    g = half_data(rng, shape, dt, offset_sigmas=0, scale=1.0)
     w, b = _params(rng, C, params, dt)
     pp = (w, b) if params != "none" else (None, None)
     if instance and shape[2:] == (1,):
@@ -424,8 +419,8 @@ def test_group_norm_masks_and_long_samples(rng, name, axis, instance):
     N, C, L = 5, 24, 700
     shape = (N, C, L) if axis == 1 else (N, L, C)
     G = None if instance else 6
-    x = _data(rng, shape, dt, offset_sigmas=200)
-    g = _data(rng, shape, dt, offset_sigmas=0, scale=1.0)
+    x = half_data(rng, shape, dt, offset_sigmas=200)
+    g = half_data(rng, shape, dt, offset_sigmas=0, scale=1.0)
     w, b = _params(rng, C, "float32", dt)
     lengths = np.array([L, 0, 1, rng.integers(2, L), rng.integers(2, L)])
     mean, rstd = _gn_forward_stats(x, G, w, b, axis, lengths=lengths)
@@ -444,8 +439,8 @@ def test_group_norm_threads_and_every_kernels_build(rng, name, last):
     every build agrees with the float32 kernels (the same bits in the build the CPU runs)."""
     dt = half_dtype(name)
     N, C, S, G = 4, 32, 130, 8
-    x = _data(rng, (N, S, C) if last else (N, C, S), dt, offset_sigmas=50)
-    g = _data(rng, x.shape, dt, offset_sigmas=0, scale=1.0)
+    x = half_data(rng, (N, S, C) if last else (N, C, S), dt, offset_sigmas=50)
+    g = half_data(rng, x.shape, dt, offset_sigmas=0, scale=1.0)
     w = rng.uniform(0.5, 2.0, C).astype(np.float32)
     mask = rng.random((N, S)) < 0.7
     mean, rstd = cynorm.group_norm(x, G, w, None, axis=-1 if last else 1, return_stats=True,
@@ -477,10 +472,10 @@ def test_group_norm_rescued_samples(rng, monkeypatch):
     from cynorm import _groups
 
     dt = half_dtype("bfloat16")
-    x = _data(rng, (3, 4, 64), dt, offset_sigmas=5)
+    x = half_data(rng, (3, 4, 64), dt, offset_sigmas=5)
     x[1] = np.asarray(1e-30, dt)
     x[1, :, ::7] = 0
-    g = _data(rng, x.shape, dt, offset_sigmas=0, scale=1.0)
+    g = half_data(rng, x.shape, dt, offset_sigmas=0, scale=1.0)
     w = rng.uniform(0.5, 2.0, 4).astype(np.float32)
     _, mean, rstd = cynorm.group_norm(x, 2, w, None, eps=0.0, return_stats=True)
     calls = []

@@ -1,0 +1,207 @@
+"""16-bit BatchNorm forward (float16, bfloat16): its output from the kernels (core/halves.pxi's
+affine_half) and its training statistics read from the 16-bit rows, every layout; each output
+element within one unit in the last place of the correctly rounded float64 reference."""
+import numpy as np
+import pytest
+
+import cynorm
+from conftest import HALVES, at_phase, check_half, half_data, half_dtype, half_params, ulps16
+
+
+def _bn_ref(x64, ax, mean, var, w=None, b=None, eps=1e-5):
+    shape = [1] * x64.ndim
+    shape[ax] = -1
+    r = (x64 - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
+    if w is not None:
+        r = r * w.astype(np.float64).reshape(shape)
+    if b is not None:
+        r = r + b.astype(np.float64).reshape(shape)
+    return r
+
+
+# (N, C) and short L down the columns, long L by rows, feature-last, 4-D
+BN_LAYOUTS = [((40, 24), 1), ((6, 5, 9), 1), ((6, 5, 70), 1), ((4, 9, 12), -1),
+              ((3, 4, 8, 9), 1), ((2, 3, 2100), 1)]
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("shape, axis", BN_LAYOUTS)
+@pytest.mark.parametrize("params", ["none", "float32", "input"])
+def test_batch_norm_within_one_ulp_of_the_reference(rng, name, shape, axis, params):
+    """Training (batch statistics; the 16-bit running buffers updated) and then eval (those
+    buffers), each output element within one ulp of the correctly rounded float64 result."""
+    dt = half_dtype(name)
+    x = half_data(rng, shape, dt)
+    ax = axis % x.ndim
+    C = shape[ax]
+    w, b = half_params(rng, C, params, dt)
+    x64 = x.astype(np.float64)
+    red = tuple(i for i in range(x.ndim) if i != ax)
+    rm, rv = np.zeros(C, dt), np.ones(C, dt)
+    y, mean, invstd = cynorm.batch_norm(x, rm, rv, w, b, True, axis=axis, return_stats=True)
+    check_half(y, _bn_ref(x64, ax, x64.mean(red), x64.var(red), w, b), dt)
+    np.testing.assert_allclose(mean, x64.mean(red), rtol=1e-12)
+    assert rm.dtype == rv.dtype == dt and not np.array_equal(rm, np.zeros(C, dt))
+    ye = cynorm.batch_norm(x, rm, rv, w, b, False, axis=axis)
+    check_half(ye, _bn_ref(x64, ax, rm.astype(np.float64), rv.astype(np.float64), w, b), dt)
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("shape, axis", [((64, 40), 1), ((4, 6, 100), 1)])
+def test_batch_norm_bias_cancelling_the_product(rng, name, shape, axis):
+    """Eval outputs far smaller than their terms (the bias is minus the product for one
+    sample): float64 arithmetic keeps them within one ulp."""
+    dt = half_dtype(name)
+    x = half_data(rng, shape, dt, offset_sigmas=50)
+    C = shape[axis]
+    rm = rng.standard_normal(C).astype(np.float32) + 150
+    rv = rng.uniform(1, 4, C).astype(np.float32)
+    w = rng.uniform(0.5, 2.0, C).astype(np.float32)
+    x64 = x.astype(np.float64)
+    first = x64[0].reshape(C, -1)[:, 0]   # sample 0's first element of each feature
+    b = (-(first - rm) / np.sqrt(rv.astype(np.float64) + 1e-5) * w).astype(np.float32)
+    ref = _bn_ref(x64, axis, rm.astype(np.float64), rv.astype(np.float64), w, b)
+    assert np.median(np.abs(ref[0].reshape(C, -1)[:, 0])) < 1e-4 * np.median(np.abs(b))
+    check_half(cynorm.batch_norm(x, rm, rv, w, b, False, axis=axis), ref, dt)
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_batch_norm_out_in_place_threads_and_every_kernels_build(rng, name):
+    from cynorm import _isa
+    from cynorm._validation import half_kind
+
+    dt = half_dtype(name)
+    x = half_data(rng, (300, 7, 40), dt, offset_sigmas=30)
+    w = rng.uniform(0.5, 2.0, 7).astype(np.float32)
+    b = rng.standard_normal(7).astype(np.float32)
+    rm = rng.standard_normal(7).astype(np.float32) + 90
+    rv = rng.uniform(1, 4, 7).astype(np.float32)
+    x64 = x.astype(np.float64)
+    ref = _bn_ref(x64, 1, rm.astype(np.float64), rv.astype(np.float64), w, b)
+    with cynorm.num_threads(1):
+        y1 = cynorm.batch_norm(x, rm, rv, w, b, False)
+    with cynorm.num_threads(2):
+        y2 = cynorm.batch_norm(x, rm, rv, w, b, False)
+    check_half(y1, ref, dt)
+    assert y1.tobytes() == y2.tobytes()   # the same bits on any thread count
+    out = at_phase(np.empty_like(x), 6)
+    assert cynorm.batch_norm(x, rm, rv, w, b, False, out=out) is out
+    assert out.tobytes() == y1.tobytes()
+    xc = x.copy()
+    assert cynorm.batch_norm(xc, rm, rv, w, b, False, out=xc) is xc
+    assert xc.tobytes() == y1.tobytes()
+    stats = np.stack([rm.astype(np.float64), np.zeros(7), rv.astype(np.float64)])
+    for level in _isa.available():   # each kernels module: by rows, and down the columns
+        for rows, cols, by_rows in ((300 * 7, 40, True), (300, 7 * 40, False)):
+            y = np.empty_like(x)
+            _isa.load(level).affine_half(x.reshape(rows, cols), y.reshape(rows, cols), rows,
+                                         cols, by_rows, stats, 1.0, w, b, 1e-5, half_kind(dt),
+                                         2)
+            check_half(y, ref, dt)
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_batch_norm_masked_feature_last(rng, name):
+    """(N, T, C) with lengths: the statistics of the real tokens, padding written as 0, the
+    real tokens as BatchNorm of those tokens alone."""
+    dt = half_dtype(name)
+    x = half_data(rng, (5, 11, 24), dt, offset_sigmas=100)
+    lengths = np.array([11, 3, 0, 7, 1])
+    real = np.concatenate([x[n, :k] for n, k in enumerate(lengths)])
+    rm, rv = np.zeros(24, np.float32), np.ones(24, np.float32)
+    y = cynorm.batch_norm(x, rm, rv, training=True, axis=-1, lengths=lengths)
+    want = cynorm.batch_norm(real, np.zeros(24, np.float32), np.ones(24, np.float32),
+                             training=True)
+    got = np.concatenate([y[n, :k] for n, k in enumerate(lengths)])
+    r64 = real.astype(np.float64)
+    check_half(got, _bn_ref(r64, 1, r64.mean(0), r64.var(0)), dt)
+    assert np.abs(ulps16(got, want)).max() <= 1
+    pad = np.concatenate([y[n, k:] for n, k in enumerate(lengths)])
+    assert pad.size and not pad.astype(np.float32).any()
+    ye = cynorm.batch_norm(x, rm, rv, training=False, axis=-1, lengths=lengths)
+    pad = np.concatenate([ye[n, k:] for n, k in enumerate(lengths)])
+    assert not pad.astype(np.float32).any()
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_batch_norm_nan_inf_and_huge(rng, name):
+    dt = half_dtype(name)
+    big = 6.0e4 if name == "float16" else 1e37
+    x = (big + big * 1e-2 * rng.standard_normal((64, 8))).astype(dt)
+    y = cynorm.batch_norm(x, training=True)
+    assert np.isfinite(y.astype(np.float32)).all()   # a finite result from huge inputs
+    x64 = x.astype(np.float64)
+    check_half(y, _bn_ref(x64, 1, x64.mean(0), x64.var(0)), dt)
+    x = half_data(rng, (16, 4), dt, offset_sigmas=3)
+    x[3, 1] = np.nan
+    x[5, 2] = np.inf
+    y = cynorm.batch_norm(x, training=True)
+    yf = y.astype(np.float32)
+    assert np.isnan(yf[:, 1]).all() and np.isnan(yf[:, 2]).all()
+    assert np.isfinite(yf[:, [0, 3]]).all()
+    ye = cynorm.batch_norm(x, np.zeros(4, np.float32), np.ones(4, np.float32), training=False)
+    yef = ye.astype(np.float32)
+    assert np.isnan(yef[3, 1]) and np.isinf(yef[5, 2])
+    assert np.isfinite(np.delete(yef.ravel(), [3 * 4 + 1, 5 * 4 + 2])).all()
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("shape", [(9, 6), (3, 6, 70)])
+def test_batch_norm_element_equal_to_the_mean_gives_zero(rng, name, shape):
+    """A feature whose mean is one of its elements: there the output is exactly 0 (bfloat16
+    keeps values down to 1e-38, so the statistics' last bits must not show)."""
+    dt = half_dtype(name)
+    x = half_data(rng, shape, dt, offset_sigmas=300)
+    x3 = x.reshape(shape[0], shape[1], -1)
+    x3[:, 2] = 512.0   # feature 2: 512 but for 516 and 508 (exact in both dtypes)
+    x3[1, 2, 0] = 516.0
+    x3[2, 2, 0] = 508.0
+    assert x3[:, 2].astype(np.float64).mean() == 512.0
+    y = cynorm.batch_norm(x, training=True).reshape(x3.shape)
+    assert float(y[0, 2, 0]) == 0.0 and not y[3:, 2].astype(np.float32).any()
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_batch_norm_statistics_down_the_columns(rng, name):
+    """(N, C) and feature-last input: the training statistics from the 16-bit rows, widened a
+    block at a time in the kernels, as those of a float32 copy; the same bits on any thread
+    count and within one ulp, masked too; every kernels module."""
+    from cynorm import _isa
+    from cynorm._validation import half_kind
+
+    dt = half_dtype(name)
+    x = half_data(rng, (3000, 40), dt)
+    x64 = x.astype(np.float64)
+    outs = []
+    for threads in (1, 2):
+        with cynorm.num_threads(threads):
+            outs.append(cynorm.batch_norm(x, training=True, return_stats=True))
+    y, mean, invstd = outs[0]
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(outs[0], outs[1]))
+    check_half(y, _bn_ref(x64, 1, x64.mean(0), x64.var(0)), dt)
+    np.testing.assert_allclose(mean, x64.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(invstd, 1 / np.sqrt(x64.var(0) + 1e-5), rtol=1e-6)
+    for level in _isa.available():
+        st16, st32 = np.empty((3, 40)), np.empty((3, 40))
+        mod = _isa.load(level)
+        n16 = mod.feature_moments(x, 3000, 40, 40, False, st16, 2, 100, None, True,
+                                  half_kind(dt))
+        n32 = mod.feature_moments(x.astype(np.float32), 3000, 40, 40, False, st32, 2, 100,
+                                  None, True)
+        assert n16 == n32 == 3000
+        np.testing.assert_allclose(st16[0] + st16[1], st32[0] + st32[1], rtol=1e-13)
+        np.testing.assert_allclose(st16[2], st32[2], rtol=1e-6)
+    xz = (rng.standard_normal((5000, 24))).astype(np.float32).astype(dt)   # around zero
+    _, mean, _ = cynorm.batch_norm(xz, training=True, return_stats=True)
+    xz64 = xz.astype(np.float64)
+    # float64's precision, where float32 sums (some 1e-9 of the std) would break the ulp
+    # bound of outputs next to the mean
+    np.testing.assert_allclose(mean, xz64.mean(0), rtol=0, atol=1e-13 * xz64.std(0).min())
+    xm = half_data(rng, (30, 100, 12), dt, offset_sigmas=200)
+    lengths = rng.integers(0, 101, 30)
+    lengths[3] = 100
+    real = np.concatenate([xm[n, :k] for n, k in enumerate(lengths)]).astype(np.float64)
+    with cynorm.num_threads(2):
+        ym = cynorm.batch_norm(xm, training=True, axis=-1, lengths=lengths)
+    got = np.concatenate([ym[n, :k] for n, k in enumerate(lengths)])
+    check_half(got, _bn_ref(real, 1, real.mean(0), real.var(0)), dt)
