@@ -205,3 +205,27 @@ def test_batch_norm_statistics_down_the_columns(rng, name):
         ym = cynorm.batch_norm(xm, training=True, axis=-1, lengths=lengths)
     got = np.concatenate([ym[n, :k] for n, k in enumerate(lengths)])
     check_half(got, _bn_ref(real, 1, real.mean(0), real.var(0)), dt)
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_statistics_by_rows_are_the_float32_copys_bits(rng, name):
+    """By rows ((N, C, L) with long L) each 16-bit row is summed widened in registers, block
+    by block (core/halves.h's instantiation of the shifted sums): the moments of the float32
+    copy's rows, to the bit, in every kernels module; and GroupNorm's channels-first
+    statistics, from a unit's elements as one row, those of the float32 copy too."""
+    from cynorm import _isa
+    from cynorm._validation import half_kind
+
+    dt = half_dtype(name)
+    for L in (1, 7, 2048, 2056, 2952, 5000):
+        x = half_data(rng, (6, 4, L), dt, offset_sigmas=20)
+        for level in _isa.available():
+            mod = _isa.load(level)
+            s16, s32 = np.empty((3, 4)), np.empty((3, 4))
+            mod.feature_moments(x, 24, L, 4, True, s16, 2, 64, None, False, half_kind(dt))
+            mod.feature_moments(x.astype(np.float32), 24, L, 4, True, s32, 2, 64, None, False)
+            assert s16.tobytes() == s32.tobytes()
+        if L > 1:
+            _, m16, r16 = cynorm.group_norm(x, 2, return_stats=True)
+            _, m32, r32 = cynorm.group_norm(x.astype(np.float32), 2, return_stats=True)
+            assert m16.tobytes() == m32.tobytes() and r16.tobytes() == r32.tobytes()

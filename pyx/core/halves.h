@@ -606,55 +606,10 @@ static inline void cynorm_centered4_half(const uint16_t* const* rows, const doub
 #endif
 }
 
-/* core/sums.h's shifted sums of the moments on a 16-bit row: *s1 = Σ (x - shift), *s2 =
- * Σ (x - shift)² in float64 over x[0:n].  The AVX-512 build widens sixteen at a time in
- * registers (the last under a mask); the others widen pieces into a stack row and call
- * cynorm_shifted_sums_f. */
-static inline void cynorm_shifted_sums_half(const uint16_t* x, ptrdiff_t n, double shift,
-                                            double* s1, double* s2, int kind) {
-#if CYNORM_HALF16
-    const __m512d k = _mm512_set1_pd(shift);
-    __m512d a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd();
-    __m512d q0 = _mm512_setzero_pd(), q1 = _mm512_setzero_pd();
-    ptrdiff_t i;
-    for (i = 0; i < n; i += 16) {
-        const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff
-                                        : (__mmask16)((1u << (unsigned)(n - i)) - 1u);
-        const __m256i h = _mm256_maskz_loadu_epi16(m, x + i);
-        const __m512 v = kind == CYNORM_BF16
-            ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
-            : _mm512_cvtph_ps(h);
-        /* lanes past n: 0 - shift, masked out of the sums */
-        const __m512d d0 = _mm512_maskz_sub_pd((__mmask8)(m & 0xff),
-                                               _mm512_cvtps_pd(_mm512_castps512_ps256(v)), k);
-        const __m512d d1 = _mm512_maskz_sub_pd((__mmask8)(m >> 8), _mm512_cvtps_pd(
-            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))), k);
-        a0 = _mm512_add_pd(a0, d0);
-        a1 = _mm512_add_pd(a1, d1);
-        q0 = _mm512_fmadd_pd(d0, d0, q0);
-        q1 = _mm512_fmadd_pd(d1, d1, q1);
-    }
-    *s1 = _mm512_reduce_add_pd(_mm512_add_pd(a0, a1));
-    *s2 = _mm512_reduce_add_pd(_mm512_add_pd(q0, q1));
-#else
-    float w[256];
-    double t1, t2;
-    ptrdiff_t i, e;
-    *s1 = 0.0;
-    *s2 = 0.0;
-    for (i = 0; i < n; i += 256) {
-        e = n - i < 256 ? n - i : 256;
-        cynorm_widen_half(x + i, w, e, kind);
-        cynorm_shifted_sums_f(NULL, NULL, w, e, shift, &t1, &t2);
-        *s1 += t1;
-        *s2 += t2;
-    }
-#endif
-}
-
-/* The backward's gx sums (core/sums.h's cynorm_gx_sums_f) on 16-bit g and x, one function per
- * kind: the same partial sums in the same order, each element widened exactly on its way in,
- * so the bits of cynorm_gx_sums_f over widened copies (w must be NULL). */
+/* core/sums.h's two-sum loops on 16-bit elements, one function per kind: the moments' shifted
+ * sums and the backward's gx sums (g and x 16-bit, w NULL), the same partial sums in the same
+ * order, each element widened exactly on its way in, so the bits of cynorm_shifted_sums_f and
+ * cynorm_gx_sums_f over widened copies. */
 #if defined(__GNUC__) || defined(__clang__)
 #if CYNORM_AVX2_BUILD
 #define CYNORM_LOAD4_F16(v, p)                                                            \
@@ -702,11 +657,23 @@ static inline void cynorm_shifted_sums_half(const uint16_t* x, ptrdiff_t n, doub
 #undef CYNORM_SCALAR
 #define CYNORM_SCALAR(v) ((double)cynorm_h2f(v))
 CYNORM_TWO_SUMS(cynorm_gx_sums_f16, uint16_t, CYNORM_HALF_LOAD_F16, CYNORM_G, CYNORM_GD)
+CYNORM_TWO_SUMS(cynorm_shifted_sums_f16, uint16_t, CYNORM_HALF_LOAD_F16, CYNORM_D, CYNORM_DD)
 #undef CYNORM_SCALAR
 #define CYNORM_SCALAR(v) ((double)cynorm_bf2f(v))
 CYNORM_TWO_SUMS(cynorm_gx_sums_bf16, uint16_t, CYNORM_HALF_LOAD_BF16, CYNORM_G, CYNORM_GD)
+CYNORM_TWO_SUMS(cynorm_shifted_sums_bf16, uint16_t, CYNORM_HALF_LOAD_BF16, CYNORM_D,
+                CYNORM_DD)
 #undef CYNORM_SCALAR
 #define CYNORM_SCALAR(v) ((double)(v))
+
+/* the moments' shifted sums of a 16-bit row (block_moments' on its widened copy, to the bit) */
+static inline void cynorm_shifted_sums_half(const uint16_t* x, ptrdiff_t n, double shift,
+                                            double* s1, double* s2, int kind) {
+    if (kind == CYNORM_BF16)
+        cynorm_shifted_sums_bf16(NULL, NULL, x, n, shift, s1, s2);
+    else
+        cynorm_shifted_sums_f16(NULL, NULL, x, n, shift, s1, s2);
+}
 
 static inline void cynorm_gx_sums_half(const uint16_t* g, const uint16_t* x, ptrdiff_t n,
                                        double shift, double* s1, double* s2, int kind) {

@@ -53,26 +53,32 @@ cdef inline bint is_bits16(cnp.ndarray a) noexcept:
         t == cnp.NPY_UINT16 or t == cnp.NPY_FLOAT16 or t >= NPY_USERDEF)
 
 
+cdef inline void block_moments_half(const uint16_t* x, Py_ssize_t n, int kind, double* hi,
+                                    double* lo, double* m2) noexcept nogil:
+    """core/moments.pxi's block_moments of a 16-bit block, widened in registers (core/halves.h's
+    shifted sums): the same statements, for the same bits."""
+    cdef double shift = cynorm_half2f(x[0], kind), s = 0.0, q = 0.0, inv_n = 1.0 / n
+    cynorm_shifted_sums_half(x, n, shift, &s, &q, kind)
+    hi[0] = shift
+    lo[0] = s * inv_n
+    q = q - s * s * inv_n
+    m2[0] = q if not q < 0.0 else 0.0
+
+
 cdef void row_moments_half(const uint16_t* x, Py_ssize_t n, int kind, double* hi,
                           double* lo, double* m2) noexcept nogil:
-    """core/moments.pxi's row_moments of a contiguous 16-bit row of n >= 1 elements, widened
-    in registers: block_moments' shifted sums (core/halves.h), blocks merged as there."""
-    cdef double count = 0.0, shift, s, q, b_lo, b_m2
-    cdef Py_ssize_t start = 0, nb
+    """core/moments.pxi's row_moments of a contiguous 16-bit row of n >= 1 elements, its
+    statements on block_moments_half: the bits of row_moments on the row's widened copy."""
+    cdef double count, bhi = 0.0, blo = 0.0, bm2 = 0.0
+    cdef Py_ssize_t start, nb
+    nb = n if n < BLOCK else BLOCK
+    block_moments_half(x, nb, kind, hi, lo, m2)
+    count = <double>nb
+    start = nb
     while start < n:
         nb = n - start if n - start < BLOCK else BLOCK
-        shift = cynorm_half2f(x[start], kind)
-        cynorm_shifted_sums_half(x + start, nb, shift, &s, &q, kind)
-        b_lo = s / nb
-        b_m2 = q - s * s / nb
-        b_m2 = b_m2 if not b_m2 < 0.0 else 0.0
-        if start == 0:
-            hi[0] = shift
-            lo[0] = b_lo
-            m2[0] = b_m2
-            count = <double>nb
-        else:
-            chan_merge(&count, lo, m2, <double>nb, (shift - hi[0]) + b_lo, b_m2)
+        block_moments_half(x + start, nb, kind, &bhi, &blo, &bm2)
+        chan_merge(&count, lo, m2, <double>nb, (bhi - hi[0]) + blo, bm2)
         start += nb
 
 

@@ -13,13 +13,12 @@ cdef void moments_rows(const floating* x, Py_ssize_t ld, Py_ssize_t r0, Py_ssize
 cdef void moments_half_rows(const uint16_t* x, Py_ssize_t ld, Py_ssize_t r0, Py_ssize_t r1,
                             Py_ssize_t L, double* parts, float* scratch,
                             int kind) noexcept nogil:
-    """moments_rows of 16-bit rows (kind: core/halves.pxi's), each widened into the float32
-    scratch (L floats) first: the same moments as a float32 copy's rows."""
+    """moments_rows of 16-bit rows (kind: core/halves.pxi's), widened in registers
+    (row_moments_half): the moments of a float32 copy's rows, to the bit."""
     cdef Py_ssize_t i
     for i in range(r0, r1):
-        cynorm_widen_half(x + i * ld, scratch, L, kind)
-        row_moments(<const float*>scratch, L, &parts[3 * i], &parts[3 * i + 1],
-                    &parts[3 * i + 2])
+        row_moments_half(x + i * ld, L, kind, &parts[3 * i], &parts[3 * i + 1],
+                         &parts[3 * i + 2])
 
 
 cdef double merge_row_parts(const double* parts, Py_ssize_t M, Py_ssize_t L, Py_ssize_t C,
