@@ -242,9 +242,9 @@ cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t firs
     x16 (float32 x only, x then unused): 16-bit rows of that kind: the moments of a float32
     copy's rows, without the copy.  The float64 sweep's first block is then FIRST_BLOCK_ROWS
     rows, widened into wide as they are gathered; the blocks after it are widened in registers
-    as they are summed (column_block_centered_half).  With sk, each block's kept rows are
-    widened into wide.  Every block has at most rows_per_block rows (which must be at least
-    FIRST_BLOCK_ROWS); wide holds rows_per_block rows of F floats.
+    as they are summed (column_block_centered_half).  sk must then be NULL (16-bit columns
+    take the float64 sweep: ops/moments.pxi's feature_moments says why), and rows_per_block
+    at least FIRST_BLOCK_ROWS; wide holds rows_per_block rows of F floats.
     """
     cdef const floating* rows[MAX_BLOCK_ROWS]
     cdef const uint16_t* rows16[MAX_BLOCK_ROWS]
@@ -267,11 +267,9 @@ cdef void column_chunk_moments(const floating* x, Py_ssize_t ld, Py_ssize_t firs
                 re = rb + FIRST_BLOCK_ROWS   # the 16-bit rows' first block, widened
         else:
             re = rb + (SCALED_BLOCK_ROWS if scaled else FIRST_BLOCK_ROWS)
-            if x16 != NULL and re > rb + rows_per_block:
-                re = rb + rows_per_block
         re = re if re < last else last
         if floating is float:
-            if x16 != NULL and count[0] > 0 and not scaled:   # widened as they are summed
+            if x16 != NULL and count[0] > 0:   # widened as they are summed
                 nr = gather_rows16(x16, ld, rb, re, mask, rows16)
             elif x16 != NULL:
                 nr = gather_half_rows(x16, ld, rb, re, mask, rows, wide, F, kind)

@@ -276,8 +276,8 @@ cdef void half_affine_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ss
                            bint write_padding, float* scratch, int kind) noexcept nogil:
     """Rows r0..r1, each in pieces of at most AFFINE_CHUNK elements: by_rows, row i is one
     feature, i % P (its m, s, t scalars); else each column has its own (P == cols).  params:
-    (3, P) float64, then (HALF_PARAM_ROWS, P) float32 (half_affine_params).  Rows the mask drops are written
-    as 0 (unless write_padding is off)."""
+    (3, P) float64, then (HALF_PARAM_ROWS, P) float32 (half_affine_params).  Rows the mask
+    drops are written as 0 (unless write_padding is off)."""
     cdef Py_ssize_t i, a, n, f
     cdef const float* pf = <const float*>(params + 3 * P)
     for i in range(r0, r1):

@@ -19,8 +19,8 @@ cdef void half_params(double* st, Py_ssize_t NG, Py_ssize_t n, Py_ssize_t G, Py_
     """Groups g0..g1 of sample n: their mean and rstd into st's rows 4 and 5 (NaN without a
     real position), and the 16-bit affine's parameters of their channels into work: (3, F)
     doubles of statistics (each channel's group mean as hi + lo, its variance), then
-    half_affine_params' (3, F) doubles and (HALF_PARAM_ROWS, F) floats (F = (g1 - g0)·Cg channels from
-    channel g0·Cg)."""
+    half_affine_params' (3, F) doubles and (HALF_PARAM_ROWS, F) floats (F = (g1 - g0)·Cg
+    channels from channel g0·Cg)."""
     cdef Py_ssize_t F = (g1 - g0) * Cg, g, c, u
     cdef double count, var
     for g in range(g0, g1):
@@ -83,10 +83,11 @@ cdef void group_half_last(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ssize
                           const unsigned char* mask, bint write_padding, double* work,
                           float* scratch, int kind) noexcept nogil:
     """Channels-last sample n: its column moments (core/columns.pxi's float64 sweep, the rows
-    widened in registers), merged per group into st (unless given); then its rows by the 16-bit affine with per-channel parameters, K =
-    half_last_repeats rows as one (the parameters repeated K times).  work: 16·C doubles, then
-    (3, K·C) doubles and (HALF_PARAM_ROWS, K·C) floats; scratch: rows_per_block(C) rows of C
-    floats (at least AFFINE_CHUNK)."""
+    widened in registers), merged per group into st (unless given); then its rows by the
+    16-bit affine with per-channel parameters, K = half_last_repeats rows as one (the
+    parameters repeated K times).  work: 16·C doubles, then (3, K·C) doubles and
+    (HALF_PARAM_ROWS, K·C) floats; scratch: rows_per_block(C) rows of C floats (at least
+    AFFINE_CHUNK)."""
     cdef Py_ssize_t Cg = C // G, R = rows_per_block(C, sizeof(float)), g, c, u, r0, k, r
     cdef Py_ssize_t K = half_last_repeats(C, mask != NULL), P
     cdef const uint16_t* xn = x + n * S * C
@@ -198,11 +199,13 @@ def group_norm_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py
 
 
 # ---------------------------------------------------------------------------------------------
-# Backward on 16-bit g and x, dx written as 16-bit: the float32 backward's units over widened
-# rows (core/halves_backward.pxi).  Channels-first, a unit's Cg rows at once (group_unit_grad);
-# channels-last, the sample B rows at a time, once for its column sums and once for its dx
-# (bn_sums_columns accumulating over whole fours of rows: the bits of one sweep over all of
-# them).  dx and the sums are those of the float32 backward of widened copies, to the bit.
+# Backward on 16-bit g and x, dx written as 16-bit.  An unmasked channels-first unit is read in
+# 16 bits, its sums and dx widened in registers (group_half_unit_grad); the other units run
+# the float32 backward's over widened rows (core/halves_backward.pxi): a masked channels-first
+# unit's Cg rows at once (group_unit_grad); channels-last, the sample B rows at a time, once
+# for its column sums and once for its dx (bn_sums_columns accumulating over whole fours of
+# rows: the bits of one sweep over all of them).  dx and the sums are those of the float32
+# backward of widened copies, to the bit.
 
 cdef void group_half_unit_grad(const uint16_t* g, const uint16_t* x, uint16_t* dx,
                                Py_ssize_t Cg, Py_ssize_t S, double cnt, double mean, double r,
@@ -229,8 +232,9 @@ cdef void group_half_grad_units(const uint16_t* g, const uint16_t* x, uint16_t* 
                                 bint fixed, const unsigned char* mask, double* sums,
                                 float* scratch, Py_ssize_t B, int kind, Py_ssize_t t,
                                 Py_ssize_t T) noexcept nogil:
-    """Thread t of T: its contiguous range of units.  scratch: 3·Cg·S floats (channels-first)
-    or 4·C + 3·B·C (channels-last: the coefficients, then B rows each of g, x and dx)."""
+    """Thread t of T: its contiguous range of units.  scratch: 3·Cg·S floats (channels-first
+    with a mask) or 4·C + 3·B·C (channels-last: the coefficients, then B rows each of g, x and
+    dx)."""
     cdef Py_ssize_t NG = N * G, Cg = C // G, U = N if channels_last else NG, u, n, i, r0, r1
     cdef Py_ssize_t E = Cg * S
     cdef float* coef = scratch
@@ -306,7 +310,10 @@ cdef Py_ssize_t run_half_group_norm_backward(cnp.ndarray g, cnp.ndarray x, cnp.n
         raise ValueError(f"unknown 16-bit kind {kind}")
     if not is_bits16(g) or not is_bits16(x) or not is_bits16(dx):
         raise TypeError("group_norm_backward: g, x and dx must be 16-bit arrays")
-    per_thread = 4 * C + 3 * B * C if channels_last else 3 * (C // G) * S
+    if channels_last:
+        per_thread = 4 * C + 3 * B * C
+    else:   # unmasked units need none (group_half_unit_grad)
+        per_thread = 3 * (C // G) * S if mk != NULL else 1
     per_thread = (per_thread + 15) // 16 * 16
     scratch = <float*>malloc(sizeof(float) * T * per_thread)
     if scratch == NULL:
