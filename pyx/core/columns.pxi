@@ -26,7 +26,7 @@ cdef extern from "core/sums.h" nogil:
                           double* q, Py_ssize_t F) noexcept
     float cynorm_unit_scale(double y) noexcept
 
-cdef extern from "core/halves.h" nogil:
+cdef extern from "core/halves_sums.h" nogil:
     # column_block_centered's four rows read from 16-bit rows, widened in registers
     void cynorm_centered4_half(const uint16_t* const* rows, const double* shift, double* c,
                                double* q, Py_ssize_t F, int kind, float* scratch) noexcept
@@ -152,7 +152,7 @@ cdef void column_block_centered_half(const uint16_t** rows, Py_ssize_t nr, Py_ss
                                      const double* shift, double* c, double* q, int kind,
                                      float* wide) noexcept nogil:
     """column_block_centered of 16-bit rows (kind: core/halves.pxi's), four at a time widened
-    in registers (core/halves.h), the rest one at a time through wide (at least 4·F floats)."""
+    in registers (core/halves_sums.h), the rest one at a time through wide (at least 4·F floats)."""
     cdef Py_ssize_t r = 0
     while r + 4 <= nr:
         cynorm_centered4_half(rows + r, shift, c, q, F, kind, wide)

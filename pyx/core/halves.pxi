@@ -23,6 +23,15 @@ cdef extern from "core/halves.h" nogil:
                            float rs, double m, double mlo, double rsd, const float* w,
                            const float* b, int kind, int stream) noexcept
     float cynorm_half2f(uint16_t h, int kind) noexcept
+    void cynorm_affine_half(const uint16_t* x, uint16_t* y, Py_ssize_t n, const double* m,
+                            const double* s, const double* t, const float* mf, const float* sf,
+                            const float* tf, const float* lf, int per_elem, float* scratch,
+                            int kind) noexcept
+    float HALF_CANCEL "CYNORM_HALF_CANCEL"
+
+
+cdef extern from "core/halves_sums.h" nogil:
+    # core/sums.h's row sums on 16-bit rows (the float32 copy's bits), and the dx row
     void cynorm_shifted_sums_half(const uint16_t* x, Py_ssize_t n, double shift, double* s1,
                                   double* s2, int kind) noexcept
     void cynorm_gx_sums_half(const uint16_t* g, const uint16_t* x, Py_ssize_t n, double shift,
@@ -30,11 +39,6 @@ cdef extern from "core/halves.h" nogil:
     void cynorm_bn_dx_half(const uint16_t* g, const uint16_t* x, uint16_t* dx, Py_ssize_t n,
                            float mh, float k1, float k2, float k3, int training,
                            int kind) noexcept
-    void cynorm_affine_half(const uint16_t* x, uint16_t* y, Py_ssize_t n, const double* m,
-                            const double* s, const double* t, const float* mf, const float* sf,
-                            const float* tf, const float* lf, int per_elem, float* scratch,
-                            int kind) noexcept
-    float HALF_CANCEL "CYNORM_HALF_CANCEL"
 
 
 # half_affine_params' float32 rows per feature (m_hi, scale, shift, and the float64 limit)
@@ -55,8 +59,8 @@ cdef inline bint is_bits16(cnp.ndarray a) noexcept:
 
 cdef inline void block_moments_half(const uint16_t* x, Py_ssize_t n, int kind, double* hi,
                                     double* lo, double* m2) noexcept nogil:
-    """core/moments.pxi's block_moments of a 16-bit block, widened in registers (core/halves.h's
-    shifted sums): the same statements, for the same bits."""
+    """core/moments.pxi's block_moments of a 16-bit block, widened in registers
+    (core/halves_sums.h's shifted sums): the same statements, for the same bits."""
     cdef double shift = cynorm_half2f(x[0], kind), s = 0.0, q = 0.0, inv_n = 1.0 / n
     cynorm_shifted_sums_half(x, n, shift, &s, &q, kind)
     hi[0] = shift

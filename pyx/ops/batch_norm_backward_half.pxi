@@ -23,7 +23,7 @@ cdef void half_bn_rows(const uint16_t* g, Py_ssize_t ldg, const uint16_t* x, Py_
     cdef float* xs = scratch + B * cols
     cdef float* ds = scratch + 2 * B * cols
     cdef Py_ssize_t i0 = r0, i1, c
-    if by_rows and mask == NULL:   # a row at a time, widened in registers (core/halves.h)
+    if by_rows and mask == NULL:   # a row at a time, widened in registers (core/halves_sums.h)
         for i0 in range(r0, r1):
             c = row_feature(i0, C)
             if sums:

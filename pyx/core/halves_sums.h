@@ -1,0 +1,187 @@
+/* cynorm core: core/sums.h's reductions and the backward's dx row on 16-bit floats (float16,
+ * bfloat16), widened in registers as they are read (core/halves.h's conversions): the column
+ * sweep's centred sums of four rows, the moments' shifted sums and the backward's gx sums of a
+ * row (core/sums.h's loops instantiated on 16-bit elements: the float32 copy's bits), and
+ * BatchNorm's / the group norms' dx row written in 16 bits.
+ */
+#ifndef CYNORM_CORE_HALVES_SUMS_H
+#define CYNORM_CORE_HALVES_SUMS_H
+
+#include "halves.h"
+#include "sums.h"
+
+/* core/sums.h's centred sums of four rows on 16-bit rows (the float64 column sweep):
+ *   c[f] += Σ_k (r_k[f] - shift[f]),   q[f] += Σ_k (r_k[f] - shift[f])²
+ * in float64, in cynorm_centered4_f's order.  The AVX-512 build widens in registers, sixteen
+ * columns of the four rows at a time (the last ones under a mask); the others widen the rows
+ * into scratch (4 * F floats) and call cynorm_centered4_f. */
+static inline void cynorm_centered4_half(const uint16_t* const* rows, const double* shift,
+                                         double* c, double* q, ptrdiff_t F, int kind,
+                                         float* scratch) {
+#if CYNORM_HALF16
+    ptrdiff_t f;
+    int r, h;
+    for (f = 0; f < F; f += 16) {
+        const __mmask16 m = F - f >= 16 ? (__mmask16)0xffff
+                                        : (__mmask16)((1u << (unsigned)(F - f)) - 1u);
+        __m512 v[4];
+        for (r = 0; r < 4; r++) {
+            const __m256i x = _mm256_maskz_loadu_epi16(m, rows[r] + f);
+            v[r] = kind == CYNORM_BF16
+                ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16))
+                : _mm512_cvtph_ps(x);
+        }
+        for (h = 0; h < 2; h++) {   /* columns f..f+7, then f+8..f+15, in float64 */
+            const __mmask8 mh = (__mmask8)(h ? m >> 8 : m & 0xff);
+            const ptrdiff_t o = f + 8 * h;
+            const __m512d sh = _mm512_maskz_loadu_pd(mh, shift + o);
+            __m512d d[4];
+            for (r = 0; r < 4; r++) {
+                const __m256 part = h ? _mm256_castpd_ps(_mm512_extractf64x4_pd(
+                                            _mm512_castps_pd(v[r]), 1))
+                                      : _mm512_castps512_ps256(v[r]);
+                d[r] = _mm512_sub_pd(_mm512_cvtps_pd(part), sh);
+            }
+            _mm512_mask_storeu_pd(c + o, mh, _mm512_add_pd(
+                _mm512_maskz_loadu_pd(mh, c + o),
+                _mm512_add_pd(_mm512_add_pd(d[0], d[1]), _mm512_add_pd(d[2], d[3]))));
+            _mm512_mask_storeu_pd(q + o, mh, _mm512_add_pd(
+                _mm512_maskz_loadu_pd(mh, q + o),
+                _mm512_add_pd(_mm512_fmadd_pd(d[0], d[0], _mm512_mul_pd(d[1], d[1])),
+                              _mm512_fmadd_pd(d[2], d[2], _mm512_mul_pd(d[3], d[3])))));
+        }
+    }
+    (void)scratch;
+#else
+    int r;
+    for (r = 0; r < 4; r++)
+        cynorm_widen_half(rows[r], scratch + r * F, F, kind);
+    cynorm_centered4_f(scratch, scratch + F, scratch + 2 * F, scratch + 3 * F, shift, c, q, 0,
+                       F);
+#endif
+}
+
+/* core/sums.h's two-sum loops on 16-bit elements, one function per kind: the moments' shifted
+ * sums and the backward's gx sums (g and x 16-bit, w NULL), the same partial sums in the same
+ * order, each element widened exactly on its way in, so the bits of cynorm_shifted_sums_f and
+ * cynorm_gx_sums_f over widened copies. */
+#if defined(__GNUC__) || defined(__clang__)
+#if CYNORM_AVX2_BUILD
+#define CYNORM_LOAD4_F16(v, p)                                                            \
+    (v) = (cynorm_v4d)_mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(p))))
+#define CYNORM_LOAD4_BF16(v, p)                                                           \
+    (v) = (cynorm_v4d)_mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(                    \
+        _mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i*)(p))), 16)))
+#define CYNORM_HALF_LOAD_F16 CYNORM_LOAD4_F16
+#define CYNORM_HALF_LOAD_BF16 CYNORM_LOAD4_BF16
+#else
+#if defined(__F16C__)
+#define CYNORM_LOAD8_F16(v, p)                                                            \
+    (v) = cynorm_widen((cynorm_v8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p))))
+#else
+#define CYNORM_LOAD8_F16(v, p)                                                            \
+    do {                                                                                  \
+        cynorm_v8f f_;                                                                    \
+        int l_;                                                                           \
+        for (l_ = 0; l_ < 8; l_++)                                                        \
+            f_[l_] = cynorm_h2f((p)[l_]);                                                 \
+        (v) = cynorm_widen(f_);                                                           \
+    } while (0)
+#endif
+#if defined(__AVX2__)
+#define CYNORM_LOAD8_BF16(v, p)                                                           \
+    (v) = cynorm_widen((cynorm_v8f)_mm256_castsi256_ps(_mm256_slli_epi32(                 \
+        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(p))), 16)))
+#else
+#define CYNORM_LOAD8_BF16(v, p)                                                           \
+    do {                                                                                  \
+        cynorm_v8h h_;                                                                    \
+        cynorm_v8u u_;                                                                    \
+        memcpy(&h_, (p), sizeof h_);                                                      \
+        u_ = __builtin_convertvector(h_, cynorm_v8u) << 16;                               \
+        (v) = cynorm_widen((cynorm_v8f)u_);                                               \
+    } while (0)
+#endif
+#define CYNORM_HALF_LOAD_F16 CYNORM_LOAD8_F16
+#define CYNORM_HALF_LOAD_BF16 CYNORM_LOAD8_BF16
+#endif
+#else
+#define CYNORM_HALF_LOAD_F16
+#define CYNORM_HALF_LOAD_BF16
+#endif
+#undef CYNORM_SCALAR
+#define CYNORM_SCALAR(v) ((double)cynorm_h2f(v))
+CYNORM_TWO_SUMS(cynorm_gx_sums_f16, uint16_t, CYNORM_HALF_LOAD_F16, CYNORM_G, CYNORM_GD)
+CYNORM_TWO_SUMS(cynorm_shifted_sums_f16, uint16_t, CYNORM_HALF_LOAD_F16, CYNORM_D, CYNORM_DD)
+#undef CYNORM_SCALAR
+#define CYNORM_SCALAR(v) ((double)cynorm_bf2f(v))
+CYNORM_TWO_SUMS(cynorm_gx_sums_bf16, uint16_t, CYNORM_HALF_LOAD_BF16, CYNORM_G, CYNORM_GD)
+CYNORM_TWO_SUMS(cynorm_shifted_sums_bf16, uint16_t, CYNORM_HALF_LOAD_BF16, CYNORM_D,
+                CYNORM_DD)
+#undef CYNORM_SCALAR
+#define CYNORM_SCALAR(v) ((double)(v))
+
+/* the moments' shifted sums of a 16-bit row (block_moments' on its widened copy, to the bit) */
+static inline void cynorm_shifted_sums_half(const uint16_t* x, ptrdiff_t n, double shift,
+                                            double* s1, double* s2, int kind) {
+    if (kind == CYNORM_BF16)
+        cynorm_shifted_sums_bf16(NULL, NULL, x, n, shift, s1, s2);
+    else
+        cynorm_shifted_sums_f16(NULL, NULL, x, n, shift, s1, s2);
+}
+
+static inline void cynorm_gx_sums_half(const uint16_t* g, const uint16_t* x, ptrdiff_t n,
+                                       double shift, double* s1, double* s2, int kind) {
+    if (kind == CYNORM_BF16)
+        cynorm_gx_sums_bf16(g, NULL, x, n, shift, s1, s2);
+    else
+        cynorm_gx_sums_f16(g, NULL, x, n, shift, s1, s2);
+}
+
+/* BatchNorm's / the group norms' dx row on 16-bit g, x and dx: dx = k1·g + (k2·(x - mh) +
+ * k3) (training), k1·g (not), in float32 as the float32 row computes it, narrowed once.  The
+ * AVX-512 build widens in registers, sixteen at a time; the others widen pieces of the row
+ * into a stack scratch. */
+static inline void cynorm_bn_dx_half(const uint16_t* g, const uint16_t* x, uint16_t* dx,
+                                     ptrdiff_t n, float mh, float k1, float k2, float k3,
+                                     int training, int kind) {
+    ptrdiff_t j = 0, a, e, l;
+#if CYNORM_HALF16
+    const __m512 vm = _mm512_set1_ps(mh), v1 = _mm512_set1_ps(k1);
+    const __m512 v2 = _mm512_set1_ps(k2), v3 = _mm512_set1_ps(k3);
+    for (; j + 16 <= n; j += 16) {
+        const __m256i hg = _mm256_loadu_si256((const __m256i*)(g + j));
+        const __m256i hx = _mm256_loadu_si256((const __m256i*)(x + j));
+        const __m512 gv = kind == CYNORM_BF16
+            ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hg), 16))
+            : _mm512_cvtph_ps(hg);
+        __m512 r;
+        if (training) {
+            const __m512 xv = kind == CYNORM_BF16
+                ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hx), 16))
+                : _mm512_cvtph_ps(hx);
+            r = _mm512_fmadd_ps(v1, gv, _mm512_fmadd_ps(v2, _mm512_sub_ps(xv, vm), v3));
+        } else {
+            r = _mm512_mul_ps(v1, gv);
+        }
+        cynorm_narrow16(r, dx + j, kind);
+    }
+#endif
+    {
+        float gs[256], xs[256];
+        for (a = j; a < n; a += 256) {
+            e = n - a < 256 ? n - a : 256;
+            cynorm_widen_half(g + a, gs, e, kind);
+            cynorm_widen_half(x + a, xs, e, kind);
+            if (training)
+                for (l = 0; l < e; l++)
+                    gs[l] = k1 * gs[l] + (k2 * (xs[l] - mh) + k3);
+            else
+                for (l = 0; l < e; l++)
+                    gs[l] = k1 * gs[l];
+            cynorm_narrow_half(gs, dx + a, e, kind);
+        }
+    }
+}
+
+#endif /* CYNORM_CORE_HALVES_SUMS_H */
