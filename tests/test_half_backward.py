@@ -64,10 +64,13 @@ def _assert_same_backward(got, want, dt, params):
 
 def _check_build(level, dt, dx, dx32, sums, exact=True):
     """A kernels build's 16-bit dx against the float32 kernels' dx32, and its (got, want)
-    pairs of sums: within one 16-bit ulp and close in every build (they may differ in a float32
-    sum's last bit: their vector widths); in the build the CPU runs, dx to the bit, and with
-    exact (the same threads: the partial sums added in the same grouping) the sums too."""
-    assert ulps16(dx, dx32.astype(dt)).max() <= 1, level
+    pairs of sums: close in every build, dx within one 16-bit ulp (builds may differ in a
+    float32 sum's last bit, their vector widths, and the baseline has no fused multiply-add:
+    where dx's terms cancel to near 0 that is many ulps of a tiny result, so there dx need
+    only be within 2^-20 of the largest |dx|); in the build the CPU runs, dx to the bit, and
+    with exact (the same threads: the partial sums added in the same grouping) the sums too."""
+    near = np.abs(dx.astype(np.float64) - dx32) <= 2.0 ** -20 * np.nanmax(np.abs(dx32))
+    assert ((ulps16(dx, dx32.astype(dt)) <= 1) | near).all(), level
     for a, c in sums:
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-4)
     if level == _isa.kernels.ISA:
