@@ -160,9 +160,11 @@ static inline void cynorm_bn_dx_half(const uint16_t* g, const uint16_t* x, uint1
             const __m512 xv = kind == CYNORM_BF16
                 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hx), 16))
                 : _mm512_cvtph_ps(hx);
-            r = _mm512_fmadd_ps(v1, gv, _mm512_fmadd_ps(v2, _mm512_sub_ps(xv, vm), v3));
+            /* the float32 row's expression as written, not fmadd intrinsics: the compiler
+               then fuses (or, at -O0, does not fuse) both alike */
+            r = v1 * gv + (v2 * (xv - vm) + v3);
         } else {
-            r = _mm512_mul_ps(v1, gv);
+            r = v1 * gv;
         }
         cynorm_narrow16(r, dx + j, kind);
     }
