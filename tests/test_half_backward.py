@@ -256,7 +256,7 @@ def test_non_finite_and_huge(rng, name):
 
 # (N, C) and short L down the columns, long L by rows, feature-last, 4-D
 BN_LAYOUTS = [((40, 24), 1), ((6, 5, 9), 1), ((6, 5, 70), 1), ((4, 9, 12), -1),
-              ((3, 4, 8, 9), 1), ((2, 3, 2100), 1), ((1000, 3), 1)]
+              ((3, 4, 8, 9), 1), ((2, 3, 2100), 1), ((1000, 3), 1), ((3001, 45), 1)]
 
 
 def _bn_case(rng, dt, shape, axis, params, training, offset_sigmas=30):

@@ -93,7 +93,16 @@ typedef uint16_t cynorm_v8h __attribute__((vector_size(16)));
 /* eight floats narrowed to eight 16-bit values in a register, rounded to nearest even */
 static inline cynorm_v8h cynorm_pack8(cynorm_v8f v, int kind) {
     if (kind == CYNORM_BF16) {
-#if defined(__AVX2__)
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+        /* cynorm_pack16's steps on eight floats */
+        const __m256i u = _mm256_castps_si256((__m256)v);
+        __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
+                                     _mm256_and_si256(_mm256_srli_epi32(u, 16),
+                                                      _mm256_set1_epi32(1)));
+        r = _mm256_mask_or_epi32(r, _mm256_cmp_ps_mask((__m256)v, (__m256)v, _CMP_UNORD_Q), u,
+                                 _mm256_set1_epi32(0x400000));
+        return (cynorm_v8h)_mm256_cvtepi32_epi16(_mm256_srli_epi32(r, 16));
+#elif defined(__AVX2__)
         const __m256i u = _mm256_castps_si256((__m256)v), top = _mm256_srli_epi32(u, 16);
         __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
                                      _mm256_and_si256(top, _mm256_set1_epi32(1)));
@@ -138,6 +147,53 @@ static inline void cynorm_store8h(uint16_t* d, cynorm_v8h o) {
 
 static inline void cynorm_narrow8(cynorm_v8f v, uint16_t* d, int kind) {
     cynorm_store8h(d, cynorm_pack8(v, kind));
+}
+
+/* eight 16-bit values widened in a register (exactly) */
+static inline cynorm_v8f cynorm_unpack8(cynorm_v8h h, int kind) {
+    if (kind == CYNORM_BF16)
+#if defined(__AVX2__)
+        return (cynorm_v8f)_mm256_slli_epi32(_mm256_cvtepu16_epi32((__m128i)h), 16);
+#else
+        return (cynorm_v8f)(__builtin_convertvector(h, cynorm_v8u) << 16);
+#endif
+#if defined(__F16C__)
+    return (cynorm_v8f)_mm256_cvtph_ps((__m128i)h);
+#else
+    {
+        cynorm_v8f v;
+        for (int k = 0; k < 8; k++)
+            v[k] = cynorm_h2f(h[k]);
+        return v;
+    }
+#endif
+}
+
+/* cynorm_ldf and cynorm_stf on 16-bit elements: the first n (1 to 8) at p widened (the others
+   0), or v's first n narrowed to p */
+static inline cynorm_v8f cynorm_ldh(const uint16_t* p, ptrdiff_t n, int kind) {
+    cynorm_v8h h = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (n == 8)
+        memcpy(&h, p, sizeof h);
+    else
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+        h = (cynorm_v8h)_mm_maskz_loadu_epi16((__mmask8)((1u << n) - 1), p);
+#else
+        memcpy(&h, p, (size_t)n * sizeof(uint16_t));
+#endif
+    return cynorm_unpack8(h, kind);
+}
+
+static inline void cynorm_sth(uint16_t* p, cynorm_v8f v, ptrdiff_t n, int kind) {
+    cynorm_v8h o = cynorm_pack8(v, kind);
+    if (n == 8)
+        cynorm_store8h(p, o);
+    else
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+        _mm_mask_storeu_epi16(p, (__mmask8)((1u << n) - 1), (__m128i)o);
+#else
+        memcpy(p, &o, (size_t)n * sizeof(uint16_t));
+#endif
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)

@@ -5,7 +5,16 @@
 # a parameter gradient asks for them) from the same widened block, in one pass.  The blocks are
 # whole fours of rows from the start of each thread's range, so the sums are added in the
 # float32 backward's order: dx, dw and db are those of the float32 backward of widened copies,
-# to the bit.
+# to the bit.  The unmasked layouts are read in 16 bits and widened in registers instead (by
+# rows: core/halves_sums.h; by columns: ops/batch_norm.h), with the same grouping of rows.
+
+cdef extern from "ops/batch_norm.h" nogil:
+    void cynorm_bn_colsums4_half(const uint16_t** g, const uint16_t** x, const float* m,
+                                 double* sg, double* sgx, Py_ssize_t F, const float* k,
+                                 uint16_t* d0, Py_ssize_t ld, int kind, float* scratch) noexcept
+    void cynorm_bn_dx_vec_half(const uint16_t* g, const uint16_t* x, uint16_t* dx,
+                               Py_ssize_t n, const float* mh, const float* k1, const float* k2,
+                               const float* k3, bint training, int kind) noexcept
 
 
 cdef void half_bn_rows(const uint16_t* g, Py_ssize_t ldg, const uint16_t* x, Py_ssize_t ldx,
@@ -16,13 +25,18 @@ cdef void half_bn_rows(const uint16_t* g, Py_ssize_t ldg, const uint16_t* x, Py_
                        const unsigned char* mask, float* scratch, Py_ssize_t B,
                        int kind) noexcept nogil:
     """Rows r0..r1: with sums, their sums (by rows: per row into parts; by columns: added to
-    sg and sgx, this thread's); with coef (not NULL), their dx.  By rows without a mask each
-    row is read in 16 bits, widened in registers (cynorm_gx_sums_half, cynorm_bn_dx_half: the
-    float32 row's bits); else B rows at a time widened into scratch."""
+    sg and sgx, this thread's); with coef (not NULL), their dx.  Without a mask the rows are
+    read in 16 bits, widened in registers: by rows a row at a time (cynorm_gx_sums_half,
+    cynorm_bn_dx_half: the float32 row's bits), by columns four rows at a time
+    (cynorm_bn_colsums4_half, cynorm_bn_dx_vec_half: bn_sums_columns' and bn_dx_range's
+    bits), the last few rows as below; else B rows at a time widened into scratch."""
     cdef float* gs = scratch
     cdef float* xs = scratch + B * cols
     cdef float* ds = scratch + 2 * B * cols
-    cdef Py_ssize_t i0 = r0, i1, c
+    cdef Py_ssize_t i0 = r0, i1, c, k
+    cdef const uint16_t* g4[4]
+    cdef const uint16_t* x4[4]
+    cdef bint same_sweep = sums and coef != NULL and not training
     if by_rows and mask == NULL:   # a row at a time, widened in registers (core/halves_sums.h)
         for i0 in range(r0, r1):
             c = row_feature(i0, C)
@@ -34,6 +48,22 @@ cdef void half_bn_rows(const uint16_t* g, Py_ssize_t ldg, const uint16_t* x, Py_
                                   coef[C + c], coef[2 * C + c], coef[3 * C + c], training,
                                   kind)
         return
+    if not by_rows and mask == NULL:   # four rows at a time, widened in registers
+        while i0 + 4 <= r1:
+            for k in range(4):
+                g4[k] = g + (i0 + k) * ldg
+                x4[k] = x + (i0 + k) * ldx
+            if sums:   # (eval: dx = k1·g in the same sweep)
+                cynorm_bn_colsums4_half(g4, x4, mean_col, sg, sgx, cols,
+                                        coef + cols if same_sweep else NULL,
+                                        dx + i0 * lddx if same_sweep else NULL, lddx, kind,
+                                        scratch)
+            if coef != NULL and not same_sweep:
+                for k in range(4):
+                    cynorm_bn_dx_vec_half(g4[k], x4[k], dx + (i0 + k) * lddx, cols, coef,
+                                          coef + cols, coef + 2 * cols, coef + 3 * cols,
+                                          training, kind)
+            i0 += 4
     while i0 < r1:
         i1 = min(i0 + B, r1)
         widen_rows(g, ldg, i0, i1, cols, gs, kind)
