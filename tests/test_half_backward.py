@@ -82,7 +82,8 @@ def _check_build(level, dt, dx, dx32, sums, exact=True):
 
 @pytest.mark.parametrize("name", HALVES)
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("shape", [(3, 1), (7, 33), (64, 768), (13, 4099), (2, 9, 40)])
+@pytest.mark.parametrize("shape", [(3, 1), (7, 33), (64, 768), (13, 4099), (2, 9, 40),
+                                   (301, 517)])
 @pytest.mark.parametrize("params", ["none", "float32", "input"])
 @pytest.mark.parametrize("residual", [False, True])
 def test_same_bits_as_the_float32_backward(rng, name, op, shape, params, residual):
@@ -195,16 +196,18 @@ def test_masks_and_padding(rng, name, op):
 
 
 @pytest.mark.parametrize("name", HALVES)
-def test_threads_and_every_kernels_build_agree(rng, name):
+@pytest.mark.parametrize("residual", [False, True])
+def test_threads_and_every_kernels_build_agree(rng, name, residual):
     """The same bits from 1 and 2 threads, and from every kernels build the CPU runs, called
-    directly with 16-bit arrays (strided rows of g and x, a 16-bit weight), and those of the
-    float32 backward of the widened rows."""
+    directly with 16-bit arrays (strided rows of g and x, a 16-bit weight; with and without the
+    residual stream's gradient, whose rows are widened into scratch), and those of the float32
+    backward of the widened rows."""
     dt = half_dtype(name)
     M, D = 203, 300
     kind_name = "HALF_BFLOAT16" if name == "bfloat16" else "HALF_FLOAT16"
     x = half_data(rng, (M, D + 20), dt, offset_sigmas=40)[:, 5:D + 5]
     g = half_data(rng, (M, D + 7), dt, offset_sigmas=0, scale=1.0)[:, :D]
-    gr = half_data(rng, (M, D), dt, offset_sigmas=0, scale=1.0)
+    gr = half_data(rng, (M, D), dt, offset_sigmas=0, scale=1.0) if residual else None
     w = rng.uniform(0.5, 2.0, D).astype(dt)
     mean, rstd = _forward_stats("layer_norm", np.ascontiguousarray(x), D, w, None)
     mean, rstd = mean.reshape(M), rstd.reshape(M)
@@ -228,7 +231,7 @@ def test_threads_and_every_kernels_build_agree(rng, name):
             db32 = np.empty(D, np.float32)
             k.layer_norm_backward(g.astype(np.float32), x.astype(np.float32), dx32, D,
                                   w.astype(np.float32), mean, rstd, dw32, db32, T32, m,
-                                  gr.astype(np.float32))
+                                  None if gr is None else gr.astype(np.float32))
             for level, T, plain, dx, dw, db in results:
                 if plain != (m is None):
                     continue

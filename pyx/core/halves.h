@@ -196,6 +196,13 @@ static inline void cynorm_sth(uint16_t* p, cynorm_v8f v, ptrdiff_t n, int kind) 
 #endif
 }
 
+/* the two as the LOAD(p, n) and STORE(p, v, n, nt) of the sweeps instantiated per element
+   type, one kind each (16-bit stores are plain: nt is ignored) */
+#define CYNORM_LDH_F16(p, n) cynorm_ldh(p, n, CYNORM_F16)
+#define CYNORM_LDH_BF16(p, n) cynorm_ldh(p, n, CYNORM_BF16)
+#define CYNORM_STH_F16(p, v, n, nt) cynorm_sth(p, v, n, CYNORM_F16)
+#define CYNORM_STH_BF16(p, v, n, nt) cynorm_sth(p, v, n, CYNORM_BF16)
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define CYNORM_HALF16 1
 /* the AVX-512 build's blocks of sixteen: cynorm_pack8 and cynorm_half_block on one zmm */

@@ -8,7 +8,20 @@
 # rows from the start of the thread's range, so the float32 sweeps see the same groups of four
 # rows, and add to the parameter gradients in the same order, as over a float32 copy of the
 # whole input: dx, dw and db are those of the float32 backward of the widened arrays, to the
-# bit, without the widened copies.
+# bit, without the widened copies.  Without a mask or a residual stream, and where the build
+# has them (CYNORM_HALF_ROWS_BACKWARD), each thread's fours of rows are read in 16 bits and
+# widened in registers instead, by core/rows_backward.h's sweeps instantiated on 16-bit rows
+# (core/halves_sums.h), and only the last few rows go through scratch.
+
+cdef extern from "core/halves_sums.h" nogil:
+    bint HALF_ROWS_BACKWARD "CYNORM_HALF_ROWS_BACKWARD"
+    void cynorm_ln_gx_sums_half(const uint16_t* g, const float* w, const uint16_t* x,
+                                Py_ssize_t n, float mh, float ml, double* sg, double* sgx,
+                                Py_ssize_t ahead_g, Py_ssize_t ahead_x, int kind) noexcept
+    void cynorm_ln_paramgrads4_half(const uint16_t** g, const uint16_t** x, const float* mh,
+                                    const float* ml, const float* rs, double* dw, double* db,
+                                    Py_ssize_t D, const float* w, const float* af,
+                                    const float* cf, uint16_t** dx, int kind) noexcept
 
 
 cdef inline void widen_rows(const uint16_t* a, Py_ssize_t lda, Py_ssize_t r0, Py_ssize_t r1,
@@ -48,7 +61,32 @@ cdef void half_norm_backward_rows(const uint16_t* g, Py_ssize_t ldg, const uint1
     cdef float* xs = scratch + B * D
     cdef float* ds = scratch + 2 * B * D
     cdef float* rs = scratch + 3 * B * D if gr != NULL else NULL
-    cdef Py_ssize_t i0 = r0, i1, i
+    cdef Py_ssize_t i0 = r0, i1, i, k
+    cdef double rsd, sg = 0.0, sgx = 0.0
+    cdef const uint16_t* g4[4]
+    cdef const uint16_t* x4[4]
+    cdef uint16_t* dx4[4]
+    cdef float mh4[4]
+    cdef float ml4[4]
+    cdef float rs4[4]
+    cdef float af4[4]
+    cdef float cf4[4]
+    if HALF_ROWS_BACKWARD and mask == NULL and gr == NULL:
+        # norm_backward_rows' float32 fours of rows, on the 16-bit rows
+        while i0 + 4 <= r1:
+            for k in range(4):
+                g4[k] = g + (i0 + k) * ldg
+                x4[k] = x + (i0 + k) * ldx
+                dx4[k] = dx + (i0 + k) * lddx
+                rsd = rstd[i0 + k]
+                split_mean(mean[i0 + k] if mean != NULL else 0.0, 0.0, &mh4[k], &ml4[k])
+                rs4[k] = <float>rsd
+                cynorm_ln_gx_sums_half(g4[k], w, x4[k], D, mh4[k], ml4[k], &sg, &sgx, 4 * ldg,
+                                       4 * ldx, kind)
+                af4[k] = <float>(sg / D) if centred else 0.0
+                cf4[k] = <float>(rsd * rsd * rsd * sgx / D)
+            cynorm_ln_paramgrads4_half(g4, x4, mh4, ml4, rs4, dw, db, D, w, af4, cf4, dx4, kind)
+            i0 += 4
     while i0 < r1:
         i1 = min(i0 + B, r1)
         for i in range(i0, i1):

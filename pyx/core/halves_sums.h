@@ -9,6 +9,7 @@
 
 #include "halves.h"
 #include "sums.h"
+#include "rows_backward.h"
 
 /* core/sums.h's centred sums of four rows on 16-bit rows (the float64 column sweep):
  *   c[f] += Σ_k (r_k[f] - shift[f]),   q[f] += Σ_k (r_k[f] - shift[f])²
@@ -184,6 +185,75 @@ static inline void cynorm_bn_dx_half(const uint16_t* g, const uint16_t* x, uint1
             cynorm_narrow_half(gs, dx + a, e, kind);
         }
     }
+}
+
+/* The row norms' backward sweeps (core/rows_backward.h) on 16-bit g, x and dx, one function
+ * per kind: a row's gx sums and four rows' dx and parameter gradients, widened in registers
+ * and dx narrowed once, the float32 sweeps' operations in their order: their bits over
+ * widened copies.  Not in the baseline build (its float32 sweep takes four columns at a
+ * time): CYNORM_HALF_ROWS_BACKWARD 0, and the rows are widened into scratch instead. */
+#if CYNORM_HALF_VECTORS && !CYNORM_SSE2_BUILD
+#define CYNORM_HALF_ROWS_BACKWARD 1
+#define CYNORM_LDH8_F16(v, p) (v) = cynorm_ldh(p, 8, CYNORM_F16)
+#define CYNORM_LDH8_BF16(v, p) (v) = cynorm_ldh(p, 8, CYNORM_BF16)
+#define CYNORM_ELEM_F16(p, i) cynorm_h2f((p)[i])
+#define CYNORM_ELEM_BF16(p, i) cynorm_bf2f((p)[i])
+#define CYNORM_LN_HALF(SUFFIX, LOAD8, ELEM, LOAD, STORE)                                  \
+static void cynorm_ln_gx_sums_##SUFFIX(const uint16_t* g, const float* w, const uint16_t* x, \
+                                       ptrdiff_t n, float mh, float ml, double* sg,       \
+                                       double* sgx, ptrdiff_t ahead_g, ptrdiff_t ahead_x) { \
+    CYNORM_LN_GX_SUMS_BODY(LOAD8, ELEM)                                                   \
+}                                                                                         \
+CYNORM_LN_PG_STEP(cynorm_ln_pg_step_##SUFFIX, uint16_t, LOAD, STORE)                      \
+static void cynorm_ln_paramgrads4_##SUFFIX(const uint16_t* const* g,                      \
+                                           const uint16_t* const* x, const float* mh,     \
+                                           const float* ml, const float* rs, double* dw,  \
+                                           double* db, ptrdiff_t D, const float* w,       \
+                                           const float* af, const float* cf,              \
+                                           uint16_t* const* dx) {                         \
+    int nt = 0;                                                                           \
+    CYNORM_LN_PG_LOCALS(uint16_t)                                                         \
+    CYNORM_LN_PG_SWEEP(cynorm_ln_pg_step_##SUFFIX)                                        \
+}
+CYNORM_LN_HALF(f16, CYNORM_LDH8_F16, CYNORM_ELEM_F16, CYNORM_LDH_F16, CYNORM_STH_F16)
+CYNORM_LN_HALF(bf16, CYNORM_LDH8_BF16, CYNORM_ELEM_BF16, CYNORM_LDH_BF16, CYNORM_STH_BF16)
+#else
+#define CYNORM_HALF_ROWS_BACKWARD 0
+#endif
+
+/* cynorm_ln_gx_sums_f and cynorm_ln_paramgrads4_f (with dx) on 16-bit rows (only where
+ * CYNORM_HALF_ROWS_BACKWARD) */
+static inline void cynorm_ln_gx_sums_half(const uint16_t* g, const float* w, const uint16_t* x,
+                                          ptrdiff_t n, float mh, float ml, double* sg,
+                                          double* sgx, ptrdiff_t ahead_g, ptrdiff_t ahead_x,
+                                          int kind) {
+#if CYNORM_HALF_ROWS_BACKWARD
+    if (kind == CYNORM_BF16)
+        cynorm_ln_gx_sums_bf16(g, w, x, n, mh, ml, sg, sgx, ahead_g, ahead_x);
+    else
+        cynorm_ln_gx_sums_f16(g, w, x, n, mh, ml, sg, sgx, ahead_g, ahead_x);
+#else
+    (void)g; (void)w; (void)x; (void)n; (void)mh; (void)ml; (void)ahead_g; (void)ahead_x;
+    (void)kind;
+    *sg = *sgx = 0.0;
+#endif
+}
+
+static inline void cynorm_ln_paramgrads4_half(const uint16_t* const* g,
+                                              const uint16_t* const* x, const float* mh,
+                                              const float* ml, const float* rs, double* dw,
+                                              double* db, ptrdiff_t D, const float* w,
+                                              const float* af, const float* cf,
+                                              uint16_t* const* dx, int kind) {
+#if CYNORM_HALF_ROWS_BACKWARD
+    if (kind == CYNORM_BF16)
+        cynorm_ln_paramgrads4_bf16(g, x, mh, ml, rs, dw, db, D, w, af, cf, dx);
+    else
+        cynorm_ln_paramgrads4_f16(g, x, mh, ml, rs, dw, db, D, w, af, cf, dx);
+#else
+    (void)g; (void)x; (void)mh; (void)ml; (void)rs; (void)dw; (void)db; (void)D; (void)w;
+    (void)af; (void)cf; (void)dx; (void)kind;
+#endif
 }
 
 #endif /* CYNORM_CORE_HALVES_SUMS_H */

@@ -13,56 +13,80 @@
  * g' and g' d in float32, two of each added in float32 before each float64 addition: two
  * conversions per sixteen elements instead of six (the error is float32 rounding of single
  * terms, not growing with the row). */
+#if defined(__GNUC__) || defined(__clang__)
+/* The body of cynorm_ln_gx_sums_f for rows of any element type: LOAD8(v, p) sets v to the
+   eight floats at p, ELEM(p, i) is element i as a float (rows of 16-bit floats widened
+   exactly: the float32 row's arithmetic on them, so its bits) */
+#if CYNORM_AVX2_BUILD
+#define CYNORM_LN_GX_ACC                                                                  \
+    {                                                                                     \
+        cynorm_v8f ab = a + b, ce = a * c + b * e;                                        \
+        s1lo += cynorm_widen_lo(ab);                                                      \
+        s1hi += cynorm_widen_hi(ab);                                                      \
+        s2lo += cynorm_widen_lo(ce);                                                      \
+        s2hi += cynorm_widen_hi(ce);                                                      \
+    }
+#define CYNORM_LN_GX_DECL cynorm_v4d s1lo = {0, 0, 0, 0}, s1hi = s1lo, s2lo = s1lo, s2hi = s1lo;
+#define CYNORM_LN_GX_TOTAL                                                                \
+    t1 = cynorm_hsum_halves(s1lo, s1hi);                                                  \
+    t2 = cynorm_hsum_halves(s2lo, s2hi);
+#else
+#define CYNORM_LN_GX_ACC                                                                  \
+    s1 += cynorm_widen(a + b);                                                            \
+    s2 += cynorm_widen(a * c + b * e);
+#define CYNORM_LN_GX_DECL cynorm_v8d zd = {0, 0, 0, 0, 0, 0, 0, 0}, s1 = zd, s2 = zd;
+#define CYNORM_LN_GX_TOTAL                                                                \
+    t1 = cynorm_hsum(s1);                                                                 \
+    t2 = cynorm_hsum(s2);
+#endif
+#define CYNORM_LN_GX_SUMS_BODY(LOAD8, ELEM)                                               \
+    ptrdiff_t i = 0;                                                                      \
+    double t1 = 0.0, t2 = 0.0;                                                            \
+    float gw, d;                                                                          \
+    cynorm_v8f z = {0, 0, 0, 0, 0, 0, 0, 0};                                              \
+    cynorm_v8f vh = z + mh, vl = z + ml, a, b, c, e, u, v;                                \
+    CYNORM_LN_GX_DECL                                                                     \
+    for (; i + 16 <= n; i += 16) {                                                        \
+        if (ahead_g) {  /* a later row of g and x, a line at a time (0: none) */          \
+            cynorm_prefetch(g + i + ahead_g);                                             \
+            cynorm_prefetch(x + i + ahead_x);                                             \
+        }                                                                                 \
+        LOAD8(a, g + i); LOAD8(b, g + i + 8);                                             \
+        if (w) {                                                                          \
+            memcpy(&u, w + i, 32); memcpy(&v, w + i + 8, 32);                             \
+            a *= u;                                                                       \
+            b *= v;                                                                       \
+        }                                                                                 \
+        LOAD8(c, x + i); LOAD8(e, x + i + 8);                                             \
+        c = (c - vh) - vl;                                                                \
+        e = (e - vh) - vl;                                                                \
+        CYNORM_LN_GX_ACC                                                                  \
+    }                                                                                     \
+    CYNORM_LN_GX_TOTAL                                                                    \
+    for (; i < n; i++) {                                                                  \
+        gw = w ? ELEM(g, i) * w[i] : ELEM(g, i);                                          \
+        d = (ELEM(x, i) - mh) - ml;                                                       \
+        t1 += (double)gw;                                                                 \
+        t2 += (double)(gw * d);                                                           \
+    }                                                                                     \
+    *sg = t1;                                                                             \
+    *sgx = t2;
+#define CYNORM_LOAD8_F(v, p) memcpy(&(v), (p), 32)
+#define CYNORM_ELEM_F(p, i) ((p)[i])
+#endif
+
 static void cynorm_ln_gx_sums_f(const float* g, const float* w, const float* x, ptrdiff_t n,
                                 float mh, float ml, double* sg, double* sgx, ptrdiff_t ahead_g,
                                 ptrdiff_t ahead_x) {
-    ptrdiff_t i = 0;
+#if defined(__GNUC__) || defined(__clang__)
+    CYNORM_LN_GX_SUMS_BODY(CYNORM_LOAD8_F, CYNORM_ELEM_F)
+#else
+    ptrdiff_t i;
     double t1 = 0.0, t2 = 0.0;
     float gw, d;
-#if defined(__GNUC__) || defined(__clang__)
-    cynorm_v8f z = {0, 0, 0, 0, 0, 0, 0, 0};
-    cynorm_v8f vh = z + mh, vl = z + ml, a, b, c, e, u, v;
-#if CYNORM_AVX2_BUILD
-    cynorm_v4d s1lo = {0, 0, 0, 0}, s1hi = s1lo, s2lo = s1lo, s2hi = s1lo;
-#else
-    cynorm_v8d zd = {0, 0, 0, 0, 0, 0, 0, 0}, s1 = zd, s2 = zd;
-#endif
-    for (; i + 16 <= n; i += 16) {
-        if (ahead_g) {  /* a later row of g and x, a line at a time (0: none) */
-            cynorm_prefetch(g + i + ahead_g);
-            cynorm_prefetch(x + i + ahead_x);
-        }
-        memcpy(&a, g + i, 32); memcpy(&b, g + i + 8, 32);
-        if (w) {
-            memcpy(&u, w + i, 32); memcpy(&v, w + i + 8, 32);
-            a *= u;
-            b *= v;
-        }
-        memcpy(&c, x + i, 32); memcpy(&e, x + i + 8, 32);
-        c = (c - vh) - vl;
-        e = (e - vh) - vl;
-#if CYNORM_AVX2_BUILD
-        {
-            cynorm_v8f ab = a + b, ce = a * c + b * e;
-            s1lo += cynorm_widen_lo(ab);
-            s1hi += cynorm_widen_hi(ab);
-            s2lo += cynorm_widen_lo(ce);
-            s2hi += cynorm_widen_hi(ce);
-        }
-#else
-        s1 += cynorm_widen(a + b);
-        s2 += cynorm_widen(a * c + b * e);
-#endif
-    }
-#if CYNORM_AVX2_BUILD
-    t1 = cynorm_hsum_halves(s1lo, s1hi);
-    t2 = cynorm_hsum_halves(s2lo, s2hi);
-#else
-    t1 = cynorm_hsum(s1);
-    t2 = cynorm_hsum(s2);
-#endif
-#endif
-    for (; i < n; i++) {
+    (void)ahead_g;
+    (void)ahead_x;
+    for (i = 0; i < n; i++) {
         gw = w ? g[i] * w[i] : g[i];
         d = (x[i] - mh) - ml;
         t1 += (double)gw;
@@ -70,6 +94,7 @@ static void cynorm_ln_gx_sums_f(const float* g, const float* w, const float* x, 
     }
     *sg = t1;
     *sgx = t2;
+#endif
 }
 
 /* LayerNorm backward dx of one float32 row, from its row sums af = mean(g'), cf and the
@@ -107,35 +132,37 @@ static inline cynorm_v8f cynorm_ln_dx8(cynorm_v8f g, cynorm_v8f d, const float* 
                                        float rs, float af, float cf)
     CYNORM_LN_DX(cynorm_v8f, g, d, w, wv, rs, af, cf)
 
-/* One step of cynorm_ln_paramgrads4_f: the n (1 to 8) elements at j (dr[0] NULL: no dx) */
-static inline void cynorm_ln_pg_step(const float* const* gr, const float* const* xr,
-                                     ptrdiff_t j, ptrdiff_t n, const float* h, const float* l,
-                                     const float* r, const float* p, const float* q,
-                                     const float* w, float* const* dr, double* dw, double* db,
-                                     int nt) {
-    cynorm_v8f a[4], b[4], s, wv = {0, 0, 0, 0, 0, 0, 0, 0};
-    int k;
-    for (k = 0; k < 4; k++) {
-        a[k] = cynorm_ldf(gr[k] + j, n);
-        b[k] = cynorm_ldf(xr[k] + j, n);
-        b[k] = (b[k] - h[k]) - l[k];
-    }
-    if (dr[0]) {
-        if (w)
-            wv = cynorm_ldf(w + j, n);
-        for (k = 0; k < 4; k++)
-            cynorm_stf(dr[k] + j, cynorm_ln_dx8(a[k], b[k], w, wv, r[k], p[k], q[k]), n, nt);
-    }
-    if (dw) {
-        s = (a[0] * (b[0] * r[0]) + a[1] * (b[1] * r[1]))
-            + (a[2] * (b[2] * r[2]) + a[3] * (b[3] * r[3]));
-        cynorm_acc8(dw + j, s, n);
-    }
-    if (db) {
-        s = (a[0] + a[1]) + (a[2] + a[3]);
-        cynorm_acc8(db + j, s, n);
-    }
+/* One step of cynorm_ln_paramgrads4_f for rows of T, NAME: the n (1 to 8) elements at j (dr[0]
+   NULL: no dx), read by LOAD(p, n) as eight floats and dx written by STORE(p, v, n, nt) */
+#define CYNORM_LN_PG_STEP(NAME, T, LOAD, STORE)                                           \
+static inline void NAME(const T* const* gr, const T* const* xr, ptrdiff_t j, ptrdiff_t n, \
+                        const float* h, const float* l, const float* r, const float* p,   \
+                        const float* q, const float* w, T* const* dr, double* dw,         \
+                        double* db, int nt) {                                             \
+    cynorm_v8f a[4], b[4], s, wv = {0, 0, 0, 0, 0, 0, 0, 0};                              \
+    int k;                                                                                \
+    for (k = 0; k < 4; k++) {                                                             \
+        a[k] = LOAD(gr[k] + j, n);                                                        \
+        b[k] = LOAD(xr[k] + j, n);                                                        \
+        b[k] = (b[k] - h[k]) - l[k];                                                      \
+    }                                                                                     \
+    if (dr[0]) {                                                                          \
+        if (w)                                                                            \
+            wv = cynorm_ldf(w + j, n);                                                    \
+        for (k = 0; k < 4; k++)                                                           \
+            STORE(dr[k] + j, cynorm_ln_dx8(a[k], b[k], w, wv, r[k], p[k], q[k]), n, nt);  \
+    }                                                                                     \
+    if (dw) {                                                                             \
+        s = (a[0] * (b[0] * r[0]) + a[1] * (b[1] * r[1]))                                 \
+            + (a[2] * (b[2] * r[2]) + a[3] * (b[3] * r[3]));                              \
+        cynorm_acc8(dw + j, s, n);                                                        \
+    }                                                                                     \
+    if (db) {                                                                             \
+        s = (a[0] + a[1]) + (a[2] + a[3]);                                                \
+        cynorm_acc8(db + j, s, n);                                                        \
+    }                                                                                     \
 }
+CYNORM_LN_PG_STEP(cynorm_ln_pg_step, float, cynorm_ldf, cynorm_stf)
 
 #if CYNORM_SSE2_BUILD
 static inline cynorm_v4f cynorm_ln_dx4(cynorm_v4f g, cynorm_v4f d, const float* w, cynorm_v4f wv,
@@ -204,6 +231,36 @@ static void cynorm_ln_dx_row_f(const float* g, const float* w, const float* x, f
 }
 #endif
 
+#if defined(__GNUC__) || defined(__clang__)
+/* the sweep of cynorm_ln_paramgrads4_f by STEP: the columns before head (masked), whole vectors
+   from head (streamed when nt), the last few (masked) */
+#define CYNORM_LN_PG_SWEEP(STEP)                                                          \
+    if (head > 0)                                                                         \
+        STEP(gr, xr, 0, head, h, l, r, p, q, w, dr, dw, db, 0);                           \
+    for (j = head; j + 8 <= D; j += 8)                                                    \
+        STEP(gr, xr, j, 8, h, l, r, p, q, w, dr, dw, db, nt);                             \
+    if (j < D)                                                                            \
+        STEP(gr, xr, j, D - j, h, l, r, p, q, w, dr, dw, db, 0);
+#endif
+
+/* cynorm_ln_paramgrads4_f's locals, rows of T: the row pointers and per-row scalars copied
+   (stores to dx, dw and db could alias the arrays they came from, which would make the
+   compiler reload them every step) */
+#define CYNORM_LN_PG_LOCALS(T)                                                            \
+    ptrdiff_t j = 0, head = 0;                                                            \
+    int k;                                                                                \
+    const T* gr[4] = {g[0], g[1], g[2], g[3]};                                            \
+    const T* xr[4] = {x[0], x[1], x[2], x[3]};                                            \
+    T* dr[4] = {NULL, NULL, NULL, NULL};                                                  \
+    float h[4] = {mh[0], mh[1], mh[2], mh[3]}, l[4] = {ml[0], ml[1], ml[2], ml[3]};       \
+    float r[4] = {rs[0], rs[1], rs[2], rs[3]}, p[4] = {0, 0, 0, 0}, q[4] = {0, 0, 0, 0};  \
+    if (dx)                                                                               \
+        for (k = 0; k < 4; k++) {                                                         \
+            dr[k] = dx[k];                                                                \
+            p[k] = af[k];                                                                 \
+            q[k] = cf[k];                                                                 \
+        }
+
 /* LayerNorm backward, the parameter gradients of four rows at a time (dw or db may be NULL):
  *   dw[j] += Σ_k g_k[j] ((x_k[j] - mh_k) - ml_k) rs_k,   db[j] += Σ_k g_k[j]
  * the four-row partials in float32, added to the float64 sums.  With dx not NULL, also the
@@ -215,21 +272,7 @@ static void cynorm_ln_paramgrads4_f(const float* const* g, const float* const* x
                                     double* dw, double* db, ptrdiff_t D, const float* w,
                                     const float* af, const float* cf, float* const* dx,
                                     int nt) {
-    ptrdiff_t j = 0, head = 0;
-    int k;
-    /* the row pointers and per-row scalars in locals: stores to dx, dw and db could alias
-       the arrays they came from, which would make the compiler reload them every step */
-    const float* gr[4] = {g[0], g[1], g[2], g[3]};
-    const float* xr[4] = {x[0], x[1], x[2], x[3]};
-    float* dr[4] = {NULL, NULL, NULL, NULL};
-    float h[4] = {mh[0], mh[1], mh[2], mh[3]}, l[4] = {ml[0], ml[1], ml[2], ml[3]};
-    float r[4] = {rs[0], rs[1], rs[2], rs[3]}, p[4] = {0, 0, 0, 0}, q[4] = {0, 0, 0, 0};
-    if (dx)
-        for (k = 0; k < 4; k++) {
-            dr[k] = dx[k];
-            p[k] = af[k];
-            q[k] = cf[k];
-        }
+    CYNORM_LN_PG_LOCALS(float)
 #if CYNORM_AVX2_BUILD || CYNORM_SSE2_BUILD
     /* Plain stores below AVX-512: streamed, this sweep took several times as long on a Zen 3
        with AVX2, and neither filling each line with two stores in a row nor streaming row
@@ -249,12 +292,7 @@ static void cynorm_ln_paramgrads4_f(const float* const* g, const float* const* x
     for (j = 0; j + 4 <= D; j += 4)
         cynorm_ln_pg_step4(gr, xr, j, h, l, r, p, q, w, dr, dw, db);
 #elif defined(__GNUC__) || defined(__clang__)
-    if (head > 0)
-        cynorm_ln_pg_step(gr, xr, 0, head, h, l, r, p, q, w, dr, dw, db, 0);
-    for (j = head; j + 8 <= D; j += 8)
-        cynorm_ln_pg_step(gr, xr, j, 8, h, l, r, p, q, w, dr, dw, db, nt);
-    if (j < D)
-        cynorm_ln_pg_step(gr, xr, j, D - j, h, l, r, p, q, w, dr, dw, db, 0);
+    CYNORM_LN_PG_SWEEP(cynorm_ln_pg_step)
 #endif
 #if CYNORM_SSE2_BUILD || !(defined(__GNUC__) || defined(__clang__))
     {

@@ -197,10 +197,6 @@ CYNORM_BN_DX_PLAIN(cynorm_bn_dx_nt_d, double)
  * the same order as cynorm_bn_colsums4_f and the float32 dx rows over widened copies, so their
  * bits.  Without GCC vectors, the rows are widened into scratch (12 F floats) instead. */
 #if CYNORM_HALF_VECTORS
-#define CYNORM_LDH_F16(p, n) cynorm_ldh(p, n, CYNORM_F16)
-#define CYNORM_LDH_BF16(p, n) cynorm_ldh(p, n, CYNORM_BF16)
-#define CYNORM_STH_F16(p, v, n, nt) cynorm_sth(p, v, n, CYNORM_F16)
-#define CYNORM_STH_BF16(p, v, n, nt) cynorm_sth(p, v, n, CYNORM_BF16)
 #define CYNORM_NO_NT_HEAD(p, ld, n) ((ptrdiff_t)-1)   /* 16-bit dx: plain stores */
 CYNORM_BN_COLSUMS_STEP(cynorm_bn_colsums_step_f16, uint16_t, CYNORM_LDH_F16, CYNORM_STH_F16)
 CYNORM_BN_COLSUMS_STEP(cynorm_bn_colsums_step_bf16, uint16_t, CYNORM_LDH_BF16,
