@@ -323,17 +323,20 @@ cdef void half_affine_params(const double* st, double var_scale, const float* w,
     feature_params' m_hi, scale and shift of m, and HALF_CANCEL times |shift| (core/halves.h:
     the float32 lanes below it are done again in float64): HALF_PARAM_ROWS rows."""
     cdef Py_ssize_t c, k, P = C * L
-    cdef double var, inv, m, mlo, sc, sh
+    cdef double var, inv = NAN, sd = NAN, m, mlo, sc, sh, last = NAN
     cdef float* pf = <float*>(params + 3 * P)
     cdef float mh, ml, sf, tf
     for c in range(C):
         var = st[2 * C + c] * var_scale
-        inv = 1.0 / sqrt(var + eps)
-        if isinf(inv) or isinf(var):
-            inv = NAN
+        if not var == last:   # (a group's channels share one variance: its roots once)
+            inv = 1.0 / sqrt(var + eps)
+            if isinf(inv) or isinf(var):
+                inv = NAN
+            sd = sqrt(var)
+            last = var
         m = st[c] + st[C + c]
         mlo = (st[c] - m) + st[C + c]
-        if fabs(mlo) < MEAN_NOISE * fabs(m) or fabs(mlo) < SPREAD_NOISE * sqrt(var):
+        if fabs(mlo) < MEAN_NOISE * fabs(m) or fabs(mlo) < SPREAD_NOISE * sd:
             mlo = 0.0   # the statistics' own last bits, not a remainder of the mean
         sc = inv * w[c] if w != NULL else inv
         sh = b[c] if b != NULL else 0.0
