@@ -233,12 +233,15 @@ def _running_stats(rm, rv, C):
 
 def _update_running(rm, rv, stats, count, momentum):
     """r = (1 - momentum) r + momentum batch in float64, rounded once into each buffer's dtype
-    (running_var gets the unbiased variance).  The kernel takes float32 / float64 buffers of
-    one dtype, native and contiguous; any other floating buffer (float16, say) NumPy updates."""
-    if rm.dtype is rv.dtype and rm.dtype.char in "fd" and rm.dtype.isnative \
-            and rm.flags.c_contiguous and rv.flags.c_contiguous:
-        _kernels.update_running(rm, rv, stats, count, momentum)
-        return
+    (running_var gets the unbiased variance).  The kernel takes float32 / float64 / float16 /
+    bfloat16 buffers of one dtype, native and contiguous; any other floating buffer (two
+    dtypes, say) NumPy updates."""
+    dt = rm.dtype
+    if dt == rv.dtype and dt.isnative and rm.flags.c_contiguous and rv.flags.c_contiguous:
+        half = -1 if dt.char in "fd" else half_kind(dt)
+        if dt.char in "fd" or half >= 0:
+            _kernels.update_running(rm, rv, stats, count, momentum, half)
+            return
     rm[...] = (1.0 - momentum) * rm.astype(np.float64) + momentum * (stats[0] + stats[1])
     rv[...] = (1.0 - momentum) * rv.astype(np.float64) + momentum * (stats[2] * (1.0 / (count - 1.0)))
 

@@ -48,7 +48,8 @@ def normalize_running(
     mask: _Mask | None = None, write_padding: bool = True,
 ) -> None: ...
 def update_running(
-    running_mean: _F, running_var: _F, stats: _F64, count: float, momentum: float
+    running_mean: _F, running_var: _F, stats: _F64, count: float, momentum: float,
+    half: int = -1,
 ) -> None: ...
 def normalize(
     x: _F, y: _F, rows: int, cols: int, by_rows: bool, params: _F, n_threads: int,

@@ -229,3 +229,53 @@ def test_statistics_by_rows_are_the_float32_copys_bits(rng, name):
             _, m16, r16 = cynorm.group_norm(x, 2, return_stats=True)
             _, m32, r32 = cynorm.group_norm(x.astype(np.float32), 2, return_stats=True)
             assert m16.tobytes() == m32.tobytes() and r16.tobytes() == r32.tobytes()
+
+
+def _nearest_half(d, dt):
+    """The float64 array d correctly rounded to dt, ties to even, by search in the table of
+    every non-negative 16-bit value (the differences to the two around |d| are exact in
+    float64); inf at and beyond the half-way point past the largest finite value."""
+    top = 0x7C00 if dt == np.float16 else 0x7F80          # the bits of inf
+    bits = np.arange(top + 1, dtype=np.uint16)
+    vals = bits[:-1].view(dt).astype(np.float64)
+    vals = np.append(vals, 2 * vals[-1] - vals[-2])        # inf's place: one step past the top
+    a = np.abs(d)
+    i = np.clip(np.searchsorted(vals, a), 1, len(vals) - 1)
+    lo, hi = vals[i - 1], vals[i]
+    below, above = a - lo, hi - a
+    pick = np.where((above < below) | ((above == below) & (bits[i] % 2 == 0)), i, i - 1)
+    pick = np.where(a == 0, 0, np.where(a > vals[-1], len(vals) - 1, pick))
+    return (bits[pick] | np.where(np.signbit(d), 0x8000, 0).astype(np.uint16)).view(dt)
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_16_bit_running_buffers_rounded_once(rng, name):
+    """The kernel's update of 16-bit running buffers: the float64 value rounded once to the
+    nearest 16-bit value, ties to even, also a float32 ulp or less beside a tie (where rounding
+    to float32 first would land on the tie and round the wrong way), and inf beyond the top."""
+    from cynorm import _isa
+    from cynorm._validation import half_kind
+    dt = half_dtype(name)
+    C = 400
+    h = half_data(rng, C, dt, offset_sigmas=rng.choice([0.0, 30.0]))
+    up = np.nextafter(h, np.array(np.inf, dt))
+    mid = (h.astype(np.float64) + up.astype(np.float64)) / 2   # half-way to the next value
+    tiny = np.abs(mid) * 2.0 ** -30 * rng.choice([-1.0, 0.0, 1.0], C)
+    stats = np.zeros((3, C))
+    stats[0] = mid                    # the mean: hi ...
+    stats[1] = tiny                   # ... + lo, a fraction of a float32 ulp beside the tie
+    stats[2] = rng.uniform(0, 7e4 if name == "float16" else 1e30, C)
+    stats[2, :3] = (1e300, 65520.0, 65519.0)
+    rm, rv = rng.standard_normal(C).astype(dt), rng.standard_normal(C).astype(dt)
+    _isa.kernels.update_running(rm, rv, stats, 2.0, 1.0, half_kind(dt))   # momentum 1
+    np.testing.assert_array_equal(rm.view(np.uint16), _nearest_half(mid + tiny, dt).view(np.uint16))
+    np.testing.assert_array_equal(rv.view(np.uint16), _nearest_half(stats[2], dt).view(np.uint16))
+    # through the public call, momentum 0.1: the float64 expression rounded once
+    x = half_data(rng, (50, 7), dt, offset_sigmas=20.0)
+    rm = half_data(rng, 7, dt, offset_sigmas=20.0)
+    rv = (np.abs(half_data(rng, 7, dt, offset_sigmas=0.0)) + 1).astype(dt)
+    old_m, old_v = rm.astype(np.float64), rv.astype(np.float64)
+    _, mean, _ = cynorm.batch_norm(x, rm, rv, None, None, True, return_stats=True)
+    var = x.astype(np.float64).var(axis=0, ddof=1)
+    for got, want in ((rm, 0.9 * old_m + 0.1 * mean), (rv, 0.9 * old_v + 0.1 * var)):
+        assert (ulps16(got, _nearest_half(want, dt)) <= 1).all()

@@ -291,6 +291,22 @@ static inline uint16_t cynorm_f2half(float f, int kind) {
     return kind == CYNORM_BF16 ? cynorm_f2bf(f) : cynorm_f2h(f);
 }
 
+/* d rounded once to 16 bits, to nearest even: through float32 rounded to odd (truncated, its
+   last bit set when inexact), which the 16-bit rounding cannot then tie wrongly (float32's 24
+   bits are at least twice a 16-bit significand's plus two) */
+static inline uint16_t cynorm_d2half(double d, int kind) {
+    float f = (float)d;
+    uint32_t u;
+    if ((double)f != d && d == d) {
+        if (fabs((double)f) > fabs(d))
+            f = nextafterf(f, 0.0f);
+        memcpy(&u, &f, sizeof u);
+        u |= 1u;
+        memcpy(&f, &u, sizeof f);
+    }
+    return cynorm_f2half(f, kind);
+}
+
 static inline float cynorm_half2f(uint16_t h, int kind) {
     return kind == CYNORM_BF16 ? cynorm_bf2f(h) : cynorm_h2f(h);
 }

@@ -23,6 +23,7 @@ cdef extern from "core/halves.h" nogil:
                            float rs, double m, double mlo, double rsd, const float* w,
                            const float* b, int kind, int stream) noexcept
     float cynorm_half2f(uint16_t h, int kind) noexcept
+    uint16_t cynorm_d2half(double d, int kind) noexcept
     void cynorm_affine_half(const uint16_t* x, uint16_t* y, Py_ssize_t n, const double* m,
                             const double* s, const double* t, const float* mf, const float* sf,
                             const float* tf, const float* lf, int per_elem, float* scratch,

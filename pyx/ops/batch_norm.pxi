@@ -201,19 +201,42 @@ def normalize_running(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t 
     free(params)
 
 
+cdef void _update_running_half(uint16_t* rm, uint16_t* rv, const double* stats, Py_ssize_t C,
+                               double count, double momentum, int kind) noexcept nogil:
+    # _update_running's float64 expressions on 16-bit buffers, each rounded once
+    cdef Py_ssize_t c
+    cdef double unbias = 1.0 / (count - 1.0)
+    for c in range(C):
+        rm[c] = cynorm_d2half((1.0 - momentum) * <double>cynorm_half2f(rm[c], kind)
+                              + momentum * (stats[c] + stats[C + c]), kind)
+        rv[c] = cynorm_d2half((1.0 - momentum) * <double>cynorm_half2f(rv[c], kind)
+                              + momentum * (stats[2 * C + c] * unbias), kind)
+
+
 def update_running(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarray stats,
-                   double count, double momentum):
-    """r = (1 - momentum) r + momentum batch, in place; running_var gets the unbiased variance."""
+                   double count, double momentum, int half=-1):
+    """r = (1 - momentum) r + momentum batch, in place; running_var gets the unbiased variance.
+    half: the buffers' 16-bit kind (HALF_FLOAT16, HALF_BFLOAT16), -1 for float32 / float64."""
     cdef Py_ssize_t C = cnp.PyArray_SIZE(running_mean)
     cdef double* st = float64_data(stats, 3 * C)
-    cdef int f32 = is_float32(running_mean)
-    if (cnp.PyArray_SIZE(running_var) != C or is_float32(running_var) != f32
+    cdef int f32 = is_float32(running_mean) if half == -1 else 0
+    if (cnp.PyArray_SIZE(running_var) != C
+            or (half == -1 and is_float32(running_var) != f32)
+            or cnp.PyArray_TYPE(running_var) != cnp.PyArray_TYPE(running_mean)
             or not cnp.PyArray_IS_C_CONTIGUOUS(running_mean)
             or not cnp.PyArray_IS_C_CONTIGUOUS(running_var)
             or not cnp.PyArray_ISWRITEABLE(running_mean)
             or not cnp.PyArray_ISWRITEABLE(running_var)):
         raise ValueError("running buffers must be writable contiguous arrays of one dtype")
-    if f32:
+    if half != -1:
+        if half != HALF_F16 and half != HALF_BF16:
+            raise ValueError(f"unknown 16-bit kind {half}")
+        if not is_bits16(running_mean) or not is_bits16(running_var):
+            raise TypeError("16-bit running buffers expected")
+        _update_running_half(<uint16_t*>cnp.PyArray_DATA(running_mean),
+                             <uint16_t*>cnp.PyArray_DATA(running_var), st, C, count, momentum,
+                             half)
+    elif f32:
         _update_running(<float*>cnp.PyArray_DATA(running_mean),
                         <float*>cnp.PyArray_DATA(running_var), st, C, count, momentum)
     else:
