@@ -28,8 +28,9 @@ cdef extern from "core/sums.h" nogil:
 
 cdef extern from "core/halves_sums.h" nogil:
     # column_block_centered's four rows read from 16-bit rows, widened in registers
-    void cynorm_centered4_half(const uint16_t* const* rows, const double* shift, double* c,
-                               double* q, Py_ssize_t F, int kind, float* scratch) noexcept
+    void cynorm_centered_half(const uint16_t* const* rows, Py_ssize_t nr, const double* shift,
+                              double* c, double* q, Py_ssize_t F, int kind,
+                              float* scratch) noexcept
 
 cdef inline Py_ssize_t gather_rows(const floating* x, Py_ssize_t ld, Py_ssize_t rb,
                                    Py_ssize_t re, const unsigned char* mask,
@@ -153,10 +154,8 @@ cdef void column_block_centered_half(const uint16_t** rows, Py_ssize_t nr, Py_ss
                                      float* wide) noexcept nogil:
     """column_block_centered of 16-bit rows (kind: core/halves.pxi's), four at a time widened
     in registers (core/halves_sums.h), the rest one at a time through wide (at least 4·F floats)."""
-    cdef Py_ssize_t r = 0
-    while r + 4 <= nr:
-        cynorm_centered4_half(rows + r, shift, c, q, F, kind, wide)
-        r += 4
+    cdef Py_ssize_t r = nr - nr % 4
+    cynorm_centered_half(rows, r, shift, c, q, F, kind, wide)
     while r < nr:
         cynorm_widen_half(rows[r], wide, F, kind)
         cynorm_centered1_f(wide, shift, c, q, F)

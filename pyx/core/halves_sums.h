@@ -11,54 +11,73 @@
 #include "sums.h"
 #include "rows_backward.h"
 
-/* core/sums.h's centred sums of four rows on 16-bit rows (the float64 column sweep):
+/* core/sums.h's centred sums of four rows on 16-bit rows (the float64 column sweep), nr
+ * rows (a multiple of four) in turn:
  *   c[f] += Σ_k (r_k[f] - shift[f]),   q[f] += Σ_k (r_k[f] - shift[f])²
- * in float64, in cynorm_centered4_f's order.  The AVX-512 build widens in registers, sixteen
- * columns of the four rows at a time (the last ones under a mask); the others widen the rows
- * into scratch (4 * F floats) and call cynorm_centered4_f. */
-static inline void cynorm_centered4_half(const uint16_t* const* rows, const double* shift,
-                                         double* c, double* q, ptrdiff_t F, int kind,
-                                         float* scratch) {
+ * in float64, in cynorm_centered4_f's order, four rows at a time.  The AVX-512 build widens
+ * in registers, sixteen columns of each four rows at a time (the last ones under a mask), and
+ * keeps a column's c and q in registers across up to four groups of four (the same additions
+ * in the same order as one call per group, so the same bits, with a quarter of the stores and
+ * reloads; sixteen rows of a wide block still fit in L1 as the columns are swept); the others
+ * widen each group into scratch (4 * F floats) and call cynorm_centered4_f. */
+static inline void cynorm_centered_half(const uint16_t* const* rows, ptrdiff_t nr,
+                                        const double* shift, double* c, double* q,
+                                        ptrdiff_t F, int kind, float* scratch) {
 #if CYNORM_HALF16
-    ptrdiff_t f;
+    ptrdiff_t f, g, g0, g1;
     int r, h;
-    for (f = 0; f < F; f += 16) {
-        const __mmask16 m = F - f >= 16 ? (__mmask16)0xffff
-                                        : (__mmask16)((1u << (unsigned)(F - f)) - 1u);
-        __m512 v[4];
-        for (r = 0; r < 4; r++) {
-            const __m256i x = _mm256_maskz_loadu_epi16(m, rows[r] + f);
-            v[r] = kind == CYNORM_BF16
-                ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16))
-                : _mm512_cvtph_ps(x);
-        }
-        for (h = 0; h < 2; h++) {   /* columns f..f+7, then f+8..f+15, in float64 */
-            const __mmask8 mh = (__mmask8)(h ? m >> 8 : m & 0xff);
-            const ptrdiff_t o = f + 8 * h;
-            const __m512d sh = _mm512_maskz_loadu_pd(mh, shift + o);
-            __m512d d[4];
-            for (r = 0; r < 4; r++) {
-                const __m256 part = h ? _mm256_castpd_ps(_mm512_extractf64x4_pd(
-                                            _mm512_castps_pd(v[r]), 1))
-                                      : _mm512_castps512_ps256(v[r]);
-                d[r] = _mm512_sub_pd(_mm512_cvtps_pd(part), sh);
+    for (g0 = 0; g0 + 4 <= nr; g0 = g1) {
+        g1 = nr - g0 >= 16 ? g0 + 16 : nr - (nr - g0) % 4;
+        for (f = 0; f < F; f += 16) {
+            const __mmask16 m = F - f >= 16 ? (__mmask16)0xffff
+                                            : (__mmask16)((1u << (unsigned)(F - f)) - 1u);
+            const __mmask8 mk[2] = {(__mmask8)(m & 0xff), (__mmask8)(m >> 8)};
+            __m512d sh[2], cs[2], qs[2];
+            for (h = 0; h < 2; h++) {   /* columns f..f+7, then f+8..f+15, in float64 */
+                sh[h] = _mm512_maskz_loadu_pd(mk[h], shift + f + 8 * h);
+                cs[h] = _mm512_maskz_loadu_pd(mk[h], c + f + 8 * h);
+                qs[h] = _mm512_maskz_loadu_pd(mk[h], q + f + 8 * h);
             }
-            _mm512_mask_storeu_pd(c + o, mh, _mm512_add_pd(
-                _mm512_maskz_loadu_pd(mh, c + o),
-                _mm512_add_pd(_mm512_add_pd(d[0], d[1]), _mm512_add_pd(d[2], d[3]))));
-            _mm512_mask_storeu_pd(q + o, mh, _mm512_add_pd(
-                _mm512_maskz_loadu_pd(mh, q + o),
-                _mm512_add_pd(_mm512_fmadd_pd(d[0], d[0], _mm512_mul_pd(d[1], d[1])),
-                              _mm512_fmadd_pd(d[2], d[2], _mm512_mul_pd(d[3], d[3])))));
+            for (g = g0; g < g1; g += 4) {
+                __m512 v[4];
+                for (r = 0; r < 4; r++) {
+                    const __m256i x = _mm256_maskz_loadu_epi16(m, rows[g + r] + f);
+                    v[r] = kind == CYNORM_BF16
+                        ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16))
+                        : _mm512_cvtph_ps(x);
+                }
+                for (h = 0; h < 2; h++) {
+                    __m512d d[4];
+                    for (r = 0; r < 4; r++) {
+                        const __m256 part = h ? _mm256_castpd_ps(_mm512_extractf64x4_pd(
+                                                    _mm512_castps_pd(v[r]), 1))
+                                              : _mm512_castps512_ps256(v[r]);
+                        d[r] = _mm512_sub_pd(_mm512_cvtps_pd(part), sh[h]);
+                    }
+                    cs[h] = _mm512_add_pd(cs[h], _mm512_add_pd(_mm512_add_pd(d[0], d[1]),
+                                                               _mm512_add_pd(d[2], d[3])));
+                    qs[h] = _mm512_add_pd(
+                        qs[h],
+                        _mm512_add_pd(_mm512_fmadd_pd(d[0], d[0], _mm512_mul_pd(d[1], d[1])),
+                                      _mm512_fmadd_pd(d[2], d[2], _mm512_mul_pd(d[3], d[3]))));
+                }
+            }
+            for (h = 0; h < 2; h++) {
+                _mm512_mask_storeu_pd(c + f + 8 * h, mk[h], cs[h]);
+                _mm512_mask_storeu_pd(q + f + 8 * h, mk[h], qs[h]);
+            }
         }
     }
     (void)scratch;
 #else
+    ptrdiff_t g;
     int r;
-    for (r = 0; r < 4; r++)
-        cynorm_widen_half(rows[r], scratch + r * F, F, kind);
-    cynorm_centered4_f(scratch, scratch + F, scratch + 2 * F, scratch + 3 * F, shift, c, q, 0,
-                       F);
+    for (g = 0; g + 4 <= nr; g += 4) {
+        for (r = 0; r < 4; r++)
+            cynorm_widen_half(rows[g + r], scratch + r * F, F, kind);
+        cynorm_centered4_f(scratch, scratch + F, scratch + 2 * F, scratch + 3 * F, shift, c,
+                           q, 0, F);
+    }
 #endif
 }
 
