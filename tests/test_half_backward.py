@@ -341,6 +341,36 @@ def test_batch_norm_masked_threads_and_every_kernels_build(rng, name, training):
 
 @pytest.mark.parametrize("name", HALVES)
 @pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_columns_every_kernels_build(rng, name, training):
+    """(N, C) without a mask, whose rows each build reads in 16 bits four at a time: in every
+    kernels build the CPU runs, with 1 and 2 threads, dx, dw and db are that build's float32
+    backward of the widened arrays, to the bit (strided rows, a row count that leaves a few
+    rows over in each thread)."""
+    dt = half_dtype(name)
+    N, C = 2003, 45
+    x, g, w, b, mean, invstd = _bn_case(rng, dt, (N, C + 3), 1, "input", training)
+    x, g, w, b = x[:, 1:C + 1], g[:, :C], w[:C], b[:C]
+    _, mean, invstd = cynorm.batch_norm(x, None, None, w, b, True, return_stats=True)
+    kind_name = "HALF_BFLOAT16" if name == "bfloat16" else "HALF_FLOAT16"
+    for level in _isa.available():
+        k = _isa.load(level)
+        for T in (1, 2):
+            dx32 = np.empty((N, C), np.float32)
+            dw32, db32 = np.empty(C, np.float32), np.empty(C, np.float32)
+            k.batch_norm_backward(_f32(g), _f32(x), dx32, N, C, C, False, mean, invstd,
+                                  _f32(w), training, dw32, db32, T, None)
+            dx16 = np.empty((N, C), dt)
+            dw16, db16 = np.empty(C, np.float32), np.empty(C, np.float32)
+            k.batch_norm_backward(g, x, dx16, N, C, C, False, mean, invstd, w, training, dw16,
+                                  db16, T, None, getattr(k, kind_name))
+            np.testing.assert_array_equal(dx16.view(np.uint16),
+                                          dx32.astype(dt).view(np.uint16), err_msg=level)
+            np.testing.assert_array_equal(dw16, dw32, err_msg=level)
+            np.testing.assert_array_equal(db16, db32, err_msg=level)
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("training", [True, False])
 def test_batch_norm_against_the_float64_reference(rng, name, training):
     """dx within one 16-bit ulp of the correctly rounded float64 gradient, but where the
     float32 arithmetic's own error (a few float32 ulps of the feature's largest term) is the
