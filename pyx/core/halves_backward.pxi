@@ -83,8 +83,7 @@ cdef void half_norm_backward_rows(const uint16_t* g, Py_ssize_t ldg, const uint1
                 rs4[k] = <float>rsd
                 cynorm_ln_gx_sums_half(g4[k], w, x4[k], D, mh4[k], ml4[k], &sg, &sgx, 4 * ldg,
                                        4 * ldx, kind)
-                af4[k] = <float>(sg / D) if centred else 0.0
-                cf4[k] = <float>(rsd * rsd * rsd * sgx / D)
+                dx_coefs(rsd, sg, sgx, D, centred, &af4[k], &cf4[k])
             cynorm_ln_paramgrads4_half(g4, x4, mh4, ml4, rs4, dw, db, D, w, af4, cf4, dx4, kind)
             i0 += 4
     while i0 < r1:

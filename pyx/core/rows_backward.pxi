@@ -28,7 +28,7 @@ cdef void norm_param_grads(const floating* g, Py_ssize_t ldg, const floating* x,
     """dw += Σ g·x̂ and db += Σ g over the rows r0..r1 the mask keeps (dw or db may be NULL),
     four rows per sweep.  float32 rows come here only one at a time (masked rows) or as the
     up to three rows the four-row sweep of norm_backward_rows leaves over."""
-    cdef Py_ssize_t i = r0, j, k, idx[4]
+    cdef Py_ssize_t i = r0, j, k
     cdef const floating* gr[4]
     cdef const floating* xr[4]
     cdef floating mh[4]
@@ -70,6 +70,15 @@ cdef void norm_param_grads(const floating* g, Py_ssize_t ldg, const floating* x,
                 for j in range(D):
                     db[j] += gr[0][j]
             i += 1
+
+
+cdef inline void dx_coefs(double rs, double sg, double sgx, Py_ssize_t D, bint centred,
+                          floating* af, floating* cf) noexcept nogil:
+    """A row's dx coefficients from its two sums (sg = Σ g', sgx = Σ g'·(x - mean)):
+    dx = rstd·(g' - af) - cf·(x - mean), af = mean(g') (0 uncentred), cf = rstd³·sgx / D.
+    The one home of these lines: the float32 and 16-bit sweeps take them from here."""
+    af[0] = <floating>(sg / D) if centred else 0.0
+    cf[0] = <floating>(rs * rs * rs * sgx / D)
 
 
 cdef inline void add_row(floating* dx, const floating* gr, Py_ssize_t n) noexcept nogil:
@@ -119,8 +128,7 @@ cdef void norm_backward_rows(const floating* g, Py_ssize_t ldg, const floating* 
                 # (asking for the same row of the next four meanwhile)
                 cynorm_ln_gx_sums_f(g4[k], w, x4[k], D, mh4[k], ml4[k], &sg, &sgx, 4 * ldg,
                                     4 * ldx)
-                af4[k] = <float>(sg / D) if centred else 0.0
-                cf4[k] = <float>(rs * rs * rs * sgx / D)
+                dx_coefs(rs, sg, sgx, D, centred, &af4[k], &cf4[k])
             cynorm_ln_paramgrads4_f(g4, x4, mh4, ml4, rs4, dw, db, D, w, af4, cf4, dx4, stream)
             if gr != NULL:
                 for k in range(4):
@@ -146,8 +154,7 @@ cdef void norm_backward_rows(const floating* g, Py_ssize_t ldg, const floating* 
                 cynorm_ln_gx_sums_f(gi, w, xi, D, mh, ml, &sg, &sgx, 0, 0)
             else:
                 gx_sums(gi, w, xi, D, m, &sg, &sgx)
-            af = <floating>(sg / D) if centred else 0.0
-            cf = <floating>(rs * rs * rs * sgx / D)
+            dx_coefs(rs, sg, sgx, D, centred, &af, &cf)
             if floating is float:   # the arithmetic of the four-row sweeps, to the bit
                 cynorm_ln_dx_row_f(gi, w, xi, dxi, D, mh, ml, rsf, af, cf)
             elif w != NULL:
