@@ -159,6 +159,46 @@ def test_large_outputs_stream(rng, name, op):
 
 
 @pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_same_bits_whatever_the_path(rng, name, op):
+    """A row's 16-bit output does not depend on how it was written: streamed or not, at any
+    place in a cache line (which moves the split between 16-wide, 8-wide and scalar blocks),
+    on one or two threads, alone or among 1535 other rows; in every kernels build the CPU
+    runs, each within one ulp.  Each block is computed as the float32 rows compute it
+    (core/halves_rows.h: fused multiply-add where the compiler fuses the float32 row's, and a
+    lane redone in float64 alone), so a block's width cannot change its bits; builds that
+    fused some blocks and not others, or redid a whole block in float64 for one lane, differed
+    in some 1e-5 of the outputs."""
+    from cynorm import _isa
+
+    dt = half_dtype(name)
+    kind = "HALF_BFLOAT16" if name == "bfloat16" else "HALF_FLOAT16"
+    D = 8200   # rows at every phase; 25 MB of 16-bit output: streamed
+    x = half_data(rng, (1536, D), dt, offset_sigmas=20)
+    w = rng.uniform(0.5, 2.0, D).astype(np.float32)
+    b = rng.uniform(-1.0, 1.0, D).astype(np.float32) if op == "layer_norm" else None
+    rows = [0, 1, 2, 3, 700, 1535]
+    ref = _ref(op, x[rows], D, w, b)
+
+    def run(k, xs, y, T):
+        if op == "layer_norm":
+            k.layer_norm(xs, y, D, w, b, None, None, 1e-5, T, half=getattr(k, kind))
+        else:
+            k.rms_norm(xs, y, D, w, None, 1e-5, T, half=getattr(k, kind))
+        return y
+
+    for level in _isa.available():
+        k = _isa.load(level)
+        streamed = run(k, x, at_phase(x, 6), 2)
+        check_half(streamed[rows], ref, dt)
+        for T in (1, 2):
+            for phase in (0, 2, 16, 34):
+                few = run(k, x[rows], at_phase(x[rows], phase), T)   # plain stores
+                np.testing.assert_array_equal(few.view(np.uint16), streamed[rows].view(np.uint16),
+                                              err_msg=f"{level}, {T} threads, phase {phase}")
+
+
+@pytest.mark.parametrize("name", HALVES)
 @pytest.mark.parametrize("op", ["add_layer_norm", "add_rms_norm"])
 def test_residual_forms(rng, name, op):
     dt = half_dtype(name)

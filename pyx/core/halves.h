@@ -87,6 +87,18 @@ static inline uint16_t cynorm_f2bf(float f) {
 
 #if defined(__GNUC__) || defined(__clang__)
 #define CYNORM_HALF_VECTORS 1
+/* a·b + c as the compiler computes the float32 rows' a*b + c: fused where it contracts (an
+   optimizing build with FMA), two roundings elsewhere.  Written out, not left to contraction:
+   GCC does not fuse the AVX-512 intrinsics, and where loads' branches (whole vector or masked)
+   split an expression it fused one instantiation and not another (one float32 ulp apart). */
+#if defined(__FMA__) && defined(__OPTIMIZE__)
+#define CYNORM_MULADD8(a, b, c)                                                           \
+    ((cynorm_v8f)_mm256_fmadd_ps((__m256)(a), (__m256)(b), (__m256)(c)))
+#define CYNORM_MULADD16(a, b, c) _mm512_fmadd_ps(a, b, c)
+#else
+#define CYNORM_MULADD8(a, b, c) ((a) * (b) + (c))
+#define CYNORM_MULADD16(a, b, c) _mm512_add_ps(_mm512_mul_ps(a, b), c)
+#endif
 typedef uint32_t cynorm_v8u __attribute__((vector_size(32)));
 typedef uint16_t cynorm_v8h __attribute__((vector_size(16)));
 
@@ -101,7 +113,10 @@ static inline cynorm_v8h cynorm_pack8(cynorm_v8f v, int kind) {
                                                       _mm256_set1_epi32(1)));
         r = _mm256_mask_or_epi32(r, _mm256_cmp_ps_mask((__m256)v, (__m256)v, _CMP_UNORD_Q), u,
                                  _mm256_set1_epi32(0x400000));
-        return (cynorm_v8h)_mm256_cvtepi32_epi16(_mm256_srli_epi32(r, 16));
+        /* the high word of each lane, gathered by one word permute (vpermw) where a shift
+           and vpmovdw took three micro-ops */
+        return (cynorm_v8h)_mm256_castsi256_si128(_mm256_permutexvar_epi16(
+            _mm256_set_epi32(0, 0, 0, 0, 0x000f000d, 0x000b0009, 0x00070005, 0x00030001), r));
 #elif defined(__AVX2__)
         const __m256i u = _mm256_castps_si256((__m256)v), top = _mm256_srli_epi32(u, 16);
         __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
@@ -206,6 +221,14 @@ static inline void cynorm_sth(uint16_t* p, cynorm_v8f v, ptrdiff_t n, int kind) 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define CYNORM_HALF16 1
 /* the AVX-512 build's blocks of sixteen: cynorm_pack8 and cynorm_half_block on one zmm */
+
+/* the high words of the sixteen lanes of r, in order (bfloat16's narrowing): one vpermw */
+static inline __m256i cynorm_high_words16(__m512i r) {
+    return _mm512_castsi512_si256(_mm512_permutexvar_epi16(
+        _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0x001f001d, 0x001b0019, 0x00170015,
+                         0x00130011, 0x000f000d, 0x000b0009, 0x00070005, 0x00030001), r));
+}
+
 static inline __m256i cynorm_pack16(__m512 v, int kind) {
     if (kind == CYNORM_BF16) {
         const __m512i u = _mm512_castps_si512(v);
@@ -215,7 +238,7 @@ static inline __m256i cynorm_pack16(__m512 v, int kind) {
         /* NaN: (u | quiet bit) >> 16, as cynorm_f2bf */
         r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), u,
                                  _mm512_set1_epi32(0x400000));
-        return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+        return cynorm_high_words16(r);
     }
     return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
@@ -369,152 +392,9 @@ static void cynorm_copy_nt_h(const uint16_t* x, uint16_t* y, ptrdiff_t n) {
 }
 #endif
 
-/* LayerNorm's / RMSNorm's row written in 16 bits, y = (x - mean) * rstd * w + b (w, b: NULL
- * for none), narrowed once, with plain stores or (stream) streamed in the row's whole lines.
- *
- * In float32 as the float rows compute it, ((x - mh) - ml) * (rs * w) + b, except where the
- * bias cancels most of the product.  The float32 terms carry errors of a few 2^-24 of
- * |(x - mean) * rstd * w| <= |y| + |b|; while |y| >= 2^-9 |b| that is below 2^-13 |y|, a
- * quarter of a float16 ulp (2^-11 |y| or more; bfloat16's is larger), so the narrowed result
- * is the correctly rounded one or its neighbour.  A block with a lane below that bound (or
- * NaN) is computed again in float64 (m, mlo, rsd: the mean and rstd as float64), where the
- * terms' errors are 2^-53 of them. */
-#define CYNORM_HALF_ELEM(j)                                                               \
-    (w ? (b ? ((x[j] - mh) - ml) * (rs * w[j]) + b[j] : ((x[j] - mh) - ml) * (rs * w[j]))  \
-       : (b ? ((x[j] - mh) - ml) * rs + b[j] : ((x[j] - mh) - ml) * rs))
-#define CYNORM_HALF_D(j) (((double)x[j] - m) - mlo)
-#define CYNORM_HALF_ELEM64(j)                                                             \
-    ((float)(w ? (b ? CYNORM_HALF_D(j) * rsd * (double)w[j] + (double)b[j]                \
-                    : CYNORM_HALF_D(j) * rsd * (double)w[j])                              \
-               : (b ? CYNORM_HALF_D(j) * rsd + (double)b[j] : CYNORM_HALF_D(j) * rsd)))
+/* Below this fraction of |b| a float32 output of the 16-bit rows is done again in float64
+ * (core/halves_rows.h's bound; the affine below takes it as lf) */
 #define CYNORM_HALF_CANCEL 0.001953125f /* 2^-9 */
-
-static inline float cynorm_half_elem(const float* x, const float* w, const float* b, float mh,
-                                     float ml, float rs, double m, double mlo, double rsd,
-                                     ptrdiff_t j) {
-    float v = CYNORM_HALF_ELEM(j);
-    if (b && !(fabsf(v) >= CYNORM_HALF_CANCEL * fabsf(b[j])))
-        v = CYNORM_HALF_ELEM64(j);
-    return v;
-}
-
-#if CYNORM_HALF_VECTORS
-typedef int32_t cynorm_v8i __attribute__((vector_size(32)));
-
-static inline cynorm_v8f cynorm_half_block(const float* x, const float* w, const float* b,
-                                           float mh, float ml, float rs, double m,
-                                           double mlo, double rsd) {
-    cynorm_v8f xv, wv, bv, r;
-    cynorm_v8i ok, mag = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff,
-                          0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
-    int all = 1;
-    memcpy(&xv, x, sizeof xv);
-    r = (xv - mh) - ml;
-    if (w) {
-        memcpy(&wv, w, sizeof wv);
-        r = r * (rs * wv);
-    } else {
-        r = r * rs;
-    }
-    if (!b)
-        return r;
-    memcpy(&bv, b, sizeof bv);
-    r = r + bv;
-    ok = (cynorm_v8f)((cynorm_v8i)r & mag) >= CYNORM_HALF_CANCEL * (cynorm_v8f)((cynorm_v8i)bv & mag);
-#if defined(__AVX__)
-    all = _mm256_movemask_ps((__m256)ok) == 0xff;
-#else
-    for (int k = 0; k < 8; k++)
-        all &= ok[k] != 0;
-#endif
-    if (!all)   /* rare: the bias cancels the product (or NaN) */
-        for (int k = 0; k < 8; k++)
-            r[k] = CYNORM_HALF_ELEM64(k);
-    return r;
-}
-
-#endif
-
-#if CYNORM_HALF16
-static inline __m512 cynorm_half_block16(const float* x, const float* w, const float* b,
-                                         float mh, float ml, float rs, double m, double mlo,
-                                         double rsd) {
-    __m512 r = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x), _mm512_set1_ps(mh)),
-                             _mm512_set1_ps(ml));
-    __m512 bv;
-    r = _mm512_mul_ps(r, w ? _mm512_mul_ps(_mm512_set1_ps(rs), _mm512_loadu_ps(w))
-                           : _mm512_set1_ps(rs));
-    if (!b)
-        return r;
-    bv = _mm512_loadu_ps(b);
-    r = _mm512_add_ps(r, bv);
-    if (_mm512_cmp_ps_mask(_mm512_abs_ps(r),
-                           _mm512_mul_ps(_mm512_set1_ps(CYNORM_HALF_CANCEL), _mm512_abs_ps(bv)),
-                           _CMP_GE_OQ) != 0xffff) {
-        float t[16];   /* rare: the bias cancels the product (or NaN) */
-        for (int k = 0; k < 16; k++)
-            t[k] = CYNORM_HALF_ELEM64(k);
-        r = _mm512_loadu_ps(t);
-    }
-    return r;
-}
-
-#endif
-
-static void cynorm_apply_half(const float* x, uint16_t* y, ptrdiff_t n, float mh, float ml,
-                              float rs, double m, double mlo, double rsd, const float* w,
-                              const float* b, int kind, int stream) {
-    ptrdiff_t j = 0;
-#if CYNORM_HALF_VECTORS
-#if CYNORM_STREAMING
-    if (stream) {
-        cynorm_nth hv;
-#define CYNORM_HB(k) cynorm_pack8(cynorm_half_block(x + j + (k), w ? w + j + (k) : NULL,     \
-                                                    b ? b + j + (k) : NULL, mh, ml, rs, m,   \
-                                                    mlo, rsd), kind)
-        /* one vector of CYNORM_NT_BYTES built in registers from 8-element blocks (through
-           memory it stalls on store forwarding at every streamed store) */
-#if CYNORM_NT_BYTES == 64 && CYNORM_HALF16
-#define CYNORM_HB16(k) cynorm_pack16(cynorm_half_block16(x + j + (k), w ? w + j + (k) : NULL, \
-                                                         b ? b + j + (k) : NULL, mh, ml, rs, \
-                                                         m, mlo, rsd), kind)
-#define CYNORM_HALF_NT_VEC()                                                              \
-        hv = (cynorm_nth)_mm512_inserti64x4(_mm512_castsi256_si512(CYNORM_HB16(0)),       \
-                                            CYNORM_HB16(16), 1)
-#elif CYNORM_NT_BYTES == 64
-#define CYNORM_HALF_NT_VEC()                                                              \
-        hv = (cynorm_nth)_mm512_inserti64x4(                                              \
-            _mm512_castsi256_si512(_mm256_set_m128i((__m128i)CYNORM_HB(8), (__m128i)CYNORM_HB(0))), \
-            _mm256_set_m128i((__m128i)CYNORM_HB(24), (__m128i)CYNORM_HB(16)), 1)
-#elif CYNORM_NT_BYTES == 32
-#define CYNORM_HALF_NT_VEC()                                                              \
-        hv = (cynorm_nth)_mm256_set_m128i((__m128i)CYNORM_HB(8), (__m128i)CYNORM_HB(0))
-#else
-#define CYNORM_HALF_NT_VEC() hv = (cynorm_nth)CYNORM_HB(0)
-#endif
-        CYNORM_NT_ROW(uint16_t, y, n,
-            y[j] = cynorm_f2half(cynorm_half_elem(x, w, b, mh, ml, rs, m, mlo, rsd, j), kind),
-            CYNORM_HALF_NT_VEC();
-            CYNORM_STREAM_H(y + j, hv));
-#undef CYNORM_HALF_NT_VEC
-#undef CYNORM_HB
-#undef CYNORM_HB16
-        return;
-    }
-#endif
-#if CYNORM_HALF16
-    for (; j + 16 <= n; j += 16)
-        cynorm_narrow16(cynorm_half_block16(x + j, w ? w + j : NULL, b ? b + j : NULL, mh, ml,
-                                            rs, m, mlo, rsd), y + j, kind);
-#endif
-    for (; j + 8 <= n; j += 8)
-        cynorm_narrow8(cynorm_half_block(x + j, w ? w + j : NULL, b ? b + j : NULL, mh, ml,
-                                         rs, m, mlo, rsd), y + j, kind);
-#endif
-    (void)stream;
-    for (; j < n; j++)
-        y[j] = cynorm_f2half(cynorm_half_elem(x, w, b, mh, ml, rs, m, mlo, rsd, j), kind);
-}
 
 /* The per-feature affine of 16-bit data, y = (x - m) * s + t, for BatchNorm's output (eval, and
  * training once its statistics are known) and the group norms': n elements of a row (at most
@@ -540,7 +420,7 @@ static inline __m256i cynorm_pack16_bf_num(__m512 v) {
     const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
                                        _mm512_and_si512(_mm512_srli_epi32(u, 16),
                                                         _mm512_set1_epi32(1)));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+    return cynorm_high_words16(r);
 }
 
 /* cynorm_affine_half's blocks of sixteen, with per_elem and kind constants where it calls

@@ -1,14 +1,18 @@
 # Core: the row normalizer on 16-bit floats (float16, bfloat16), forward.
 #
-# A row of 16-bit elements is widened into a per-thread float32 scratch row (core/halves.h),
-# normalized there by the float32 row normalizer (norm_row, core/rows.pxi: float64
-# statistics, the split mean), and its output narrowed once, rounding to nearest even,
-# straight into y (or through a 16-bit scratch row, streamed, for outputs far larger than
-# the cache).  Each row is read in full before any of its outputs is written, so y (and h)
-# may be x (or residual) themselves, row for row, as for the float rows.
+# A row's statistics are read from its 16-bit elements, widened in registers (row_stats_half:
+# the float64 sums of the float32 row normalizer, core/rows.pxi, to the bit), and its output
+# is computed from them again, in float32 as the float rows compute it (core/halves_rows.h),
+# and narrowed once, rounding to nearest even, straight into y (streamed for outputs far
+# larger than the cache).  A row the float32 rescue would redo (its statistics out of float32's
+# range) is widened into a per-thread float32 scratch row first and takes norm_row's steps
+# there.  Each row is read in full (for its statistics) before any of its outputs is written,
+# and each output block after its own inputs, so y (and h) may be x (or residual) themselves,
+# row for row, as for the float rows.
 #
 # The residual-add forms: h = x + residual in float32, rounded once to the 16-bit type and
-# written out (torch's add in half precision); the rounded h is what is normalized.
+# written out (torch's add in half precision); the rounded h, widened into the scratch row as
+# it is made, is what is normalized.
 
 cdef extern from "core/halves.h" nogil:
     enum:
@@ -19,9 +23,6 @@ cdef extern from "core/halves.h" nogil:
     void cynorm_copy_nt_h(const uint16_t* x, uint16_t* y, Py_ssize_t n) noexcept
     void cynorm_add_half(const uint16_t* x, const uint16_t* r, uint16_t* h, float* s,
                          Py_ssize_t n, int kind) noexcept
-    void cynorm_apply_half(const float* x, uint16_t* y, Py_ssize_t n, float mh, float ml,
-                           float rs, double m, double mlo, double rsd, const float* w,
-                           const float* b, int kind, int stream) noexcept
     float cynorm_half2f(uint16_t h, int kind) noexcept
     uint16_t cynorm_d2half(double d, int kind) noexcept
     void cynorm_affine_half(const uint16_t* x, uint16_t* y, Py_ssize_t n, const double* m,
@@ -29,6 +30,16 @@ cdef extern from "core/halves.h" nogil:
                             const float* tf, const float* lf, int per_elem, float* scratch,
                             int kind) noexcept
     float HALF_CANCEL "CYNORM_HALF_CANCEL"
+
+
+cdef extern from "core/halves_rows.h" nogil:
+    # the row's 16-bit output, from its float32 copy or from the 16-bit row itself
+    void cynorm_apply_half(const float* x, uint16_t* y, Py_ssize_t n, float mh, float ml,
+                           float rs, double m, double mlo, double rsd, const float* w,
+                           const float* b, int kind, int stream) noexcept
+    void cynorm_apply_half16(const uint16_t* x, uint16_t* y, Py_ssize_t n, float mh, float ml,
+                             float rs, double m, double mlo, double rsd, const float* w,
+                             const float* b, int kind, int stream) noexcept
 
 
 cdef extern from "core/halves_sums.h" nogil:
@@ -87,6 +98,19 @@ cdef void row_moments_half(const uint16_t* x, Py_ssize_t n, int kind, double* hi
         start += nb
 
 
+cdef inline void row_stats_half(const uint16_t* x, Py_ssize_t n, bint centred, int kind,
+                               double* hi, double* lo, double* m2) noexcept nogil:
+    """core/rows.pxi's row_stats of a 16-bit row, widened in registers: the bits of row_stats
+    on the row's widened copy."""
+    cdef double s = 0.0
+    if centred:
+        row_moments_half(x, n, kind, hi, lo, m2)
+    else:
+        hi[0] = 0.0
+        lo[0] = 0.0
+        cynorm_shifted_sums_half(x, n, 0.0, &s, m2, kind)   # square_sum's sums
+
+
 cdef inline void put_half_row(const float* ys, uint16_t* y, uint16_t* hs, Py_ssize_t n,
                               int kind, bint stream) noexcept nogil:
     """y[0:n] = ys narrowed: directly, or through hs with streaming stores."""
@@ -97,17 +121,29 @@ cdef inline void put_half_row(const float* ys, uint16_t* y, uint16_t* hs, Py_ssi
         cynorm_narrow_half(ys, y, n, kind)
 
 
-cdef inline void apply_half_row(const float* xs, uint16_t* y, Py_ssize_t n, float mh, float ml,
-                                float rs, double m, double mlo, double rsd, const float* w,
-                                const float* b, int kind, bint stream,
+cdef inline void apply_half_chunk(const float* xs, const uint16_t* xh, uint16_t* y,
+                                  Py_ssize_t n, float mh, float ml, float rs, double m,
+                                  double mlo, double rsd, const float* w, const float* b,
+                                  int kind, bint stream) noexcept nogil:
+    """n outputs from the 16-bit row xh itself, or (xh NULL) from its widened copy xs."""
+    if xh != NULL:
+        cynorm_apply_half16(xh, y, n, mh, ml, rs, m, mlo, rsd, w, b, kind, stream)
+    else:
+        cynorm_apply_half(xs, y, n, mh, ml, rs, m, mlo, rsd, w, b, kind, stream)
+
+
+cdef inline void apply_half_row(const float* xs, const uint16_t* xh, uint16_t* y, Py_ssize_t n,
+                                float mh, float ml, float rs, double m, double mlo, double rsd,
+                                const float* w, const float* b, int kind, bint stream,
                                 const uint16_t* nxt) noexcept nogil:
-    """A row's 16-bit output from its widened row xs; with nxt (the next input row, else
-    NULL), in chunks that start on y's lines, each after a prefetch of the same part of nxt
-    (as the float rows' apply_prefetching: the next row's widening then reads the cache)."""
+    """A row's 16-bit output from the row xh itself, or (xh NULL) from its widened row xs;
+    with nxt (the next input row, else NULL), in chunks that start on y's lines, each after a
+    prefetch of the same part of nxt (as the float rows' apply_prefetching: the next row's
+    statistics then read the cache)."""
     cdef Py_ssize_t c0 = 0, c1, k
     cdef Py_ssize_t e = <Py_ssize_t>((-<Py_ssize_t>y) & (CYNORM_LINE_BYTES - 1)) // 2
     if nxt == NULL:
-        cynorm_apply_half(xs, y, n, mh, ml, rs, m, mlo, rsd, w, b, kind, stream)
+        apply_half_chunk(xs, xh, y, n, mh, ml, rs, m, mlo, rsd, w, b, kind, stream)
         return
     while c0 < n:
         c1 = e + PREFETCH_CHUNK if e + PREFETCH_CHUNK < n else n
@@ -115,9 +151,9 @@ cdef inline void apply_half_row(const float* xs, uint16_t* y, Py_ssize_t n, floa
         while k < c1 * 2:
             cynorm_prefetch(<const char*>nxt + k)
             k += CYNORM_LINE_BYTES
-        cynorm_apply_half(xs + c0, y + c0, c1 - c0, mh, ml, rs, m, mlo, rsd,
-                          w + c0 if w != NULL else NULL, b + c0 if b != NULL else NULL, kind,
-                          stream)
+        apply_half_chunk(xs + c0, xh + c0 if xh != NULL else NULL, y + c0, c1 - c0, mh, ml,
+                         rs, m, mlo, rsd, w + c0 if w != NULL else NULL,
+                         b + c0 if b != NULL else NULL, kind, stream)
         c0 = c1
         e = c1
 
@@ -139,6 +175,7 @@ cdef void half_norm_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssiz
     cdef Py_ssize_t i
     cdef double hi, lo, mlo, m2, rsd
     cdef float mh, ml, rs
+    cdef bint direct
     for i in range(r0, r1):
         if res != NULL:
             # h's row (through hs when streamed) and, in xs, its rounded values widened
@@ -150,12 +187,19 @@ cdef void half_norm_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssiz
             if write_padding:
                 memset(y + i * ldy, 0, D * sizeof(uint16_t))
             continue
-        if res == NULL:
-            cynorm_widen_half(x + i * ldx, xs, D, kind)
         hi = 0.0
         lo = 0.0
         m2 = 0.0
-        row_stats(<const float*>xs, D, centred, &hi, &lo, &m2)
+        direct = False
+        if res == NULL:
+            # the statistics from the 16-bit row itself (the float32 copy's bits); the copy
+            # only for a row that row_scale redoes scaled (its float32 range left)
+            row_stats_half(x + i * ldx, D, centred, kind, &hi, &lo, &m2)
+            direct = not f32_rescaled(m2, D, eps)
+            if not direct:
+                cynorm_widen_half(x + i * ldx, xs, D, kind)
+        else:
+            row_stats(<const float*>xs, D, centred, &hi, &lo, &m2)
         rsd = 1.0 / sqrt(m2 / D + eps)
         # the mean rounded to one float64 first (hi + lo, 0): an element equal to the mean
         # then gives 0, as the exact result does, and not lo's last bits, which bfloat16's
@@ -171,8 +215,8 @@ cdef void half_norm_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssiz
         else:
             # the mean and rstd in float64 too, for the blocks redone in float64 (rstd NaN
             # where row_scale made it so: a non-finite row)
-            apply_half_row(xs, y + i * ldy, D, mh, ml, rs, hi, mlo, rsd if rs == rs else NAN,
-                           w, b, kind, stream,
+            apply_half_row(xs, x + i * ldx if direct else NULL, y + i * ldy, D, mh, ml, rs,
+                           hi, mlo, rsd if rs == rs else NAN, w, b, kind, stream,
                            x + (i + ahead) * ldx if ahead > 0 and i + ahead < r1 else NULL)
     if stream:
         cynorm_sfence()

@@ -104,6 +104,12 @@ cdef inline void norm_finish(const floating* x, floating* y, Py_ssize_t n, const
         apply_plain(x, y, n, mh, ml, rs, w, b)
 
 
+cdef inline bint f32_rescaled(double m2, Py_ssize_t n, double eps) noexcept nogil:
+    """Whether row_scale redoes a float32 row of n elements and these statistics scaled:
+    deviations near FLT_MAX would overflow x - mean in float32, or 1 / std would."""
+    return not m2 <= F32_BIG_M2 or (m2 > 0.0 and m2 / n + eps < F32_TINY_VAR)
+
+
 cdef inline bint row_scale(const floating* x, floating* y, Py_ssize_t n, const floating* w,
                            const floating* b, double eps, bint centred, double hi, double lo,
                            double m2, double rstd, double* mean_out, double* rstd_out,
@@ -113,8 +119,7 @@ cdef inline bint row_scale(const floating* x, floating* y, Py_ssize_t n, const f
     scaled by a power of two."""
     cdef bint rescale
     if floating is float:
-        # deviations near FLT_MAX would overflow x - mean in float32, or 1 / std would
-        rescale = not m2 <= F32_BIG_M2 or (m2 > 0.0 and m2 / n + eps < F32_TINY_VAR)
+        rescale = f32_rescaled(m2, n, eps)
     else:
         # squares overflowed float64 (|x| near 1e154 or more), or underflowed (subnormal
         # spreads) with no eps to hide it

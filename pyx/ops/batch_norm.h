@@ -245,16 +245,6 @@ static void cynorm_bn_colsums4_half(const uint16_t* const* g, const uint16_t* co
  * column (training), k1·g (not), as the float32 row computes it (the same expression, so the
  * compiler fuses both alike), narrowed once. */
 #if CYNORM_HALF_VECTORS
-/* a·b + c as the compiler computes the float32 row's a*b + c: fused where it contracts (an
-   optimizing build with FMA), two roundings elsewhere.  Written out, not left to contraction:
-   here the loads' branches (whole vector or masked) split the expression, and GCC then fused
-   it in the float16 loop but not in the bfloat16 one (one float32 ulp apart). */
-#if defined(__FMA__) && defined(__OPTIMIZE__)
-#define CYNORM_MULADD8(a, b, c)                                                           \
-    ((cynorm_v8f)_mm256_fmadd_ps((__m256)(a), (__m256)(b), (__m256)(c)))
-#else
-#define CYNORM_MULADD8(a, b, c) ((a) * (b) + (c))
-#endif
 #define CYNORM_BN_DX_VEC_HALF(NAME, KIND)                                                 \
 static void NAME(const uint16_t* g, const uint16_t* x, uint16_t* dx, ptrdiff_t n,         \
                  const float* mh, const float* k1, const float* k2, const float* k3,      \
