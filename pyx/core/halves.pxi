@@ -204,7 +204,7 @@ cdef void half_norm_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssiz
         # the mean rounded to one float64 first (hi + lo, 0): an element equal to the mean
         # then gives 0, as the exact result does, and not lo's last bits, which bfloat16's
         # range would keep (a row's hi + lo may differ from the exact mean by 1e-21 of it).
-        # What the rounding left out, mlo, serves only the blocks redone in float64, where
+        # What the rounding left out, mlo, serves only the lanes redone in float64, where
         # the bias cancels the product down to far below the mean's rounding.
         mlo = (hi - (hi + lo)) + lo
         hi = hi + lo
@@ -213,7 +213,7 @@ cdef void half_norm_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssiz
                      False, &mh, &ml, &rs):
             put_half_row(ys, y + i * ldy, hs, D, kind, stream)   # redone by the rescue
         else:
-            # the mean and rstd in float64 too, for the blocks redone in float64 (rstd NaN
+            # the mean and rstd in float64 too, for the lanes redone in float64 (rstd NaN
             # where row_scale made it so: a non-finite row)
             apply_half_row(xs, x + i * ldx if direct else NULL, y + i * ldy, D, mh, ml, rs,
                            hi, mlo, rsd if rs == rs else NAN, w, b, kind, stream,
