@@ -126,13 +126,18 @@ cdef void _running_params(const floating* rm, const floating* rv, const floating
         feature_params(rm[c], 0.0, rv[c], eps, w, b, c, C, params)
 
 
+cdef inline double running_value(double r, double batch, double momentum) noexcept nogil:
+    """The running update, (1 - momentum) r + momentum batch, in float64 (every buffer dtype)."""
+    return (1.0 - momentum) * r + momentum * batch
+
+
 cdef void _update_running(floating* rm, floating* rv, const double* stats, Py_ssize_t C,
                           double count, double momentum) noexcept nogil:
     cdef Py_ssize_t c
     cdef double unbias = 1.0 / (count - 1.0)
     for c in range(C):
-        rm[c] = <floating>((1.0 - momentum) * rm[c] + momentum * (stats[c] + stats[C + c]))
-        rv[c] = <floating>((1.0 - momentum) * rv[c] + momentum * (stats[2 * C + c] * unbias))
+        rm[c] = <floating>running_value(rm[c], stats[c] + stats[C + c], momentum)
+        rv[c] = <floating>running_value(rv[c], stats[2 * C + c] * unbias, momentum)
 
 
 def batch_norm_params(cnp.ndarray stats, double var_scale, cnp.ndarray weight,
@@ -207,10 +212,10 @@ cdef void _update_running_half(uint16_t* rm, uint16_t* rv, const double* stats, 
     cdef Py_ssize_t c
     cdef double unbias = 1.0 / (count - 1.0)
     for c in range(C):
-        rm[c] = cynorm_d2half((1.0 - momentum) * <double>cynorm_half2f(rm[c], kind)
-                              + momentum * (stats[c] + stats[C + c]), kind)
-        rv[c] = cynorm_d2half((1.0 - momentum) * <double>cynorm_half2f(rv[c], kind)
-                              + momentum * (stats[2 * C + c] * unbias), kind)
+        rm[c] = cynorm_d2half(running_value(cynorm_half2f(rm[c], kind),
+                                            stats[c] + stats[C + c], momentum), kind)
+        rv[c] = cynorm_d2half(running_value(cynorm_half2f(rv[c], kind),
+                                            stats[2 * C + c] * unbias, momentum), kind)
 
 
 def update_running(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarray stats,
