@@ -357,7 +357,8 @@ cdef double SPREAD_NOISE = 8.881784197001252e-16   # 2^-50
 
 cdef void half_affine_params(const double* st, double var_scale, const float* w,
                              const float* b, double eps, Py_ssize_t C, Py_ssize_t L,
-                             double* params) noexcept nogil:
+                             double* params, double* rstd=NULL,
+                             Py_ssize_t per=1) noexcept nogil:
     """params (3, C·L) float64, m, s, t of each feature repeated L times: m = the mean (hi +
     lo) rounded to one float64, s = w / sqrt(var + eps) (NaN where var + eps is 0 or var is
     not finite, as feature_params), t = b - mlo * s (mlo what the rounding of m left out:
@@ -366,23 +367,32 @@ cdef void half_affine_params(const double* st, double var_scale, const float* w,
     as 0, the two-term mean's own error, so that an element equal to the mean gives exactly
     b); then (3, C·L) float32,
     feature_params' m_hi, scale and shift of m, and HALF_CANCEL times |shift| (core/halves.h:
-    the float32 lanes below it are done again in float64): HALF_PARAM_ROWS rows."""
+    the float32 lanes below it are done again in float64): HALF_PARAM_ROWS rows.
+    rstd (unless NULL): 1 / sqrt(var + eps) of feature c into rstd[c // per] (the group
+    norms' per-group rstd, their channels' roots taken once here)."""
     cdef Py_ssize_t c, k, P = C * L
-    cdef double var, inv = NAN, sd = NAN, m, mlo, sc, sh, last = NAN
+    cdef double var, r = NAN, inv = NAN, sd = -1.0, m, mlo, sc, sh, last = NAN
     cdef float* pf = <float*>(params + 3 * P)
     cdef float mh, ml, sf, tf
     for c in range(C):
         var = st[2 * C + c] * var_scale
         if not var == last:   # (a group's channels share one variance: its roots once)
-            inv = 1.0 / sqrt(var + eps)
-            if isinf(inv) or isinf(var):
-                inv = NAN
-            sd = sqrt(var)
+            r = 1.0 / sqrt(var + eps)
+            inv = NAN if isinf(r) or isinf(var) else r
+            sd = -1.0   # its square root when first needed
             last = var
+        if rstd != NULL:
+            rstd[c // per] = r
         m = st[c] + st[C + c]
         mlo = (st[c] - m) + st[C + c]
-        if fabs(mlo) < MEAN_NOISE * fabs(m) or fabs(mlo) < SPREAD_NOISE * sd:
-            mlo = 0.0   # the statistics' own last bits, not a remainder of the mean
+        # below these, the statistics' own last bits, not a remainder of the mean
+        if mlo != 0.0 and fabs(mlo) < MEAN_NOISE * fabs(m):
+            mlo = 0.0
+        elif mlo != 0.0:
+            if sd < 0.0:
+                sd = sqrt(var)
+            if fabs(mlo) < SPREAD_NOISE * sd:
+                mlo = 0.0
         sc = inv * w[c] if w != NULL else inv
         sh = b[c] if b != NULL else 0.0
         # the mean rounded to one float64 first, as the 16-bit rows do (core/halves.pxi's

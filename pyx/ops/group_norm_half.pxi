@@ -32,9 +32,13 @@ cdef void half_params(double* st, Py_ssize_t NG, Py_ssize_t n, Py_ssize_t G, Py_
             work[F + c] = st[2 * NG + u]
             work[2 * F + c] = var
         st[4 * NG + u] = st[NG + u] + st[2 * NG + u] if count > 0 else NAN
-        st[5 * NG + u] = 1.0 / sqrt(var + eps) if count > 0 else NAN
+    # st's rstd row from there, the roots taken once
     half_affine_params(work, 1.0, w + g0 * Cg if w != NULL else NULL,
-                       b + g0 * Cg if b != NULL else NULL, eps, F, 1, work + 3 * F)
+                       b + g0 * Cg if b != NULL else NULL, eps, F, 1, work + 3 * F,
+                       st + 5 * NG + n * G + g0, Cg)
+    for g in range(g0, g1):
+        if not st[n * G + g] > 0:
+            st[5 * NG + n * G + g] = NAN
 
 
 cdef void group_half_first(const uint16_t* x, uint16_t* y, Py_ssize_t u, Py_ssize_t C,
