@@ -369,16 +369,19 @@ cdef void half_affine_params(const double* st, double var_scale, const float* w,
     feature_params' m_hi, scale and shift of m, and HALF_CANCEL times |shift| (core/halves.h:
     the float32 lanes below it are done again in float64): HALF_PARAM_ROWS rows.
     rstd (unless NULL): 1 / sqrt(var + eps) of feature c into rstd[c // per] (the group
-    norms' per-group rstd, their channels' roots taken once here)."""
-    cdef Py_ssize_t c, k, P = C * L
-    cdef double var, r = NAN, inv = NAN, sd = -1.0, m, mlo, sc, sh, last = NAN
+    norms' per-group rstd)."""
+    cdef Py_ssize_t c, c0, k, P = C * L
+    cdef double var, r, inv, sd = -1.0, m, mlo, sc, sh, last = NAN
+    cdef double roots[ROOT_CHUNK]
     cdef float* pf = <float*>(params + 3 * P)
     cdef float mh, ml, sf, tf
     for c in range(C):
+        if c % ROOT_CHUNK == 0:
+            inv_stds(st + 2 * C + c, var_scale, eps, min(ROOT_CHUNK, C - c), roots)
         var = st[2 * C + c] * var_scale
-        if not var == last:   # (a group's channels share one variance: its roots once)
-            r = 1.0 / sqrt(var + eps)
-            inv = NAN if isinf(r) or isinf(var) else r
+        r = roots[c % ROOT_CHUNK]
+        inv = NAN if isinf(r) or isinf(var) else r
+        if not var == last:   # (a group's channels share one variance: sd's root once)
             sd = -1.0   # its square root when first needed
             last = var
         if rstd != NULL:

@@ -112,6 +112,25 @@ cdef inline void split_mean(double hi, double lo, floating* m_hi, floating* m_lo
         m_lo[0] = (hi - m_hi[0]) + lo
 
 
+# features whose roots inv_stds takes at a time (a stack array of its callers)
+cdef enum:
+    ROOT_CHUNK = 64
+
+
+cdef inline void inv_stds(const floating* var, double scale, double eps, Py_ssize_t n,
+                          double* out) noexcept nogil:
+    """out[k] = 1 / sqrt(var[k] * scale + eps) for k < n: the per-feature parameters' roots
+    and quotients in loops the compiler vectorizes (correctly rounded either way: the scalar
+    expression's bits)."""
+    cdef Py_ssize_t k
+    for k in range(n):
+        out[k] = var[k] * scale
+    # a loop of its own: the product rounded before eps is added, as the callers' variance is
+    # (in one expression the compiler fuses the two into an fma)
+    for k in range(n):
+        out[k] = 1.0 / sqrt(out[k] + eps)
+
+
 cdef inline void gx_sums(const floating* g, const floating* w, const floating* x, Py_ssize_t n,
                          double shift, double* sg, double* sgx) noexcept nogil:
     """sg = Σ g·w, sgx = Σ g·w·(x - shift); w may be NULL."""

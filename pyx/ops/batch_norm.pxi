@@ -89,15 +89,16 @@ cdef void _normalize(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t 
                                     write_padding, stream)
 
 
-cdef inline void feature_params(double hi, double lo, double var, double eps, const floating* w,
-                                const floating* b, Py_ssize_t c, Py_ssize_t C,
-                                floating* params) noexcept nogil:
-    """Column c of params (3, C): m_hi, scale = w / sqrt(var + eps), shift = b - m_lo * scale.
+cdef inline void feature_params(double hi, double lo, double var, double invstd,
+                                const floating* w, const floating* b, Py_ssize_t c,
+                                Py_ssize_t C, floating* params) noexcept nogil:
+    """Column c of params (3, C): m_hi, scale = w / sqrt(var + eps), shift = b - m_lo * scale,
+    from invstd = 1 / sqrt(var + eps) (inv_stds').
 
     y = (x - m_hi) * scale + shift: x - m_hi is exact for x near the mean, and the remainder
     m_lo of the mean, folded into shift, is applied at the precision of the output.
     """
-    cdef double invstd = 1.0 / sqrt(var + eps), scale
+    cdef double scale
     cdef floating mh, ml
     if isinf(invstd):   # var + eps == 0: no defined output, NaN as torch gives
         invstd = NAN
@@ -114,16 +115,23 @@ cdef void _batch_norm_params(const double* hi, const double* lo, const double* m
                              double var_scale, const floating* w, const floating* b,
                              double eps, Py_ssize_t C, floating* params) noexcept nogil:
     cdef Py_ssize_t c
+    cdef double inv[ROOT_CHUNK]
     for c in range(C):
-        feature_params(hi[c], lo[c], m2[c] * var_scale, eps, w, b, c, C, params)
+        if c % ROOT_CHUNK == 0:
+            inv_stds(m2 + c, var_scale, eps, min(ROOT_CHUNK, C - c), inv)
+        feature_params(hi[c], lo[c], m2[c] * var_scale, inv[c % ROOT_CHUNK], w, b, c, C,
+                       params)
 
 
 cdef void _running_params(const floating* rm, const floating* rv, const floating* w,
                           const floating* b, double eps, Py_ssize_t C,
                           floating* params) noexcept nogil:
     cdef Py_ssize_t c
+    cdef double inv[ROOT_CHUNK]
     for c in range(C):
-        feature_params(rm[c], 0.0, rv[c], eps, w, b, c, C, params)
+        if c % ROOT_CHUNK == 0:
+            inv_stds(rv + c, 1.0, eps, min(ROOT_CHUNK, C - c), inv)
+        feature_params(rm[c], 0.0, rv[c], inv[c % ROOT_CHUNK], w, b, c, C, params)
 
 
 cdef inline double running_value(double r, double batch, double momentum) noexcept nogil:

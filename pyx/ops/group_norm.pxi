@@ -114,11 +114,11 @@ cdef inline void group_params(double* st, Py_ssize_t u, Py_ssize_t NG, double ep
     """params (3, C) of channels c0..c1 from the moments of unit u (st: count, hi, lo, M2),
     and its mean and rstd into st's rows 4 and 5 (NaN for a unit with no real position)."""
     cdef Py_ssize_t c
-    cdef double count = st[u], var = st[3 * NG + u] / count
+    cdef double count = st[u], var = st[3 * NG + u] / count, inv = 1.0 / sqrt(var + eps)
     for c in range(c0, c1):
-        feature_params(st[NG + u], st[2 * NG + u], var, eps, w, b, c, C, params)
+        feature_params(st[NG + u], st[2 * NG + u], var, inv, w, b, c, C, params)
     st[4 * NG + u] = st[NG + u] + st[2 * NG + u] if count > 0 else NAN
-    st[5 * NG + u] = 1.0 / sqrt(var + eps) if count > 0 else NAN
+    st[5 * NG + u] = inv if count > 0 else NAN
 
 
 cdef void group_first_unit(const floating* x, floating* y, Py_ssize_t u, Py_ssize_t C,
