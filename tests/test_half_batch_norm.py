@@ -101,6 +101,39 @@ def test_batch_norm_out_in_place_threads_and_every_kernels_build(rng, name):
 
 
 @pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("rows, C", [(40, 4128), (8, 16400), (1100, 1100)])
+def test_batch_norm_eval_few_rows_of_many_features(rng, name, rows, C):
+    """Eval with no more rows than features (the threads split the features: each makes its
+    columns' parameters): within one ulp, the bits of one thread, with a mask and with out=."""
+    dt = half_dtype(name)
+    x = half_data(rng, (rows, C), dt, offset_sigmas=30)
+    w = rng.uniform(0.5, 2.0, C).astype(np.float32)
+    b = rng.standard_normal(C).astype(np.float32)
+    rm = rng.standard_normal(C).astype(np.float32) + 90
+    rv = rng.uniform(1, 4, C).astype(np.float32)
+    rv[3], rm[5] = 0.0, np.nan   # no defined output there: NaN columns, as torch gives
+    x64 = x.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ref = _bn_ref(x64, 1, rm.astype(np.float64), rv.astype(np.float64), w, b, eps=0.0)
+    with cynorm.num_threads(1):
+        y1 = cynorm.batch_norm(x, rm, rv, w, b, False, eps=0.0)
+    with cynorm.num_threads(2):
+        y2 = cynorm.batch_norm(x, rm, rv, w, b, False, eps=0.0)
+        out = at_phase(np.empty_like(x), 2)
+        assert cynorm.batch_norm(x, rm, rv, w, b, False, eps=0.0, out=out) is out
+        keep = rng.random(rows) < 0.7
+        ym = cynorm.batch_norm(x[None], rm, rv, w, b, False, eps=0.0, axis=-1,
+                               mask=keep[None])[0]
+    assert np.isnan(y1[:, [3, 5]].astype(np.float64)).all()
+    good = np.ones(C, bool)
+    good[[3, 5]] = False
+    check_half(y1[:, good], ref[:, good], dt)
+    assert y1.tobytes() == y2.tobytes() == out.tobytes()
+    assert ym[keep].tobytes() == y1[keep].tobytes()
+    assert not ym[~keep].astype(np.float64).any()
+
+
+@pytest.mark.parametrize("name", HALVES)
 def test_batch_norm_masked_feature_last(rng, name):
     """(N, T, C) with lengths: the statistics of the real tokens, padding written as 0, the
     real tokens as BatchNorm of those tokens alone."""

@@ -15,6 +15,13 @@ cdef inline Py_ssize_t chunk(Py_ssize_t M, Py_ssize_t t, Py_ssize_t T) noexcept 
     return (M * t) // T
 
 
+cdef inline Py_ssize_t feature_cut(Py_ssize_t C, Py_ssize_t t, Py_ssize_t T) noexcept nogil:
+    """Where thread t's features start when T threads split C features of one column each:
+    chunk(C, t, T) down to a multiple of 32 columns (whole output lines to each thread, and
+    the same sixteen-wide blocks as a whole row), C for t >= T."""
+    return C if t >= T else (chunk(C, t, T) // 32) * 32
+
+
 cdef inline Py_ssize_t part_stride(Py_ssize_t D) noexcept nogil:
     """Doubles between two threads' rows of partial sums: D rounded up to whole 64-byte lines,
     so that no line holds two threads' sums (a line both threads write bounces between their

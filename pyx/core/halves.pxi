@@ -322,21 +322,26 @@ cdef run_half_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t D, cnp.ndarray weigh
 cdef void half_affine_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssize_t ldy,
                            Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t cols, bint by_rows,
                            const double* params, Py_ssize_t P, const unsigned char* mask,
-                           bint write_padding, float* scratch, int kind) noexcept nogil:
-    """Rows r0..r1, each in pieces of at most AFFINE_CHUNK elements: by_rows, row i is one
-    feature, i % P (its m, s, t scalars); else each column has its own (P == cols).  params:
-    (3, P) float64, then (HALF_PARAM_ROWS, P) float32 (half_affine_params).  Rows the mask
-    drops are written as 0 (unless write_padding is off)."""
+                           bint write_padding, float* scratch, int kind, Py_ssize_t j0=0,
+                           Py_ssize_t j1=-1) noexcept nogil:
+    """Rows r0..r1, columns j0..j1 (j1 -1: to cols), each in pieces of at most AFFINE_CHUNK
+    elements: by_rows, row i is one feature, i % P (its m, s, t scalars); else each column has
+    its own (P == cols).  params: (3, P) float64, then (HALF_PARAM_ROWS, P) float32
+    (half_affine_params).  Rows the mask drops are written as 0 (unless write_padding is
+    off).  An element's bits do not depend on the pieces (cynorm_affine_half computes each on
+    its own, in blocks that start at multiples of sixteen from j0: keep j0 one)."""
     cdef Py_ssize_t i, a, n, f
     cdef const float* pf = <const float*>(params + 3 * P)
+    if j1 < 0:
+        j1 = cols
     for i in range(r0, r1):
         if mask != NULL and not mask[i]:
             if write_padding:
-                memset(y + i * ldy, 0, cols * sizeof(uint16_t))
+                memset(y + i * ldy + j0, 0, (j1 - j0) * sizeof(uint16_t))
             continue
-        a = 0
-        while a < cols:
-            n = cols - a if cols - a < AFFINE_CHUNK else AFFINE_CHUNK
+        a = j0
+        while a < j1:
+            n = j1 - a if j1 - a < AFFINE_CHUNK else AFFINE_CHUNK
             f = i % P if by_rows else a
             cynorm_affine_half(x + i * ldx + a, y + i * ldy + a, n, params + f,
                                params + P + f, params + 2 * P + f, pf + f, pf + P + f,
@@ -357,8 +362,8 @@ cdef double SPREAD_NOISE = 8.881784197001252e-16   # 2^-50
 
 cdef void half_affine_params(const double* st, double var_scale, const float* w,
                              const float* b, double eps, Py_ssize_t C, Py_ssize_t L,
-                             double* params, double* rstd=NULL,
-                             Py_ssize_t per=1) noexcept nogil:
+                             double* params, double* rstd=NULL, Py_ssize_t per=1,
+                             Py_ssize_t c0=0, Py_ssize_t c1=-1) noexcept nogil:
     """params (3, C·L) float64, m, s, t of each feature repeated L times: m = the mean (hi +
     lo) rounded to one float64, s = w / sqrt(var + eps) (NaN where var + eps is 0 or var is
     not finite, as feature_params), t = b - mlo * s (mlo what the rounding of m left out:
@@ -369,17 +374,19 @@ cdef void half_affine_params(const double* st, double var_scale, const float* w,
     feature_params' m_hi, scale and shift of m, and HALF_CANCEL times |shift| (core/halves.h:
     the float32 lanes below it are done again in float64): HALF_PARAM_ROWS rows.
     rstd (unless NULL): 1 / sqrt(var + eps) of feature c into rstd[c // per] (the group
-    norms' per-group rstd)."""
-    cdef Py_ssize_t c, c0, k, P = C * L
+    norms' per-group rstd).  Features c0..c1 only (c1 -1: to C)."""
+    cdef Py_ssize_t c, k, P = C * L
     cdef double var, r, inv, sd = -1.0, m, mlo, sc, sh, last = NAN
     cdef double roots[ROOT_CHUNK]
     cdef float* pf = <float*>(params + 3 * P)
     cdef float mh, ml, sf, tf
-    for c in range(C):
-        if c % ROOT_CHUNK == 0:
-            inv_stds(st + 2 * C + c, var_scale, eps, min(ROOT_CHUNK, C - c), roots)
+    if c1 < 0:
+        c1 = C
+    for c in range(c0, c1):
+        if (c - c0) % ROOT_CHUNK == 0:
+            inv_stds(st + 2 * C + c, var_scale, eps, min(ROOT_CHUNK, c1 - c), roots)
         var = st[2 * C + c] * var_scale
-        r = roots[c % ROOT_CHUNK]
+        r = roots[(c - c0) % ROOT_CHUNK]
         inv = NAN if isinf(r) or isinf(var) else r
         if not var == last:   # (a group's channels share one variance: sd's root once)
             sd = -1.0   # its square root when first needed
@@ -432,6 +439,12 @@ def affine_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t cols, 
     cdef int T = max(1, n_threads)
     cdef double* params
     cdef float* scratch
+    cdef Py_ssize_t c0, c1
+    # few rows of many features, one a column: the threads split the features (each makes its
+    # columns' parameters and writes them down every row), not the rows, where one thread
+    # would make every parameter and the other read them from its cache
+    cdef bint by_features = (T > 1 and not by_rows and L == 1 and rows <= C
+                             and C >= FEATURE_SPLIT_MIN)
     if kind != HALF_F16 and kind != HALF_BF16:
         raise ValueError(f"unknown 16-bit kind {kind}")
     if not is_bits16(x) or not is_bits16(y):
@@ -448,12 +461,24 @@ def affine_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t cols, 
     scratch = <float*>(params + 3 * P) + HALF_PARAM_ROWS * P
     try:
         with nogil:
-            half_affine_params(st, var_scale, w, b, eps, C, L, params)
-            if T <= 1:
+            if by_features:
+                for t in prange(T, num_threads=T, schedule="static", chunksize=1):
+                    c0 = feature_cut(C, t, T)
+                    c1 = feature_cut(C, t + 1, T)
+                    if c1 > c0:
+                        half_affine_params(st, var_scale, w, b, eps, C, 1, params, NULL, 1, c0,
+                                           c1)
+                        half_affine_rows(<const uint16_t*>cnp.PyArray_DATA(x), ldx,
+                                         <uint16_t*>cnp.PyArray_DATA(y), ldy, 0, rows, cols,
+                                         False, params, P, mk, write_padding,
+                                         scratch + t * AFFINE_CHUNK, kind, c0, c1)
+            elif T <= 1:
+                half_affine_params(st, var_scale, w, b, eps, C, L, params)
                 half_affine_rows(<const uint16_t*>cnp.PyArray_DATA(x), ldx,
                                  <uint16_t*>cnp.PyArray_DATA(y), ldy, 0, rows, cols, by_rows,
                                  params, P, mk, write_padding, scratch, kind)
             else:
+                half_affine_params(st, var_scale, w, b, eps, C, L, params)
                 for t in prange(T, num_threads=T, schedule="static", chunksize=1):
                     half_affine_rows(<const uint16_t*>cnp.PyArray_DATA(x), ldx,
                                      <uint16_t*>cnp.PyArray_DATA(y), ldy, chunk(rows, t, T),
