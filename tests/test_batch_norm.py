@@ -70,6 +70,33 @@ def test_matches_torch_functional(rng, torch, dtype):
         np.testing.assert_allclose(got, expect, atol=tol * 10)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, C", [(40, 4128), (8, 16400), (1100, 1100)])
+def test_eval_few_rows_of_many_features(rng, torch, dtype, rows, C):
+    """Eval with no more rows than features (the threads split the features: each makes its
+    columns' parameters): torch's result, one thread's bits, with a mask and with out=."""
+    x = (rng.standard_normal((rows, C)) * 3 + 1e3).astype(dtype)
+    w, b = rng.uniform(0.5, 2, C).astype(dtype), rng.standard_normal(C).astype(dtype)
+    rm = (rng.standard_normal(C) + 1e3).astype(dtype)
+    rv = rng.uniform(1, 4, C).astype(dtype)
+    with cynorm.num_threads(1):
+        y1 = cynorm.batch_norm(x, rm, rv, w, b, training=False)
+    with cynorm.num_threads(2):
+        y2 = cynorm.batch_norm(x, rm, rv, w, b, training=False)
+        out = np.full_like(x, np.nan)
+        assert cynorm.batch_norm(x, rm, rv, w, b, training=False, out=out) is out
+        keep = rng.random(rows) < 0.7
+        ym = cynorm.batch_norm(x[None], rm, rv, w, b, training=False, axis=-1,
+                               mask=keep[None])[0]
+    expect = torch.nn.functional.batch_norm(
+        *(torch.from_numpy(a.astype(np.float64)) for a in (x, rm, rv, w, b)),
+        training=False).numpy()
+    assert max_err(y1, expect) <= TOL[np.dtype(dtype)] * 10
+    assert y1.tobytes() == y2.tobytes() == out.tobytes()
+    assert ym[keep].tobytes() == y1[keep].tobytes()
+    assert not ym[~keep].any()
+
+
 def test_feature_last_matches_torch_on_moved_axis(rng, torch):
     x = rng.standard_normal((8, 20, 12)).astype(np.float32)
     rm, rv = np.zeros(12, np.float32), np.ones(12, np.float32)

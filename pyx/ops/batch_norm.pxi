@@ -47,19 +47,21 @@ cdef void normalize_columns_range(const floating* x, Py_ssize_t ldx, floating* y
                                   Py_ssize_t ldy, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t F,
                                   Py_ssize_t C, const floating* params,
                                   const unsigned char* mask, bint write_padding,
-                                  bint stream) noexcept nogil:
-    # column j of x belongs to feature j // (F // C); masked rows are written as 0 (or left
-    # alone when y is known to hold zeros)
+                                  bint stream, Py_ssize_t c0=0, Py_ssize_t c1=-1) noexcept nogil:
+    # column j of x belongs to feature j // (F // C); features c0..c1 (c1 -1: to C) of rows
+    # r0..r1; masked rows are written as 0 (or left alone when y is known to hold zeros)
     cdef Py_ssize_t i, c, L = F // C
+    if c1 < 0:
+        c1 = C
     for i in range(r0, r1):
         if mask != NULL and not mask[i]:
             if write_padding:
-                zero_row(y + i * ldy, F, stream)
+                zero_row(y + i * ldy + c0 * L, (c1 - c0) * L, stream)
         elif L == 1:
-            normalize_row_vector(x + i * ldx, y + i * ldy, F, params, params + C, params + 2 * C,
-                                 stream)
+            normalize_row_vector(x + i * ldx + c0, y + i * ldy + c0, c1 - c0, params + c0,
+                                 params + C + c0, params + 2 * C + c0, stream)
         else:
-            for c in range(C):
+            for c in range(c0, c1):
                 normalize_row_scalar(x + i * ldx + c * L, y + i * ldy + c * L, L, params[c],
                                      params[C + c], params[2 * C + c], stream)
     if stream:
@@ -124,14 +126,36 @@ cdef void _batch_norm_params(const double* hi, const double* lo, const double* m
 
 
 cdef void _running_params(const floating* rm, const floating* rv, const floating* w,
-                          const floating* b, double eps, Py_ssize_t C,
-                          floating* params) noexcept nogil:
+                          const floating* b, double eps, Py_ssize_t C, floating* params,
+                          Py_ssize_t c0=0, Py_ssize_t c1=-1) noexcept nogil:
+    """params (3, C) of features c0..c1 (c1 -1: to C) from the running statistics."""
     cdef Py_ssize_t c
     cdef double inv[ROOT_CHUNK]
-    for c in range(C):
-        if c % ROOT_CHUNK == 0:
-            inv_stds(rv + c, 1.0, eps, min(ROOT_CHUNK, C - c), inv)
-        feature_params(rm[c], 0.0, rv[c], inv[c % ROOT_CHUNK], w, b, c, C, params)
+    if c1 < 0:
+        c1 = C
+    for c in range(c0, c1):
+        if (c - c0) % ROOT_CHUNK == 0:
+            inv_stds(rv + c, 1.0, eps, min(ROOT_CHUNK, c1 - c), inv)
+        feature_params(rm[c], 0.0, rv[c], inv[(c - c0) % ROOT_CHUNK], w, b, c, C, params)
+
+
+cdef void _running_by_features(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t ldy,
+                               Py_ssize_t M, Py_ssize_t C, const floating* rm,
+                               const floating* rv, const floating* w, const floating* b,
+                               double eps, floating* params, const unsigned char* mask,
+                               bint write_padding, int n_threads) noexcept nogil:
+    """Eval-mode BatchNorm of few rows of many features, one a column: each thread makes the
+    parameters of its own columns (feature_cut), then normalizes those columns down every
+    row.  Splitting the rows instead leaves every parameter to one thread."""
+    cdef Py_ssize_t t, c0, c1
+    cdef bint stream = streamed(M * C * <Py_ssize_t>sizeof(floating), n_threads)
+    for t in prange(n_threads, num_threads=n_threads, schedule="static", chunksize=1):
+        c0 = feature_cut(C, t, n_threads)
+        c1 = feature_cut(C, t + 1, n_threads)
+        if c1 > c0:
+            _running_params(rm, rv, w, b, eps, C, params, c0, c1)
+            normalize_columns_range(x, ldx, y, ldy, 0, M, C, C, params, mask, write_padding,
+                                    stream, c0, c1)
 
 
 cdef inline double running_value(double r, double batch, double momentum) noexcept nogil:
@@ -187,6 +211,9 @@ def normalize_running(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t 
     cdef void* b = optional_data(bias, C, f32)
     cdef const unsigned char* mk = mask_data(mask, rows)
     cdef void* params
+    # few rows of many features, one a column: the threads split the features
+    cdef bint by_features = (n_threads > 1 and not by_rows and cols == C and rows <= C
+                             and C >= FEATURE_SPLIT_MIN)
     if by_rows and mk != NULL:
         raise ValueError("normalize_running: a row mask needs the column layout")
     if is_float32(y) != f32 or rm == NULL or rv == NULL:
@@ -199,7 +226,17 @@ def normalize_running(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t 
     if params == NULL:
         raise MemoryError()
     with nogil:
-        if f32:
+        if by_features and f32:
+            _running_by_features(<const float*>cnp.PyArray_DATA(x), ldx,
+                                 <float*>cnp.PyArray_DATA(y), ldy, rows, C, <const float*>rm,
+                                 <const float*>rv, <const float*>w, <const float*>b, eps,
+                                 <float*>params, mk, write_padding, n_threads)
+        elif by_features:
+            _running_by_features(<const double*>cnp.PyArray_DATA(x), ldx,
+                                 <double*>cnp.PyArray_DATA(y), ldy, rows, C, <const double*>rm,
+                                 <const double*>rv, <const double*>w, <const double*>b, eps,
+                                 <double*>params, mk, write_padding, n_threads)
+        elif f32:
             _running_params(<const float*>rm, <const float*>rv, <const float*>w,
                             <const float*>b, eps, C, <float*>params)
             _normalize(<const float*>cnp.PyArray_DATA(x), ldx, <float*>cnp.PyArray_DATA(y), ldy,
