@@ -222,13 +222,37 @@ cdef void half_norm_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssiz
         cynorm_sfence()
 
 
+cdef inline Py_ssize_t half_rows_scratch(Py_ssize_t D) noexcept nogil:
+    """Floats of a thread's scratch for half_norm_rows: 2·D floats and D 16-bit elements,
+    rounded up to whole 64-byte lines."""
+    return ((2 * D * 4 + D * 2 + 63) // 64) * 16
+
+
+cdef inline const float* thread_param(const float* p, const uint16_t* p16, Py_ssize_t D,
+                                      float* room, int kind) noexcept nogil:
+    """A parameter as float32: p, or the 16-bit p16 widened into room, the calling thread's
+    own copy (one copy made by one thread would be read by the others from its cache, line by
+    line, every call; RESULTS item 127)."""
+    if p16 == NULL:
+        return p
+    cynorm_widen_half(p16, room, D, kind)
+    return room
+
+
 cdef void _half_norm(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssize_t ldy,
-                     Py_ssize_t M, Py_ssize_t D, const float* w, const float* b, double* mean,
+                     Py_ssize_t M, Py_ssize_t D, const float* w, const float* b,
+                     const uint16_t* w16, const uint16_t* b16, double* mean,
                      double* rstd, double eps, bint centred, const unsigned char* mask,
                      bint write_padding, const uint16_t* res, Py_ssize_t ldr, uint16_t* h,
                      Py_ssize_t ldh, float* scratch, Py_ssize_t per_thread, int kind,
                      int n_threads) noexcept nogil:
+    # w16, b16: 16-bit parameters (else NULL: w, b float32 or NULL), widened by each thread
+    # into its scratch after half_rows_scratch(D) floats
     cdef Py_ssize_t t, ahead = 0, nbytes = M * D * <Py_ssize_t>sizeof(uint16_t)
+    cdef Py_ssize_t room = half_rows_scratch(D), Dp = (D + 15) // 16 * 16
+    cdef float* ts
+    cdef const float* wt
+    cdef const float* bt
     cdef bint stream
     if res != NULL:
         nbytes *= 2   # h and y
@@ -236,13 +260,18 @@ cdef void _half_norm(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssize_t 
     if stream or nbytes >= PREFETCH_BYTES:
         ahead = (HALF_PREFETCH_AHEAD + 2 * D - 1) // (2 * D)   # rows, at least one
     if n_threads <= 1:
-        half_norm_rows(x, ldx, y, ldy, 0, M, D, w, b, eps, centred, mean, rstd, mask,
+        wt = thread_param(w, w16, D, scratch + room, kind)
+        bt = thread_param(b, b16, D, scratch + room + Dp, kind)
+        half_norm_rows(x, ldx, y, ldy, 0, M, D, wt, bt, eps, centred, mean, rstd, mask,
                        write_padding, stream, ahead, res, ldr, h, ldh, scratch, kind)
         return
     for t in prange(n_threads, num_threads=n_threads, schedule="static", chunksize=1):
+        ts = scratch + t * per_thread
+        wt = thread_param(w, w16, D, ts + room, kind)
+        bt = thread_param(b, b16, D, ts + room + Dp, kind)
         half_norm_rows(x, ldx, y, ldy, chunk(M, t, n_threads), chunk(M, t + 1, n_threads), D,
-                       w, b, eps, centred, mean, rstd, mask, write_padding, stream, ahead,
-                       res, ldr, h, ldh, scratch + t * per_thread, kind)
+                       wt, bt, eps, centred, mean, rstd, mask, write_padding, stream, ahead,
+                       res, ldr, h, ldh, ts, kind)
 
 
 cdef const void* half_param(cnp.ndarray a, Py_ssize_t D, int kind) except? NULL:
@@ -270,6 +299,8 @@ cdef run_half_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t D, cnp.ndarray weigh
     cdef Py_ssize_t ldr = 0, ldh = 0, per_thread
     cdef const void* w = half_param(weight, D, kind)
     cdef const void* b = half_param(bias, D, kind)
+    cdef const uint16_t* w16 = NULL
+    cdef const uint16_t* b16 = NULL
     cdef double* mp = float64_data(mean, M)
     cdef double* rp = float64_data(rstd, M)
     cdef const uint16_t* rd = NULL
@@ -292,24 +323,24 @@ cdef run_half_norm(cnp.ndarray x, cnp.ndarray y, Py_ssize_t D, cnp.ndarray weigh
         hd = <uint16_t*>cnp.PyArray_DATA(h)
     if M == 0:
         return
-    # per thread: 2·D floats and D 16-bit elements, rounded up to whole 64-byte lines; then
-    # the 16-bit parameters widened (D floats each)
-    per_thread = ((2 * D * 4 + D * 2 + 63) // 64) * 16
-    scratch = <float*>malloc((T * per_thread + 2 * D) * sizeof(float))
+    if w != NULL and is_bits16(weight):
+        w16 = <const uint16_t*>w
+        w = NULL
+    if b != NULL and is_bits16(bias):
+        b16 = <const uint16_t*>b
+        b = NULL
+    # per thread: half_rows_scratch(D) floats, then room for its copy of the 16-bit
+    # parameters widened (whole lines of floats each)
+    per_thread = half_rows_scratch(D) + (2 * ((D + 15) // 16 * 16) if w16 or b16 else 0)
+    scratch = <float*>malloc(T * per_thread * sizeof(float))
     if scratch == NULL:
         raise MemoryError()
-    if w != NULL and is_bits16(weight):
-        cynorm_widen_half(<const uint16_t*>w, scratch + T * per_thread, D, kind)
-        w = scratch + T * per_thread
-    if b != NULL and is_bits16(bias):
-        cynorm_widen_half(<const uint16_t*>b, scratch + T * per_thread + D, D, kind)
-        b = scratch + T * per_thread + D
     try:
         with nogil:
             _half_norm(<const uint16_t*>cnp.PyArray_DATA(x), ldx,
                        <uint16_t*>cnp.PyArray_DATA(y), ldy, M, D, <const float*>w,
-                       <const float*>b, mp, rp, eps, centred, mk, write_padding, rd, ldr, hd,
-                       ldh, scratch, per_thread, kind, T)
+                       <const float*>b, w16, b16, mp, rp, eps, centred, mk, write_padding, rd,
+                       ldr, hd, ldh, scratch, per_thread, kind, T)
     finally:
         free(scratch)
 
