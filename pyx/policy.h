@@ -65,8 +65,8 @@
 #define CYNORM_AFFINE_CHUNK 2048
 /* Eval-mode BatchNorm (ops/batch_norm.pxi's normalize_running, core/halves.pxi's 16-bit
  * affine_half) with one feature a column and no more rows than features: from this many
- * features the threads split the features, each making its columns' parameters (5-6 ns a
- * feature) and writing them down every row, not the rows (RESULTS item 127). */
+ * features the threads split the features, each making its columns' parameters and
+ * writing them down every row, not the rows (RESULTS items 125 and 127). */
 #define CYNORM_FEATURE_SPLIT_MIN 1024
 /* 16-bit rows read down the columns (BatchNorm's (N, C) layouts) go in blocks of this many
  * bytes as float32 rows, per thread: one Chan merge per block, and the per-thread scratch the

@@ -360,7 +360,8 @@ cdef void half_affine_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ss
     its own (P == cols).  params: (3, P) float64, then (HALF_PARAM_ROWS, P) float32
     (half_affine_params).  Rows the mask drops are written as 0 (unless write_padding is
     off).  An element's bits do not depend on the pieces (cynorm_affine_half computes each on
-    its own, in blocks that start at multiples of sixteen from j0: keep j0 one)."""
+    its own, in blocks of sixteen from j0: j0 a multiple of sixteen keeps them a whole row's
+    blocks)."""
     cdef Py_ssize_t i, a, n, f
     cdef const float* pf = <const float*>(params + 3 * P)
     if j1 < 0:
