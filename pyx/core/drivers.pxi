@@ -22,6 +22,14 @@ cdef inline Py_ssize_t feature_cut(Py_ssize_t C, Py_ssize_t t, Py_ssize_t T) noe
     return C if t >= T else (chunk(C, t, T) // 32) * 32
 
 
+cdef inline bint split_features(int T, bint by_rows, Py_ssize_t rows, Py_ssize_t cols,
+                                Py_ssize_t C) noexcept nogil:
+    """Whether T threads split the features (feature_cut) rather than the rows: few rows of
+    many features, one feature a column.  Split by rows, one thread would make every feature's
+    parameters and the others read them from its cache."""
+    return (T > 1 and not by_rows and cols == C and rows <= C and C >= FEATURE_SPLIT_MIN)
+
+
 cdef inline Py_ssize_t part_stride(Py_ssize_t D) noexcept nogil:
     """Doubles between two threads' rows of partial sums: D rounded up to whole 64-byte lines,
     so that no line holds two threads' sums (a line both threads write bounces between their

@@ -472,11 +472,8 @@ def affine_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t cols, 
     cdef double* params
     cdef float* scratch
     cdef Py_ssize_t c0, c1
-    # few rows of many features, one a column: the threads split the features (each makes its
-    # columns' parameters and writes them down every row), not the rows, where one thread
-    # would make every parameter and the other read them from its cache
-    cdef bint by_features = (T > 1 and not by_rows and L == 1 and rows <= C
-                             and C >= FEATURE_SPLIT_MIN)
+    # each thread makes its columns' parameters and writes them down every row
+    cdef bint by_features = split_features(T, by_rows, rows, cols, C)
     if kind != HALF_F16 and kind != HALF_BF16:
         raise ValueError(f"unknown 16-bit kind {kind}")
     if not is_bits16(x) or not is_bits16(y):

@@ -211,9 +211,7 @@ def normalize_running(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t 
     cdef void* b = optional_data(bias, C, f32)
     cdef const unsigned char* mk = mask_data(mask, rows)
     cdef void* params
-    # few rows of many features, one a column: the threads split the features
-    cdef bint by_features = (n_threads > 1 and not by_rows and cols == C and rows <= C
-                             and C >= FEATURE_SPLIT_MIN)
+    cdef bint by_features = split_features(n_threads, by_rows, rows, cols, C)
     if by_rows and mk != NULL:
         raise ValueError("normalize_running: a row mask needs the column layout")
     if is_float32(y) != f32 or rm == NULL or rv == NULL:
