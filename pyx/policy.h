@@ -73,6 +73,11 @@
  * first block is widened into (the blocks after it are widened in registers; RESULTS items 96
  * and 103). */
 #define CYNORM_HALF_COLUMN_BYTES (1 << 19)
+/* Channels-first 16-bit GroupNorm / InstanceNorm (ops/group_norm_half.pxi) takes a sample's
+ * groups in batches of about this many bytes of x: their moments, then all their channels'
+ * parameters in one call (vectorized across the channels), then their output while they are
+ * still in cache (RESULTS item 129). */
+#define CYNORM_HALF_GROUP_BYTES (1 << 16)
 /* Bytes of float32 per array (g, x, dx) that the 16-bit backward widens a block of rows into,
  * per thread, before the float32 backward runs over them (core/halves_backward.pxi; blocks are
  * at least four rows): smaller blocks stay in L1 between their widening, sums and dx, and

@@ -82,6 +82,43 @@ def test_instance_norm_running_statistics_then_eval(rng, name):
 
 
 @pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("shape, G", [((3, 66, 1000), 33), ((5, 12, 3000), 6),
+                                      ((2, 4, 40000), 2)])
+def test_group_norm_groups_in_batches(rng, name, shape, G):
+    """Channels-first groups go in batches of a sample's groups (their parameters made in one
+    call): batches of 16 + 16 + 1 groups, of 5 + 1, and of one group each; a thread's units
+    ending part-way through a batch.  Each output is within one ulp, the bits those of one
+    thread, with and without a mask, and with given (running) statistics."""
+    dt = half_dtype(name)
+    x = half_data(rng, shape, dt, offset_sigmas=20)
+    N, C, S = shape
+    w = rng.uniform(0.5, 2.0, C).astype(np.float32)
+    b = rng.standard_normal(C).astype(np.float32)
+    x64 = x.astype(np.float64)
+    lengths = rng.integers(0, S + 1, N)
+    lengths[0] = S
+    with cynorm.num_threads(1):
+        y1 = cynorm.group_norm(x, G, w, b)
+        ym1 = cynorm.group_norm(x, G, w, b, lengths=lengths)
+    with cynorm.num_threads(2):
+        y2 = cynorm.group_norm(x, G, w, b)
+        ym2 = cynorm.group_norm(x, G, w, b, lengths=lengths)
+    check_half(y1, _gn_ref(x64, G, w, b), dt)
+    assert y1.tobytes() == y2.tobytes() and ym1.tobytes() == ym2.tobytes()
+    for n, k in enumerate(lengths):
+        if k:
+            check_half(ym1[n:n + 1, :, :k], _gn_ref(x64[n:n + 1, :, :k], G, w, b), dt)
+        assert not ym1[n, :, k:].astype(np.float32).any()
+    rm = (x64.mean(axis=(0, 2)) + rng.standard_normal(C)).astype(np.float32)
+    rv = rng.uniform(1, 4, C).astype(np.float32)
+    with cynorm.num_threads(2):
+        ye = cynorm.instance_norm(x, rm, rv, w, b, use_input_stats=False)
+    ref = _gn_ref(x64, C, w, b, mean=np.tile(rm.astype(np.float64), (N, 1)),
+                  var=np.tile(rv.astype(np.float64), (N, 1)))
+    check_half(ye, ref, dt)
+
+
+@pytest.mark.parametrize("name", HALVES)
 def test_group_norm_bias_cancelling_the_product(rng, name):
     """InstanceNorm in eval mode whose bias is minus the product at sample 0's first
     position: those outputs are far smaller than their terms, and still within one ulp."""

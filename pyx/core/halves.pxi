@@ -407,49 +407,69 @@ cdef void half_affine_params(const double* st, double var_scale, const float* w,
     the float32 lanes below it are done again in float64): HALF_PARAM_ROWS rows.
     rstd (unless NULL): 1 / sqrt(var + eps) of feature c into rstd[c // per] (the group
     norms' per-group rstd).  Features c0..c1 only (c1 -1: to C)."""
-    cdef Py_ssize_t c, k, P = C * L
-    cdef double var, r, inv, sd = -1.0, m, mlo, sc, sh, last = NAN
-    cdef double roots[ROOT_CHUNK]
+    cdef Py_ssize_t c, k, j, n, P = C * L
+    cdef int r
+    cdef double var, mlo, mn = MEAN_NOISE, sn = SPREAD_NOISE
+    cdef bint noise
+    # one chunk's rows (HALF_PARAM_ROWS + 3 of them), made in loops the compiler vectorizes
+    # with each feature's statements as one feature's (so the same bits), then copied out
+    cdef double sc[ROOT_CHUNK]
+    cdef double ms[ROOT_CHUNK]
+    cdef double ts[ROOT_CHUNK]
+    cdef double bs[ROOT_CHUNK]
+    cdef float rows[HALF_PARAM_ROWS][ROOT_CHUNK]
+    cdef float ml[ROOT_CHUNK]
     cdef float* pf = <float*>(params + 3 * P)
-    cdef float mh, ml, sf, tf
     if c1 < 0:
         c1 = C
-    for c in range(c0, c1):
-        if (c - c0) % ROOT_CHUNK == 0:
-            inv_stds(st + 2 * C + c, var_scale, eps, min(ROOT_CHUNK, c1 - c), roots)
-        var = st[2 * C + c] * var_scale
-        r = roots[(c - c0) % ROOT_CHUNK]
-        inv = NAN if isinf(r) or isinf(var) else r
-        if not var == last:   # (a group's channels share one variance: sd's root once)
-            sd = -1.0   # its square root when first needed
-            last = var
+    c = c0
+    while c < c1:
+        n = min(ROOT_CHUNK, c1 - c)
+        inv_stds(st + 2 * C + c, var_scale, eps, n, sc)
         if rstd != NULL:
-            rstd[c // per] = r
-        m = st[c] + st[C + c]
-        mlo = (st[c] - m) + st[C + c]
-        # below these, the statistics' own last bits, not a remainder of the mean
-        if mlo != 0.0 and fabs(mlo) < MEAN_NOISE * fabs(m):
-            mlo = 0.0
-        elif mlo != 0.0:
-            if sd < 0.0:
-                sd = sqrt(var)
-            if fabs(mlo) < SPREAD_NOISE * sd:
-                mlo = 0.0
-        sc = inv * w[c] if w != NULL else inv
-        sh = b[c] if b != NULL else 0.0
+            for k in range(n):
+                rstd[(c + k) // per] = sc[k]
+        for k in range(n):
+            bs[k] = b[c + k] if b != NULL else 0.0
+            ms[k] = st[c + k] + st[C + c + k]
+            ts[k] = (st[c + k] - ms[k]) + st[C + c + k]
+        for k in range(n):
+            var = st[2 * C + c + k] * var_scale
+            # below these, the statistics' own last bits, not a remainder of the mean
+            noise = (fabs(ts[k]) < mn * fabs(ms[k])) | (fabs(ts[k]) < sn * sqrt(var))
+            mlo = 0.0 if noise else ts[k]
+            if isinf(sc[k]) | isinf(var):
+                sc[k] = NAN
+            if w != NULL:
+                sc[k] = sc[k] * w[c + k]
+            ts[k] = bs[k] - mlo * sc[k]
         # the mean rounded to one float64 first, as the 16-bit rows do (core/halves.pxi's
         # half_norm_rows): an element equal to the mean then gives exactly t
-        split_mean(m, 0.0, &mh, &ml)
-        sf = <float>sc
-        for k in range(c * L, (c + 1) * L):
-            params[k] = m
-            params[P + k] = sc
-            params[2 * P + k] = sh - mlo * sc
-            pf[k] = mh
-            pf[P + k] = sf
-            tf = <float>(sh - <double>ml * <double>sf)
-            pf[2 * P + k] = tf
-            pf[3 * P + k] = HALF_CANCEL * fabsf(tf)
+        cynorm_split_many(ms, rows[0], ml, n)
+        for k in range(n):
+            rows[1][k] = <float>sc[k]
+            rows[2][k] = <float>(bs[k] - <double>ml[k] * <double>rows[1][k])
+            rows[3][k] = HALF_CANCEL * fabsf(rows[2][k])
+        if L == 1:
+            for k in range(n):
+                params[c + k] = ms[k]
+                params[P + c + k] = sc[k]
+                params[2 * P + c + k] = ts[k]
+                pf[c + k] = rows[0][k]
+                pf[P + c + k] = rows[1][k]
+                pf[2 * P + c + k] = rows[2][k]
+                pf[3 * P + c + k] = rows[3][k]
+            c += n
+            continue
+        for j in range(L):
+            for k in range(n):
+                params[(c + k) * L + j] = ms[k]
+                params[P + (c + k) * L + j] = sc[k]
+                params[2 * P + (c + k) * L + j] = ts[k]
+            for r in range(HALF_PARAM_ROWS):
+                for k in range(n):
+                    pf[r * P + (c + k) * L + j] = rows[r][k]
+        c += n
 
 
 def affine_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t cols, bint by_rows,

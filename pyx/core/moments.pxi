@@ -14,6 +14,7 @@
 cdef extern from "core/simd.h" nogil:
     # hi + lo as two floats, mh + ml (float, then double, stays a round trip)
     void cynorm_split_f(double hi, double lo, float* mh, float* ml) noexcept
+    void cynorm_split_many(const double* m, float* mh, float* ml, Py_ssize_t n) noexcept
     void cynorm_prefetch(const void* p) noexcept
     enum: CYNORM_LINE_BYTES
 

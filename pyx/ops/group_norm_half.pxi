@@ -41,38 +41,55 @@ cdef void half_params(double* st, Py_ssize_t NG, Py_ssize_t n, Py_ssize_t G, Py_
             st[5 * NG + n * G + g] = NAN
 
 
-cdef void group_half_first(const uint16_t* x, uint16_t* y, Py_ssize_t u, Py_ssize_t C,
-                           Py_ssize_t S, Py_ssize_t G, Py_ssize_t NG, const float* w,
-                           const float* b, double eps, double* st, bint given,
-                           const unsigned char* mask, double* work, float* scratch,
-                           int kind) noexcept nogil:
-    """Channels-first unit u = n·G + g: its moments into st (unless given), those of its Cg·S
-    elements as one row widened in registers (row_moments_half), or with a mask its channels'
-    rows widened into scratch (S floats) one at a time and merged in channel order; then its
-    rows, their padding set to 0 after.  work: 6·Cg doubles + HALF_PARAM_ROWS·Cg floats."""
-    cdef Py_ssize_t n = u // G, g = u % G, Cg = C // G, c
-    cdef const uint16_t* xg = x + (n * C + g * Cg) * S
-    cdef uint16_t* yg = y + (n * C + g * Cg) * S
+cdef inline Py_ssize_t half_group_batch(Py_ssize_t Cg, Py_ssize_t S,
+                                        Py_ssize_t G) noexcept nogil:
+    """Channels-first groups of a sample taken as one batch (group_half_first): about
+    HALF_GROUP_BYTES of x, at least one group, at most G."""
+    cdef Py_ssize_t k = HALF_GROUP_BYTES // (2 * Cg * S)
+    return 1 if k < 1 else (G if k > G else k)
+
+
+cdef void group_half_first(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ssize_t g0,
+                           Py_ssize_t g1, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
+                           Py_ssize_t NG, const float* w, const float* b, double eps,
+                           double* st, bint given, const unsigned char* mask, double* work,
+                           float* scratch, int kind) noexcept nogil:
+    """Channels-first groups g0..g1 of sample n (units n·G + g): each one's moments into st
+    (unless given), those of its Cg·S elements as one row widened in registers
+    (row_moments_half), or with a mask its channels' rows widened into scratch (S floats) one
+    at a time and merged in channel order; then the parameters of their F = (g1 - g0)·Cg
+    channels in one call (half_params), and their rows, the padding set to 0 after.  work:
+    6·F doubles + HALF_PARAM_ROWS·F floats."""
+    cdef Py_ssize_t Cg = C // G, F = (g1 - g0) * Cg, g, c, u
+    cdef const uint16_t* xb = x + (n * C + g0 * Cg) * S
+    cdef uint16_t* yb = y + (n * C + g0 * Cg) * S
+    cdef const uint16_t* xg
     cdef const unsigned char* m = mask + n * S if mask != NULL else NULL
-    cdef double cnt = 0.0, hi = 0.0, lo = 0.0, m2 = 0.0
-    if not given and m == NULL:   # the unit's Cg·S elements as one row
-        row_moments_half(xg, Cg * S, kind, &hi, &lo, &m2)
-        cnt = <double>(Cg * S)
-    elif not given:
-        for c in range(Cg):
-            cynorm_widen_half(xg + c * S, scratch, S, kind)
-            masked_moments(<const float*>scratch, S, m, &cnt, &hi, &lo, &m2)
+    cdef double cnt, hi, lo, m2
     if not given:
-        st[u] = cnt
-        st[NG + u] = hi
-        st[2 * NG + u] = lo
-        st[3 * NG + u] = m2
-    half_params(st, NG, n, G, g, g + 1, Cg, w, b, eps, work)
-    half_affine_rows(xg, S, yg, S, 0, Cg, S, True, work + 3 * Cg, Cg, NULL, False, scratch,
-                     kind)
+        for g in range(g0, g1):
+            u = n * G + g
+            xg = xb + (g - g0) * Cg * S
+            cnt = 0.0
+            hi = 0.0
+            lo = 0.0
+            m2 = 0.0
+            if m == NULL:   # the unit's Cg·S elements as one row
+                row_moments_half(xg, Cg * S, kind, &hi, &lo, &m2)
+                cnt = <double>(Cg * S)
+            else:
+                for c in range(Cg):
+                    cynorm_widen_half(xg + c * S, scratch, S, kind)
+                    masked_moments(<const float*>scratch, S, m, &cnt, &hi, &lo, &m2)
+            st[u] = cnt
+            st[NG + u] = hi
+            st[2 * NG + u] = lo
+            st[3 * NG + u] = m2
+    half_params(st, NG, n, G, g0, g1, Cg, w, b, eps, work)
+    half_affine_rows(xb, S, yb, S, 0, F, S, True, work + 3 * F, F, NULL, False, scratch, kind)
     if m != NULL:
-        for c in range(Cg):
-            zero_padding_half(yg + c * S, S, m)
+        for c in range(F):
+            zero_padding_half(yb + c * S, S, m)
 
 
 cdef inline Py_ssize_t half_last_repeats(Py_ssize_t C, bint masked) noexcept nogil:
@@ -141,15 +158,22 @@ cdef void group_half_units(const uint16_t* x, uint16_t* y, Py_ssize_t N, Py_ssiz
                            const unsigned char* mask, bint write_padding, double* work,
                            float* scratch, int kind, Py_ssize_t t,
                            Py_ssize_t T) noexcept nogil:
-    """Thread t of T: its contiguous range of units."""
-    cdef Py_ssize_t U = N if channels_last else N * G, u
-    for u in range(chunk(U, t, T), chunk(U, t + 1, T)):
-        if channels_last:
+    """Thread t of T: its contiguous range of units, channels-first in batches of groups of
+    one sample (half_group_batch)."""
+    cdef Py_ssize_t U = N if channels_last else N * G, u, ue = chunk(U, t + 1, T), g0, g1
+    cdef Py_ssize_t gb = half_group_batch(C // G, S, G)
+    if channels_last:
+        for u in range(chunk(U, t, T), ue):
             group_half_last(x, y, u, C, S, G, N * G, w, b, eps, st, given, mask,
                             write_padding, work, scratch, kind)
-        else:
-            group_half_first(x, y, u, C, S, G, N * G, w, b, eps, st, given, mask, work,
-                             scratch, kind)
+        return
+    u = chunk(U, t, T)
+    while u < ue:   # batches of groups of one sample
+        g0 = u % G
+        g1 = min(G, g0 + gb, g0 + (ue - u))
+        group_half_first(x, y, u // G, g0, g1, C, S, G, N * G, w, b, eps, st, given, mask,
+                         work, scratch, kind)
+        u += g1 - g0
 
 
 def group_norm_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
@@ -181,7 +205,8 @@ def group_norm_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py
         nwork = 16 * C + 3 * K * C + (HALF_PARAM_ROWS * K * C + 1) // 2
         nscratch = rows_per_block(C, sizeof(float)) * C
     else:
-        nwork = 6 * Cg + (HALF_PARAM_ROWS * Cg + 1) // 2
+        K = half_group_batch(Cg, S, G) * Cg   # a batch's channels
+        nwork = 6 * K + (HALF_PARAM_ROWS * K + 1) // 2
         nscratch = S
     nscratch = (nscratch if nscratch > AFFINE_CHUNK else AFFINE_CHUNK) // 2 + 1   # doubles
     work = <double*>malloc(sizeof(double) * T * (nwork + nscratch))
