@@ -405,7 +405,7 @@ static void cynorm_copy_nt_h(const uint16_t* x, uint16_t* y, ptrdiff_t n) {
  * (per_elem 1).
  *
  * The AVX-512 build computes sixteen at a time in registers in float32, (x - mf) * sf + tf, as
- * the 16-bit rows do (cynorm_half_block16, whose bound this is): while |y| >= lf its terms'
+ * the 16-bit rows do (cynorm_half_out16, whose bound this is): while |y| >= lf its terms'
  * errors stay below 2^-13 |y|, a quarter of a float16 ulp.  A lane below that, NaN, or (for
  * bfloat16) infinite is computed again in float64, as every element of the other builds is:
  * there the terms' errors are 2^-52 of |x - m| |s| + |t|, far within a quarter of a 16-bit

@@ -92,16 +92,19 @@ static inline __attribute__((always_inline)) cynorm_v8f cynorm_row_ld8(const voi
 #endif
 
 #if CYNORM_HALF16
-static inline __m512 cynorm_half_block16(__m512 xv, const float* w, const float* b, float mh,
-                                         float ml, float rs, double m, double mlo,
-                                         double rsd) {
+/* sixteen elements xv, their w and b at w, b, narrowed (kind's).  With a bias the lanes that
+ * pass the bound are finite or infinite, never NaN: bfloat16 narrows them without its NaN
+ * step (cynorm_pack16_bf_num); a block with a lane redone narrows in full. */
+static inline __m256i cynorm_half_out16(__m512 xv, const float* w, const float* b, float mh,
+                                        float ml, float rs, double m, double mlo, double rsd,
+                                        int kind) {
     const __m512 d = _mm512_sub_ps(_mm512_sub_ps(xv, _mm512_set1_ps(mh)), _mm512_set1_ps(ml));
     const __m512 s = w ? _mm512_mul_ps(_mm512_set1_ps(rs), _mm512_loadu_ps(w))
                        : _mm512_set1_ps(rs);
     __m512 r, bv;
     __mmask16 ok;
     if (!b)
-        return _mm512_mul_ps(d, s);
+        return cynorm_pack16(_mm512_mul_ps(d, s), kind);
     bv = _mm512_loadu_ps(b);
     r = CYNORM_MULADD16(d, s, bv);
     ok = _mm512_cmp_ps_mask(_mm512_abs_ps(r),
@@ -114,9 +117,9 @@ static inline __m512 cynorm_half_block16(__m512 xv, const float* w, const float*
         for (int k = 0; k < 16; k++)
             if (!((ok >> k) & 1))
                 t[k] = CYNORM_HALF_ELEM64(x[k], k);
-        r = _mm512_loadu_ps(t);
+        return cynorm_pack16(_mm512_loadu_ps(t), kind);
     }
-    return r;
+    return kind == CYNORM_BF16 ? cynorm_pack16_bf_num(r) : cynorm_pack16(r, kind);
 }
 
 /* sixteen floats at p, or sixteen 16-bit elements at p widened (h16) */
@@ -160,11 +163,9 @@ static inline __attribute__((always_inline)) void cynorm_apply_row_half(
         /* one vector of CYNORM_NT_BYTES built in registers from 8-element blocks (through
            memory it stalls on store forwarding at every streamed store) */
 #if CYNORM_NT_BYTES == 64 && CYNORM_HALF16
-#define CYNORM_HB16(k) cynorm_pack16(cynorm_half_block16(cynorm_row_ld16(x + (j + (k)) * es,   \
-                                                                         h16, kind),      \
-                                                         w ? w + j + (k) : NULL,          \
-                                                         b ? b + j + (k) : NULL, mh, ml,  \
-                                                         rs, m, mlo, rsd), kind)
+#define CYNORM_HB16(k) cynorm_half_out16(cynorm_row_ld16(x + (j + (k)) * es, h16, kind),     \
+                                         w ? w + j + (k) : NULL, b ? b + j + (k) : NULL,  \
+                                         mh, ml, rs, m, mlo, rsd, kind)
 #define CYNORM_HALF_NT_VEC()                                                              \
         hv = (cynorm_nth)_mm512_inserti64x4(_mm512_castsi256_si512(CYNORM_HB16(0)),       \
                                             CYNORM_HB16(16), 1)
@@ -191,10 +192,12 @@ static inline __attribute__((always_inline)) void cynorm_apply_row_half(
     }
 #endif
 #if CYNORM_HALF16
-    for (; j + 16 <= n; j += 16)
-        cynorm_narrow16(cynorm_half_block16(cynorm_row_ld16(x + j * es, h16, kind),
-                                            w ? w + j : NULL, b ? b + j : NULL, mh, ml, rs, m,
-                                            mlo, rsd), y + j, kind);
+    for (; j + 16 <= n; j += 16) {
+        __m256i o = cynorm_half_out16(cynorm_row_ld16(x + j * es, h16, kind), w ? w + j : NULL,
+                                      b ? b + j : NULL, mh, ml, rs, m, mlo, rsd, kind);
+        __asm__("" : "+v"(o));   /* as cynorm_store8h */
+        _mm256_storeu_si256((__m256i*)(y + j), o);
+    }
 #endif
     for (; j + 8 <= n; j += 8)
         cynorm_narrow8(cynorm_half_block(cynorm_row_ld8(x + j * es, h16, kind),
