@@ -355,9 +355,9 @@ cdef void half_affine_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ss
                            const double* params, Py_ssize_t P, const unsigned char* mask,
                            bint write_padding, float* scratch, int kind, Py_ssize_t j0=0,
                            Py_ssize_t j1=-1) noexcept nogil:
-    """Rows r0..r1, columns j0..j1 (j1 -1: to cols), each in pieces of at most AFFINE_CHUNK
-    elements: by_rows, row i is one feature, i % P (its m, s, t scalars); else each column has
-    its own (P == cols).  params: (3, P) float64, then (HALF_PARAM_ROWS, P) float32
+    """Rows r0..r1, columns j0..j1 (j1 -1: to cols): by_rows, row i is one feature, i % P
+    (its m, s, t scalars), each row in pieces of at most AFFINE_CHUNK elements; else each
+    column has its own (P == cols), taken HALF_COLUMN_BLOCK columns down every row at a time.  params: (3, P) float64, then (HALF_PARAM_ROWS, P) float32
     (half_affine_params).  Rows the mask drops are written as 0 (unless write_padding is
     off).  An element's bits do not depend on the pieces (cynorm_affine_half computes each on
     its own, in blocks of sixteen from j0: j0 a multiple of sixteen keeps them a whole row's
@@ -366,18 +366,34 @@ cdef void half_affine_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ss
     cdef const float* pf = <const float*>(params + 3 * P)
     if j1 < 0:
         j1 = cols
+    if not by_rows:
+        # HALF_COLUMN_BLOCK columns down every row, then the next: the block's float32
+        # parameters (HALF_PARAM_ROWS floats a column) stay in L1 across the rows
+        a = j0
+        while a < j1:
+            n = j1 - a if j1 - a < HALF_COLUMN_BLOCK else HALF_COLUMN_BLOCK
+            for i in range(r0, r1):
+                if mask != NULL and not mask[i]:
+                    if write_padding:
+                        memset(y + i * ldy + a, 0, n * sizeof(uint16_t))
+                    continue
+                cynorm_affine_half(x + i * ldx + a, y + i * ldy + a, n, params + a,
+                                   params + P + a, params + 2 * P + a, pf + a, pf + P + a,
+                                   pf + 2 * P + a, pf + 3 * P + a, 1, scratch, kind)
+            a += n
+        return
     for i in range(r0, r1):
         if mask != NULL and not mask[i]:
             if write_padding:
                 memset(y + i * ldy + j0, 0, (j1 - j0) * sizeof(uint16_t))
             continue
         a = j0
+        f = i % P
         while a < j1:
             n = j1 - a if j1 - a < AFFINE_CHUNK else AFFINE_CHUNK
-            f = i % P if by_rows else a
             cynorm_affine_half(x + i * ldx + a, y + i * ldy + a, n, params + f,
                                params + P + f, params + 2 * P + f, pf + f, pf + P + f,
-                               pf + 2 * P + f, pf + 3 * P + f, not by_rows, scratch, kind)
+                               pf + 2 * P + f, pf + 3 * P + f, 0, scratch, kind)
             a += n
 
 
@@ -411,6 +427,7 @@ cdef void half_affine_params(const double* st, double var_scale, const float* w,
     cdef int r
     cdef double var, mlo, mn = MEAN_NOISE, sn = SPREAD_NOISE
     cdef bint noise
+    cdef int nz
     # one chunk's rows (HALF_PARAM_ROWS + 3 of them), made in loops the compiler vectorizes
     # with each feature's statements as one feature's (so the same bits), then copied out
     cdef double sc[ROOT_CHUNK]
@@ -429,15 +446,21 @@ cdef void half_affine_params(const double* st, double var_scale, const float* w,
         if rstd != NULL:
             for k in range(n):
                 rstd[(c + k) // per] = sc[k]
+        nz = 0
         for k in range(n):
             bs[k] = b[c + k] if b != NULL else 0.0
             ms[k] = st[c + k] + st[C + c + k]
             ts[k] = (st[c + k] - ms[k]) + st[C + c + k]
+            nz = nz | (ts[k] != 0.0)
+        if nz:   # (none where each mean is one float64, as running means are)
+            for k in range(n):
+                var = st[2 * C + c + k] * var_scale
+                # below these, the statistics' own last bits, not a remainder of the mean
+                noise = (fabs(ts[k]) < mn * fabs(ms[k])) | (fabs(ts[k]) < sn * sqrt(var))
+                ts[k] = 0.0 if noise else ts[k]
         for k in range(n):
             var = st[2 * C + c + k] * var_scale
-            # below these, the statistics' own last bits, not a remainder of the mean
-            noise = (fabs(ts[k]) < mn * fabs(ms[k])) | (fabs(ts[k]) < sn * sqrt(var))
-            mlo = 0.0 if noise else ts[k]
+            mlo = ts[k]
             if isinf(sc[k]) | isinf(var):
                 sc[k] = NAN
             if w != NULL:
@@ -470,6 +493,24 @@ cdef void half_affine_params(const double* st, double var_scale, const float* w,
                 for k in range(n):
                     pf[r * P + (c + k) * L + j] = rows[r][k]
         c += n
+
+
+cdef void half_affine_columns(const double* st, double var_scale, const float* w,
+                              const float* b, double eps, Py_ssize_t C, double* params,
+                              const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssize_t ldy,
+                              Py_ssize_t rows, const unsigned char* mask, bint write_padding,
+                              float* scratch, int kind, Py_ssize_t c0,
+                              Py_ssize_t c1) noexcept nogil:
+    """Features c0..c1 of the one-feature-a-column layout (cols == C), HALF_COLUMN_BLOCK at a
+    time: the block's parameters (half_affine_params), then its columns down every row
+    (half_affine_rows) while they are still in L1."""
+    cdef Py_ssize_t a = c0, e
+    while a < c1:
+        e = a + HALF_COLUMN_BLOCK if c1 - a > HALF_COLUMN_BLOCK else c1
+        half_affine_params(st, var_scale, w, b, eps, C, 1, params, NULL, 1, a, e)
+        half_affine_rows(x, ldx, y, ldy, 0, rows, C, False, params, C, mask, write_padding,
+                         scratch, kind, a, e)
+        a = e
 
 
 def affine_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t cols, bint by_rows,
@@ -515,12 +556,16 @@ def affine_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t cols, 
                     c0 = feature_cut(C, t, T)
                     c1 = feature_cut(C, t + 1, T)
                     if c1 > c0:
-                        half_affine_params(st, var_scale, w, b, eps, C, 1, params, NULL, 1, c0,
-                                           c1)
-                        half_affine_rows(<const uint16_t*>cnp.PyArray_DATA(x), ldx,
-                                         <uint16_t*>cnp.PyArray_DATA(y), ldy, 0, rows, cols,
-                                         False, params, P, mk, write_padding,
-                                         scratch + t * AFFINE_CHUNK, kind, c0, c1)
+                        half_affine_columns(st, var_scale, w, b, eps, C, params,
+                                            <const uint16_t*>cnp.PyArray_DATA(x), ldx,
+                                            <uint16_t*>cnp.PyArray_DATA(y), ldy, rows, mk,
+                                            write_padding, scratch + t * AFFINE_CHUNK, kind,
+                                            c0, c1)
+            elif T <= 1 and not by_rows and L == 1:
+                half_affine_columns(st, var_scale, w, b, eps, C, params,
+                                    <const uint16_t*>cnp.PyArray_DATA(x), ldx,
+                                    <uint16_t*>cnp.PyArray_DATA(y), ldy, rows, mk,
+                                    write_padding, scratch, kind, 0, C)
             elif T <= 1:
                 half_affine_params(st, var_scale, w, b, eps, C, L, params)
                 half_affine_rows(<const uint16_t*>cnp.PyArray_DATA(x), ldx,
