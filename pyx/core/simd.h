@@ -90,32 +90,19 @@ static inline void cynorm_split_f(double hi, double lo, float* mh, float* ml) {
     *ml = (float)((hi - (double)v) + lo);
 }
 
-/* cynorm_split_f(m[k], 0.0, mh + k, ml + k) for k < n, eight or four at a time in the vector
- * builds: the same operations (the + 0.0 included, which turns -0.0 into 0.0), the
- * conversions written as intrinsics, which the fold cynorm_split_f's volatile guards against
- * does not see through. */
+/* cynorm_split_f(m[k], 0.0, mh + k, ml + k) for k < n, four at a time in the AVX builds: the
+ * same operations (the + 0.0 included, which turns -0.0 into 0.0), the conversions written as
+ * intrinsics, which the fold cynorm_split_f's volatile guards against does not see through. */
 static inline void cynorm_split_many(const double* m, float* mh, float* ml, ptrdiff_t n) {
     ptrdiff_t k = 0;
-#if defined(__AVX512F__)
-    const __m512d z8 = _mm512_setzero_pd();
-    for (; k + 8 <= n; k += 8) {
-        const __m512d v = _mm512_loadu_pd(m + k);
-        const __m256 h = _mm512_cvtpd_ps(_mm512_add_pd(v, z8));
-        _mm256_storeu_ps(mh + k, h);
-        _mm256_storeu_ps(ml + k, _mm512_cvtpd_ps(_mm512_add_pd(
-                                     _mm512_sub_pd(v, _mm512_cvtps_pd(h)), z8)));
-    }
-#endif
 #if defined(__AVX__)
-    {
-        const __m256d z4 = _mm256_setzero_pd();
-        for (; k + 4 <= n; k += 4) {
-            const __m256d v = _mm256_loadu_pd(m + k);
-            const __m128 h = _mm256_cvtpd_ps(_mm256_add_pd(v, z4));
-            _mm_storeu_ps(mh + k, h);
-            _mm_storeu_ps(ml + k, _mm256_cvtpd_ps(_mm256_add_pd(
-                                      _mm256_sub_pd(v, _mm256_cvtps_pd(h)), z4)));
-        }
+    const __m256d z = _mm256_setzero_pd();
+    for (; k + 4 <= n; k += 4) {
+        const __m256d v = _mm256_loadu_pd(m + k);
+        const __m128 h = _mm256_cvtpd_ps(_mm256_add_pd(v, z));
+        _mm_storeu_ps(mh + k, h);
+        const __m256d r = _mm256_sub_pd(v, _mm256_cvtps_pd(h));
+        _mm_storeu_ps(ml + k, _mm256_cvtpd_ps(_mm256_add_pd(r, z)));
     }
 #endif
     for (; k < n; k++)
