@@ -357,21 +357,25 @@ cdef void half_affine_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ss
                            Py_ssize_t j1=-1) noexcept nogil:
     """Rows r0..r1, columns j0..j1 (j1 -1: to cols): by_rows, row i is one feature, i % P
     (its m, s, t scalars), each row in pieces of at most AFFINE_CHUNK elements; else each
-    column has its own (P == cols), taken HALF_COLUMN_BLOCK columns down every row at a
-    time.  params: (3, P) float64, then (HALF_PARAM_ROWS, P) float32 (half_affine_params).
-    Rows the mask drops are written as 0 (unless write_padding is off).  An element's bits do
-    not depend on the pieces (cynorm_affine_half computes each on its own, in blocks of
-    sixteen from j0: j0 a multiple of sixteen keeps them a whole row's blocks)."""
-    cdef Py_ssize_t i, a, n, f
+    column has its own (P == cols), a row of more than AFFINE_CHUNK taken HALF_COLUMN_BLOCK
+    columns down every row at a time.  params: (3, P) float64, then (HALF_PARAM_ROWS, P)
+    float32 (half_affine_params).  Rows the mask drops are written as 0 (unless write_padding
+    is off).  An element's bits do not depend on the pieces (cynorm_affine_half computes each
+    on its own, in blocks of sixteen from j0: j0 a multiple of sixteen keeps them a whole
+    row's blocks)."""
+    cdef Py_ssize_t i, a, n, f, blk
     cdef const float* pf = <const float*>(params + 3 * P)
     if j1 < 0:
         j1 = cols
     if not by_rows:
-        # HALF_COLUMN_BLOCK columns down every row, then the next: the block's float32
-        # parameters (HALF_PARAM_ROWS floats a column) stay in L1 across the rows
+        # rows wider than AFFINE_CHUNK: HALF_COLUMN_BLOCK columns down every row, then the
+        # next, so that the block's float32 parameters (HALF_PARAM_ROWS floats a column) stay
+        # in L1 across the rows; narrower rows whole (split, a channels-last GroupNorm sample
+        # larger than L2 was slower: RESULTS item 130)
+        blk = j1 - j0 if j1 - j0 <= AFFINE_CHUNK else HALF_COLUMN_BLOCK
         a = j0
         while a < j1:
-            n = j1 - a if j1 - a < HALF_COLUMN_BLOCK else HALF_COLUMN_BLOCK
+            n = j1 - a if j1 - a < blk else blk
             for i in range(r0, r1):
                 if mask != NULL and not mask[i]:
                     if write_padding:
