@@ -63,9 +63,10 @@
  * output): widened into a float32 scratch of this many, computed and narrowed while it is in
  * L1. */
 #define CYNORM_AFFINE_CHUNK 2048
-/* Columns of the 16-bit affine with one parameter set per column (core/halves.pxi's
- * half_affine_rows, half_affine_columns) taken down every row as one block: the block's
- * float32 parameters, 16 bytes a column, stay in L1 across the rows (RESULTS item 130). */
+/* Eval-mode 16-bit BatchNorm with the features split among the threads (or on one thread),
+ * one feature a column (core/halves.pxi's half_affine_columns): this many columns' parameters
+ * made, then those columns written down every row, then the next block; the block's float32
+ * parameters, 16 bytes a column, stay in L1 across the rows (RESULTS item 130). */
 #define CYNORM_HALF_COLUMN_BLOCK 1024
 /* Eval-mode BatchNorm (ops/batch_norm.pxi's normalize_running, core/halves.pxi's 16-bit
  * affine_half) with one feature a column and no more rows than features: from this many

@@ -355,49 +355,29 @@ cdef void half_affine_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ss
                            const double* params, Py_ssize_t P, const unsigned char* mask,
                            bint write_padding, float* scratch, int kind, Py_ssize_t j0=0,
                            Py_ssize_t j1=-1) noexcept nogil:
-    """Rows r0..r1, columns j0..j1 (j1 -1: to cols): by_rows, row i is one feature, i % P
-    (its m, s, t scalars), each row in pieces of at most AFFINE_CHUNK elements; else each
-    column has its own (P == cols), a row of more than AFFINE_CHUNK taken HALF_COLUMN_BLOCK
-    columns down every row at a time.  params: (3, P) float64, then (HALF_PARAM_ROWS, P)
-    float32 (half_affine_params).  Rows the mask drops are written as 0 (unless write_padding
-    is off).  An element's bits do not depend on the pieces (cynorm_affine_half computes each
-    on its own, in blocks of sixteen from j0: j0 a multiple of sixteen keeps them a whole
-    row's blocks)."""
-    cdef Py_ssize_t i, a, n, f, blk
+    """Rows r0..r1, columns j0..j1 (j1 -1: to cols), each in pieces of at most AFFINE_CHUNK
+    elements: by_rows, row i is one feature, i % P (its m, s, t scalars); else each column has
+    its own (P == cols).  params: (3, P) float64, then (HALF_PARAM_ROWS, P) float32
+    (half_affine_params).  Rows the mask drops are written as 0 (unless write_padding is
+    off).  An element's bits do not depend on the pieces (cynorm_affine_half computes each on
+    its own, in blocks of sixteen from j0: j0 a multiple of sixteen keeps them a whole row's
+    blocks)."""
+    cdef Py_ssize_t i, a, n, f
     cdef const float* pf = <const float*>(params + 3 * P)
     if j1 < 0:
         j1 = cols
-    if not by_rows:
-        # rows wider than AFFINE_CHUNK: HALF_COLUMN_BLOCK columns down every row, then the
-        # next, so that the block's float32 parameters (HALF_PARAM_ROWS floats a column) stay
-        # in L1 across the rows; narrower rows whole (split, a channels-last GroupNorm sample
-        # larger than L2 was slower: RESULTS item 130)
-        blk = j1 - j0 if j1 - j0 <= AFFINE_CHUNK else HALF_COLUMN_BLOCK
-        a = j0
-        while a < j1:
-            n = j1 - a if j1 - a < blk else blk
-            for i in range(r0, r1):
-                if mask != NULL and not mask[i]:
-                    if write_padding:
-                        memset(y + i * ldy + a, 0, n * sizeof(uint16_t))
-                    continue
-                cynorm_affine_half(x + i * ldx + a, y + i * ldy + a, n, params + a,
-                                   params + P + a, params + 2 * P + a, pf + a, pf + P + a,
-                                   pf + 2 * P + a, pf + 3 * P + a, 1, scratch, kind)
-            a += n
-        return
     for i in range(r0, r1):
         if mask != NULL and not mask[i]:
             if write_padding:
                 memset(y + i * ldy + j0, 0, (j1 - j0) * sizeof(uint16_t))
             continue
         a = j0
-        f = i % P
         while a < j1:
             n = j1 - a if j1 - a < AFFINE_CHUNK else AFFINE_CHUNK
+            f = i % P if by_rows else a
             cynorm_affine_half(x + i * ldx + a, y + i * ldy + a, n, params + f,
                                params + P + f, params + 2 * P + f, pf + f, pf + P + f,
-                               pf + 2 * P + f, pf + 3 * P + f, 0, scratch, kind)
+                               pf + 2 * P + f, pf + 3 * P + f, not by_rows, scratch, kind)
             a += n
 
 
