@@ -67,6 +67,26 @@ def test_contenders_compute_the_same_thing(case, torch):
                                        err_msg=name)
 
 
+@pytest.mark.parametrize("case", [bench.Case(op, (4, 6, 12), dt, -1)
+                                  for op in ("bn_masked", "ln_masked")
+                                  for dt in ("float32",) + bench.half_dtypes()],
+                         ids=lambda c: c.id)
+def test_masked_contenders_compute_their_own_things(case, torch):
+    """A masked case's cynorm and NumPy contenders normalize the real tokens; its reference
+    call and torch (which has no mask) compute the case's reference: in every dtype."""
+    fns = bench.contenders(case, torch)
+    results = {}
+    for name, fn in fns.items():
+        got = fn()
+        got = got.float().numpy() if hasattr(got, "float") else got   # a torch tensor
+        results[name] = np.asarray(got, dtype=np.float64)
+    tol = 2e-4 if case.dtype == "float32" else _tolerance(case) / 4
+    np.testing.assert_allclose(results["cynorm"], results["numpy"], atol=tol, rtol=tol)
+    if "torch" in results:
+        np.testing.assert_allclose(results["torch"], results["cynorm_reference"], atol=tol,
+                                   rtol=tol)
+
+
 @pytest.mark.parametrize("case", [c for op in bench.OPS
                                   for c in bench.cases(ops=[op], sizes=["small"])[:1]]
                          + [bench.Case("moments", (300, 7), "float64"),

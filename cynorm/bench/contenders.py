@@ -341,15 +341,15 @@ def _mask_contenders(case, x, rng, torch):
         fns["cynorm"] = lambda: cynorm.layer_norm(x, C, lengths=lengths)
         fns["cynorm_reference"] = lambda: cynorm.layer_norm(x, C)
 
-        def numpy_ln_masked():
+        def numpy_ln_masked(x):
             y = np.zeros_like(x)
             r = x[mask]
             y[mask] = (r - r.mean(-1, keepdims=True)) / np.sqrt(r.var(-1, keepdims=True) + EPS)
             return y
 
-        fns["numpy"] = numpy_ln_masked
+        fns["numpy"] = numpy_in_float32(numpy_ln_masked, x)
         if torch is not None:
-            tx = torch.from_numpy(x)
+            tx = torch_of(torch, x)
 
             def torch_ln():  # torch has no mask: the whole padded batch
                 with torch.no_grad():
@@ -361,16 +361,16 @@ def _mask_contenders(case, x, rng, torch):
     fns["cynorm"] = lambda: cynorm.batch_norm(x, rm, rv, training=True, axis=-1, lengths=lengths)
     fns["cynorm_reference"] = lambda: cynorm.batch_norm(real, rm, rv, training=True)
 
-    def numpy_bn_masked():
+    def numpy_bn_masked(x):
         y = np.zeros_like(x)
         r = x[mask]
         y[mask] = (r - r.mean(0)) / np.sqrt(r.var(0) + EPS)
         return y
 
-    fns["numpy"] = numpy_bn_masked
+    fns["numpy"] = numpy_in_float32(numpy_bn_masked, x)
     if torch is not None:
-        treal = torch.from_numpy(real)
-        trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+        treal = torch_of(torch, real)
+        trm, trv = torch_of(torch, rm.copy()), torch_of(torch, rv.copy())
 
         def torch_bn_real():  # torch has no mask: BN on the real tokens alone
             with torch.no_grad():
@@ -390,7 +390,7 @@ def _table_contenders(case, x, torch, peers=None):
         fns["cynorm"] = lambda: cynorm.moments(x, 0)
         fns["numpy"] = lambda: (x.mean(axis=0), x.var(axis=0))
         if torch is not None:
-            tx = torch.from_numpy(x)
+            tx = torch_of(torch, x)
             fns["torch"] = lambda: torch.var_mean(tx, 0, correction=0)
         if peers is not None:
             fns.update(peers.contenders(case, {"x": x}))
