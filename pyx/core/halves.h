@@ -393,7 +393,7 @@ static void cynorm_copy_nt_h(const uint16_t* x, uint16_t* y, ptrdiff_t n) {
 #endif
 
 /* Below this fraction of |b| a float32 output of the 16-bit rows is done again in float64
- * (core/halves_rows.h's bound; the affine below takes it as lf) */
+ * (core/halves_rows.h's bound, and the affine's below) */
 #define CYNORM_HALF_CANCEL 0.001953125f /* 2^-9 */
 
 /* The per-feature affine of 16-bit data, y = (x - m) * s + t, for BatchNorm's output (eval, and
@@ -401,11 +401,10 @@ static void cynorm_copy_nt_h(const uint16_t* x, uint16_t* y, ptrdiff_t n) {
  * the scratch's length), narrowed once.  The parameters come twice: m, s, t in float64 (m the
  * mean rounded to one float64, t the bias less what that rounding left out times s), and mf,
  * sf, tf in float32 (mf the mean's leading float, tf = t - (m - mf) * sf, as feature_params
- * makes them) with lf = 2^-9 |tf|; one value for the whole row (per_elem 0) or one per element
- * (per_elem 1).
+ * makes them); one value for the whole row (per_elem 0) or one per element (per_elem 1).
  *
  * The AVX-512 build computes sixteen at a time in registers in float32, (x - mf) * sf + tf, as
- * the 16-bit rows do (cynorm_half_out16, whose bound this is): while |y| >= lf its terms'
+ * the 16-bit rows do (cynorm_half_out16, whose bound this is): while |y| >= 2^-9 |tf| its terms'
  * errors stay below 2^-13 |y|, a quarter of a float16 ulp.  A lane below that, NaN, or (for
  * bfloat16) infinite is computed again in float64, as every element of the other builds is:
  * there the terms' errors are 2^-52 of |x - m| |s| + |t|, far within a quarter of a 16-bit
@@ -427,26 +426,30 @@ static inline __m256i cynorm_pack16_bf_num(__m512 v) {
  * this (a loop for each); the index of the first element left */
 static inline __attribute__((always_inline)) ptrdiff_t cynorm_affine16(
         const uint16_t* x, uint16_t* y, ptrdiff_t n, const double* m, const double* s,
-        const double* t, const float* mf, const float* sf, const float* tf, const float* lf,
-        const int per_elem, const int kind) {
+        const double* t, const float* mf, const float* sf, const float* tf, const int per_elem,
+        const int kind) {
     ptrdiff_t j = 0;
     int k;
     const __m512 mv = _mm512_set1_ps(mf[0]), sv = _mm512_set1_ps(sf[0]);
-    const __m512 tv = _mm512_set1_ps(tf[0]), lv = _mm512_set1_ps(lf[0]);
-    const __m512 inf = _mm512_set1_ps(INFINITY);
+    const __m512 tv = _mm512_set1_ps(tf[0]), cancel = _mm512_set1_ps(CYNORM_HALF_CANCEL);
+    const __m512 lv = _mm512_mul_ps(cancel, _mm512_abs_ps(tv)), inf = _mm512_set1_ps(INFINITY);
     for (; j + 16 <= n; j += 16) {
         const __m256i h = _mm256_loadu_si256((const __m256i*)(x + j));
         const __m512 v = kind == CYNORM_BF16
             ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
             : _mm512_cvtph_ps(h);
+        /* the bound 2^-9 |tf| made here (one load fewer than a stored row of it): the same
+           float multiplication, so the same bits */
+        const __m512 te = per_elem ? _mm512_loadu_ps(tf + j) : tv;
         __m512 r, a;
         __mmask16 ok;
         __m256i o;
         r = per_elem ? _mm512_fmadd_ps(_mm512_sub_ps(v, _mm512_loadu_ps(mf + j)),
-                                       _mm512_loadu_ps(sf + j), _mm512_loadu_ps(tf + j))
+                                       _mm512_loadu_ps(sf + j), te)
                      : _mm512_fmadd_ps(_mm512_sub_ps(v, mv), sv, tv);
         a = _mm512_abs_ps(r);
-        ok = _mm512_cmp_ps_mask(a, per_elem ? _mm512_loadu_ps(lf + j) : lv, _CMP_GE_OQ);
+        ok = _mm512_cmp_ps_mask(a, per_elem ? _mm512_mul_ps(cancel, _mm512_abs_ps(te)) : lv,
+                                _CMP_GE_OQ);
         if (kind == CYNORM_BF16)
             ok = _mm512_mask_cmp_ps_mask(ok, a, inf, _CMP_LT_OQ);
         if (_kortestc_mask16_u8(ok, (__mmask16)0)) {   /* every lane in float32 */
@@ -473,18 +476,18 @@ static inline __attribute__((always_inline)) ptrdiff_t cynorm_affine16(
 static inline void cynorm_affine_half(const uint16_t* x, uint16_t* y, ptrdiff_t n,
                                       const double* m, const double* s, const double* t,
                                       const float* mf, const float* sf, const float* tf,
-                                      const float* lf, int per_elem, float* scratch, int kind) {
+                                      int per_elem, float* scratch, int kind) {
     ptrdiff_t k;
 #if CYNORM_HALF16
     ptrdiff_t j;
     if (per_elem)
         j = kind == CYNORM_BF16
-            ? cynorm_affine16(x, y, n, m, s, t, mf, sf, tf, lf, 1, CYNORM_BF16)
-            : cynorm_affine16(x, y, n, m, s, t, mf, sf, tf, lf, 1, CYNORM_F16);
+            ? cynorm_affine16(x, y, n, m, s, t, mf, sf, tf, 1, CYNORM_BF16)
+            : cynorm_affine16(x, y, n, m, s, t, mf, sf, tf, 1, CYNORM_F16);
     else
         j = kind == CYNORM_BF16
-            ? cynorm_affine16(x, y, n, m, s, t, mf, sf, tf, lf, 0, CYNORM_BF16)
-            : cynorm_affine16(x, y, n, m, s, t, mf, sf, tf, lf, 0, CYNORM_F16);
+            ? cynorm_affine16(x, y, n, m, s, t, mf, sf, tf, 0, CYNORM_BF16)
+            : cynorm_affine16(x, y, n, m, s, t, mf, sf, tf, 0, CYNORM_F16);
     if (j == n)
         return;
     x += j;
@@ -499,7 +502,6 @@ static inline void cynorm_affine_half(const uint16_t* x, uint16_t* y, ptrdiff_t 
     (void)mf;
     (void)sf;
     (void)tf;
-    (void)lf;
 #endif
     cynorm_widen_half(x, scratch, n, kind);
     if (per_elem) {

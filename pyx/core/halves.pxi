@@ -27,9 +27,7 @@ cdef extern from "core/halves.h" nogil:
     uint16_t cynorm_d2half(double d, int kind) noexcept
     void cynorm_affine_half(const uint16_t* x, uint16_t* y, Py_ssize_t n, const double* m,
                             const double* s, const double* t, const float* mf, const float* sf,
-                            const float* tf, const float* lf, int per_elem, float* scratch,
-                            int kind) noexcept
-    float HALF_CANCEL "CYNORM_HALF_CANCEL"
+                            const float* tf, int per_elem, float* scratch, int kind) noexcept
 
 
 cdef extern from "core/halves_rows.h" nogil:
@@ -53,9 +51,9 @@ cdef extern from "core/halves_sums.h" nogil:
                            int kind) noexcept
 
 
-# half_affine_params' float32 rows per feature (m_hi, scale, shift, and the float64 limit)
+# half_affine_params' float32 rows per feature (m_hi, scale, shift)
 cdef enum:
-    HALF_PARAM_ROWS = 4
+    HALF_PARAM_ROWS = 3
 
 
 cdef extern from "numpy/ndarraytypes.h":
@@ -377,7 +375,7 @@ cdef void half_affine_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ss
             f = i % P if by_rows else a
             cynorm_affine_half(x + i * ldx + a, y + i * ldy + a, n, params + f,
                                params + P + f, params + 2 * P + f, pf + f, pf + P + f,
-                               pf + 2 * P + f, pf + 3 * P + f, not by_rows, scratch, kind)
+                               pf + 2 * P + f, not by_rows, scratch, kind)
             a += n
 
 
@@ -403,8 +401,7 @@ cdef void half_affine_params(const double* st, double var_scale, const float* w,
     m's rounding; below MEAN_NOISE of m or SPREAD_NOISE of the standard deviation it is taken
     as 0, the two-term mean's own error, so that an element equal to the mean gives exactly
     b); then (3, C·L) float32,
-    feature_params' m_hi, scale and shift of m, and HALF_CANCEL times |shift| (core/halves.h:
-    the float32 lanes below it are done again in float64): HALF_PARAM_ROWS rows.
+    feature_params' m_hi, scale and shift of m: HALF_PARAM_ROWS rows.
     rstd (unless NULL): 1 / sqrt(var + eps) of feature c into rstd[c // per] (the group
     norms' per-group rstd).  Features c0..c1 only (c1 -1: to C)."""
     cdef Py_ssize_t c, k, j, n, P = C * L
@@ -456,7 +453,6 @@ cdef void half_affine_params(const double* st, double var_scale, const float* w,
         for k in range(n):
             rows[1][k] = <float>sc[k]
             rows[2][k] = <float>(bs[k] - <double>ml[k] * <double>rows[1][k])
-            rows[3][k] = HALF_CANCEL * fabsf(rows[2][k])
         if L == 1:
             for k in range(n):
                 params[c + k] = ms[k]
@@ -465,7 +461,6 @@ cdef void half_affine_params(const double* st, double var_scale, const float* w,
                 pf[c + k] = rows[0][k]
                 pf[P + c + k] = rows[1][k]
                 pf[2 * P + c + k] = rows[2][k]
-                pf[3 * P + c + k] = rows[3][k]
             c += n
             continue
         for j in range(L):
