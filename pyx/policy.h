@@ -63,6 +63,12 @@
  * output): widened into a float32 scratch of this many, computed and narrowed while it is in
  * L1. */
 #define CYNORM_AFFINE_CHUNK 2048
+/* The 16-bit affine with one parameter set per column (core/halves.pxi's half_affine_rows)
+ * takes blocks of AFFINE_CHUNK elements of whole rows sixteen columns at a time down the rows,
+ * the columns' parameters in registers (core/halves.h's cynorm_affine_cols_half), where a
+ * block holds at least this many rows; wider rows are taken along the row: walks of two rows
+ * were slower for them, bfloat16 (4096, 768) in particular (RESULTS item 133). */
+#define CYNORM_HALF_STRIP_ROWS 4
 /* Eval-mode 16-bit BatchNorm with the features split among the threads (or on one thread),
  * one feature a column (core/halves.pxi's half_affine_columns): this many columns' parameters
  * made, then those columns written down every row, then the next block; the block's float32

@@ -422,6 +422,54 @@ static inline __m256i cynorm_pack16_bf_num(__m512 v) {
     return cynorm_high_words16(r);
 }
 
+/* sixteen elements x[0:16] written to y[0:16] (masked: only the lanes of live, the others
+ * neither read nor written): (x - mv) * sv + tv in float32, lanes whose |result| is below lv
+ * (or NaN; bfloat16: infinite) again in float64 from m, s, t (the sixteen lanes' own,
+ * per_elem 1, or one for all, per_elem 0) */
+static inline __attribute__((always_inline)) void cynorm_affine_out16(
+        const uint16_t* x, uint16_t* y, __m512 mv, __m512 sv, __m512 tv, __m512 lv,
+        const double* m, const double* s, const double* t, const int per_elem, const int kind,
+        const int masked, __mmask16 live) {
+    const __m256i h = masked ? _mm256_maskz_loadu_epi16(live, x)
+                             : _mm256_loadu_si256((const __m256i*)x);
+    const __m512 v = kind == CYNORM_BF16
+        ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+        : _mm512_cvtph_ps(h);
+    const __m512 r = _mm512_fmadd_ps(_mm512_sub_ps(v, mv), sv, tv), a = _mm512_abs_ps(r);
+    __mmask16 ok = _mm512_cmp_ps_mask(a, lv, _CMP_GE_OQ);
+    __m256i o;
+    int k;
+    if (kind == CYNORM_BF16)
+        ok = _mm512_mask_cmp_ps_mask(ok, a, _mm512_set1_ps(INFINITY), _CMP_LT_OQ);
+    if (masked)
+        ok |= (__mmask16)~live;
+    if (_kortestc_mask16_u8(ok, (__mmask16)0)) {   /* every lane in float32 */
+        o = kind == CYNORM_BF16 ? cynorm_pack16_bf_num(r)
+                                : _mm512_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT
+                                                     | _MM_FROUND_NO_EXC);
+    } else {
+        float u[16], q[16];   /* rare: t cancels the product, or not finite */
+        _mm512_storeu_ps(u, v);
+        _mm512_storeu_ps(q, r);
+        for (k = 0; k < 16; k++)   /* those lanes only */
+            if (!((ok >> k) & 1))
+                q[k] = per_elem ? (float)(((double)u[k] - m[k]) * s[k] + t[k])
+                                : (float)(((double)u[k] - m[0]) * s[0] + t[0]);
+        o = cynorm_pack16(_mm512_loadu_ps(q), kind);
+    }
+    __asm__("" : "+v"(o));   /* as cynorm_store8h */
+    if (masked)
+        _mm256_mask_storeu_epi16(y, live, o);
+    else
+        _mm256_storeu_si256((__m256i*)y, o);
+}
+
+/* the bound of the float64 redo, 2^-9 |tf|, made in registers from tf (one load fewer than a
+ * stored row of it; the same float multiplication, so the same bits) */
+static inline __m512 cynorm_affine_bound16(__m512 tv) {
+    return _mm512_mul_ps(_mm512_set1_ps(CYNORM_HALF_CANCEL), _mm512_abs_ps(tv));
+}
+
 /* cynorm_affine_half's blocks of sixteen, with per_elem and kind constants where it calls
  * this (a loop for each); the index of the first element left */
 static inline __attribute__((always_inline)) ptrdiff_t cynorm_affine16(
@@ -429,47 +477,51 @@ static inline __attribute__((always_inline)) ptrdiff_t cynorm_affine16(
         const double* t, const float* mf, const float* sf, const float* tf, const int per_elem,
         const int kind) {
     ptrdiff_t j = 0;
-    int k;
     const __m512 mv = _mm512_set1_ps(mf[0]), sv = _mm512_set1_ps(sf[0]);
-    const __m512 tv = _mm512_set1_ps(tf[0]), cancel = _mm512_set1_ps(CYNORM_HALF_CANCEL);
-    const __m512 lv = _mm512_mul_ps(cancel, _mm512_abs_ps(tv)), inf = _mm512_set1_ps(INFINITY);
+    const __m512 tv = _mm512_set1_ps(tf[0]), lv = cynorm_affine_bound16(tv);
     for (; j + 16 <= n; j += 16) {
-        const __m256i h = _mm256_loadu_si256((const __m256i*)(x + j));
-        const __m512 v = kind == CYNORM_BF16
-            ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
-            : _mm512_cvtph_ps(h);
-        /* the bound 2^-9 |tf| made here (one load fewer than a stored row of it): the same
-           float multiplication, so the same bits */
-        const __m512 te = per_elem ? _mm512_loadu_ps(tf + j) : tv;
-        __m512 r, a;
-        __mmask16 ok;
-        __m256i o;
-        r = per_elem ? _mm512_fmadd_ps(_mm512_sub_ps(v, _mm512_loadu_ps(mf + j)),
-                                       _mm512_loadu_ps(sf + j), te)
-                     : _mm512_fmadd_ps(_mm512_sub_ps(v, mv), sv, tv);
-        a = _mm512_abs_ps(r);
-        ok = _mm512_cmp_ps_mask(a, per_elem ? _mm512_mul_ps(cancel, _mm512_abs_ps(te)) : lv,
-                                _CMP_GE_OQ);
-        if (kind == CYNORM_BF16)
-            ok = _mm512_mask_cmp_ps_mask(ok, a, inf, _CMP_LT_OQ);
-        if (_kortestc_mask16_u8(ok, (__mmask16)0)) {   /* every lane in float32 */
-            o = kind == CYNORM_BF16 ? cynorm_pack16_bf_num(r)
-                                    : _mm512_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT
-                                                         | _MM_FROUND_NO_EXC);
+        if (per_elem) {
+            const __m512 te = _mm512_loadu_ps(tf + j);
+            cynorm_affine_out16(x + j, y + j, _mm512_loadu_ps(mf + j), _mm512_loadu_ps(sf + j),
+                                te, cynorm_affine_bound16(te), m + j, s + j, t + j, 1, kind,
+                                0, 0xffff);
         } else {
-            float u[16], q[16];   /* rare: t cancels the product, or not finite */
-            _mm512_storeu_ps(u, v);
-            _mm512_storeu_ps(q, r);
-            for (k = 0; k < 16; k++)   /* those lanes only */
-                if (!((ok >> k) & 1))
-                    q[k] = per_elem ? (float)(((double)u[k] - m[j + k]) * s[j + k] + t[j + k])
-                                    : (float)(((double)u[k] - m[0]) * s[0] + t[0]);
-            o = cynorm_pack16(_mm512_loadu_ps(q), kind);
+            cynorm_affine_out16(x + j, y + j, mv, sv, tv, lv, m, s, t, 0, kind, 0, 0xffff);
         }
-        __asm__("" : "+v"(o));   /* as cynorm_store8h */
-        _mm256_storeu_si256((__m256i*)(y + j), o);
+    }
+    if (j < n) {   /* the last few, under a mask: the same arithmetic as a whole sixteen */
+        const __mmask16 live = (__mmask16)((1u << (unsigned)(n - j)) - 1u);
+        if (per_elem) {
+            const __m512 te = _mm512_maskz_loadu_ps(live, tf + j);
+            cynorm_affine_out16(x + j, y + j, _mm512_maskz_loadu_ps(live, mf + j),
+                                _mm512_maskz_loadu_ps(live, sf + j), te,
+                                cynorm_affine_bound16(te), m + j, s + j, t + j, 1, kind, 1,
+                                live);
+        } else {
+            cynorm_affine_out16(x + j, y + j, mv, sv, tv, lv, m, s, t, 0, kind, 1, live);
+        }
+        j = n;
     }
     return j;
+}
+
+/* cynorm_affine_cols_half's sixteen columns j..j+16 of rows 0..rows (masked: the lanes of
+ * live only): their parameters held in registers down the rows, and the same columns of the
+ * next block's rows (rows further on) asked for: walked down the rows, x is not a stream the
+ * hardware prefetcher follows */
+static inline __attribute__((always_inline)) void cynorm_affine_strip16(
+        const uint16_t* x, ptrdiff_t ldx, uint16_t* y, ptrdiff_t ldy, ptrdiff_t rows,
+        ptrdiff_t j, const double* m, const double* s, const double* t, const float* mf,
+        const float* sf, const float* tf, const int kind, const int masked, __mmask16 live) {
+    const __m512 mv = _mm512_maskz_loadu_ps(live, mf + j);
+    const __m512 sv = _mm512_maskz_loadu_ps(live, sf + j);
+    const __m512 tv = _mm512_maskz_loadu_ps(live, tf + j), lv = cynorm_affine_bound16(tv);
+    ptrdiff_t i;
+    for (i = 0; i < rows; i++) {
+        cynorm_prefetch(x + (i + rows) * ldx + j);
+        cynorm_affine_out16(x + i * ldx + j, y + i * ldy + j, mv, sv, tv, lv, m + j, s + j,
+                            t + j, 1, kind, masked, live);
+    }
 }
 #endif
 
@@ -513,6 +565,41 @@ static inline void cynorm_affine_half(const uint16_t* x, uint16_t* y, ptrdiff_t 
             scratch[k] = (float)(((double)scratch[k] - ms) * ss + ts);
     }
     cynorm_narrow_half(scratch, y, n, kind);
+}
+
+/* cynorm_affine_half with one parameter set per column (per_elem 1) on a block of rows:
+ * y[i·ldy + j] from x[i·ldx + j] for rows i < rows, columns j < cols, the parameters of column
+ * j at index j.  The AVX-512 build takes sixteen columns at a time down the rows (the last
+ * ones under a mask), their parameters in registers (the rows are best a few KiB: they stay
+ * in L1 from one strip to the next); the other builds go row by row.  Each element's value is
+ * the one cynorm_affine_half gives it. */
+static inline void cynorm_affine_cols_half(const uint16_t* x, ptrdiff_t ldx, uint16_t* y,
+                                           ptrdiff_t ldy, ptrdiff_t rows, ptrdiff_t cols,
+                                           const double* m, const double* s, const double* t,
+                                           const float* mf, const float* sf, const float* tf,
+                                           float* scratch, int kind) {
+#if CYNORM_HALF16
+    ptrdiff_t j;
+    for (j = 0; j < cols; j += 16) {
+        const __mmask16 live = cols - j >= 16 ? (__mmask16)0xffff
+                                              : (__mmask16)((1u << (unsigned)(cols - j)) - 1u);
+        const int kd = kind == CYNORM_BF16;
+        if (live != 0xffff)
+            cynorm_affine_strip16(x, ldx, y, ldy, rows, j, m, s, t, mf, sf, tf, kind, 1, live);
+        else if (kd)
+            cynorm_affine_strip16(x, ldx, y, ldy, rows, j, m, s, t, mf, sf, tf, CYNORM_BF16, 0,
+                                  live);
+        else
+            cynorm_affine_strip16(x, ldx, y, ldy, rows, j, m, s, t, mf, sf, tf, CYNORM_F16, 0,
+                                  live);
+    }
+    (void)scratch;
+#else
+    ptrdiff_t i;
+    for (i = 0; i < rows; i++)
+        cynorm_affine_half(x + i * ldx, y + i * ldy, cols, m, s, t, mf, sf, tf, 1, scratch,
+                           kind);
+#endif
 }
 
 #endif /* CYNORM_CORE_HALVES_H */

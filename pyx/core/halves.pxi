@@ -28,6 +28,11 @@ cdef extern from "core/halves.h" nogil:
     void cynorm_affine_half(const uint16_t* x, uint16_t* y, Py_ssize_t n, const double* m,
                             const double* s, const double* t, const float* mf, const float* sf,
                             const float* tf, int per_elem, float* scratch, int kind) noexcept
+    void cynorm_affine_cols_half(const uint16_t* x, Py_ssize_t ldx, uint16_t* y,
+                                 Py_ssize_t ldy, Py_ssize_t rows, Py_ssize_t cols,
+                                 const double* m, const double* s, const double* t,
+                                 const float* mf, const float* sf, const float* tf,
+                                 float* scratch, int kind) noexcept
 
 
 cdef extern from "core/halves_rows.h" nogil:
@@ -353,30 +358,46 @@ cdef void half_affine_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ss
                            const double* params, Py_ssize_t P, const unsigned char* mask,
                            bint write_padding, float* scratch, int kind, Py_ssize_t j0=0,
                            Py_ssize_t j1=-1) noexcept nogil:
-    """Rows r0..r1, columns j0..j1 (j1 -1: to cols), each in pieces of at most AFFINE_CHUNK
-    elements: by_rows, row i is one feature, i % P (its m, s, t scalars); else each column has
-    its own (P == cols).  params: (3, P) float64, then (HALF_PARAM_ROWS, P) float32
-    (half_affine_params).  Rows the mask drops are written as 0 (unless write_padding is
-    off).  An element's bits do not depend on the pieces (cynorm_affine_half computes each on
-    its own, in blocks of sixteen from j0: j0 a multiple of sixteen keeps them a whole row's
-    blocks)."""
-    cdef Py_ssize_t i, a, n, f
+    """Rows r0..r1, columns j0..j1 (j1 -1: to cols), each row in pieces of at most
+    AFFINE_CHUNK elements: by_rows, row i is one feature, i % P (its m, s, t scalars); else
+    each column has its own (P == cols), and kept rows of up to AFFINE_CHUNK / HALF_STRIP_ROWS
+    elements go in blocks of about AFFINE_CHUNK (cynorm_affine_cols_half: sixteen columns at
+    a time down the block).  params: (3, P) float64, then (HALF_PARAM_ROWS, P) float32
+    (half_affine_params).  Rows the mask drops are written as 0 (unless write_padding is off).
+    An element's bits do not depend on the pieces or blocks: core/halves.h computes each on
+    its own, a row's last few under a mask with a whole sixteen's arithmetic."""
+    cdef Py_ssize_t i, e, a, n, f, R
     cdef const float* pf = <const float*>(params + 3 * P)
     if j1 < 0:
         j1 = cols
-    for i in range(r0, r1):
+    R = AFFINE_CHUNK // (j1 - j0) if j1 - j0 < AFFINE_CHUNK else 1
+    i = r0
+    while i < r1:
         if mask != NULL and not mask[i]:
             if write_padding:
                 memset(y + i * ldy + j0, 0, (j1 - j0) * sizeof(uint16_t))
+            i += 1
+            continue
+        if not by_rows and R >= HALF_STRIP_ROWS:   # a block of kept rows
+            e = i + 1
+            while e < r1 and e - i < R and (mask == NULL or mask[e]):
+                e += 1
+            cynorm_affine_cols_half(x + i * ldx + j0, ldx, y + i * ldy + j0, ldy, e - i,
+                                    j1 - j0, params + j0, params + P + j0,
+                                    params + 2 * P + j0, pf + j0, pf + P + j0, pf + 2 * P + j0,
+                                    scratch, kind)
+            i = e
             continue
         a = j0
+        f = i % P if by_rows else a
         while a < j1:
             n = j1 - a if j1 - a < AFFINE_CHUNK else AFFINE_CHUNK
-            f = i % P if by_rows else a
             cynorm_affine_half(x + i * ldx + a, y + i * ldy + a, n, params + f,
                                params + P + f, params + 2 * P + f, pf + f, pf + P + f,
                                pf + 2 * P + f, not by_rows, scratch, kind)
             a += n
+            f = f if by_rows else a
+        i += 1
 
 
 # Below this fraction of the mean its second float64 term is the statistics' own error (a row

@@ -92,12 +92,6 @@ cdef void group_half_first(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ssiz
             zero_padding_half(yb + c * S, S, m)
 
 
-cdef inline Py_ssize_t half_last_repeats(Py_ssize_t C, bint masked) noexcept nogil:
-    """Rows of a channels-last sample the 16-bit affine takes as one (unmasked: about
-    AFFINE_CHUNK elements a call instead of C)."""
-    return AFFINE_CHUNK // C if C < AFFINE_CHUNK and not masked else 1
-
-
 cdef void group_half_last(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ssize_t C,
                           Py_ssize_t S, Py_ssize_t G, Py_ssize_t NG, const float* w,
                           const float* b, double eps, double* st, bint given,
@@ -105,12 +99,9 @@ cdef void group_half_last(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ssize
                           float* scratch, int kind) noexcept nogil:
     """Channels-last sample n: its column moments (core/columns.pxi's float64 sweep, the rows
     widened in registers), merged per group into st (unless given); then its rows by the
-    16-bit affine with per-channel parameters, K = half_last_repeats rows as one (the
-    parameters repeated K times).  work: 16·C doubles, then (3, K·C) doubles and
-    (HALF_PARAM_ROWS, K·C) floats; scratch: rows_per_block(C) rows of C floats (at least
-    AFFINE_CHUNK)."""
-    cdef Py_ssize_t Cg = C // G, R = rows_per_block(C, sizeof(float)), g, c, u, r0, k, r
-    cdef Py_ssize_t K = half_last_repeats(C, mask != NULL), P
+    16-bit affine with per-channel parameters (half_affine_rows' blocks of rows).  work: 16·C
+    doubles; scratch: rows_per_block(C) rows of C floats (at least AFFINE_CHUNK)."""
+    cdef Py_ssize_t Cg = C // G, R = rows_per_block(C, sizeof(float)), g, c, u
     cdef const uint16_t* xn = x + n * S * C
     cdef uint16_t* yn = y + n * S * C
     cdef const unsigned char* m = mask + n * S if mask != NULL else NULL
@@ -120,9 +111,6 @@ cdef void group_half_last(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ssize
     cdef double* m2 = work + 2 * C
     cdef double* blk = work + 3 * C  # column_chunk_moments' c and q
     cdef double* par = work + 8 * C  # half_params' (3, C) statistics, (3, C) params, floats
-    cdef double* rep = work + 16 * C  # the parameters repeated: (3, K·C) doubles, then floats
-    cdef float* pf
-    cdef float* rf
     if not given:
         column_chunk_moments(<const float*>NULL, C, 0, S, C, R, m, &cnt, hi, lo, m2, blk,
                              blk + C, NULL, xn, kind, scratch)
@@ -136,20 +124,8 @@ cdef void group_half_last(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ssize
                 merge_one(&st[u], &st[NG + u], &st[2 * NG + u], &st[3 * NG + u], cnt, hi[c],
                           lo[c], m2[c])
     half_params(st, NG, n, G, 0, G, Cg, w, b, eps, par)
-    P = K * C
-    pf = <float*>(par + 6 * C)
-    rf = <float*>(rep + 3 * P)
-    for r in range(HALF_PARAM_ROWS):
-        for k in range(K):
-            if r < 3:
-                memcpy(rep + r * P + k * C, par + 3 * C + r * C, C * sizeof(double))
-            memcpy(rf + r * P + k * C, pf + r * C, C * sizeof(float))
-    r0 = 0
-    if K > 1:
-        half_affine_rows(xn, P, yn, P, 0, S // K, P, False, rep, P, NULL, True, scratch, kind)
-        r0 = (S // K) * K
-    half_affine_rows(xn + r0 * C, C, yn + r0 * C, C, 0, S - r0, C, False, rep, P,
-                     m + r0 if m != NULL else NULL, write_padding, scratch, kind)
+    half_affine_rows(xn, C, yn, C, 0, S, C, False, par + 3 * C, C, m, write_padding, scratch,
+                     kind)
 
 
 cdef void group_half_units(const uint16_t* x, uint16_t* y, Py_ssize_t N, Py_ssize_t C,
@@ -201,8 +177,7 @@ def group_norm_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py
     check_group_array(y, N * C * S, True)
     Cg = C // G
     if channels_last:
-        K = half_last_repeats(C, mk != NULL)
-        nwork = 16 * C + 3 * K * C + (HALF_PARAM_ROWS * K * C + 1) // 2
+        nwork = 16 * C
         nscratch = rows_per_block(C, sizeof(float)) * C
     else:
         K = half_group_batch(Cg, S, G) * Cg   # a batch's channels
