@@ -134,6 +134,37 @@ def test_batch_norm_eval_few_rows_of_many_features(rng, name, rows, C):
 
 
 @pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("rows, C", [(200, 37), (64, 520), (40, 1048), (3, 9)])
+def test_batch_norm_eval_element_values_do_not_depend_on_their_place(rng, name, rows, C):
+    """Eval down the columns: narrow rows go sixteen columns at a time down blocks of rows,
+    wider ones along the row, a row's last few columns under a mask.  Each element is the
+    same bits whatever way it is reached: the whole array on one or two threads, one row at a
+    time, or the columns from 16 on (their sixteens then start elsewhere); within one ulp,
+    with biases cancelling the product in the first row, the masked last columns included."""
+    dt = half_dtype(name)
+    x = half_data(rng, (rows, C), dt, offset_sigmas=40)
+    rm = rng.standard_normal(C).astype(np.float32) + 120
+    rv = rng.uniform(1, 4, C).astype(np.float32)
+    w = rng.uniform(0.5, 2.0, C).astype(np.float32)
+    x64 = x.astype(np.float64)
+    b = (-(x64[0] - rm) / np.sqrt(rv.astype(np.float64) + 1e-5) * w).astype(np.float32)
+    ref = _bn_ref(x64, 1, rm.astype(np.float64), rv.astype(np.float64), w, b)
+    assert np.median(np.abs(ref[0])) < 1e-4 * np.median(np.abs(b))
+    with cynorm.num_threads(1):
+        y1 = cynorm.batch_norm(x, rm, rv, w, b, False)
+        by_row = np.concatenate([cynorm.batch_norm(x[i:i + 1], rm, rv, w, b, False)
+                                 for i in range(rows)])
+    with cynorm.num_threads(2):
+        y2 = cynorm.batch_norm(x, rm, rv, w, b, False)
+    check_half(y1, ref, dt)
+    assert y1.tobytes() == y2.tobytes() == by_row.tobytes()
+    if C > 16:
+        part = cynorm.batch_norm(np.ascontiguousarray(x[:, 16:]), rm[16:], rv[16:], w[16:],
+                                 b[16:], False)
+        assert part.tobytes() == np.ascontiguousarray(y1[:, 16:]).tobytes()
+
+
+@pytest.mark.parametrize("name", HALVES)
 def test_batch_norm_masked_feature_last(rng, name):
     """(N, T, C) with lengths: the statistics of the real tokens, padding written as 0, the
     real tokens as BatchNorm of those tokens alone."""
