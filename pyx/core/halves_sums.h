@@ -26,6 +26,7 @@ static inline void cynorm_centered_half(const uint16_t* const* rows, ptrdiff_t n
 #if CYNORM_HALF16
     ptrdiff_t f, g, g0, g1;
     int r, h;
+    const __m512d one = _mm512_set1_pd(1.0);
     for (g0 = 0; g0 + 4 <= nr; g0 = g1) {
         g1 = nr - g0 >= 16 ? g0 + 16 : nr - (nr - g0) % 4;
         for (f = 0; f < F; f += 16) {
@@ -39,20 +40,17 @@ static inline void cynorm_centered_half(const uint16_t* const* rows, ptrdiff_t n
                 qs[h] = _mm512_maskz_loadu_pd(mk[h], q + f + 8 * h);
             }
             for (g = g0; g < g1; g += 4) {
-                __m512 v[4];
-                for (r = 0; r < 4; r++) {
-                    const __m256i x = _mm256_maskz_loadu_epi16(m, rows[g + r] + f);
-                    v[r] = kind == CYNORM_BF16
-                        ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16))
-                        : _mm512_cvtph_ps(x);
-                }
-                for (h = 0; h < 2; h++) {
+                for (h = 0; h < 2; h++) {   /* eight columns widened to float32 in a ymm */
                     __m512d d[4];
                     for (r = 0; r < 4; r++) {
-                        const __m256 part = h ? _mm256_castpd_ps(_mm512_extractf64x4_pd(
-                                                    _mm512_castps_pd(v[r]), 1))
-                                              : _mm512_castps512_ps256(v[r]);
-                        d[r] = _mm512_sub_pd(_mm512_cvtps_pd(part), sh[h]);
+                        const __m128i x = _mm_maskz_loadu_epi16(mk[h], rows[g + r] + f + 8 * h);
+                        const __m256 part = kind == CYNORM_BF16
+                            ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x),
+                                                                    16))
+                            : _mm256_cvtph_ps(x);
+                        /* x - shift as an fmsub (the same rounding): on Zen 4 the FMA pipes
+                           have room, the adds' do not */
+                        d[r] = _mm512_fmsub_pd(_mm512_cvtps_pd(part), one, sh[h]);
                     }
                     cs[h] = _mm512_add_pd(cs[h], _mm512_add_pd(_mm512_add_pd(d[0], d[1]),
                                                                _mm512_add_pd(d[2], d[3])));
