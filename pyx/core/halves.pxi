@@ -370,6 +370,8 @@ cdef void half_affine_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ss
     cdef const float* pf = <const float*>(params + 3 * P)
     if j1 < 0:
         j1 = cols
+    if j1 <= j0:
+        return
     R = AFFINE_CHUNK // (j1 - j0) if j1 - j0 < AFFINE_CHUNK else 1
     i = r0
     while i < r1:
