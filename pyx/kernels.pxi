@@ -22,7 +22,7 @@
 cimport cython
 cimport numpy as cnp
 from cython.parallel cimport prange
-from libc.math cimport sqrt, isinf, isfinite, fabs, fabsf, ilogb, ldexp, NAN
+from libc.math cimport sqrt, isinf, isfinite, fabs, fabsf, ilogb, ldexp, fma, NAN
 from libc.stdlib cimport calloc, malloc, free
 from libc.stdint cimport uint16_t
 from libc.string cimport memcpy, memset

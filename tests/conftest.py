@@ -231,12 +231,28 @@ def half_params(rng, n, params, dt):
     return rng.uniform(0.5, 2.0, n).astype(pdt), rng.standard_normal(n).astype(pdt)
 
 
-def check_half(y, ref, dt):
+def check_half(y, ref, dt, slack=None):
     """y has the 16-bit dtype dt and lies within one unit in the last place of ref (float64)
-    correctly rounded to it."""
+    correctly rounded to it.
+
+    slack (float64, ref's shape or broadcast to it): for outputs whose terms cancel so far that
+    float64 itself cannot fix their 16-bit value.  The float64 reference and a float64 kernel
+    each carry rounding errors of a few 2^-53 of the terms; where the result is below about
+    2^-44 of them, that is a 16-bit ulp or more.  There y lies within one ulp of the correctly
+    rounded value of some number within slack of ref; elsewhere slack, far below half an ulp,
+    changes nothing unless ref lies that close to a rounding boundary."""
     assert y.dtype == dt
-    u = ulps16(y, correctly_rounded(ref, dt))
-    assert u.max() <= 1, f"{int(u.max())} ulps at {np.unravel_index(u.argmax(), u.shape)}"
+    if slack is None:
+        u = ulps16(y, correctly_rounded(ref, dt))
+        assert u.max() <= 1, f"{int(u.max())} ulps at {np.unravel_index(u.argmax(), u.shape)}"
+        return
+    assert not np.isnan(ref).any()
+    yo = _ordered16(y)
+    below = _ordered16(correctly_rounded(ref - slack, dt)) - 1 - yo
+    above = yo - _ordered16(correctly_rounded(ref + slack, dt)) - 1
+    out = np.maximum(below, above)
+    assert out.max() <= 0, (f"{int(out.max())} ulps beyond the bound at "
+                            f"{np.unravel_index(out.argmax(), out.shape)}")
 
 
 def same_gradients_as_torch(torch, ours, theirs, w_atol):
@@ -269,13 +285,16 @@ def correctly_rounded(ref, dtype):
     return r.astype(np.float32).astype(dtype)  # exact: r has 8 significant bits
 
 
+def _ordered16(v):
+    """16-bit floats' bits as integers in the order of their values (+0 and -0 both 0)."""
+    i = np.asarray(v).view(np.uint16).astype(np.int64)
+    return np.where(i & 0x8000, -(i & 0x7FFF), i)
+
+
 def ulps16(a, b):
     """Per element, how many 16-bit floats apart a and b are (same 16-bit dtype; +0 and -0
     are the same; NaN vs NaN is 0, NaN vs a number a large count)."""
-    def ordered(v):
-        i = np.asarray(v).view(np.uint16).astype(np.int64)
-        return np.where(i & 0x8000, -(i & 0x7FFF), i)
-    d = np.abs(ordered(a) - ordered(b))
+    d = np.abs(_ordered16(a) - _ordered16(b))
     na = np.isnan(np.asarray(a, np.float32))
     nb = np.isnan(np.asarray(b, np.float32))
     return np.where(na & nb, 0, np.where(na | nb, 1 << 20, d))

@@ -73,44 +73,87 @@ cdef inline bint is_bits16(cnp.ndarray a) noexcept:
 
 
 cdef inline void block_moments_half(const uint16_t* x, Py_ssize_t n, int kind, double* hi,
-                                    double* lo, double* m2) noexcept nogil:
+                                    double* lo, double* m2, double* s1) noexcept nogil:
     """core/moments.pxi's block_moments of a 16-bit block, widened in registers
-    (core/halves_sums.h's shifted sums): the same statements, for the same bits."""
+    (core/halves_sums.h's shifted sums): the same statements, for the same bits; s1 the sum
+    Σ(x - x[0]) itself (exact for 16-bit blocks whose differences span under 53 bits)."""
     cdef double shift = cynorm_half2f(x[0], kind), s = 0.0, q = 0.0, inv_n = 1.0 / n
     cynorm_shifted_sums_half(x, n, shift, &s, &q, kind)
     hi[0] = shift
     lo[0] = s * inv_n
     q = q - s * s * inv_n
     m2[0] = q if not q < 0.0 else 0.0
+    s1[0] = s
+
+
+cdef inline void two_sum(double a, double b, double* s, double* e) noexcept nogil:
+    """s = a + b rounded and e its rounding error: s + e = a + b exactly (Knuth)."""
+    cdef double t
+    s[0] = a + b
+    t = s[0] - a
+    e[0] = (a - (s[0] - t)) + (b - t)
+
+
+cdef inline double mean_rest(double shift, double th, double tl, double n, double inv_n,
+                             double m) noexcept nogil:
+    """(shift + (th + tl) / n) - m to float64: what m, the mean rounded to one float64, leaves
+    out of the mean whose sum of differences from shift is th + tl (inv_n = 1 / n).  The
+    quotient's remainder th - q·n comes exact from a fused multiply-add (for q within a few
+    ulps of th / n it is a multiple of q's ulp below 2n of them); shift - m cancels q exactly."""
+    cdef double q = th * inv_n, a, ae
+    cdef double r = (fma(-q, n, th) + tl) * inv_n
+    two_sum(shift, -m, &a, &ae)
+    return ((a + q) + ae) + r
 
 
 cdef void row_moments_half(const uint16_t* x, Py_ssize_t n, int kind, double* hi,
-                          double* lo, double* m2) noexcept nogil:
+                          double* lo, double* m2, double* sums) noexcept nogil:
     """core/moments.pxi's row_moments of a contiguous 16-bit row of n >= 1 elements, its
-    statements on block_moments_half: the bits of row_moments on the row's widened copy."""
-    cdef double count, bhi = 0.0, blo = 0.0, bm2 = 0.0
+    statements on block_moments_half: the bits of row_moments on the row's widened copy.
+
+    sums (unless NULL): Σ(x - x[0]) in two floats, sums[0] + sums[1], from the blocks' sums
+    (exact for 16-bit rows whose differences span under 53 bits): the mean to far finer than
+    hi + lo, which is good to 2^-53 of |lo| (the mean's distance from x[0], often a few
+    standard deviations); see mean_rest."""
+    cdef double count, bhi = 0.0, blo = 0.0, bm2 = 0.0, s = 0.0, th, tl = 0.0, d, dl, p, e
     cdef Py_ssize_t start, nb
     nb = n if n < BLOCK else BLOCK
-    block_moments_half(x, nb, kind, hi, lo, m2)
+    block_moments_half(x, nb, kind, hi, lo, m2, &s)
+    th = s
     count = <double>nb
     start = nb
     while start < n:
         nb = n - start if n - start < BLOCK else BLOCK
-        block_moments_half(x + start, nb, kind, &bhi, &blo, &bm2)
+        block_moments_half(x + start, nb, kind, &bhi, &blo, &bm2, &s)
         chan_merge(&count, lo, m2, <double>nb, (bhi - hi[0]) + blo, bm2)
+        if sums != NULL:
+            # the block's Σ(x - x[0]) = s + nb·(bhi - x[0]), into th + tl
+            two_sum(bhi, -hi[0], &d, &dl)
+            p = <double>nb * d
+            tl += fma(<double>nb, d, -p) + <double>nb * dl
+            two_sum(th, p, &th, &e)
+            tl += e
+            two_sum(th, s, &th, &e)
+            tl += e
         start += nb
+    if sums != NULL:
+        sums[0] = th
+        sums[1] = tl
 
 
 cdef inline void row_stats_half(const uint16_t* x, Py_ssize_t n, bint centred, int kind,
-                               double* hi, double* lo, double* m2) noexcept nogil:
+                               double* hi, double* lo, double* m2, double* sums) noexcept nogil:
     """core/rows.pxi's row_stats of a 16-bit row, widened in registers: the bits of row_stats
-    on the row's widened copy."""
+    on the row's widened copy; sums (unless NULL) as row_moments_half's, 0 uncentred."""
     cdef double s = 0.0
     if centred:
-        row_moments_half(x, n, kind, hi, lo, m2)
+        row_moments_half(x, n, kind, hi, lo, m2, sums)
     else:
         hi[0] = 0.0
         lo[0] = 0.0
+        if sums != NULL:
+            sums[0] = 0.0
+            sums[1] = 0.0
         cynorm_shifted_sums_half(x, n, 0.0, &s, m2, kind)   # square_sum's sums
 
 
@@ -176,7 +219,9 @@ cdef void half_norm_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssiz
     cdef float* ys = scratch + D
     cdef uint16_t* hs = <uint16_t*>(scratch + 2 * D)
     cdef Py_ssize_t i
-    cdef double hi, lo, mlo, m2, rsd
+    cdef double hi, lo, mlo = 0.0, m2, rsd, inv_d = 1.0 / D
+    cdef double sums[2]
+    cdef double* dsums = sums if b != NULL else NULL   # only a bias makes lanes redone
     cdef float mh, ml, rs
     cdef bint direct
     for i in range(r0, r1):
@@ -193,23 +238,27 @@ cdef void half_norm_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssiz
         hi = 0.0
         lo = 0.0
         m2 = 0.0
-        direct = False
+        # the statistics from the 16-bit row itself (x, or h with a residual: xs then holds
+        # its widened values, the same bits); a row that row_scale redoes scaled (its float32
+        # range left) from its float32 copy
         if res == NULL:
-            # the statistics from the 16-bit row itself (the float32 copy's bits); the copy
-            # only for a row that row_scale redoes scaled (its float32 range left)
-            row_stats_half(x + i * ldx, D, centred, kind, &hi, &lo, &m2)
+            row_stats_half(x + i * ldx, D, centred, kind, &hi, &lo, &m2, dsums)
             direct = not f32_rescaled(m2, D, eps)
             if not direct:
                 cynorm_widen_half(x + i * ldx, xs, D, kind)
         else:
-            row_stats(<const float*>xs, D, centred, &hi, &lo, &m2)
+            row_stats_half(hs if stream else h + i * ldh, D, centred, kind, &hi, &lo, &m2,
+                           dsums)
+            direct = False
         rsd = 1.0 / sqrt(m2 / D + eps)
         # the mean rounded to one float64 first (hi + lo, 0): an element equal to the mean
         # then gives 0, as the exact result does, and not lo's last bits, which bfloat16's
         # range would keep (a row's hi + lo may differ from the exact mean by 1e-21 of it).
-        # What the rounding left out, mlo, serves only the lanes redone in float64, where
-        # the bias cancels the product down to far below the mean's rounding.
-        mlo = (hi - (hi + lo)) + lo
+        # What the rounding left out, mlo (from row_moments_half's sums: far finer than
+        # lo), serves only the lanes redone in float64, where the bias cancels the product
+        # down to far below the mean's rounding; they come only with a bias.
+        if dsums != NULL:
+            mlo = mean_rest(hi, sums[0], sums[1], <double>D, inv_d, hi + lo)
         hi = hi + lo
         if row_scale(<const float*>xs, ys, D, w, b, eps, centred, hi, 0.0, m2, rsd,
                      mean + i if mean != NULL else NULL, rstd + i if rstd != NULL else NULL,

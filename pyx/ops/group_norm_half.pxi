@@ -75,7 +75,7 @@ cdef void group_half_first(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ssiz
             lo = 0.0
             m2 = 0.0
             if m == NULL:   # the unit's Cg·S elements as one row
-                row_moments_half(xg, Cg * S, kind, &hi, &lo, &m2)
+                row_moments_half(xg, Cg * S, kind, &hi, &lo, &m2, NULL)
                 cnt = <double>(Cg * S)
             else:
                 for c in range(Cg):

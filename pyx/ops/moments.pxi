@@ -18,7 +18,7 @@ cdef void moments_half_rows(const uint16_t* x, Py_ssize_t ld, Py_ssize_t r0, Py_
     cdef Py_ssize_t i
     for i in range(r0, r1):
         row_moments_half(x + i * ld, L, kind, &parts[3 * i], &parts[3 * i + 1],
-                         &parts[3 * i + 2])
+                         &parts[3 * i + 2], NULL)
 
 
 cdef double merge_row_parts(const double* parts, Py_ssize_t M, Py_ssize_t L, Py_ssize_t C,
