@@ -1,5 +1,7 @@
 """Shared fixtures: fresh random data, the float64 references, torch (optional or required)."""
 import os
+from decimal import Decimal, localcontext
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -253,6 +255,39 @@ def check_half(y, ref, dt, slack=None):
     out = np.maximum(below, above)
     assert out.max() <= 0, (f"{int(out.max())} ulps beyond the bound at "
                             f"{np.unravel_index(out.argmax(), out.shape)}")
+
+
+def exact_norm(row, w, b, js, eps=1e-5):
+    """The normalized row (x - mean) / sqrt(var + eps) * w + b at the elements js (w, b: per
+    element of the row), in exact rational arithmetic (the square root to 60 digits), rounded
+    once to float64."""
+    xs = [Fraction(float(v)) for v in row]
+    mean = sum(xs) / len(xs)
+    var = sum((v - mean) ** 2 for v in xs) / len(xs) + Fraction(eps)
+    with localcontext() as ctx:
+        ctx.prec = 60
+        rstd = 1 / (Decimal(var.numerator) / Decimal(var.denominator)).sqrt()
+        d = [xs[j] - mean for j in js]
+        return np.array([float(Decimal(e.numerator) / Decimal(e.denominator) * rstd
+                               * Decimal(float(w[j])) + Decimal(float(b[j])))
+                         for e, j in zip(d, js)])
+
+
+def mean_beside_150(rng, shape):
+    """Rows (the last axis, D long) of integers 150 ± 30 whose first element is 100 and whose
+    mean is 150 + 1/D: elements equal to 150 lie 1/D from the mean, which lies 50 from the
+    first element (the shift of the kernels' sums; under two standard deviations, so that
+    their M2 keeps its accuracy).  float64, exact in float16 and bfloat16."""
+    D = shape[-1]
+    x = np.clip(np.round(150 + 30 * rng.standard_normal(shape)), 60, 240)
+    x[..., 0] = 100
+    for row in x.reshape(-1, D):   # the sum to 150 D + 1 by unit steps after the first
+        steps = int(150 * D + 1 - row.sum())
+        every, some = divmod(abs(steps), D - 1)
+        row[1:] += every * np.sign(steps)
+        row[1 + rng.choice(D - 1, some, replace=False)] += np.sign(steps)
+    assert (x.sum(-1) == 150 * D + 1).all()
+    return x
 
 
 def same_gradients_as_torch(torch, ours, theirs, w_atol):

@@ -4,15 +4,13 @@ policy and torch's half tensors.  Each output element is within one unit in the 
 the correctly rounded float64 reference computed from the same 16-bit input.  BatchNorm's and
 the group norms' forward: test_half_batch_norm.py, test_half_group_norm.py; every backward:
 test_half_backward.py."""
-from decimal import Decimal, localcontext
-from fractions import Fraction
-
 import numpy as np
 import pytest
 
 import cynorm
-from conftest import (HALVES, at_phase, bfloat16_or_skip, check_half, half_data, half_dtype,
-                      half_params, reference_norm, reference_rms, same_gradients_as_torch)
+from conftest import (HALVES, at_phase, bfloat16_or_skip, check_half, exact_norm, half_data,
+                      half_dtype, half_params, mean_beside_150, reference_norm, reference_rms,
+                      same_gradients_as_torch)
 
 
 def _ref(op, x, D, w=None, b=None, eps=None):
@@ -65,45 +63,25 @@ def test_bias_cancelling_the_product(rng, name, D):
     check_half(cynorm.layer_norm(x, D, w, b, out=out), ref, dt, slack)
 
 
-def _exact_layer_norm(row, w, b, js, eps=1e-5):
-    """LayerNorm of one row at the elements js, in exact rational arithmetic (the square root
-    to 60 digits), rounded once to float64."""
-    xs = [Fraction(float(v)) for v in row]
-    mean = sum(xs) / len(xs)
-    var = sum((v - mean) ** 2 for v in xs) / len(xs) + Fraction(eps)
-    with localcontext() as ctx:
-        ctx.prec = 60
-        rstd = 1 / (Decimal(var.numerator) / Decimal(var.denominator)).sqrt()
-        return np.array([float(Decimal((xs[j] - mean).numerator)
-                               / Decimal((xs[j] - mean).denominator) * rstd
-                               * Decimal(float(w[j])) + Decimal(float(b[j]))) for j in js])
-
-
 @pytest.mark.parametrize("D", [2000, 5000])
 def test_cancelling_bias_next_to_a_mean_far_from_the_first_element(rng, D):
     """Elements next to the mean (150 + 1/D) whose bias cancels most of the product, in rows
     whose first element (100) lies far from the mean, one block and several: the float64 redo
     needs the mean to far finer than 2^-53 of its distance from x[0] (row_moments_half's
-    rest), or these outputs move by several ulps.  Against exact arithmetic; the residual
+    sums), or these outputs move by several ulps.  Against exact arithmetic; the residual
     form (a zero residual) reads its statistics from h and must give the same bits.  bfloat16
     only: float16 cannot hold outputs this small."""
     dt = bfloat16_or_skip()
-    x = np.clip(np.round(150 + 3 * rng.standard_normal((4, D))), 140, 160)
-    x[:, 0] = 100
-    for row in x:   # the sum to 150 D + 1 by unit steps on elements other than the first
-        steps = int(150 * D + 1 - row.sum())
-        row[1 + rng.choice(D - 1, abs(steps), replace=False)] += np.sign(steps)
-    assert (x.sum(-1) == 150 * D + 1).all()
-    x = x.astype(dt)   # integers up to 161: exact in bfloat16
+    x = mean_beside_150(rng, (4, D)).astype(dt)
     w = rng.uniform(0.5, 2.0, D).astype(np.float32)
     b = rng.standard_normal((4, D)).astype(np.float32)
     js = [np.nonzero(row == 150)[0] for row in x.astype(np.float64)]
     for i in range(4):   # minus the product to float32: exact's last bits remain
-        b[i, js[i]] = -_exact_layer_norm(x[i].astype(np.float64), w, 0 * w, js[i])
+        b[i, js[i]] = -exact_norm(x[i].astype(np.float64), w, 0 * w, js[i])
     for i in range(4):
         bi = b[i]
         y = cynorm.layer_norm(x[i:i + 1], D, w, bi)[0]
-        want = _exact_layer_norm(x[i].astype(np.float64), w, bi, js[i])
+        want = exact_norm(x[i].astype(np.float64), w, bi, js[i])
         assert np.median(np.abs(want)) < 2.0 ** -20 * np.median(np.abs(bi[js[i]]))
         check_half(y[js[i]], want, dt, 2.0 ** -49 * np.abs(bi[js[i]]))   # 2^-50 of the terms
         h = cynorm.add_layer_norm(x[i:i + 1], np.zeros_like(x[i:i + 1]), D, w, bi)[0][0]

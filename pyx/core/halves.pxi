@@ -465,7 +465,8 @@ cdef double SPREAD_NOISE = 8.881784197001252e-16   # 2^-50
 cdef void half_affine_params(const double* st, double var_scale, const float* w,
                              const float* b, double eps, Py_ssize_t C, Py_ssize_t L,
                              double* params, double* rstd=NULL, Py_ssize_t per=1,
-                             Py_ssize_t c0=0, Py_ssize_t c1=-1) noexcept nogil:
+                             Py_ssize_t c0=0, Py_ssize_t c1=-1,
+                             const double* rest=NULL) noexcept nogil:
     """params (3, C·L) float64, m, s, t of each feature repeated L times: m = the mean (hi +
     lo) rounded to one float64, s = w / sqrt(var + eps) (NaN where var + eps is 0 or var is
     not finite, as feature_params), t = b - mlo * s (mlo what the rounding of m left out:
@@ -475,7 +476,9 @@ cdef void half_affine_params(const double* st, double var_scale, const float* w,
     b); then (3, C·L) float32,
     feature_params' m_hi, scale and shift of m: HALF_PARAM_ROWS rows.
     rstd (unless NULL): 1 / sqrt(var + eps) of feature c into rstd[c // per] (the group
-    norms' per-group rstd).  Features c0..c1 only (c1 -1: to C)."""
+    norms' per-group rstd).  Features c0..c1 only (c1 -1: to C).  rest (unless NULL): mlo of
+    feature c given exactly, at rest[c // per] (mean_rest's, from the sums of a 16-bit row),
+    taken as it is: it carries no noise to leave out."""
     cdef Py_ssize_t c, k, j, n, P = C * L
     cdef int r
     cdef double var, mlo, mn = MEAN_NOISE, sn = SPREAD_NOISE
@@ -505,7 +508,10 @@ cdef void half_affine_params(const double* st, double var_scale, const float* w,
             ms[k] = st[c + k] + st[C + c + k]
             ts[k] = (st[c + k] - ms[k]) + st[C + c + k]
             nz = nz | (ts[k] != 0.0)
-        if nz:   # (none where each mean is one float64, as running means are)
+        if rest != NULL:
+            for k in range(n):
+                ts[k] = rest[(c + k) // per]
+        elif nz:   # (none where each mean is one float64, as running means are)
             for k in range(n):
                 var = st[2 * C + c + k] * var_scale
                 # below these, the statistics' own last bits, not a remainder of the mean

@@ -15,12 +15,13 @@ cdef void zero_padding_half(uint16_t* y, Py_ssize_t S, const unsigned char* m) n
 
 cdef void half_params(double* st, Py_ssize_t NG, Py_ssize_t n, Py_ssize_t G, Py_ssize_t g0,
                       Py_ssize_t g1, Py_ssize_t Cg, const float* w, const float* b, double eps,
-                      double* work) noexcept nogil:
+                      bint rests, double* work) noexcept nogil:
     """Groups g0..g1 of sample n: their mean and rstd into st's rows 4 and 5 (NaN without a
     real position), and the 16-bit affine's parameters of their channels into work: (3, F)
     doubles of statistics (each channel's group mean as hi + lo, its variance), then
     half_affine_params' (3, F) doubles and (HALF_PARAM_ROWS, F) floats (F = (g1 - g0)·Cg
-    channels from channel g0·Cg)."""
+    channels from channel g0·Cg).  rests: st's row 4 holds each group's exact mlo
+    (group_half_first's), read before the means are written there."""
     cdef Py_ssize_t F = (g1 - g0) * Cg, g, c, u
     cdef double count, var
     for g in range(g0, g1):
@@ -31,14 +32,16 @@ cdef void half_params(double* st, Py_ssize_t NG, Py_ssize_t n, Py_ssize_t G, Py_
             work[c] = st[NG + u]
             work[F + c] = st[2 * NG + u]
             work[2 * F + c] = var
-        st[4 * NG + u] = st[NG + u] + st[2 * NG + u] if count > 0 else NAN
     # st's rstd row from there, the roots taken once
     half_affine_params(work, 1.0, w + g0 * Cg if w != NULL else NULL,
                        b + g0 * Cg if b != NULL else NULL, eps, F, 1, work + 3 * F,
-                       st + 5 * NG + n * G + g0, Cg)
+                       st + 5 * NG + n * G + g0, Cg, 0, -1,
+                       st + 4 * NG + n * G + g0 if rests else NULL)
     for g in range(g0, g1):
-        if not st[n * G + g] > 0:
-            st[5 * NG + n * G + g] = NAN
+        u = n * G + g
+        st[4 * NG + u] = st[NG + u] + st[2 * NG + u] if st[u] > 0 else NAN
+        if not st[u] > 0:
+            st[5 * NG + u] = NAN
 
 
 cdef inline Py_ssize_t half_group_batch(Py_ssize_t Cg, Py_ssize_t S,
@@ -66,6 +69,7 @@ cdef void group_half_first(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ssiz
     cdef const uint16_t* xg
     cdef const unsigned char* m = mask + n * S if mask != NULL else NULL
     cdef double cnt, hi, lo, m2
+    cdef double sums[2]
     if not given:
         for g in range(g0, g1):
             u = n * G + g
@@ -75,8 +79,10 @@ cdef void group_half_first(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ssiz
             lo = 0.0
             m2 = 0.0
             if m == NULL:   # the unit's Cg·S elements as one row
-                row_moments_half(xg, Cg * S, kind, &hi, &lo, &m2, NULL)
+                row_moments_half(xg, Cg * S, kind, &hi, &lo, &m2, sums)
                 cnt = <double>(Cg * S)
+                # the mean's exact rest (core/halves.pxi), held in row 4 for half_params
+                st[4 * NG + u] = mean_rest(hi, sums[0], sums[1], cnt, 1.0 / cnt, hi + lo)
             else:
                 for c in range(Cg):
                     cynorm_widen_half(xg + c * S, scratch, S, kind)
@@ -85,7 +91,7 @@ cdef void group_half_first(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ssiz
             st[NG + u] = hi
             st[2 * NG + u] = lo
             st[3 * NG + u] = m2
-    half_params(st, NG, n, G, g0, g1, Cg, w, b, eps, work)
+    half_params(st, NG, n, G, g0, g1, Cg, w, b, eps, not given and m == NULL, work)
     half_affine_rows(xb, S, yb, S, 0, F, S, True, work + 3 * F, F, NULL, False, scratch, kind)
     if m != NULL:
         for c in range(F):
@@ -123,7 +129,7 @@ cdef void group_half_last(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ssize
             for c in range(g * Cg, (g + 1) * Cg):
                 merge_one(&st[u], &st[NG + u], &st[2 * NG + u], &st[3 * NG + u], cnt, hi[c],
                           lo[c], m2[c])
-    half_params(st, NG, n, G, 0, G, Cg, w, b, eps, par)
+    half_params(st, NG, n, G, 0, G, Cg, w, b, eps, False, par)
     half_affine_rows(xn, C, yn, C, 0, S, C, False, par + 3 * C, C, m, write_padding, scratch,
                      kind)
 
