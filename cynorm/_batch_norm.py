@@ -186,9 +186,12 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         if return_stats:
             return y, rm.astype(np.float64), _invstd(rv.astype(np.float64), eps)
         return y
+    rest = None
     if training:
+        if half >= 0 and by_rows:   # the means' exact remainders, for the 16-bit output
+            rest = np.empty(C)
         count, stats = _feature_moments(x, rows, cols, C, by_rows, n_threads, row_mask,
-                                        fast=True, half=half)
+                                        fast=True, half=half, rest=rest)
         scaled = None
         if count < 0:  # statistics beyond the float range: those features redone scaled
             count = -count
@@ -212,7 +215,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         var_scale = 1.0
     if x16 is not None:
         y = _apply_half(x16, shape, rows, cols, by_rows, half, stats, var_scale, w, b, eps,
-                        n_threads, out, row_mask)
+                        n_threads, out, row_mask, rest)
     else:
         y = _apply_stats(x, shape, rows, cols, by_rows, cdt, rdt, stats, var_scale, w, b, eps,
                          n_threads, out, row_mask)
@@ -271,18 +274,20 @@ def _layout(A, C, L):
     return A, C * L, False
 
 
-def _feature_moments(x, rows, cols, C, by_rows, n_threads, row_mask=None, fast=False, half=-1):
+def _feature_moments(x, rows, cols, C, by_rows, n_threads, row_mask=None, fast=False, half=-1,
+                     rest=None):
     """(count, stats) per feature of x laid out as _layout says: stats (3, C) float64 holds
     the mean as hi + lo (hi carries the magnitude, lo the remainder; see pyx/core/moments.pxi)
     and M2.  A negative count says some M2 is not finite (overflow, or inf / NaN in x).
     fast: float32 columns summed in float32 groups, M2 to about 1e-7 relative (enough for a
     float32 output; the moments API and the scaler keep float64 sums).  half: x is 16-bit
-    (that kind), widened to float32 in the kernel as it is read.
+    (that kind), widened to float32 in the kernel as it is read.  rest ((C,) float64, 16-bit
+    x by rows): filled with each feature's exact mean remainder, for _apply_half.
     """
     stats = np.empty((3, C))
     rows_per_block = max(8, min(1024, COLUMN_BLOCK_BYTES // (cols * x.itemsize)))
     n = _kernels.feature_moments(x, rows, cols, C, by_rows, stats, n_threads, rows_per_block,
-                                 row_mask, fast, half)
+                                 row_mask, fast, half, rest)
     return n, stats
 
 
@@ -353,16 +358,16 @@ def _apply_stats(x, shape, rows, cols, by_rows, cdt, rdt, stats, var_scale, w, b
 
 
 def _apply_half(x, shape, rows, cols, by_rows, kind, stats, var_scale, w, b, eps, n_threads,
-                out=None, row_mask=None):
+                out=None, row_mask=None, rest=None):
     """_apply_stats for 16-bit x (float16, bfloat16: kind), read and written by the kernels in
     its own dtype (core/halves.pxi's affine_half: its parameters made there from the float64
-    statistics)."""
+    statistics; rest: _feature_moments' exact mean remainders, or None)."""
     rdt = x.dtype
     x = _kernel_input(x, rdt, rows, cols)
     y, result, write_padding = _output(x, shape, rows, cols, rdt, rdt, out, (),
                                        row_mask is not None)
     _kernels.affine_half(x, y, rows, cols, by_rows, stats, var_scale, w, b, eps, kind,
-                         n_threads, row_mask, write_padding)
+                         n_threads, row_mask, write_padding, rest)
     return _finish(y, result, shape, rdt, out)
 
 

@@ -33,11 +33,12 @@ def affine_half(
     x: NDArray[np.generic], y: NDArray[np.generic], rows: int, cols: int, by_rows: bool,
     stats: _F64, var_scale: float, weight: NDArray[np.float32] | None,
     bias: NDArray[np.float32] | None, eps: float, kind: int, n_threads: int,
-    mask: _Mask | None = None, write_padding: bool = True,
+    mask: _Mask | None = None, write_padding: bool = True, rest: _F64 | None = None,
 ) -> None: ...  # BatchNorm's output on 16-bit x, y (kind: HALF_FLOAT16 / _BFLOAT16)
 def feature_moments(
     x: _F, rows: int, cols: int, C: int, by_rows: bool, stats: _F64, n_threads: int,
     rows_per_block: int = 64, mask: _Mask | None = None, fast: bool = False, half: int = -1,
+    rest: _F64 | None = None,
 ) -> float: ...  # returns the count (double)
 def batch_norm_params(
     stats: _F64, var_scale: float, weight: _F | None, bias: _F | None, eps: float, params: _F

@@ -1,4 +1,5 @@
 """Shared fixtures: fresh random data, the float64 references, torch (optional or required)."""
+import functools
 import os
 from decimal import Decimal, localcontext
 from fractions import Fraction
@@ -257,17 +258,27 @@ def check_half(y, ref, dt, slack=None):
                             f"{np.unravel_index(out.argmax(), out.shape)}")
 
 
-def exact_norm(row, w, b, js, eps=1e-5):
-    """The normalized row (x - mean) / sqrt(var + eps) * w + b at the elements js (w, b: per
-    element of the row), in exact rational arithmetic (the square root to 60 digits), rounded
-    once to float64."""
-    xs = [Fraction(float(v)) for v in row]
+@functools.lru_cache(maxsize=64)
+def _exact_stats(data, eps):
+    """The exact mean (a fraction) and 1 / sqrt(var + eps) (60 digits) of the float64 row
+    whose bytes are data."""
+    xs = [Fraction(v) for v in np.frombuffer(data, np.float64).tolist()]
     mean = sum(xs) / len(xs)
     var = sum((v - mean) ** 2 for v in xs) / len(xs) + Fraction(eps)
     with localcontext() as ctx:
         ctx.prec = 60
-        rstd = 1 / (Decimal(var.numerator) / Decimal(var.denominator)).sqrt()
-        d = [xs[j] - mean for j in js]
+        return mean, 1 / (Decimal(var.numerator) / Decimal(var.denominator)).sqrt()
+
+
+def exact_norm(row, w, b, js, eps=1e-5):
+    """The normalized row (x - mean) / sqrt(var + eps) * w + b at the elements js (w, b: per
+    element of the row), in exact rational arithmetic (the square root to 60 digits), rounded
+    once to float64."""
+    row = np.ascontiguousarray(row, np.float64)
+    mean, rstd = _exact_stats(row.tobytes(), eps)
+    with localcontext() as ctx:
+        ctx.prec = 60
+        d = [Fraction(float(row[j])) - mean for j in js]
         return np.array([float(Decimal(e.numerator) / Decimal(e.denominator) * rstd
                                * Decimal(float(w[j])) + Decimal(float(b[j])))
                          for e, j in zip(d, js)])
@@ -288,6 +299,27 @@ def mean_beside_150(rng, shape):
         row[1 + rng.choice(D - 1, some, replace=False)] += np.sign(steps)
     assert (x.sum(-1) == 150 * D + 1).all()
     return x
+
+
+def deep_cancelling_params(rng, units, at):
+    """Per channel c, whose normalized elements are the float64 row units[c] and whose output
+    is checked at units[c][at[c]]: the weight, of 4096 drawn, whose product float32 holds
+    best, the bias minus that product to float32 (so that the output is cancelled to some
+    2^-37 of its terms; float64 resolves 2^-44), and the exact output there (exact_norm).
+    Returns (w, b, want)."""
+    def exact(c, weight, bias):
+        n = units[c].size
+        return exact_norm(units[c], np.full(n, weight), np.full(n, bias), [at[c]])[0]
+
+    C = len(units)
+    k = np.array([exact(c, 1.0, 0.0) for c in range(C)])
+    cand = rng.uniform(0.5, 2.0, 4096).astype(np.float32)
+    p = k[:, None] * cand.astype(np.float64)
+    w = cand[np.argmin(np.abs(p - p.astype(np.float32)) / np.abs(p), axis=1)]
+    b = np.array([-exact(c, w[c], 0.0) for c in range(C)], np.float32)
+    want = np.array([exact(c, w[c], b[c]) for c in range(C)])
+    assert np.median(np.abs(want)) < 2.0 ** -30 * np.median(np.abs(b))
+    return w, b, want
 
 
 def same_gradients_as_torch(torch, ours, theirs, w_atol):

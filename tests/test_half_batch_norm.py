@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import cynorm
-from conftest import HALVES, at_phase, check_half, half_data, half_dtype, half_params, ulps16
+from conftest import (HALVES, at_phase, bfloat16_or_skip, check_half, deep_cancelling_params,
+                      half_data, half_dtype, half_params, mean_beside_150, ulps16)
 
 
 def _bn_ref(x64, ax, mean, var, w=None, b=None, eps=1e-5):
@@ -63,6 +64,27 @@ def test_batch_norm_bias_cancelling_the_product(rng, name, shape, axis):
     ref = _bn_ref(x64, axis, rm.astype(np.float64), rv.astype(np.float64), w, b)
     assert np.median(np.abs(ref[0].reshape(C, -1)[:, 0])) < 1e-4 * np.median(np.abs(b))
     check_half(cynorm.batch_norm(x, rm, rv, w, b, False, axis=axis), ref, dt)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batch_norm_training_cancelling_bias_next_to_a_mean_far_from_the_first_element(
+        rng, threads):
+    """Training-mode BatchNorm of (N, C, L) with long L (the features by rows, merged over
+    the batch) on rows whose mean (150 + 1/L) lies 50 from each feature's first element, each
+    feature's bias minus the product at one element equal to 150: those outputs, far smaller
+    than their terms, need the mean to far finer than one float64 (feature_moments' rest).
+    Against exact arithmetic (as test_half_precision.py's LayerNorm case)."""
+    dt = bfloat16_or_skip()
+    N, C, L = 3, 16, 2000
+    x = mean_beside_150(rng, (N, C, L)).astype(dt)
+    x64 = x.astype(np.float64)
+    units = [x64[:, c].reshape(-1) for c in range(C)]   # feature c's N·L elements
+    at = [int(np.nonzero(x64[1, c] == 150)[0][0]) + L for c in range(C)]   # in sample 1
+    w, b, want = deep_cancelling_params(rng, units, at)
+    with cynorm.num_threads(threads):
+        y = cynorm.batch_norm(x, None, None, w, b, True)
+    got = np.array([y[1, c, at[c] - L] for c in range(C)], dt)
+    check_half(got, want, dt, 2.0 ** -49 * np.abs(b))   # 2^-50 of the terms
 
 
 @pytest.mark.parametrize("name", HALVES)

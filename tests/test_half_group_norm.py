@@ -6,8 +6,8 @@ import pytest
 
 import cynorm
 from conftest import (HALVES, at_phase, bfloat16_or_skip, check_half, correctly_rounded,
-                      exact_norm, half_data, half_dtype, half_params, mean_beside_150,
-                      same_gradients_as_torch, ulps16)
+                      deep_cancelling_params, half_data, half_dtype, half_params,
+                      mean_beside_150, same_gradients_as_torch, ulps16)
 
 
 def _gn_ref(x64, G, w=None, b=None, eps=1e-5, mean=None, var=None):
@@ -147,23 +147,10 @@ def test_cancelling_bias_next_to_a_mean_far_from_the_first_element(rng, G):
     N, C, S = 2, 32, 2000
     x = mean_beside_150(rng, (N, C, S)).astype(dt)
     x64 = x.astype(np.float64)
-    unit = x64[0].reshape(G, -1)   # sample 0's groups as rows: channel c is in row c // Cg
     Cg = C // G
+    units = [x64[0].reshape(G, -1)[c // Cg] for c in range(C)]   # channel c's group of sample 0
     at = [(c % Cg) * S + int(np.nonzero(x64[0, c] == 150)[0][0]) for c in range(C)]
-
-    def exact(c, weight, bias):
-        row = unit[c // Cg]
-        return exact_norm(row, np.full(row.size, weight), np.full(row.size, bias), [at[c]])[0]
-
-    # each channel's weight, of 4096 drawn, the one whose product float32 holds best: its
-    # bias then cancels it to some 2^-37 of it (float64 resolves 2^-44)
-    k = np.array([exact(c, 1.0, 0.0) for c in range(C)])
-    cand = rng.uniform(0.5, 2.0, 4096).astype(np.float32)
-    p = k[:, None] * cand.astype(np.float64)
-    w = cand[np.argmin(np.abs(p - p.astype(np.float32)) / np.abs(p), axis=1)]
-    b = np.array([-exact(c, w[c], 0.0) for c in range(C)], np.float32)
-    want = np.array([exact(c, w[c], b[c]) for c in range(C)])
-    assert np.median(np.abs(want)) < 2.0 ** -30 * np.median(np.abs(b))
+    w, b, want = deep_cancelling_params(rng, units, at)
     y = (cynorm.instance_norm(x, None, None, w, b, use_input_stats=True) if G == C
          else cynorm.group_norm(x, G, w, b))
     got = np.array([y[0, c].reshape(-1)[at[c] % S] for c in range(C)], dt)

@@ -106,6 +106,19 @@ cdef inline double mean_rest(double shift, double th, double tl, double n, doubl
     return ((a + q) + ae) + r
 
 
+cdef inline void add_part_sum(double* th, double* tl, double s, double s_lo, double count,
+                              double shift, double base) noexcept nogil:
+    """A part's sum of differences from its own shift, s + s_lo over count elements, added to
+    th + tl, a sum of differences from base: s + s_lo + count·(shift - base), in two floats
+    (exact while the sums stay within 53 bits, as 16-bit data's do)."""
+    cdef double d, dl, p, u, ue, e
+    two_sum(shift, -base, &d, &dl)
+    p = count * d
+    two_sum(p, s, &u, &ue)   # the part's own terms first: one addition on th's chain
+    two_sum(th[0], u, th, &e)
+    tl[0] += ((fma(count, d, -p) + count * dl) + s_lo + ue) + e
+
+
 cdef void row_moments_half(const uint16_t* x, Py_ssize_t n, int kind, double* hi,
                           double* lo, double* m2, double* sums) noexcept nogil:
     """core/moments.pxi's row_moments of a contiguous 16-bit row of n >= 1 elements, its
@@ -115,7 +128,7 @@ cdef void row_moments_half(const uint16_t* x, Py_ssize_t n, int kind, double* hi
     (exact for 16-bit rows whose differences span under 53 bits): the mean to far finer than
     hi + lo, which is good to 2^-53 of |lo| (the mean's distance from x[0], often a few
     standard deviations); see mean_rest."""
-    cdef double count, bhi = 0.0, blo = 0.0, bm2 = 0.0, s = 0.0, th, tl = 0.0, d, dl, p, e
+    cdef double count, bhi = 0.0, blo = 0.0, bm2 = 0.0, s = 0.0, th, tl = 0.0
     cdef Py_ssize_t start, nb
     nb = n if n < BLOCK else BLOCK
     block_moments_half(x, nb, kind, hi, lo, m2, &s)
@@ -127,14 +140,7 @@ cdef void row_moments_half(const uint16_t* x, Py_ssize_t n, int kind, double* hi
         block_moments_half(x + start, nb, kind, &bhi, &blo, &bm2, &s)
         chan_merge(&count, lo, m2, <double>nb, (bhi - hi[0]) + blo, bm2)
         if sums != NULL:
-            # the block's Σ(x - x[0]) = s + nb·(bhi - x[0]), into th + tl
-            two_sum(bhi, -hi[0], &d, &dl)
-            p = <double>nb * d
-            tl += fma(<double>nb, d, -p) + <double>nb * dl
-            two_sum(th, p, &th, &e)
-            tl += e
-            two_sum(th, s, &th, &e)
-            tl += e
+            add_part_sum(&th, &tl, s, 0.0, <double>nb, bhi, hi[0])
         start += nb
     if sums != NULL:
         sums[0] = th
@@ -556,15 +562,15 @@ cdef void half_affine_columns(const double* st, double var_scale, const float* w
                               const float* b, double eps, Py_ssize_t C, double* params,
                               const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssize_t ldy,
                               Py_ssize_t rows, const unsigned char* mask, bint write_padding,
-                              float* scratch, int kind, Py_ssize_t c0,
-                              Py_ssize_t c1) noexcept nogil:
+                              float* scratch, int kind, Py_ssize_t c0, Py_ssize_t c1,
+                              const double* rest) noexcept nogil:
     """Features c0..c1 of the one-feature-a-column layout (cols == C), HALF_COLUMN_BLOCK at a
     time: the block's parameters (half_affine_params), then its columns down every row
     (half_affine_rows) while they are still in L1."""
     cdef Py_ssize_t a = c0, e
     while a < c1:
         e = a + HALF_COLUMN_BLOCK if c1 - a > HALF_COLUMN_BLOCK else c1
-        half_affine_params(st, var_scale, w, b, eps, C, 1, params, NULL, 1, a, e)
+        half_affine_params(st, var_scale, w, b, eps, C, 1, params, NULL, 1, a, e, rest)
         half_affine_rows(x, ldx, y, ldy, 0, rows, C, False, params, C, mask, write_padding,
                          scratch, kind, a, e)
         a = e
@@ -573,17 +579,20 @@ cdef void half_affine_columns(const double* st, double var_scale, const float* w
 def affine_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t cols, bint by_rows,
                 cnp.ndarray stats, double var_scale, cnp.ndarray weight, cnp.ndarray bias,
                 double eps, int kind, int n_threads, cnp.ndarray mask=None,
-                bint write_padding=True):
+                bint write_padding=True, cnp.ndarray rest=None):
     """BatchNorm's output on 16-bit x and y seen as (rows, cols) (float16: kind HALF_F16,
     bfloat16: HALF_BF16): y = (x - mean) * weight / sqrt(var + eps) + bias per feature, in
     float64, from stats (3, C) float64 (the mean as hi + lo, the variance times
     1 / var_scale) and float32 weight and bias (or None).  Features laid out as in
-    feature_moments: by_rows, row i is feature i % C; else column j is feature j // (cols / C)."""
+    feature_moments: by_rows, row i is feature i % C; else column j is feature j // (cols / C).
+    rest (C,) float64 or None: each feature's exact mean remainder (feature_moments'), used
+    as it is by the float64 redo instead of the thresholded one made from stats."""
     cdef Py_ssize_t C = cnp.PyArray_SIZE(stats) // 3, t
     cdef Py_ssize_t ldx = row_stride(x, rows, cols, False), ldy = row_stride(y, rows, cols, True)
     cdef Py_ssize_t L = 1 if by_rows or C == 0 else cols // C, P
     cdef const unsigned char* mk = mask_data(mask, rows)
     cdef double* st = float64_data(stats, 3 * C, False)
+    cdef const double* rp = float64_data(rest, C, False)
     cdef const float* w = <const float*>optional_data(weight, C, 1)
     cdef const float* b = <const float*>optional_data(bias, C, 1)
     cdef int T = max(1, n_threads)
@@ -617,19 +626,19 @@ def affine_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t rows, Py_ssize_t cols, 
                                             <const uint16_t*>cnp.PyArray_DATA(x), ldx,
                                             <uint16_t*>cnp.PyArray_DATA(y), ldy, rows, mk,
                                             write_padding, scratch + t * AFFINE_CHUNK, kind,
-                                            c0, c1)
+                                            c0, c1, rp)
             elif T <= 1 and not by_rows and L == 1:
                 half_affine_columns(st, var_scale, w, b, eps, C, params,
                                     <const uint16_t*>cnp.PyArray_DATA(x), ldx,
                                     <uint16_t*>cnp.PyArray_DATA(y), ldy, rows, mk,
-                                    write_padding, scratch, kind, 0, C)
+                                    write_padding, scratch, kind, 0, C, rp)
             elif T <= 1:
-                half_affine_params(st, var_scale, w, b, eps, C, L, params)
+                half_affine_params(st, var_scale, w, b, eps, C, L, params, NULL, 1, 0, -1, rp)
                 half_affine_rows(<const uint16_t*>cnp.PyArray_DATA(x), ldx,
                                  <uint16_t*>cnp.PyArray_DATA(y), ldy, 0, rows, cols, by_rows,
                                  params, P, mk, write_padding, scratch, kind)
             else:
-                half_affine_params(st, var_scale, w, b, eps, C, L, params)
+                half_affine_params(st, var_scale, w, b, eps, C, L, params, NULL, 1, 0, -1, rp)
                 for t in prange(T, num_threads=T, schedule="static", chunksize=1):
                     half_affine_rows(<const uint16_t*>cnp.PyArray_DATA(x), ldx,
                                      <uint16_t*>cnp.PyArray_DATA(y), ldy, chunk(rows, t, T),

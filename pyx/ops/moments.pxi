@@ -11,14 +11,36 @@ cdef void moments_rows(const floating* x, Py_ssize_t ld, Py_ssize_t r0, Py_ssize
 
 
 cdef void moments_half_rows(const uint16_t* x, Py_ssize_t ld, Py_ssize_t r0, Py_ssize_t r1,
-                            Py_ssize_t L, double* parts, float* scratch,
-                            int kind) noexcept nogil:
+                            Py_ssize_t L, double* parts, double* sums, int kind) noexcept nogil:
     """moments_rows of 16-bit rows (kind: core/halves.pxi's), widened in registers
-    (row_moments_half): the moments of a float32 copy's rows, to the bit."""
+    (row_moments_half): the moments of a float32 copy's rows, to the bit.  sums (unless
+    NULL): each row's exact sum of differences from its first element, two floats a row."""
     cdef Py_ssize_t i
     for i in range(r0, r1):
         row_moments_half(x + i * ld, L, kind, &parts[3 * i], &parts[3 * i + 1],
-                         &parts[3 * i + 2], NULL)
+                         &parts[3 * i + 2], &sums[2 * i] if sums != NULL else NULL)
+
+
+cdef void row_mean_rests(const double* parts, const double* sums, Py_ssize_t M, Py_ssize_t L,
+                         Py_ssize_t C, const double* stats, double* acc,
+                         double* rest) noexcept nogil:
+    """Each feature's exact mean remainder (core/halves.pxi's mean_rest) from its rows' exact
+    sums: Σx = Σ(sums + L·x[0]) added in two floats per feature (acc: 2·C doubles), the
+    features inner (independent additions)."""
+    cdef Py_ssize_t a, c, i
+    cdef double n = <double>((M // C) * L), p, u, ue, e
+    memset(acc, 0, 2 * C * sizeof(double))
+    for a in range(M // C):
+        for c in range(C):
+            # the row's Σx = its sums + L·x[0] (the product exact: x[0] is 16-bit)
+            i = a * C + c
+            p = <double>L * parts[3 * i]
+            two_sum(p, sums[2 * i], &u, &ue)
+            two_sum(acc[2 * c], u, &acc[2 * c], &e)
+            acc[2 * c + 1] += (sums[2 * i + 1] + ue) + e
+    for c in range(C):
+        rest[c] = mean_rest(0.0, acc[2 * c], acc[2 * c + 1], n, 1.0 / n,
+                            stats[c] + stats[C + c])
 
 
 cdef double merge_row_parts(const double* parts, Py_ssize_t M, Py_ssize_t L, Py_ssize_t C,
@@ -50,17 +72,25 @@ cdef double _row_feature_moments(const floating* x, Py_ssize_t ld, Py_ssize_t M,
 
 
 cdef double _half_row_feature_moments(const uint16_t* x, Py_ssize_t ld, Py_ssize_t M,
-                                      Py_ssize_t L, Py_ssize_t C, double* parts, double* stats,
-                                      float* scratch, int kind, int n_threads) noexcept nogil:
-    """_row_feature_moments of 16-bit rows (scratch: L floats per thread)."""
+                                      Py_ssize_t L, Py_ssize_t C, double* parts, double* sums,
+                                      double* stats, double* rest, int kind,
+                                      int n_threads) noexcept nogil:
+    """_row_feature_moments of 16-bit rows; with rest (and sums: 2·M + 2·C doubles), each
+    feature's exact mean remainder too (row_mean_rests)."""
     cdef Py_ssize_t t
+    cdef double n
+    if rest == NULL:
+        sums = NULL
     if n_threads <= 1:
-        moments_half_rows(x, ld, 0, M, L, parts, scratch, kind)
+        moments_half_rows(x, ld, 0, M, L, parts, sums, kind)
     else:
         for t in prange(n_threads, num_threads=n_threads, schedule="static", chunksize=1):
             moments_half_rows(x, ld, chunk(M, t, n_threads), chunk(M, t + 1, n_threads), L,
-                              parts, scratch + t * L, kind)
-    return merge_row_parts(parts, M, L, C, stats)
+                              parts, sums, kind)
+    n = merge_row_parts(parts, M, L, C, stats)
+    if rest != NULL:
+        row_mean_rests(parts, sums, M, L, C, stats, sums + 2 * M, rest)
+    return n
 
 
 cdef double merge_column_parts(const double* parts, Py_ssize_t stride, Py_ssize_t T,
@@ -125,7 +155,8 @@ cdef inline Py_ssize_t half_block_rows(Py_ssize_t F) noexcept nogil:
 
 def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t C,
                     bint by_rows, cnp.ndarray stats, int n_threads, Py_ssize_t rows_per_block=64,
-                    cnp.ndarray mask=None, bint fast=False, int half=-1):
+                    cnp.ndarray mask=None, bint fast=False, int half=-1,
+                    cnp.ndarray rest=None):
     """Per-feature moments of x seen as (rows, cols): stats (3, C) float64 receives the mean
     as hi + lo and M2; returns the count per feature, negated when some M2 is not finite.
 
@@ -138,12 +169,15 @@ def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t 
     bits, widened to float32 as they are read, a row at a time (by rows) or down the columns
     in registers (the moments of a float32 copy, without the copy), always by the float64
     sweep: the float32 one's mean, off by some 1e-9 of the standard deviation, would move
-    16-bit outputs next to the mean by more than their one-ulp bound.
+    16-bit outputs next to the mean by more than their one-ulp bound.  rest (C,) float64
+    (16-bit x by rows only): each feature's exact mean remainder for affine_half's float64
+    redo (core/halves.pxi's mean_rest).
     """
     cdef const unsigned char* mk = mask_data(mask, rows)
     cdef Py_ssize_t ld = row_stride(x, rows, cols, False)
     cdef int f32 = 1 if half >= 0 else is_float32(x)
     cdef double* st = float64_data(stats, 3 * C)
+    cdef double* rp = float64_data(rest, C)
     cdef Py_ssize_t T, j, nparts, nrows
     cdef double n
     cdef double* parts
@@ -157,8 +191,10 @@ def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t 
         raise ValueError("feature_moments: half= takes 16-bit x of a known kind")
     T = 1 if by_rows else max(1, min(n_threads, rows // 64))
     rows_per_block = min(rows_per_block, MAX_BLOCK_ROWS)
-    if half >= 0 and by_rows:    # per row: its moments; per thread: a float32 row
-        nparts, nrows = 3 * rows, max(1, n_threads) * cols
+    if rp != NULL and not (half >= 0 and by_rows):
+        raise ValueError("feature_moments: rest= takes 16-bit x by rows")
+    if half >= 0 and by_rows:    # per row: its moments and (with rest) its sums
+        nparts, nrows = 3 * rows + (2 * rows + 2 * C if rp != NULL else 0), 0
     elif half >= 0:              # per chunk: its moments; a block of float32 rows
         rows_per_block = half_block_rows(cols)
         nparts, nrows = T * (2 + 6 * cols), T * rows_per_block * cols
@@ -171,8 +207,8 @@ def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t 
         with nogil:
             if half >= 0 and by_rows:
                 n = _half_row_feature_moments(<const uint16_t*>cnp.PyArray_DATA(x), ld, rows,
-                                              cols, C, parts, st, <float*>(parts + nparts),
-                                              half, max(1, n_threads))
+                                              cols, C, parts, parts + 3 * rows, st, rp, half,
+                                              max(1, n_threads))
             elif half >= 0:
                 n = _column_feature_moments(<const float*>NULL, ld, rows, cols, C, T,
                                             rows_per_block, mk, parts, st, False,
