@@ -86,48 +86,13 @@ cdef inline void block_moments_half(const uint16_t* x, Py_ssize_t n, int kind, d
     s1[0] = s
 
 
-cdef inline void two_sum(double a, double b, double* s, double* e) noexcept nogil:
-    """s = a + b rounded and e its rounding error: s + e = a + b exactly (Knuth)."""
-    cdef double t
-    s[0] = a + b
-    t = s[0] - a
-    e[0] = (a - (s[0] - t)) + (b - t)
-
-
-cdef inline double mean_rest(double shift, double th, double tl, double n, double inv_n,
-                             double m) noexcept nogil:
-    """(shift + (th + tl) / n) - m to float64: what m, the mean rounded to one float64, leaves
-    out of the mean whose sum of differences from shift is th + tl (inv_n = 1 / n).  The
-    quotient's remainder th - q·n comes exact from a fused multiply-add (for q within a few
-    ulps of th / n it is a multiple of q's ulp below 2n of them); shift - m cancels q exactly."""
-    cdef double q = th * inv_n, a, ae
-    cdef double r = (fma(-q, n, th) + tl) * inv_n
-    two_sum(shift, -m, &a, &ae)
-    return ((a + q) + ae) + r
-
-
-cdef inline void add_part_sum(double* th, double* tl, double s, double s_lo, double count,
-                              double shift, double base) noexcept nogil:
-    """A part's sum of differences from its own shift, s + s_lo over count elements, added to
-    th + tl, a sum of differences from base: s + s_lo + count·(shift - base), in two floats
-    (exact while the sums stay within 53 bits, as 16-bit data's do)."""
-    cdef double d, dl, p, u, ue, e
-    two_sum(shift, -base, &d, &dl)
-    p = count * d
-    two_sum(p, s, &u, &ue)   # the part's own terms first: one addition on th's chain
-    two_sum(th[0], u, th, &e)
-    tl[0] += ((fma(count, d, -p) + count * dl) + s_lo + ue) + e
-
-
 cdef void row_moments_half(const uint16_t* x, Py_ssize_t n, int kind, double* hi,
                           double* lo, double* m2, double* sums) noexcept nogil:
     """core/moments.pxi's row_moments of a contiguous 16-bit row of n >= 1 elements, its
     statements on block_moments_half: the bits of row_moments on the row's widened copy.
 
-    sums (unless NULL): Σ(x - x[0]) in two floats, sums[0] + sums[1], from the blocks' sums
-    (exact for 16-bit rows whose differences span under 53 bits): the mean to far finer than
-    hi + lo, which is good to 2^-53 of |lo| (the mean's distance from x[0], often a few
-    standard deviations); see mean_rest."""
+    sums (unless NULL): Σ(x - x[0]) in two floats (exact for 16-bit rows), the mean to far
+    finer than hi + lo, good to 2^-53 of |lo| (core/moments.pxi's mean_rest)."""
     cdef double count, bhi = 0.0, blo = 0.0, bm2 = 0.0, s = 0.0, th, tl = 0.0
     cdef Py_ssize_t start, nb
     nb = n if n < BLOCK else BLOCK
@@ -227,7 +192,7 @@ cdef void half_norm_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssiz
     cdef Py_ssize_t i
     cdef double hi, lo, mlo = 0.0, m2, rsd, inv_d = 1.0 / D
     cdef double sums[2]
-    cdef double* dsums = sums if b != NULL else NULL   # only a bias makes lanes redone
+    cdef double* dsums = sums if b != NULL else NULL
     cdef float mh, ml, rs
     cdef bint direct
     for i in range(r0, r1):
@@ -244,9 +209,8 @@ cdef void half_norm_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssiz
         hi = 0.0
         lo = 0.0
         m2 = 0.0
-        # the statistics from the 16-bit row itself (x, or h with a residual: xs then holds
-        # its widened values, the same bits); a row that row_scale redoes scaled (its float32
-        # range left) from its float32 copy
+        # the statistics from the 16-bit row (x, or h: its widened values are xs, the same
+        # bits); a row that row_scale redoes scaled (out of float32's range) from its copy
         if res == NULL:
             row_stats_half(x + i * ldx, D, centred, kind, &hi, &lo, &m2, dsums)
             direct = not f32_rescaled(m2, D, eps)
@@ -260,9 +224,8 @@ cdef void half_norm_rows(const uint16_t* x, Py_ssize_t ldx, uint16_t* y, Py_ssiz
         # the mean rounded to one float64 first (hi + lo, 0): an element equal to the mean
         # then gives 0, as the exact result does, and not lo's last bits, which bfloat16's
         # range would keep (a row's hi + lo may differ from the exact mean by 1e-21 of it).
-        # What the rounding left out, mlo (from row_moments_half's sums: far finer than
-        # lo), serves only the lanes redone in float64, where the bias cancels the product
-        # down to far below the mean's rounding; they come only with a bias.
+        # What the rounding left out, mlo (exact, from the sums), serves only the lanes a
+        # bias makes redone in float64, where it cancels the product far below m's rounding.
         if dsums != NULL:
             mlo = mean_rest(hi, sums[0], sums[1], <double>D, inv_d, hi + lo)
         hi = hi + lo

@@ -104,6 +104,39 @@ cdef inline void merge_one(double* n_a, double* hi_a, double* lo_a, double* m2_a
     chan_merge(n_a, lo_a, m2_a, n_b, (hi_b - hi_a[0]) + lo_b, m2_b)
 
 
+cdef inline void two_sum(double a, double b, double* s, double* e) noexcept nogil:
+    """s = a + b rounded and e its rounding error: s + e = a + b exactly (Knuth)."""
+    cdef double t
+    s[0] = a + b
+    t = s[0] - a
+    e[0] = (a - (s[0] - t)) + (b - t)
+
+
+cdef inline double mean_rest(double shift, double th, double tl, double n, double inv_n,
+                             double m) noexcept nogil:
+    """(shift + (th + tl) / n) - m to float64: what m, the mean rounded to one float64, leaves
+    out of the mean whose sum of differences from shift is th + tl (inv_n = 1 / n).  The
+    quotient's remainder th - q·n comes exact from a fused multiply-add (for q within a few
+    ulps of th / n it is a multiple of q's ulp below 2n of them); shift - m cancels q exactly."""
+    cdef double q = th * inv_n, a, ae
+    cdef double r = (fma(-q, n, th) + tl) * inv_n
+    two_sum(shift, -m, &a, &ae)
+    return ((a + q) + ae) + r
+
+
+cdef inline void add_part_sum(double* th, double* tl, double s, double s_lo, double count,
+                              double shift, double base) noexcept nogil:
+    """A part's sum of differences from its own shift, s + s_lo over count elements, added to
+    th + tl, a sum of differences from base: s + s_lo + count·(shift - base), in two floats
+    (exact while the sums stay within 53 bits, as 16-bit data's do)."""
+    cdef double d, dl, p, u, ue, e
+    two_sum(shift, -base, &d, &dl)
+    p = count * d
+    two_sum(p, s, &u, &ue)   # the part's own terms first: one addition on th's chain
+    two_sum(th[0], u, th, &e)
+    tl[0] += ((fma(count, d, -p) + count * dl) + s_lo + ue) + e
+
+
 cdef inline void split_mean(double hi, double lo, floating* m_hi, floating* m_lo) noexcept nogil:
     """hi + lo as two numbers of the output dtype (x - m_hi is then exact for x near the mean)."""
     if floating is float:
