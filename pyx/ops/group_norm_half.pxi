@@ -81,7 +81,7 @@ cdef void group_half_first(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ssiz
             if m == NULL:   # the unit's Cg·S elements as one row
                 row_moments_half(xg, Cg * S, kind, &hi, &lo, &m2, sums)
                 cnt = <double>(Cg * S)
-                # the mean's exact rest (core/halves.pxi), held in row 4 for half_params
+                # the mean's exact rest (core/moments.pxi), held in row 4 for half_params
                 st[4 * NG + u] = mean_rest(hi, sums[0], sums[1], cnt, 1.0 / cnt, hi + lo)
             else:
                 for c in range(Cg):

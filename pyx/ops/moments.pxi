@@ -24,7 +24,7 @@ cdef void moments_half_rows(const uint16_t* x, Py_ssize_t ld, Py_ssize_t r0, Py_
 cdef void row_mean_rests(const double* parts, const double* sums, Py_ssize_t M, Py_ssize_t L,
                          Py_ssize_t C, const double* stats, double* acc,
                          double* rest) noexcept nogil:
-    """Each feature's exact mean remainder (core/halves.pxi's mean_rest) from its rows' exact
+    """Each feature's exact mean remainder (core/moments.pxi's mean_rest) from its rows' exact
     sums: Σx = Σ(sums + L·x[0]) added in two floats per feature (acc: 2·C doubles), the
     features inner (independent additions)."""
     cdef Py_ssize_t a, c, i
@@ -171,7 +171,7 @@ def feature_moments(cnp.ndarray x, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t 
     sweep: the float32 one's mean, off by some 1e-9 of the standard deviation, would move
     16-bit outputs next to the mean by more than their one-ulp bound.  rest (C,) float64
     (16-bit x by rows only): each feature's exact mean remainder for affine_half's float64
-    redo (core/halves.pxi's mean_rest).
+    redo (core/moments.pxi's mean_rest).
     """
     cdef const unsigned char* mk = mask_data(mask, rows)
     cdef Py_ssize_t ld = row_stride(x, rows, cols, False)
