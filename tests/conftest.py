@@ -284,14 +284,15 @@ def exact_norm(row, w, b, js, eps=1e-5):
                          for e, j in zip(d, js)])
 
 
-def mean_beside_150(rng, shape):
-    """Rows (the last axis, D long) of integers 150 ± 30 whose first element is 100 and whose
-    mean is 150 + 1/D: elements equal to 150 lie 1/D from the mean, which lies 50 from the
-    first element (the shift of the kernels' sums; under two standard deviations, so that
-    their M2 keeps its accuracy).  float64, exact in float16 and bfloat16."""
+def mean_beside_150(rng, shape, first=100):
+    """Rows (the last axis, D long) of integers 150 ± 30 whose first element is first and whose
+    mean is 150 + 1/D: elements equal to 150 lie 1/D from the mean, which lies 150 - first
+    from the first element (the shift of the kernels' sums: 100 is under two standard
+    deviations away; 20 over four, where the sums are taken again about the mean).  float64,
+    exact in float16 and bfloat16."""
     D = shape[-1]
     x = np.clip(np.round(150 + 30 * rng.standard_normal(shape)), 60, 240)
-    x[..., 0] = 100
+    x[..., 0] = first
     for row in x.reshape(-1, D):   # the sum to 150 D + 1 by unit steps after the first
         steps = int(150 * D + 1 - row.sum())
         every, some = divmod(abs(steps), D - 1)

@@ -63,16 +63,18 @@ def test_bias_cancelling_the_product(rng, name, D):
     check_half(cynorm.layer_norm(x, D, w, b, out=out), ref, dt, slack)
 
 
+@pytest.mark.parametrize("first", [100, 20])
 @pytest.mark.parametrize("D", [2000, 5000])
-def test_cancelling_bias_next_to_a_mean_far_from_the_first_element(rng, D):
+def test_cancelling_bias_next_to_a_mean_far_from_the_first_element(rng, D, first):
     """Elements next to the mean (150 + 1/D) whose bias cancels most of the product, in rows
-    whose first element (100) lies far from the mean, one block and several: the float64 redo
-    needs the mean to far finer than 2^-53 of its distance from x[0] (row_moments_half's
-    sums), or these outputs move by several ulps.  Against exact arithmetic; the residual
-    form (a zero residual) reads its statistics from h and must give the same bits.  bfloat16
-    only: float16 cannot hold outputs this small."""
+    whose first element (100, or 20: the first block summed again about its mean) lies far
+    from the mean, one block and several: the float64 redo needs the mean to far finer than
+    2^-53 of its distance from x[0] (row_moments_half's sums, moved exactly to the new shift),
+    or these outputs move by several ulps.  Against exact arithmetic; the residual form (a
+    zero residual) reads its statistics from h and must give the same bits.  bfloat16 only:
+    float16 cannot hold outputs this small."""
     dt = bfloat16_or_skip()
-    x = mean_beside_150(rng, (4, D)).astype(dt)
+    x = mean_beside_150(rng, (4, D), first).astype(dt)
     w = rng.uniform(0.5, 2.0, D).astype(np.float32)
     b = rng.standard_normal((4, D)).astype(np.float32)
     js = [np.nonzero(row == 150)[0] for row in x.astype(np.float64)]

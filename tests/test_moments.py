@@ -1,11 +1,12 @@
 """cynorm.Moments and cynorm.moments: accuracy, exact merges, masks, state, errors."""
 import threading
+from fractions import Fraction
 
 import numpy as np
 import pytest
 
 import cynorm
-from conftest import hostile, reference_moments
+from conftest import half_dtype, hostile, reference_moments
 
 # (shape, reduced axes): BatchNorm1d / 2d layouts, feature-last, features split around the
 # reduced axes (a copy), everything, a single long row
@@ -93,6 +94,61 @@ def test_merge_with_distant_parts(rng):
     x = np.concatenate([a, b])
     m = cynorm.moments(a, 0).merge(cynorm.moments(b, 0))
     check_moments(m, x, (0,))
+
+
+def exact_row_moments(row):
+    """The exact mean (a fraction) and M2 (a fraction) of a float64 row."""
+    xs = [Fraction(v) for v in row.tolist()]
+    mean = sum(xs) / len(xs)
+    return mean, sum((v - mean) ** 2 for v in xs)
+
+
+def outlier_rows(rng, shape, dt, sigmas=1e3):
+    """Rows (the last axis) whose first element, and the first of their second block of the
+    kernels' sums (element 2048), lie some 1e3 standard deviations from the rest, on either
+    side: the shift of those blocks' sums, far from their means.  Exact in dt."""
+    off = rng.choice([0.0, 30.0])
+    x = off + rng.standard_normal(shape)
+    for j in (0, 2048):
+        if j < shape[-1]:
+            x[..., j] = off + sigmas * rng.choice([-1.0, 1.0], shape[:-1])
+    return x.astype(np.float32).astype(dt)
+
+
+@pytest.mark.parametrize("name", ["float64", "float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("D", [9, 700, 2049, 5000])
+def test_outlier_first_element_keeps_float64_accuracy(rng, name, D):
+    """A block whose shift (its first element) lies far from its mean lost up to
+    (x[0] - mean)² / var ulps of M2, up to the block's length here (relative 3e-13 with 4096
+    elements, where torch's float64 var_mean is good to 1e-14): it is summed again about its
+    mean.  M2 within 256 float64 ulps of the exact value (the far element's square leaves the
+    sums' own rounding up to some 70 ulps of M2 here), rstd within 128, the mean within 16
+    ulps of the standard deviation, for rows (moments, LayerNorm's statistics) and
+    BatchNorm's rows of (N, C, L); 16-bit rows the same bits as their float32 copy.  The build
+    before failed 9 to 12 of the 16 cases (every one whose blocks' shift lay far enough)."""
+    dt = np.dtype(name) if name in ("float64", "float32") else half_dtype(name)
+    x = outlier_rows(rng, (4, D), dt)
+    x64 = x.astype(np.float64)
+    m = cynorm.moments(x, axis=1)
+    _, ln_mean, ln_rstd = cynorm.layer_norm(x, (D,), return_stats=True, eps=0.0)
+    bn = cynorm.moments(x.reshape(2, 2, D), axis=(0, 2))   # (N, C, L): BatchNorm's rows
+    for i in range(4):
+        mean, m2 = exact_row_moments(x64[i])
+        sd = float(m2 / D) ** 0.5
+        assert abs(Fraction(float(m.mean[i])) - mean) <= 16 * 2.0 ** -53 * sd
+        assert abs(Fraction(float(m.m2[i])) - m2) <= 256 * 2.0 ** -53 * m2
+        assert abs(Fraction(float(ln_mean.ravel()[i])) - mean) <= 16 * 2.0 ** -53 * sd
+        assert abs(float(ln_rstd.ravel()[i]) * sd - 1) <= 128 * 2.0 ** -53
+    for c in range(2):
+        mean, m2 = exact_row_moments(x64.reshape(2, 2, D)[:, c].ravel())
+        sd = float(m2 / (2 * D)) ** 0.5
+        assert abs(Fraction(float(bn.mean[c])) - mean) <= 16 * 2.0 ** -53 * sd
+        assert abs(Fraction(float(bn.m2[c])) - m2) <= 256 * 2.0 ** -53 * m2
+    if dt.itemsize == 2:
+        x32 = x.astype(np.float32)
+        assert m.m2.tobytes() == cynorm.moments(x32, axis=1).m2.tobytes()
+        _, mean32, rstd32 = cynorm.layer_norm(x32, (D,), return_stats=True, eps=0.0)
+        assert ln_mean.tobytes() == mean32.tobytes() and ln_rstd.tobytes() == rstd32.tobytes()
 
 
 @pytest.mark.parametrize("shape,axes,mshape", [((30, 20, 6), (0, 1), (30, 20)),

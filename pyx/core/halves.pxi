@@ -75,15 +75,26 @@ cdef inline bint is_bits16(cnp.ndarray a) noexcept:
 cdef inline void block_moments_half(const uint16_t* x, Py_ssize_t n, int kind, double* hi,
                                     double* lo, double* m2, double* s1) noexcept nogil:
     """core/moments.pxi's block_moments of a 16-bit block, widened in registers
-    (core/halves_sums.h's shifted sums): the same statements, for the same bits; s1 the sum
-    Σ(x - x[0]) itself (exact for 16-bit blocks whose differences span under 53 bits)."""
-    cdef double shift = cynorm_half2f(x[0], kind), s = 0.0, q = 0.0, inv_n = 1.0 / n
+    (core/halves_sums.h's shifted sums): the same statements, for the same bits; s1[0] + s1[1]
+    the block's Σ(x - hi) itself (exact: Σ(x - x[0]) is, for 16-bit blocks whose differences
+    span under 53 bits; and so is its move to a far shift's new hi, add_part_sum's, but for
+    2^-106 of it)."""
+    cdef double x0 = cynorm_half2f(x[0], kind), shift = x0, s = 0.0, q = 0.0, e = 0.0
+    cdef double inv_n = 1.0 / n
     cynorm_shifted_sums_half(x, n, shift, &s, &q, kind)
-    hi[0] = shift
-    lo[0] = s * inv_n
-    q = q - s * s * inv_n
-    m2[0] = q if not q < 0.0 else 0.0
+    finish_block(shift, s, q, inv_n, hi, lo, m2)
     s1[0] = s
+    s1[1] = 0.0
+    if not far_shift(lo[0], s, m2[0]):
+        return
+    shift = hi[0] + lo[0]
+    s = 0.0
+    q = 0.0
+    cynorm_shifted_sums_half(x, n, shift, &s, &q, kind)
+    finish_block(shift, s, q, inv_n, hi, lo, m2)
+    e = s1[0]
+    s1[0] = 0.0
+    add_part_sum(&s1[0], &s1[1], e, 0.0, <double>n, x0, shift)
 
 
 cdef void row_moments_half(const uint16_t* x, Py_ssize_t n, int kind, double* hi,
@@ -91,21 +102,23 @@ cdef void row_moments_half(const uint16_t* x, Py_ssize_t n, int kind, double* hi
     """core/moments.pxi's row_moments of a contiguous 16-bit row of n >= 1 elements, its
     statements on block_moments_half: the bits of row_moments on the row's widened copy.
 
-    sums (unless NULL): Σ(x - x[0]) in two floats (exact for 16-bit rows), the mean to far
-    finer than hi + lo, good to 2^-53 of |lo| (core/moments.pxi's mean_rest)."""
-    cdef double count, bhi = 0.0, blo = 0.0, bm2 = 0.0, s = 0.0, th, tl = 0.0
+    sums (unless NULL): Σ(x - hi) in two floats (block_moments_half's, merged exactly), the
+    mean to far finer than hi + lo, good to 2^-53 of |lo| (core/moments.pxi's mean_rest)."""
+    cdef double count, bhi = 0.0, blo = 0.0, bm2 = 0.0, th, tl
+    cdef double s[2]
     cdef Py_ssize_t start, nb
     nb = n if n < BLOCK else BLOCK
-    block_moments_half(x, nb, kind, hi, lo, m2, &s)
-    th = s
+    block_moments_half(x, nb, kind, hi, lo, m2, s)
+    th = s[0]
+    tl = s[1]
     count = <double>nb
     start = nb
     while start < n:
         nb = n - start if n - start < BLOCK else BLOCK
-        block_moments_half(x + start, nb, kind, &bhi, &blo, &bm2, &s)
+        block_moments_half(x + start, nb, kind, &bhi, &blo, &bm2, s)
         chan_merge(&count, lo, m2, <double>nb, (bhi - hi[0]) + blo, bm2)
         if sums != NULL:
-            add_part_sum(&th, &tl, s, 0.0, <double>nb, bhi, hi[0])
+            add_part_sum(&th, &tl, s[0], s[1], <double>nb, bhi, hi[0])
         start += nb
     if sums != NULL:
         sums[0] = th

@@ -30,24 +30,55 @@ cdef extern from "core/sums.h" nogil:
     void cynorm_gx_sums_d(const double* g, const double* w, const double* x, Py_ssize_t n,
                           double shift, double* s1, double* s2) noexcept
 
+# A block whose first element lies more than this many variances ((x[0] - mean)² / var) from
+# its mean is summed again, shifted by the mean the first pass gave (block_moments, and
+# core/halves.pxi's block_moments_half).
+cdef double FAR_SHIFT = 8.0
+
+
+cdef inline void finish_block(double shift, double s, double q, double inv_n, double* hi,
+                              double* lo, double* m2) noexcept nogil:
+    """A block's mean (hi + lo) and M2 from its sums s = Σd, q = Σd² of d = x - shift."""
+    hi[0] = shift
+    lo[0] = s * inv_n
+    q = q - s * s * inv_n
+    m2[0] = q if not q < 0.0 else 0.0
+
+
+cdef inline bint far_shift(double lo, double s, double m2) noexcept nogil:
+    """Whether finish_block's shift lay more than FAR_SHIFT variances from the block's mean:
+    lo·s = n·(mean - shift)², against M2 = n·var.  M2 = q - s²/n then lost up to lo·s / M2
+    ulps of itself (q's rounding), and the mean up to |lo| / 2^53.  False for NaN and inf."""
+    return lo * s > FAR_SHIFT * m2
+
+
 cdef inline void block_moments(const floating* x, Py_ssize_t n, double* hi, double* lo,
                                double* m2) noexcept nogil:
     """Mean (hi + lo) and M2 of x[0:n], 0 < n <= BLOCK, in one pass of shifted sums.
 
     With the shift K = x[0], d = x - K is exact for float32 input (and for float64 input near
-    K), and M2 = Σd² - (Σd)²/n loses at most (x[0] - mean)² / var ulps, at most n ulps since
-    x[0] is one of the n values: below 1e-12 relative for a block of BLOCK elements.  The sums
-    are in core/sums.h: the one loop GCC does not vectorize well for float64 from Cython.
+    K), and M2 = Σd² - (Σd)²/n loses at most (x[0] - mean)² / var ulps.  Where that is over
+    FAR_SHIFT (x[0] an outlier), the block is summed again shifted by the mean just found:
+    M2 then within the sums' own rounding, the mean to a few ulps of the standard deviation.
+    The sums are in core/sums.h: the one loop GCC does not vectorize well for float64 from
+    Cython.
     """
     cdef double shift = x[0], s = 0.0, q = 0.0, inv_n = 1.0 / n
     if floating is float:
         cynorm_shifted_sums_f(NULL, NULL, x, n, shift, &s, &q)
     else:
         cynorm_shifted_sums_d(NULL, NULL, x, n, shift, &s, &q)
-    hi[0] = shift
-    lo[0] = s * inv_n
-    q = q - s * s * inv_n
-    m2[0] = q if not q < 0.0 else 0.0
+    finish_block(shift, s, q, inv_n, hi, lo, m2)
+    if not far_shift(lo[0], s, m2[0]):
+        return
+    shift = hi[0] + lo[0]
+    s = 0.0
+    q = 0.0
+    if floating is float:
+        cynorm_shifted_sums_f(NULL, NULL, x, n, shift, &s, &q)
+    else:
+        cynorm_shifted_sums_d(NULL, NULL, x, n, shift, &s, &q)
+    finish_block(shift, s, q, inv_n, hi, lo, m2)
 
 
 cdef inline void chan_merge(double* n_a, double* mean_a, double* m2_a,

@@ -25,19 +25,21 @@ cdef void row_mean_rests(const double* parts, const double* sums, Py_ssize_t M, 
                          Py_ssize_t C, const double* stats, double* acc,
                          double* rest) noexcept nogil:
     """Each feature's exact mean remainder (core/moments.pxi's mean_rest) from its rows' exact
-    sums: Σx = Σ(sums + L·x[0]) added in two floats per feature (acc: 2·C doubles), the
+    sums: Σx = Σ(sums + L·hi) added in two floats per feature (acc: 2·C doubles), the
     features inner (independent additions)."""
     cdef Py_ssize_t a, c, i
     cdef double n = <double>((M // C) * L), p, u, ue, e
     memset(acc, 0, 2 * C * sizeof(double))
     for a in range(M // C):
         for c in range(C):
-            # the row's Σx = its sums + L·x[0] (the product exact: x[0] is 16-bit)
+            # the row's Σx = its sums + L·hi, the product in two floats (its remainder 0 where
+            # hi is the row's first element, a 16-bit value; not where block_moments_half
+            # moved hi to the mean)
             i = a * C + c
             p = <double>L * parts[3 * i]
             two_sum(p, sums[2 * i], &u, &ue)
             two_sum(acc[2 * c], u, &acc[2 * c], &e)
-            acc[2 * c + 1] += (sums[2 * i + 1] + ue) + e
+            acc[2 * c + 1] += ((sums[2 * i + 1] + fma(<double>L, parts[3 * i], -p)) + ue) + e
     for c in range(C):
         rest[c] = mean_rest(0.0, acc[2 * c], acc[2 * c + 1], n, 1.0 / n,
                             stats[c] + stats[C + c])
