@@ -52,6 +52,7 @@ include "core/rescue.pxi"
 include "core/drivers.pxi"
 include "core/rows.pxi"
 include "core/halves.pxi"
+include "core/halves_affine.pxi"
 include "core/rows_backward.pxi"
 include "core/halves_backward.pxi"
 

@@ -1,7 +1,7 @@
 # GroupNorm and InstanceNorm forward on 16-bit input (float16, bfloat16: kind), the units of
 # ops/group_norm.pxi: their rows widened to float32 for the moments (those of a float32 copy of
-# x), then written by BatchNorm's 16-bit affine (core/halves.pxi: float32, and float64 where the
-# shift cancels the product) while they are still in cache.
+# x), then written by BatchNorm's 16-bit affine (core/halves_affine.pxi: float32, and float64
+# where the shift cancels the product) while they are still in cache.
 
 cdef void zero_padding_half(uint16_t* y, Py_ssize_t S, const unsigned char* m) noexcept nogil:
     """The padding runs of a channels-first row set to 0."""
