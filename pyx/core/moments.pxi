@@ -2,8 +2,9 @@
 #
 # All statistics are accumulated in float64, whatever the input dtype, and kept as (count,
 # mean, M2).  A block of at most BLOCK contiguous elements gets its mean and M2 from one pass
-# of sums shifted by one of its values (16 partial sums in two float64 vectors, core/sums.h);
-# blocks are merged with Chan's pairwise formula.  A mean is carried as two doubles, hi + lo:
+# of sums shifted by its first value (16 partial sums in two float64 vectors, core/sums.h),
+# and a second pass shifted by its mean where that value lay far from it (far_shift); blocks
+# are merged with Chan's pairwise formula.  A mean is carried as two doubles, hi + lo:
 # hi is a value of the data's magnitude (a block mean) and lo the small remainder.  Centred
 # differences x - hi are exact for data far from zero, so the mean is known to better than
 # float64 resolution: float64 output keeps ~1e-15 accuracy even when the mean lies 1e6
